@@ -1,0 +1,39 @@
+# flexnbd: build, test, lint, benchmark.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+
+.PHONY: install build test lint bench wheel annotate clean
+
+$(PY):
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+
+# Install flexnbd (editable, compiled in place) with the test and lint tools.
+install: $(PY)
+	$(PY) -m pip install -q -e '.[test,lint]'
+
+# Recompile the extensions in place after editing a .pyx.
+build: $(PY)
+	$(PY) setup.py -q build_ext --inplace
+
+test: install
+	$(PY) -m pytest tests
+
+lint: install
+	$(PY) -m ruff check flexnbd tests benchmarks
+	$(PY) -m mypy
+	$(VENV)/bin/cython-lint flexnbd
+	$(VENV)/bin/lint-imports
+
+bench: install
+	$(PY) benchmarks/run.py
+
+wheel: $(PY)
+	$(PY) -m pip wheel --no-deps -w dist .
+
+annotate: $(PY)
+	FLEXNBD_DEBUG_BUILD=1 $(PY) setup.py -q build_ext --inplace
+
+clean:
+	rm -rf build dist wheelhouse *.egg-info flexnbd/*.so flexnbd/*.c flexnbd/*.html

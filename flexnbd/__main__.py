@@ -1,0 +1,3 @@
+from flexnbd.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,896 @@
+# cython: language_level=3
+"""The hot path: request decoding, the per-connection serve loop, and the client side.
+
+Everything a request touches runs in C with the GIL released: one thread per client calls
+``Connection.serve()``, which releases the GIL for the whole transmission phase and comes back
+with a ``ServeResult``. The GIL is taken again only on rare paths (an I/O error to log).
+
+READ replies go out as the reply header (sent with MSG_MORE so it leaves with the data) followed
+by sendfile(2) from the file. WRITE payloads are received into one per-connection buffer and
+written with pwrite (pwritev2 with RWF_DSYNC for FUA, so only that range is synced). Reply
+headers of requests that arrived together are batched into one send.
+"""
+
+import logging
+import os
+from collections import namedtuple
+
+from libc.stdint cimport int64_t, uint16_t, uint32_t, uint64_t
+
+from flexnbd._sys cimport *
+from flexnbd._wire cimport *
+
+from flexnbd import errors, wire
+
+_log = logging.getLogger("flexnbd.core")
+
+DEF INBUF_SIZE = 256 * 1024      # request headers and small payloads, read in bulk
+DEF BUF_SIZE = 1024 * 1024       # large payload chunks, zero-fill
+DEF OUTBUF_SIZE = 64 * 1024      # batched reply headers
+# A WRITE longer than MAX_PAYLOAD is drained (and answered EINVAL) up to this length;
+# beyond it the client is disconnected rather than have us read gigabytes of garbage.
+DEF DRAIN_LIMIT = 128 * 1024 * 1024
+
+
+# --------------------------------------------------------------------------------------------
+# Request decoding and validation: pure, no I/O.
+
+cdef struct request_t:
+    uint32_t magic
+    uint16_t flags
+    uint16_t type
+    char cookie[8]           # opaque, echoed back byte for byte
+    uint64_t offset
+    uint32_t length
+
+
+cdef struct limits_t:
+    uint64_t size            # export size
+    int read_only
+    int structured           # structured replies negotiated (DF is valid)
+    int meta_context         # base:allocation selected (BLOCK_STATUS is valid)
+    int fast_zero            # SEND_FAST_ZERO advertised
+
+
+cdef inline void decode_header(const char *p, request_t *r) noexcept nogil:
+    cdef uint32_t u32
+    cdef uint16_t u16
+    cdef uint64_t u64
+    memcpy(&u32, p, 4)
+    r.magic = be32toh(u32)
+    memcpy(&u16, p + 4, 2)
+    r.flags = be16toh(u16)
+    memcpy(&u16, p + 6, 2)
+    r.type = be16toh(u16)
+    memcpy(r.cookie, p + 8, 8)
+    memcpy(&u64, p + 16, 8)
+    r.offset = be64toh(u64)
+    memcpy(&u32, p + 24, 4)
+    r.length = be32toh(u32)
+
+
+cdef inline bint in_range(uint64_t offset, uint64_t length, uint64_t size) noexcept nogil:
+    """offset+length <= size, computed so that it cannot overflow."""
+    return offset <= size and length <= size - offset
+
+
+# Which command flags each command accepts (FUA is valid on every command, as the NBD spec says).
+cdef inline uint16_t allowed_flags(uint16_t cmd, const limits_t *lim) noexcept nogil:
+    cdef uint16_t f = CMD_FLAG_FUA
+    if cmd == CMD_READ and lim.structured:
+        f |= CMD_FLAG_DF
+    elif cmd == CMD_WRITE_ZEROES:
+        f |= CMD_FLAG_NO_HOLE
+        if lim.fast_zero:
+            f |= CMD_FLAG_FAST_ZERO
+    elif cmd == CMD_BLOCK_STATUS:
+        f |= CMD_FLAG_REQ_ONE
+    return f
+
+
+cdef int validate(const request_t *r, const limits_t *lim) noexcept nogil:
+    """The NBD error (0 for none) a well-framed request must be answered with.
+
+    The magic is checked by the caller (a bad magic ends the connection).
+    """
+    cdef uint16_t cmd = r.type
+    if cmd > CMD_BLOCK_STATUS:
+        return NBD_EINVAL
+    if r.flags & ~allowed_flags(cmd, lim):
+        return NBD_EINVAL
+    if cmd == CMD_DISC or cmd == CMD_FLUSH:
+        return 0
+    if lim.read_only and (cmd == CMD_WRITE or cmd == CMD_TRIM or cmd == CMD_WRITE_ZEROES):
+        return NBD_EPERM
+    if (cmd == CMD_READ or cmd == CMD_WRITE) and r.length > MAX_PAYLOAD:
+        return NBD_EINVAL
+    if cmd == CMD_BLOCK_STATUS and not lim.meta_context:
+        return NBD_EINVAL
+    if not in_range(r.offset, r.length, lim.size):
+        if cmd == CMD_WRITE or cmd == CMD_WRITE_ZEROES:
+            return NBD_ENOSPC
+        return NBD_EINVAL
+    return 0
+
+
+Request = namedtuple("Request", "magic flags type cookie offset length")
+
+
+def decode_request(bytes data, uint64_t size, bint read_only=False, bint structured=False,
+                   bint meta_context=False, bint fast_zero=False):
+    """Decode a 28-byte request and validate it against an export of ``size`` bytes.
+
+    Returns ``(error, request)``: ``error`` is the NBD error the server answers with (0 if the
+    request is good, ``NBD_EBADMSG`` for a bad magic). For tests and tools; the serve loop uses
+    the same C functions.
+    """
+    cdef request_t r
+    cdef limits_t lim
+    if len(data) != REQUEST_SIZE:
+        raise ValueError(f"a request is {REQUEST_SIZE} bytes, not {len(data)}")
+    decode_header(data, &r)
+    lim.size = size
+    lim.read_only = read_only
+    lim.structured = structured
+    lim.meta_context = meta_context
+    lim.fast_zero = fast_zero
+    req = Request(r.magic, r.flags, r.type, r.cookie[:8], r.offset, r.length)
+    if r.magic != REQUEST_MAGIC:
+        return NBD_EBADMSG, req
+    return validate(&r, &lim), req
+
+
+cdef int nbd_error(int e) noexcept nogil:
+    """Map a system errno onto the NBD error sent to the client."""
+    if e == EPERM or e == EROFS:
+        return NBD_EPERM
+    if e == ENOSPC or e == EDQUOT or e == EFBIG:
+        return NBD_ENOSPC
+    if e == EINVAL:
+        return NBD_EINVAL
+    if e == EOPNOTSUPP:   # == ENOTSUP on Linux
+        return NBD_ENOTSUP
+    return NBD_EIO
+
+
+def errno_to_nbd(int e):
+    """Python view of the errno -> NBD error mapping."""
+    return nbd_error(e)
+
+
+# --------------------------------------------------------------------------------------------
+# The export: the file and what its file system can do. Shared by every connection.
+
+cdef struct export_t:
+    int fd
+    uint64_t size
+    int read_only
+    int can_punch            # fallocate PUNCH_HOLE works (learned; 0 once it failed)
+    int can_zero_range       # fallocate ZERO_RANGE works (learned; 0 once it failed)
+
+
+cdef class Export:
+    """The served file. ``fd`` stays owned by the caller and must outlive every connection."""
+
+    cdef export_t ex
+    cdef readonly object path
+
+    def __cinit__(self, int fd, uint64_t size, bint read_only, path):
+        self.ex.fd = fd
+        self.ex.size = size
+        self.ex.read_only = read_only
+        self.path = path
+        self.ex.can_punch = probe_punch(fd)
+        self.ex.can_zero_range = 1
+
+    @property
+    def size(self):
+        return self.ex.size
+
+    @property
+    def read_only(self):
+        return bool(self.ex.read_only)
+
+    @property
+    def can_punch(self):
+        """The file system can zero a range without writing it (advertised as FAST_ZERO)."""
+        return bool(self.ex.can_punch)
+
+
+cdef int probe_punch(int fd) noexcept nogil:
+    """Does fallocate(PUNCH_HOLE) work here? Probed past the end of the file, where it changes
+    nothing (KEEP_SIZE)."""
+    cdef off_t end = lseek(fd, 0, 2)  # SEEK_END
+    if end < 0:
+        return 0
+    if fallocate(fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, end, 4096) == 0:
+        return 1
+    return 0
+
+
+# --------------------------------------------------------------------------------------------
+# Per-connection state and socket helpers.
+
+# Why a connection ended.
+cpdef enum Reason:
+    REASON_DISC = 0          # the client sent NBD_CMD_DISC
+    REASON_CLOSED = 1        # the client closed between requests
+    REASON_VANISHED = 2      # the client went away in the middle of a request
+    REASON_BAD_MAGIC = 3     # a request with a bad magic (answered EBADMSG)
+    REASON_IO_FATAL = 4      # an I/O error after a READ's success header had been sent
+    REASON_TOO_BIG = 5       # a WRITE too long to drain
+    REASON_STOPPED = 6       # the server is stopping, or the connection was kicked
+    REASON_SOCKET_ERROR = 7  # the socket failed (errno tells)
+
+ServeResult = namedtuple("ServeResult", "reason errno command offset length requests")
+
+
+cdef struct conn_t:
+    int sock
+    int stop_fd              # server-wide: readable once the server stops
+    int kick_fd              # this connection only: readable once it must go
+    export_t *ex
+    limits_t lim
+    char *inbuf
+    size_t in_pos
+    size_t in_len
+    char *buf
+    char *outbuf
+    size_t out_len
+    # how it ended
+    int reason
+    int err
+    int cmd
+    uint64_t offset
+    uint32_t length
+    uint64_t requests
+    # killswitch: when the current request started (monotonic ns), 0 between requests
+    int64_t request_started_ns
+
+
+cdef inline int64_t now_ns() noexcept nogil:
+    cdef timespec ts
+    clock_gettime(CLOCK_MONOTONIC, &ts)
+    return <int64_t>ts.tv_sec * 1000000000 + ts.tv_nsec
+
+
+cdef int send_all(conn_t *c, const char *p, size_t n, int more) noexcept nogil:
+    """Send n bytes; 0 on success, -1 (errno set) if the client is gone."""
+    cdef ssize_t k
+    cdef int flags = MSG_NOSIGNAL
+    if more:
+        flags |= MSG_MORE
+    while n > 0:
+        k = send(c.sock, p, n, flags)
+        if k < 0:
+            if errno == EINTR:
+                continue
+            return -1
+        p += k
+        n -= k
+    return 0
+
+
+cdef int flush_out(conn_t *c, int more) noexcept nogil:
+    cdef int rc = 0
+    if c.out_len:
+        rc = send_all(c, c.outbuf, c.out_len, more)
+        c.out_len = 0
+    return rc
+
+
+cdef int queue_out(conn_t *c, const void *p, size_t n) noexcept nogil:
+    """Append to the reply batch, sending it first if it is full."""
+    if c.out_len + n > OUTBUF_SIZE:
+        if flush_out(c, 0) < 0:
+            return -1
+    memcpy(c.outbuf + c.out_len, p, n)
+    c.out_len += n
+    return 0
+
+
+cdef int wait_readable(conn_t *c) noexcept nogil:
+    """Block until the client sent something. 0 when readable, 1 when the server stops or the
+    connection is kicked, -1 on a poll error. Replies still batched are sent first."""
+    cdef pollfd fds[3]
+    cdef int nfds = 1
+    cdef int rc
+    if flush_out(c, 0) < 0:
+        return -1
+    fds[0].fd = c.sock
+    fds[0].events = POLLIN
+    if c.stop_fd >= 0:
+        fds[nfds].fd = c.stop_fd
+        fds[nfds].events = POLLIN
+        nfds += 1
+    if c.kick_fd >= 0:
+        fds[nfds].fd = c.kick_fd
+        fds[nfds].events = POLLIN
+        nfds += 1
+    while True:
+        rc = poll(fds, nfds, -1)
+        if rc < 0:
+            if errno == EINTR:
+                continue
+            return -1
+        if nfds > 1 and (fds[1].revents or (nfds > 2 and fds[2].revents)):
+            return 1
+        return 0
+
+
+cdef int fill_inbuf(conn_t *c, size_t need) noexcept nogil:
+    """Read until at least ``need`` unconsumed bytes are in inbuf (need <= INBUF_SIZE).
+
+    Returns 0, or a Reason: REASON_CLOSED if the client closed with nothing pending,
+    REASON_VANISHED if it closed with part of a request pending, REASON_STOPPED.
+    """
+    cdef ssize_t k
+    cdef size_t have = c.in_len - c.in_pos
+    cdef int w
+    if have >= need:
+        return 0
+    if c.in_pos:
+        if have:
+            memmove(c.inbuf, c.inbuf + c.in_pos, have)
+        c.in_pos = 0
+        c.in_len = have
+    while c.in_len < need:
+        w = wait_readable(c)
+        if w == 1:
+            return REASON_STOPPED
+        if w < 0:
+            c.err = errno
+            return REASON_SOCKET_ERROR
+        k = recv(c.sock, c.inbuf + c.in_len, INBUF_SIZE - c.in_len, 0)
+        if k < 0:
+            if errno == EINTR or errno == EAGAIN:
+                continue
+            c.err = errno
+            return REASON_VANISHED
+        if k == 0:
+            return REASON_CLOSED if c.in_len == 0 else REASON_VANISHED
+        c.in_len += k
+    return 0
+
+
+cdef int recv_exact(conn_t *c, char *dst, size_t n) noexcept nogil:
+    """Receive exactly n bytes straight into dst (after what inbuf holds). 0 or a Reason."""
+    cdef ssize_t k
+    cdef size_t have = c.in_len - c.in_pos
+    if have:
+        if have > n:
+            have = n
+        memcpy(dst, c.inbuf + c.in_pos, have)
+        c.in_pos += have
+        dst += have
+        n -= have
+    if n and flush_out(c, 0) < 0:
+        c.err = errno
+        return REASON_VANISHED
+    while n > 0:
+        k = recv(c.sock, dst, n, MSG_WAITALL)
+        if k < 0:
+            if errno == EINTR:
+                continue
+            c.err = errno
+            return REASON_VANISHED
+        if k == 0:
+            return REASON_VANISHED
+        dst += k
+        n -= k
+    return 0
+
+
+# --------------------------------------------------------------------------------------------
+# Replies.
+
+cdef int reply_simple(conn_t *c, const request_t *r, uint32_t error) noexcept nogil:
+    cdef char h[SIMPLE_REPLY_SIZE]
+    cdef uint32_t u32
+    u32 = htobe32(SIMPLE_REPLY_MAGIC)
+    memcpy(h, &u32, 4)
+    u32 = htobe32(error)
+    memcpy(h + 4, &u32, 4)
+    memcpy(h + 8, r.cookie, 8)
+    return queue_out(c, h, SIMPLE_REPLY_SIZE)
+
+
+cdef void chunk_header(char *h, const request_t *r, uint16_t flags, uint16_t type,
+                       uint32_t length) noexcept nogil:
+    cdef uint32_t u32
+    cdef uint16_t u16
+    u32 = htobe32(STRUCTURED_REPLY_MAGIC)
+    memcpy(h, &u32, 4)
+    u16 = htobe16(flags)
+    memcpy(h + 4, &u16, 2)
+    u16 = htobe16(type)
+    memcpy(h + 6, &u16, 2)
+    memcpy(h + 8, r.cookie, 8)
+    u32 = htobe32(length)
+    memcpy(h + 16, &u32, 4)
+
+
+cdef int reply_error(conn_t *c, const request_t *r, uint32_t error) noexcept nogil:
+    """An error reply: a structured ERROR chunk for a READ when structured replies are on."""
+    cdef char h[CHUNK_HEADER_SIZE + 6]
+    cdef uint32_t u32
+    if not (c.lim.structured and r.type == CMD_READ):
+        return reply_simple(c, r, error)
+    chunk_header(h, r, REPLY_FLAG_DONE, REPLY_TYPE_ERROR, 6)
+    u32 = htobe32(error)
+    memcpy(h + CHUNK_HEADER_SIZE, &u32, 4)
+    memset(h + CHUNK_HEADER_SIZE + 4, 0, 2)   # no message
+    return queue_out(c, h, CHUNK_HEADER_SIZE + 6)
+
+
+# --------------------------------------------------------------------------------------------
+# Commands.
+
+cdef int do_read(conn_t *c, const request_t *r) noexcept nogil:
+    """Header, then sendfile. 0, or a Reason ending the connection."""
+    cdef char h[CHUNK_HEADER_SIZE + 8]
+    cdef uint64_t u64
+    cdef off_t off = <off_t>r.offset
+    cdef size_t left = r.length
+    cdef ssize_t k
+    if c.lim.structured:
+        if r.length == 0:
+            chunk_header(h, r, REPLY_FLAG_DONE, REPLY_TYPE_NONE, 0)
+            return 0 if queue_out(c, h, CHUNK_HEADER_SIZE) == 0 else REASON_VANISHED
+        chunk_header(h, r, REPLY_FLAG_DONE, REPLY_TYPE_OFFSET_DATA, r.length + 8)
+        u64 = htobe64(r.offset)
+        memcpy(h + CHUNK_HEADER_SIZE, &u64, 8)
+        if queue_out(c, h, CHUNK_HEADER_SIZE + 8) < 0:
+            c.err = errno
+            return REASON_VANISHED
+    elif reply_simple(c, r, 0) < 0:
+        c.err = errno
+        return REASON_VANISHED
+    if left == 0:
+        return 0
+    if flush_out(c, 1) < 0:
+        c.err = errno
+        return REASON_VANISHED
+    while left > 0:
+        k = sendfile(c.sock, c.ex.fd, &off, left)
+        if k < 0:
+            if errno == EINTR:
+                continue
+            c.err = errno
+            if errno == EPIPE or errno == ECONNRESET or errno == ETIMEDOUT:
+                return REASON_VANISHED
+            return REASON_IO_FATAL
+        if k == 0:
+            # The file shrank under us: the promised bytes cannot be sent.
+            c.err = EIO
+            return REASON_IO_FATAL
+        left -= k
+    return 0
+
+
+cdef int write_range(conn_t *c, const char *p, size_t n, uint64_t offset, int fua) noexcept nogil:
+    """pwrite n bytes (with RWF_DSYNC for FUA). 0 or an errno."""
+    cdef ssize_t k
+    cdef iovec iov
+    while n > 0:
+        if fua:
+            iov.iov_base = <void *>p
+            iov.iov_len = n
+            k = pwritev2(c.ex.fd, &iov, 1, <off_t>offset, RWF_DSYNC)
+            if k < 0 and (errno == EOPNOTSUPP or errno == ENOSYS or errno == EINVAL):
+                k = pwrite(c.ex.fd, p, n, <off_t>offset)
+                if k >= 0 and fdatasync(c.ex.fd) < 0:
+                    return errno
+        else:
+            k = pwrite(c.ex.fd, p, n, <off_t>offset)
+        if k < 0:
+            if errno == EINTR:
+                continue
+            return errno
+        if k == 0:
+            return ENOSPC
+        p += k
+        n -= k
+        offset += k
+    return 0
+
+
+cdef int do_write(conn_t *c, const request_t *r, int error) noexcept nogil:
+    """Receive the payload into the file (or drain it when ``error`` is set), then reply.
+
+    0, or a Reason ending the connection.
+    """
+    cdef uint64_t left = r.length
+    cdef uint64_t offset = r.offset
+    cdef size_t n
+    cdef int rc
+    cdef int fua = r.flags & CMD_FLAG_FUA
+    cdef int io_err = 0
+    if left > DRAIN_LIMIT:
+        reply_simple(c, r, NBD_EINVAL)
+        flush_out(c, 0)
+        return REASON_TOO_BIG
+    while left > 0:
+        if left <= INBUF_SIZE // 2:
+            # Small: read it (and whatever follows) into inbuf, write from there.
+            rc = fill_inbuf(c, <size_t>left)
+            if rc:
+                return REASON_VANISHED if rc == REASON_CLOSED else rc
+            n = <size_t>left
+            if not error and not io_err:
+                io_err = write_range(c, c.inbuf + c.in_pos, n, offset, fua)
+            c.in_pos += n
+        else:
+            n = BUF_SIZE if left > BUF_SIZE else <size_t>left
+            rc = recv_exact(c, c.buf, n)
+            if rc:
+                return rc
+            if not error and not io_err:
+                io_err = write_range(c, c.buf, n, offset, fua)
+        left -= n
+        offset += n
+    if io_err:
+        log_io_error(c, r, io_err)
+        error = nbd_error(io_err)
+    return 0 if reply_simple(c, r, error) == 0 else REASON_VANISHED
+
+
+cdef int zero_range(conn_t *c, uint64_t offset, uint64_t length, uint16_t flags) noexcept nogil:
+    """WRITE_ZEROES: punch unless NO_HOLE; else ZERO_RANGE; else write zeroes. 0 or errno
+    (ENOTSUP for FAST_ZERO when only writing zeroes would do)."""
+    cdef int mode
+    cdef size_t n
+    cdef int rc
+    if not (flags & CMD_FLAG_NO_HOLE) and c.ex.can_punch:
+        if fallocate(c.ex.fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE,
+                     <off_t>offset, <off_t>length) == 0:
+            return 0
+        if errno != EOPNOTSUPP:
+            return errno
+        c.ex.can_punch = 0
+    if c.ex.can_zero_range:
+        if fallocate(c.ex.fd, FALLOC_FL_ZERO_RANGE | FALLOC_FL_KEEP_SIZE,
+                     <off_t>offset, <off_t>length) == 0:
+            return 0
+        if errno != EOPNOTSUPP:
+            return errno
+        c.ex.can_zero_range = 0
+    if flags & CMD_FLAG_FAST_ZERO:
+        return ENOTSUP
+    memset(c.buf, 0, BUF_SIZE)
+    while length > 0:
+        n = BUF_SIZE if length > BUF_SIZE else <size_t>length
+        rc = write_range(c, c.buf, n, offset, 0)
+        if rc:
+            return rc
+        length -= n
+        offset += n
+    return 0
+
+
+cdef int do_command(conn_t *c, const request_t *r) noexcept nogil:
+    """FLUSH, TRIM, WRITE_ZEROES, CACHE (validated). Returns the NBD error to reply with."""
+    cdef int e = 0
+    cdef uint16_t cmd = r.type
+    if cmd == CMD_FLUSH:
+        if fdatasync(c.ex.fd) < 0:
+            e = errno
+    elif cmd == CMD_TRIM:
+        if r.length and c.ex.can_punch:
+            if fallocate(c.ex.fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE,
+                         <off_t>r.offset, <off_t>r.length) < 0:
+                if errno == EOPNOTSUPP:
+                    c.ex.can_punch = 0   # TRIM is advisory: nothing to do then
+                else:
+                    e = errno
+    elif cmd == CMD_WRITE_ZEROES:
+        if r.length:
+            e = zero_range(c, r.offset, r.length, r.flags)
+    elif cmd == CMD_CACHE:
+        posix_fadvise(c.ex.fd, <off_t>r.offset, <off_t>r.length, POSIX_FADV_WILLNEED)
+    if e == 0 and (r.flags & CMD_FLAG_FUA) and (cmd == CMD_TRIM or cmd == CMD_WRITE_ZEROES):
+        if fdatasync(c.ex.fd) < 0:
+            e = errno
+    if e:
+        if e == ENOTSUP and cmd == CMD_WRITE_ZEROES and (r.flags & CMD_FLAG_FAST_ZERO):
+            return NBD_ENOTSUP
+        log_io_error(c, r, e)
+        return nbd_error(e)
+    return 0
+
+
+cdef void log_io_error(conn_t *c, const request_t *r, int e) noexcept nogil:
+    # Rare: take the GIL to log. The file's name is added by the Python side's logger context.
+    with gil:
+        _log.error("I/O error on %s at offset %d length %d: %s",
+                   _COMMAND_NAMES.get(r.type, r.type), r.offset, r.length,
+                   os.strerror(e) + " (" + _errno_name(e) + ")")
+
+
+def _errno_name(int e):
+    import errno as _errno
+    return _errno.errorcode.get(e, str(e))
+
+
+_COMMAND_NAMES = {
+    CMD_READ: "READ", CMD_WRITE: "WRITE", CMD_DISC: "DISC", CMD_FLUSH: "FLUSH",
+    CMD_TRIM: "TRIM", CMD_CACHE: "CACHE", CMD_WRITE_ZEROES: "WRITE_ZEROES",
+    CMD_BLOCK_STATUS: "BLOCK_STATUS",
+}
+
+
+cdef int serve_loop(conn_t *c) noexcept nogil:
+    """The transmission phase. Returns a Reason; details in c.err/cmd/offset/length."""
+    cdef request_t r
+    cdef int rc
+    cdef int error
+    while True:
+        c.request_started_ns = 0
+        rc = fill_inbuf(c, REQUEST_SIZE)
+        if rc:
+            return rc
+        c.request_started_ns = now_ns()
+        decode_header(c.inbuf + c.in_pos, &r)
+        c.in_pos += REQUEST_SIZE
+        c.requests += 1
+        c.cmd = r.type
+        c.offset = r.offset
+        c.length = r.length
+        if r.magic != REQUEST_MAGIC:
+            reply_simple(c, &r, NBD_EBADMSG)
+            flush_out(c, 0)
+            return REASON_BAD_MAGIC
+        error = validate(&r, &c.lim)
+        if r.type == CMD_WRITE:
+            rc = do_write(c, &r, error)
+            if rc:
+                return rc
+            continue
+        if r.type == CMD_DISC and not error:
+            flush_out(c, 0)
+            return REASON_DISC
+        if error:
+            rc = reply_error(c, &r, error)
+        elif r.type == CMD_READ:
+            rc = do_read(c, &r)
+            if rc:
+                return rc
+        else:
+            rc = reply_simple(c, &r, do_command(c, &r))
+        if rc < 0:
+            c.err = errno
+            return REASON_VANISHED
+
+
+cdef class Connection:
+    """One client in the transmission phase. Owns its buffers; not the socket."""
+
+    cdef conn_t c
+    cdef Export export
+
+    def __cinit__(self, int sock, Export export, *, int stop_fd=-1, bint structured=False,
+                  bint meta_context=False):
+        self.export = export
+        self.c.sock = sock
+        self.c.stop_fd = stop_fd
+        self.c.kick_fd = eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK)
+        if self.c.kick_fd < 0:
+            raise OSError(errno, os.strerror(errno))
+        self.c.ex = &export.ex
+        self.c.lim.size = export.ex.size
+        self.c.lim.read_only = export.ex.read_only
+        self.c.lim.structured = structured
+        self.c.lim.meta_context = meta_context
+        self.c.lim.fast_zero = export.ex.can_punch
+        self.c.inbuf = <char *>malloc(INBUF_SIZE)
+        self.c.buf = <char *>malloc(BUF_SIZE)
+        self.c.outbuf = <char *>malloc(OUTBUF_SIZE)
+        if not self.c.inbuf or not self.c.buf or not self.c.outbuf:
+            raise MemoryError()
+
+    def __dealloc__(self):
+        free(self.c.inbuf)
+        free(self.c.buf)
+        free(self.c.outbuf)
+        if self.c.kick_fd >= 0:
+            close(self.c.kick_fd)
+
+    def serve(self):
+        """Run the transmission phase until the client leaves; returns a ServeResult."""
+        cdef int reason
+        with nogil:
+            reason = serve_loop(&self.c)
+        self.c.request_started_ns = 0
+        return ServeResult(Reason(reason), self.c.err,
+                           _COMMAND_NAMES.get(self.c.cmd, self.c.cmd),
+                           self.c.offset, self.c.length, self.c.requests)
+
+    def kick(self):
+        """Make the connection end after its current request (from any thread)."""
+        cdef uint64_t one = 1
+        write(self.c.kick_fd, &one, 8)
+
+    @property
+    def request_age_ns(self):
+        """How long the current request has been running (0 between requests)."""
+        cdef int64_t started = self.c.request_started_ns
+        return now_ns() - started if started else 0
+
+    @property
+    def requests(self):
+        return self.c.requests
+
+
+def monotonic_ns():
+    return now_ns()
+
+
+# --------------------------------------------------------------------------------------------
+# Client side: simple-reply READ and WRITE over a connected socket (after the handshake).
+
+cdef int sock_send_all(int sock, const char *p, size_t n, int flags) noexcept nogil:
+    cdef ssize_t k
+    while n > 0:
+        k = send(sock, p, n, flags | MSG_NOSIGNAL)
+        if k < 0:
+            if errno == EINTR:
+                continue
+            return -errno
+        p += k
+        n -= k
+    return 0
+
+
+cdef int sock_recv_all(int sock, char *p, size_t n) noexcept nogil:
+    """0, -errno, or 1 when the peer closed first."""
+    cdef ssize_t k
+    while n > 0:
+        k = recv(sock, p, n, MSG_WAITALL)
+        if k < 0:
+            if errno == EINTR:
+                continue
+            return -errno
+        if k == 0:
+            return 1
+        p += k
+        n -= k
+    return 0
+
+
+cdef int fd_write_all(int fd, const char *p, size_t n) noexcept nogil:
+    cdef ssize_t k
+    while n > 0:
+        k = write(fd, p, n)
+        if k < 0:
+            if errno == EINTR:
+                continue
+            return -errno
+        p += k
+        n -= k
+    return 0
+
+
+cdef void make_request(char *h, uint16_t type, uint16_t flags, uint64_t cookie,
+                       uint64_t offset, uint32_t length) noexcept nogil:
+    cdef uint32_t u32
+    cdef uint16_t u16
+    cdef uint64_t u64
+    u32 = htobe32(REQUEST_MAGIC)
+    memcpy(h, &u32, 4)
+    u16 = htobe16(flags)
+    memcpy(h + 4, &u16, 2)
+    u16 = htobe16(type)
+    memcpy(h + 6, &u16, 2)
+    memcpy(h + 8, &cookie, 8)
+    u64 = htobe64(offset)
+    memcpy(h + 16, &u64, 8)
+    u32 = htobe32(length)
+    memcpy(h + 24, &u32, 4)
+
+
+# Client outcomes (negative values are -errno of a socket/file error).
+DEF C_OK = 0
+DEF C_CLOSED = 1         # the server closed the connection
+DEF C_BAD_MAGIC = 2      # a reply with a bad magic
+DEF C_BAD_COOKIE = 3     # a reply for a request we did not send
+DEF C_REMOTE_ERROR = 4   # the server answered with an NBD error (in *remote)
+DEF C_SHORT_INPUT = 5    # the input ended before SIZE bytes
+
+
+cdef int read_reply(int sock, uint64_t cookie, uint32_t *remote) noexcept nogil:
+    cdef char h[SIMPLE_REPLY_SIZE]
+    cdef uint32_t u32
+    cdef int rc = sock_recv_all(sock, h, SIMPLE_REPLY_SIZE)
+    if rc:
+        return C_CLOSED if rc == 1 else rc
+    memcpy(&u32, h, 4)
+    if be32toh(u32) != SIMPLE_REPLY_MAGIC:
+        return C_BAD_MAGIC
+    if memcmp(h + 8, &cookie, 8) != 0:
+        return C_BAD_COOKIE
+    memcpy(&u32, h + 4, 4)
+    remote[0] = be32toh(u32)
+    return C_REMOTE_ERROR if remote[0] else C_OK
+
+
+cdef int client_transfer(int sock, int fd, uint64_t offset, uint64_t size, int writing,
+                         char *buf, uint32_t *remote) noexcept nogil:
+    """READ [offset, offset+size) to fd, or WRITE it from fd, in requests of <= MAX_PAYLOAD."""
+    cdef char h[REQUEST_SIZE]
+    cdef uint64_t cookie = 0
+    cdef uint32_t n
+    cdef ssize_t k
+    cdef size_t got
+    cdef int rc
+    while size > 0:
+        n = MAX_PAYLOAD if size > MAX_PAYLOAD else <uint32_t>size
+        cookie += 1
+        if writing:
+            got = 0
+            while got < n:
+                k = read(fd, buf + got, n - got)
+                if k < 0:
+                    if errno == EINTR:
+                        continue
+                    return -errno
+                if k == 0:
+                    return C_SHORT_INPUT
+                got += k
+            make_request(h, CMD_WRITE, 0, cookie, offset, n)
+            rc = sock_send_all(sock, h, REQUEST_SIZE, MSG_MORE)
+            if rc == 0:
+                rc = sock_send_all(sock, buf, n, 0)
+            if rc:
+                return rc
+            rc = read_reply(sock, cookie, remote)
+            if rc:
+                return rc
+        else:
+            make_request(h, CMD_READ, 0, cookie, offset, n)
+            rc = sock_send_all(sock, h, REQUEST_SIZE, 0)
+            if rc:
+                return rc
+            rc = read_reply(sock, cookie, remote)
+            if rc:
+                return rc
+            rc = sock_recv_all(sock, buf, n)
+            if rc:
+                return C_CLOSED if rc == 1 else rc
+            rc = fd_write_all(fd, buf, n)
+            if rc:
+                return rc
+        offset += n
+        size -= n
+    return C_OK
+
+
+def client_copy(int sock, int fd, uint64_t offset, uint64_t size, bint writing):
+    """Copy between an NBD server (simple replies) and a local fd without the GIL.
+
+    ``writing``: WRITE size bytes read from fd at ``offset``; else READ them into fd.
+    Raises the errors of ``flexnbd.errors``; OSError for a local or socket failure.
+    """
+    cdef uint32_t remote = 0
+    cdef int rc
+    cdef char *buf = <char *>malloc(MAX_PAYLOAD)
+    if not buf:
+        raise MemoryError()
+    try:
+        with nogil:
+            rc = client_transfer(sock, fd, offset, size, writing, buf, &remote)
+    finally:
+        free(buf)
+    if rc == C_OK:
+        return
+    if rc < 0:
+        raise OSError(-rc, os.strerror(-rc))
+    if rc == C_CLOSED:
+        raise errors.PeerClosed("the server closed the connection")
+    if rc == C_BAD_MAGIC:
+        raise errors.ProtocolError("the server sent a reply with a bad magic")
+    if rc == C_BAD_COOKIE:
+        raise errors.ProtocolError("the server answered a request that was not sent")
+    if rc == C_SHORT_INPUT:
+        raise errors.FlexnbdError("the input ended before SIZE bytes were read")
+    name = wire.ERROR_NAMES.get(remote, f"error {remote}")
+    raise errors.RemoteError(remote, name, f"the server answered {name}")

@@ -1,0 +1,135 @@
+# The system calls the compiled core uses, declared once, all callable without the GIL.
+
+from libc.stdint cimport int64_t, uint16_t, uint32_t, uint64_t
+
+
+cdef extern from "<errno.h>" nogil:
+    int errno
+    enum:
+        EINTR
+        EAGAIN
+        EIO
+        ENOSPC
+        EINVAL
+        EPIPE
+        ECONNRESET
+        EOPNOTSUPP
+        ENOSYS
+        ENOTSUP
+        EBADF
+        ENXIO
+        ETIMEDOUT
+        EPERM
+        EFBIG
+        EDQUOT
+        EROFS
+
+cdef extern from "<string.h>" nogil:
+    void *memcpy(void *dst, const void *src, size_t n)
+    void *memset(void *dst, int c, size_t n)
+    void *memmove(void *dst, const void *src, size_t n)
+    int memcmp(const void *a, const void *b, size_t n)
+
+cdef extern from "<stdlib.h>" nogil:
+    void *malloc(size_t n)
+    void *calloc(size_t n, size_t m)
+    void free(void *p)
+
+cdef extern from "<sys/types.h>" nogil:
+    ctypedef long ssize_t
+    ctypedef long off_t
+
+cdef extern from "<unistd.h>" nogil:
+    ssize_t read(int fd, void *buf, size_t n)
+    ssize_t write(int fd, const void *buf, size_t n)
+    ssize_t pread(int fd, void *buf, size_t n, off_t offset)
+    ssize_t pwrite(int fd, const void *buf, size_t n, off_t offset)
+    int fdatasync(int fd)
+    int close(int fd)
+    off_t lseek(int fd, off_t offset, int whence)
+    enum:
+        SEEK_SET
+        SEEK_DATA
+        SEEK_HOLE
+
+cdef extern from "<sys/uio.h>" nogil:
+    struct iovec:
+        void *iov_base
+        size_t iov_len
+    ssize_t writev(int fd, const iovec *iov, int iovcnt)
+    ssize_t pwritev2(int fd, const iovec *iov, int iovcnt, off_t offset, int flags)
+    enum:
+        RWF_DSYNC
+
+cdef extern from "<fcntl.h>" nogil:
+    int fallocate(int fd, int mode, off_t offset, off_t length)
+    int posix_fadvise(int fd, off_t offset, off_t length, int advice)
+    enum:
+        POSIX_FADV_WILLNEED
+        POSIX_FADV_SEQUENTIAL
+
+cdef extern from "<linux/falloc.h>" nogil:
+    enum:
+        FALLOC_FL_KEEP_SIZE
+        FALLOC_FL_PUNCH_HOLE
+        FALLOC_FL_ZERO_RANGE
+
+cdef extern from "<sys/sendfile.h>" nogil:
+    ssize_t sendfile(int out_fd, int in_fd, off_t *offset, size_t count)
+
+cdef extern from "<sys/socket.h>" nogil:
+    ssize_t send(int fd, const void *buf, size_t n, int flags)
+    ssize_t recv(int fd, void *buf, size_t n, int flags)
+    int setsockopt(int fd, int level, int name, const void *value, unsigned int length)
+    int shutdown(int fd, int how)
+    enum:
+        MSG_NOSIGNAL
+        MSG_MORE
+        MSG_WAITALL
+        MSG_DONTWAIT
+        SOL_SOCKET
+        SHUT_RDWR
+        SHUT_RD
+
+cdef extern from "<netinet/in.h>" nogil:
+    enum:
+        IPPROTO_TCP
+
+cdef extern from "<netinet/tcp.h>" nogil:
+    enum:
+        TCP_CORK
+
+cdef extern from "<poll.h>" nogil:
+    struct pollfd:
+        int fd
+        short events
+        short revents
+    int poll(pollfd *fds, unsigned long nfds, int timeout)
+    enum:
+        POLLIN
+        POLLOUT
+        POLLERR
+        POLLHUP
+        POLLNVAL
+
+cdef extern from "<time.h>" nogil:
+    struct timespec:
+        long tv_sec
+        long tv_nsec
+    int clock_gettime(int clock, timespec *ts)
+    enum:
+        CLOCK_MONOTONIC
+
+cdef extern from "<endian.h>" nogil:
+    uint16_t htobe16(uint16_t x)
+    uint32_t htobe32(uint32_t x)
+    uint64_t htobe64(uint64_t x)
+    uint16_t be16toh(uint16_t x)
+    uint32_t be32toh(uint32_t x)
+    uint64_t be64toh(uint64_t x)
+
+cdef extern from "<sys/eventfd.h>" nogil:
+    int eventfd(unsigned int initval, int flags)
+    enum:
+        EFD_CLOEXEC
+        EFD_NONBLOCK

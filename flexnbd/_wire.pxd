@@ -1,0 +1,122 @@
+# The NBD wire format for the compiled code: every magic, command, flag, error and size.
+# flexnbd/wire.py mirrors these names for Python; tests/unit/test_wire.py checks they agree.
+# No other file spells a magic number.
+
+from libc.stdint cimport uint64_t
+
+cdef extern from *:
+    """
+    #define FLEXNBD_NBDMAGIC            0x4e42444d41474943ULL
+    #define FLEXNBD_OLDSTYLE_MAGIC      0x0000420281861253ULL
+    #define FLEXNBD_IHAVEOPT            0x49484156454F5054ULL
+    #define FLEXNBD_OPTION_REPLY_MAGIC  0x0003e889045565a9ULL
+    """
+    const uint64_t NBDMAGIC "FLEXNBD_NBDMAGIC"
+    const uint64_t OLDSTYLE_MAGIC "FLEXNBD_OLDSTYLE_MAGIC"
+    const uint64_t IHAVEOPT "FLEXNBD_IHAVEOPT"
+    const uint64_t OPTION_REPLY_MAGIC "FLEXNBD_OPTION_REPLY_MAGIC"
+
+cdef enum:
+    REQUEST_MAGIC = 0x25609513
+    SIMPLE_REPLY_MAGIC = 0x67446698
+    STRUCTURED_REPLY_MAGIC = 0x668e33ef
+
+    REQUEST_SIZE = 28
+    SIMPLE_REPLY_SIZE = 16
+    CHUNK_HEADER_SIZE = 20
+    OLDSTYLE_GREETING_SIZE = 152
+
+    # Largest READ/WRITE payload we accept (and advertise as the maximum block size).
+    MAX_PAYLOAD = 32 * 1024 * 1024
+
+    # Handshake flags (server) and client flags.
+    FLAG_FIXED_NEWSTYLE = 1 << 0
+    FLAG_NO_ZEROES = 1 << 1
+    FLAG_C_FIXED_NEWSTYLE = 1 << 0
+    FLAG_C_NO_ZEROES = 1 << 1
+
+    # Transmission flags.
+    FLAG_HAS_FLAGS = 1 << 0
+    FLAG_READ_ONLY = 1 << 1
+    FLAG_SEND_FLUSH = 1 << 2
+    FLAG_SEND_FUA = 1 << 3
+    FLAG_ROTATIONAL = 1 << 4
+    FLAG_SEND_TRIM = 1 << 5
+    FLAG_SEND_WRITE_ZEROES = 1 << 6
+    FLAG_SEND_DF = 1 << 7
+    FLAG_CAN_MULTI_CONN = 1 << 8
+    FLAG_SEND_CACHE = 1 << 10
+    FLAG_SEND_FAST_ZERO = 1 << 11
+
+    # Commands.
+    CMD_READ = 0
+    CMD_WRITE = 1
+    CMD_DISC = 2
+    CMD_FLUSH = 3
+    CMD_TRIM = 4
+    CMD_CACHE = 5
+    CMD_WRITE_ZEROES = 6
+    CMD_BLOCK_STATUS = 7
+
+    # Command flags.
+    CMD_FLAG_FUA = 1 << 0
+    CMD_FLAG_NO_HOLE = 1 << 1
+    CMD_FLAG_DF = 1 << 2
+    CMD_FLAG_REQ_ONE = 1 << 3
+    CMD_FLAG_FAST_ZERO = 1 << 4
+
+    # Structured reply chunks.
+    REPLY_FLAG_DONE = 1 << 0
+    REPLY_TYPE_NONE = 0
+    REPLY_TYPE_OFFSET_DATA = 1
+    REPLY_TYPE_OFFSET_HOLE = 2
+    REPLY_TYPE_BLOCK_STATUS = 5
+    REPLY_TYPE_ERROR = 32769
+    REPLY_TYPE_ERROR_OFFSET = 32770
+
+    # Options.
+    OPT_EXPORT_NAME = 1
+    OPT_ABORT = 2
+    OPT_LIST = 3
+    OPT_STARTTLS = 5
+    OPT_INFO = 6
+    OPT_GO = 7
+    OPT_STRUCTURED_REPLY = 8
+    OPT_LIST_META_CONTEXT = 9
+    OPT_SET_META_CONTEXT = 10
+
+    # Option reply types.
+    REP_ACK = 1
+    REP_SERVER = 2
+    REP_INFO = 3
+    REP_META_CONTEXT = 4
+    REP_ERR_UNSUP = 0x80000001
+    REP_ERR_POLICY = 0x80000002
+    REP_ERR_INVALID = 0x80000003
+    REP_ERR_PLATFORM = 0x80000004
+    REP_ERR_TLS_REQD = 0x80000005
+    REP_ERR_UNKNOWN = 0x80000006
+    REP_ERR_SHUTDOWN = 0x80000007
+    REP_ERR_BLOCK_SIZE_REQD = 0x80000008
+    REP_ERR_TOO_BIG = 0x80000009
+
+    # Info types.
+    INFO_EXPORT = 0
+    INFO_NAME = 1
+    INFO_DESCRIPTION = 2
+    INFO_BLOCK_SIZE = 3
+
+    # base:allocation extent flags.
+    STATE_HOLE = 1 << 0
+    STATE_ZERO = 1 << 1
+
+    # Errors on the wire.
+    NBD_EPERM = 1
+    NBD_EIO = 5
+    NBD_ENOMEM = 12
+    NBD_EINVAL = 22
+    NBD_ENOSPC = 28
+    NBD_EBADMSG = 74
+    NBD_EOVERFLOW = 75
+    NBD_ENOTSUP = 95
+    NBD_ESHUTDOWN = 108

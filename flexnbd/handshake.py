@@ -1,0 +1,254 @@
+"""The NBD handshake, both sides, in Python (it happens once per connection, off the hot path).
+
+Server side: ``serve_handshake`` speaks oldstyle (the 152-byte greeting 0.5.0 sent) or fixed
+newstyle (EXPORT_NAME, GO, INFO, LIST, ABORT, STRUCTURED_REPLY; anything else ERR_UNSUP) and
+returns what was agreed, or None if the client left without entering transmission.
+
+Client side: ``client_handshake`` detects the server's style from its greeting and enters
+transmission (GO, falling back to EXPORT_NAME), returning the export size and flags.
+"""
+
+from __future__ import annotations
+
+import socket
+import struct
+from dataclasses import dataclass
+
+from flexnbd import wire
+from flexnbd.errors import HandshakeError, PeerClosed
+
+# Option data longer than this is not read: the client is disconnected instead.
+MAX_OPTION_LENGTH = 64 * 1024
+# More options than this in one handshake is a client stuck in a loop.
+MAX_OPTIONS = 1024
+
+
+def recv_exact(sock: socket.socket, n: int) -> bytes:
+    data = bytearray()
+    while len(data) < n:
+        chunk = sock.recv(n - len(data))
+        if not chunk:
+            raise PeerClosed("the peer closed the connection during the handshake")
+        data += chunk
+    return bytes(data)
+
+
+@dataclass
+class ExportInfo:
+    """What the server side needs to answer the handshake."""
+
+    size: int
+    read_only: bool = False
+    can_fast_zero: bool = False
+
+    def transmission_flags(self, structured: bool) -> int:
+        flags = (wire.FLAG_HAS_FLAGS | wire.FLAG_SEND_FLUSH | wire.FLAG_SEND_FUA
+                 | wire.FLAG_SEND_TRIM | wire.FLAG_SEND_WRITE_ZEROES | wire.FLAG_SEND_CACHE
+                 | wire.FLAG_CAN_MULTI_CONN)
+        if structured:
+            flags |= wire.FLAG_SEND_DF
+        if self.can_fast_zero:
+            flags |= wire.FLAG_SEND_FAST_ZERO
+        if self.read_only:
+            flags |= wire.FLAG_READ_ONLY
+        return flags
+
+    def oldstyle_flags(self) -> int:
+        flags = wire.OLDSTYLE_FLAGS
+        if self.read_only:
+            flags |= wire.FLAG_READ_ONLY
+        return flags
+
+
+@dataclass
+class Agreed:
+    """The outcome of a server-side handshake that entered transmission."""
+
+    structured: bool = False
+    meta_context: bool = False
+    export_name: bytes = b""
+    style: str = "newstyle"
+
+
+def serve_handshake(sock: socket.socket, export: ExportInfo, oldstyle: bool) -> Agreed | None:
+    """Run the server side of the handshake. None if the client aborted or left cleanly.
+
+    Raises HandshakeError for a client that broke the protocol, PeerClosed if it vanished.
+    """
+    if oldstyle:
+        sock.sendall(wire.pack_oldstyle_greeting(export.size, export.oldstyle_flags()))
+        return Agreed(style="oldstyle")
+    sock.sendall(wire.pack_newstyle_greeting(wire.FLAG_FIXED_NEWSTYLE | wire.FLAG_NO_ZEROES))
+    try:
+        (client_flags,) = struct.unpack(">I", recv_exact(sock, 4))
+    except PeerClosed:
+        return None  # a port probe: connected, read the greeting, left
+    known = wire.FLAG_C_FIXED_NEWSTYLE | wire.FLAG_C_NO_ZEROES
+    if client_flags & ~known:
+        raise HandshakeError(f"client sent unknown handshake flags {client_flags:#x}")
+    no_zeroes = bool(client_flags & wire.FLAG_C_NO_ZEROES)
+    return _Options(sock, export, no_zeroes).run()
+
+
+class _Options:
+    """The option haggling phase of fixed newstyle."""
+
+    def __init__(self, sock: socket.socket, export: ExportInfo, no_zeroes: bool) -> None:
+        self.sock = sock
+        self.export = export
+        self.no_zeroes = no_zeroes
+        self.agreed = Agreed()
+
+    def reply(self, option: int, reply_type: int, data: bytes = b"") -> None:
+        self.sock.sendall(wire.pack_option_reply(option, reply_type, data))
+
+    def error(self, option: int, reply_type: int, message: str) -> None:
+        self.reply(option, reply_type, message.encode())
+
+    def run(self) -> Agreed | None:
+        for _ in range(MAX_OPTIONS):
+            header = recv_exact(self.sock, wire.OPTION_HEADER_SIZE)
+            magic, option, length = wire.unpack_option_header(header)
+            if magic != wire.IHAVEOPT:
+                raise HandshakeError(f"bad option magic {magic:#x}")
+            if length > MAX_OPTION_LENGTH:
+                raise HandshakeError(f"option {option} with {length} bytes of data is too long")
+            data = recv_exact(self.sock, length)
+            if option == wire.OPT_EXPORT_NAME:
+                self.agreed.export_name = data
+                flags = self.export.transmission_flags(self.agreed.structured)
+                tail = b"" if self.no_zeroes else b"\0" * 124
+                self.sock.sendall(struct.pack(">QH", self.export.size, flags) + tail)
+                return self.agreed
+            if option == wire.OPT_ABORT:
+                try:
+                    self.reply(option, wire.REP_ACK)
+                except OSError:
+                    pass  # the client may close first
+                return None
+            if option in (wire.OPT_GO, wire.OPT_INFO):
+                if self.info(option, data):
+                    return self.agreed
+            elif option == wire.OPT_LIST:
+                if data:
+                    self.error(option, wire.REP_ERR_INVALID, "LIST takes no data")
+                else:
+                    self.reply(option, wire.REP_SERVER, struct.pack(">I", 0))
+                    self.reply(option, wire.REP_ACK)
+            elif option == wire.OPT_STRUCTURED_REPLY:
+                if data:
+                    self.error(option, wire.REP_ERR_INVALID, "STRUCTURED_REPLY takes no data")
+                else:
+                    self.agreed.structured = True
+                    self.reply(option, wire.REP_ACK)
+            else:
+                self.error(option, wire.REP_ERR_UNSUP, f"option {option} is not supported")
+        raise HandshakeError(f"more than {MAX_OPTIONS} options")
+
+    def info(self, option: int, data: bytes) -> bool:
+        """INFO or GO. True when GO succeeded (transmission starts)."""
+        parsed = _parse_info_request(data)
+        if parsed is None:
+            self.error(option, wire.REP_ERR_INVALID, "malformed INFO/GO request")
+            return False
+        name, requests = parsed
+        flags = self.export.transmission_flags(self.agreed.structured)
+        self.reply(option, wire.REP_INFO,
+                   struct.pack(">HQH", wire.INFO_EXPORT, self.export.size, flags))
+        if wire.INFO_BLOCK_SIZE in requests:
+            self.reply(option, wire.REP_INFO,
+                       struct.pack(">HIII", wire.INFO_BLOCK_SIZE, wire.BLOCK_SIZE_MIN,
+                                   wire.BLOCK_SIZE_PREFERRED, wire.BLOCK_SIZE_MAX))
+        if wire.INFO_NAME in requests:
+            self.reply(option, wire.REP_INFO, struct.pack(">H", wire.INFO_NAME) + name)
+        self.reply(option, wire.REP_ACK)
+        if option == wire.OPT_GO:
+            self.agreed.export_name = name
+            return True
+        return False
+
+
+def _parse_info_request(data: bytes) -> tuple[bytes, list[int]] | None:
+    """name-length u32 · name · count u16 · count × u16; None if malformed."""
+    if len(data) < 6:
+        return None
+    (name_len,) = struct.unpack_from(">I", data, 0)
+    if name_len > len(data) - 6:
+        return None
+    name = data[4:4 + name_len]
+    (count,) = struct.unpack_from(">H", data, 4 + name_len)
+    if len(data) != 6 + name_len + 2 * count:
+        return None
+    requests = list(struct.unpack_from(f">{count}H", data, 6 + name_len))
+    return name, requests
+
+
+# --------------------------------------------------------------------------------------------
+# Client side.
+
+@dataclass
+class ServerInfo:
+    style: str     # "oldstyle" or "newstyle"
+    size: int
+    flags: int
+
+    def has(self, flag: int) -> bool:
+        return bool(self.flags & flag)
+
+
+def client_handshake(sock: socket.socket, export_name: bytes = b"") -> ServerInfo:
+    """Detect the server's handshake style and enter transmission (simple replies only)."""
+    head = recv_exact(sock, 16)
+    magic, second = struct.unpack(">QQ", head)
+    if magic != wire.NBDMAGIC:
+        raise HandshakeError("the server's greeting has a bad magic")
+    if second == wire.OLDSTYLE_MAGIC:
+        size, flags = struct.unpack(">QI", recv_exact(sock, 12))
+        recv_exact(sock, 124)
+        return ServerInfo("oldstyle", size, flags & 0xFFFF)
+    if second != wire.IHAVEOPT:
+        raise HandshakeError("the server's greeting has a bad magic")
+    (hflags,) = struct.unpack(">H", recv_exact(sock, 2))
+    if not hflags & wire.FLAG_FIXED_NEWSTYLE:
+        raise HandshakeError("the server does not speak fixed newstyle")
+    cflags = wire.FLAG_C_FIXED_NEWSTYLE
+    no_zeroes = bool(hflags & wire.FLAG_NO_ZEROES)
+    if no_zeroes:
+        cflags |= wire.FLAG_C_NO_ZEROES
+    sock.sendall(struct.pack(">I", cflags))
+    info = _client_go(sock, export_name)
+    if info is not None:
+        return info
+    # The server does not know GO: fall back to EXPORT_NAME.
+    sock.sendall(wire.pack_option(wire.OPT_EXPORT_NAME, export_name))
+    size, flags = struct.unpack(">QH", recv_exact(sock, 10))
+    if not no_zeroes:
+        recv_exact(sock, 124)
+    return ServerInfo("newstyle", size, flags)
+
+
+def _client_go(sock: socket.socket, export_name: bytes) -> ServerInfo | None:
+    request = struct.pack(">I", len(export_name)) + export_name + struct.pack(">H", 0)
+    sock.sendall(wire.pack_option(wire.OPT_GO, request))
+    size = flags = None
+    while True:
+        magic, option, reply_type, length = wire.unpack_option_reply_header(
+            recv_exact(sock, wire.OPTION_REPLY_HEADER_SIZE))
+        if magic != wire.OPTION_REPLY_MAGIC or option != wire.OPT_GO:
+            raise HandshakeError("the server sent a malformed option reply")
+        if length > MAX_OPTION_LENGTH:
+            raise HandshakeError("the server sent an oversized option reply")
+        data = recv_exact(sock, length)
+        if reply_type == wire.REP_ERR_UNSUP:
+            return None
+        if wire.is_error_reply(reply_type):
+            text = data.decode("utf-8", "replace")
+            raise HandshakeError(f"the server refused the export ({reply_type:#x}) {text}".strip())
+        if reply_type == wire.REP_INFO and len(data) >= 12:
+            (info_type,) = struct.unpack_from(">H", data)
+            if info_type == wire.INFO_EXPORT:
+                size, flags = struct.unpack_from(">QH", data, 2)
+        elif reply_type == wire.REP_ACK:
+            if size is None or flags is None:
+                raise HandshakeError("the server did not describe the export")
+            return ServerInfo("newstyle", size, flags)

@@ -1,0 +1,82 @@
+"""Logging in the SPEC §9 format, to stderr.
+
+Each line: ``<monotonic ms>:<D|I|W|E|F>:<pid> <thread name> <module:line>: <message>``.
+The handler formats the whole line first and writes it with one ``os.write`` under a lock, so
+lines from different threads never interleave (and a line stays whole even if stderr is a pipe
+shared with other processes, up to PIPE_BUF bytes).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+
+LOGGER_NAME = "flexnbd"
+
+_LEVEL_LETTERS = {
+    logging.DEBUG: "D",
+    logging.INFO: "I",
+    logging.WARNING: "W",
+    logging.ERROR: "E",
+    logging.CRITICAL: "F",
+}
+
+
+class LineFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        ms = int(time.monotonic() * 1000)
+        letter = _LEVEL_LETTERS.get(record.levelno, "I")
+        message = record.getMessage().replace("\n", " ")
+        if record.exc_info and record.levelno <= logging.DEBUG:
+            message += " | " + self.formatException(record.exc_info).replace("\n", " | ")
+        thread = record.threadName or "main"
+        return (f"{ms}:{letter}:{record.process} {thread.replace(' ', '_')} "
+                f"{record.module}:{record.lineno}: {message}")
+
+
+class LineHandler(logging.Handler):
+    """Writes each formatted line with a single write(2) to a file descriptor."""
+
+    def __init__(self, fd: int = 2) -> None:
+        super().__init__()
+        self.fd = fd
+        self._write_lock = threading.Lock()
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            data = (self.format(record) + "\n").encode("utf-8", "replace")
+            with self._write_lock:
+                while data:
+                    n = os.write(self.fd, data)
+                    data = data[n:]
+        except Exception:  # noqa: BLE001 - logging must never take the server down
+            pass
+
+
+def setup(verbosity: int = 0) -> logging.Logger:
+    """verbosity: -1 quiet (fatal only), 0 warnings and errors, 1 info (debug with
+    FLEXNBD_DEBUG=1)."""
+    root = logging.getLogger(LOGGER_NAME)
+    if verbosity < 0:
+        level = logging.CRITICAL
+    elif verbosity == 0:
+        level = logging.WARNING
+    elif os.environ.get("FLEXNBD_DEBUG") == "1":
+        level = logging.DEBUG
+    else:
+        level = logging.INFO
+    root.setLevel(level)
+    for h in list(root.handlers):
+        root.removeHandler(h)
+    handler = LineHandler(2)
+    handler.setFormatter(LineFormatter())
+    root.addHandler(handler)
+    root.propagate = False
+    logging.raiseExceptions = False
+    return root
+
+
+def get(name: str) -> logging.Logger:
+    return logging.getLogger(f"{LOGGER_NAME}.{name}")

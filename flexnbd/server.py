@@ -1,0 +1,258 @@
+"""The NBD server: listeners, the accept loop, and one thread per client.
+
+The accept loop and the handshake are Python; once a client enters transmission its thread
+calls ``_core.Connection.serve()``, which runs the whole request loop in C without the GIL.
+"""
+
+from __future__ import annotations
+
+import os
+import selectors
+import socket
+import threading
+
+from flexnbd import _core, log, sockets
+from flexnbd.config import ServeConfig
+from flexnbd.errors import FlexnbdError, HandshakeError, PeerClosed
+from flexnbd.handshake import ExportInfo, serve_handshake
+
+_log = log.get("server")
+
+Reason = _core.Reason
+
+
+def open_export(path: str, read_only: bool) -> tuple[int, int]:
+    """Open FILE; its size rounded down to 512 is the export size (0.5.0 behaviour)."""
+    flags = (os.O_RDONLY if read_only else os.O_RDWR) | os.O_CLOEXEC
+    try:
+        fd = os.open(path, flags)
+    except OSError as e:
+        raise FlexnbdError(f"cannot open {path}: {e.strerror}") from None
+    size = os.fstat(fd).st_size
+    return fd, size - size % 512
+
+
+class _Client:
+    """A connected client, from accept to close."""
+
+    def __init__(self, sock: socket.socket, name: str) -> None:
+        self.sock = sock
+        self.name = name
+        self.connection: _core.Connection | None = None
+
+
+class Server:
+    """Serves one file to up to ``config.max_clients`` clients at once."""
+
+    def __init__(self, config: ServeConfig) -> None:
+        self.config = config
+        self.fd, self.size = open_export(config.file, config.read_only)
+        self.export = _core.Export(self.fd, self.size, config.read_only, config.file)
+        self.export_info = ExportInfo(self.size, config.read_only, self.export.can_punch)
+        self._stop_fd = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
+        self._listeners: list[socket.socket] = []
+        self._clients: set[_Client] = set()
+        self._lock = threading.Lock()
+        self._accept_thread: threading.Thread | None = None
+        self._client_seq = 0
+        self.stopping = False
+
+    # -- lifecycle -------------------------------------------------------------------------
+
+    def start(self) -> None:
+        """Bind the listeners and start accepting. When this returns, the server serves."""
+        cfg = self.config
+        try:
+            if cfg.addr is not None and cfg.port is not None:
+                self._listeners.append(sockets.tcp_listener(cfg.addr, cfg.port))
+            if cfg.unix:
+                self._listeners.append(sockets.unix_listener(cfg.unix))
+        except BaseException:
+            self._close_listeners()
+            raise
+        self._accept_thread = threading.Thread(target=self._accept_loop, name="accept",
+                                               daemon=True)
+        self._accept_thread.start()
+        where = []
+        if cfg.addr is not None:
+            where.append(f"{cfg.addr} port {cfg.port}")
+        if cfg.unix:
+            where.append(cfg.unix)
+        _log.info("serving %s (%d bytes%s, %s handshake) on %s", cfg.file, self.size,
+                  ", read-only" if cfg.read_only else "",
+                  "oldstyle" if cfg.oldstyle else "newstyle", " and ".join(where))
+
+    @property
+    def port(self) -> int | None:
+        """The TCP port actually bound (useful with port 0)."""
+        for sock in self._listeners:
+            if sock.family in (socket.AF_INET, socket.AF_INET6):
+                return sock.getsockname()[1]
+        return None
+
+    @property
+    def num_clients(self) -> int:
+        with self._lock:
+            return len(self._clients)
+
+    def stop(self) -> None:
+        """Stop accepting, let clients finish their current request, close everything."""
+        with self._lock:
+            if self.stopping:
+                return
+            self.stopping = True
+            clients = list(self._clients)
+        os.eventfd_write(self._stop_fd, 1)
+        if self._accept_thread:
+            self._accept_thread.join()
+        self._close_listeners()
+        for client in clients:
+            if client.connection is None:  # still in the handshake: nothing to finish
+                _shutdown(client.sock)
+        if not self._wait_clients(self.config.stop_grace):
+            with self._lock:
+                clients = list(self._clients)
+            _log.warning("%d client(s) did not finish their request in %.0f s; cutting them",
+                         len(clients), self.config.stop_grace)
+            for client in clients:
+                _shutdown(client.sock)
+            self._wait_clients(5.0)
+        os.close(self.fd)
+
+    def _wait_clients(self, timeout: float) -> bool:
+        deadline = _core.monotonic_ns() + int(timeout * 1e9)
+        while _core.monotonic_ns() < deadline:
+            with self._lock:
+                if not self._clients:
+                    return True
+            threading.Event().wait(0.02)
+        return False
+
+    def _close_listeners(self) -> None:
+        for sock in self._listeners:
+            sock.close()
+        self._listeners = []
+        if self.config.unix:
+            try:
+                os.unlink(self.config.unix)
+            except FileNotFoundError:
+                pass
+
+    # -- accepting -------------------------------------------------------------------------
+
+    def _accept_loop(self) -> None:
+        sel = selectors.DefaultSelector()
+        for sock in self._listeners:
+            sock.setblocking(False)
+            sel.register(sock, selectors.EVENT_READ)
+        sel.register(self._stop_fd, selectors.EVENT_READ)
+        try:
+            while True:
+                for key, _ in sel.select():
+                    if key.fileobj == self._stop_fd:
+                        return
+                    self._accept_one(key.fileobj)  # type: ignore[arg-type]
+        finally:
+            sel.close()
+
+    def _accept_one(self, listener: socket.socket) -> None:
+        try:
+            sock, _ = listener.accept()
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError as e:
+            _log.warning("accept failed: %s", e.strerror)
+            return
+        sock.setblocking(True)
+        name = sockets.peer_name(sock)
+        with self._lock:
+            refused = len(self._clients) >= self.config.max_clients
+            if not refused:
+                self._client_seq += 1
+                client = _Client(sock, name)
+                self._clients.add(client)
+        if refused:
+            _log.warning("refused %s: already %d clients", name, self.config.max_clients)
+            sock.close()
+            return
+        thread = threading.Thread(target=self._serve_client, args=(client,),
+                                  name=f"client-{self._client_seq}", daemon=True)
+        thread.start()
+
+    # -- one client ------------------------------------------------------------------------
+
+    def _serve_client(self, client: _Client) -> None:
+        sock = client.sock
+        try:
+            sockets.set_client_options(sock)
+            sock.settimeout(self.config.handshake_timeout)
+            agreed = serve_handshake(sock, self.export_info, self.config.oldstyle)
+            if agreed is None:
+                _log.info("%s left during the handshake", client.name)
+                return
+            sock.settimeout(None)
+            with self._lock:
+                if self.stopping:
+                    return
+                client.connection = _core.Connection(
+                    sock.fileno(), self.export, stop_fd=self._stop_fd,
+                    structured=agreed.structured, meta_context=agreed.meta_context)
+            _log.info("%s connected (%s%s)", client.name, agreed.style,
+                      ", structured replies" if agreed.structured else "")
+            self._report(client, client.connection.serve())
+        except HandshakeError as e:
+            _log.warning("%s: bad handshake: %s", client.name, e)
+        except PeerClosed:
+            _log.info("%s closed the connection during the handshake", client.name)
+        except TimeoutError:
+            _log.warning("%s: handshake timed out", client.name)
+        except OSError as e:
+            _log.warning("%s: connection failed: %s", client.name, e.strerror or e)
+        except Exception:  # noqa: BLE001 - one client's failure must never reach the others
+            _log.exception("%s: unexpected error", client.name)
+        finally:
+            with self._lock:
+                self._clients.discard(client)
+            sock.close()
+
+    def _report(self, client: _Client, result: _core.ServeResult) -> None:
+        what = (f"{result.command} offset {result.offset} length {result.length}"
+                if result.requests else "no request")
+        err = _errno_text(result.errno)
+        reason = result.reason
+        if reason == Reason.REASON_DISC:
+            _log.info("%s disconnected after %d requests", client.name, result.requests)
+        elif reason == Reason.REASON_CLOSED:
+            _log.info("%s closed the connection after %d requests", client.name,
+                      result.requests)
+        elif reason == Reason.REASON_STOPPED:
+            _log.info("%s disconnected by the server", client.name)
+        elif reason == Reason.REASON_VANISHED:
+            _log.warning("%s went away in the middle of a request (%s)%s", client.name, what,
+                         err)
+        elif reason == Reason.REASON_BAD_MAGIC:
+            _log.warning("%s sent a request with a bad magic; answered EBADMSG and "
+                         "disconnected", client.name)
+        elif reason == Reason.REASON_TOO_BIG:
+            _log.warning("%s sent a %d-byte WRITE, too long to drain; disconnected",
+                         client.name, result.length)
+        elif reason == Reason.REASON_IO_FATAL:
+            _log.error("%s: I/O error on %s while sending %s%s; disconnected", client.name,
+                       self.config.file, what, err)
+        else:
+            _log.warning("%s: socket error%s", client.name, err)
+
+
+def _errno_text(e: int) -> str:
+    if not e:
+        return ""
+    import errno as errno_mod
+
+    return f": {os.strerror(e)} ({errno_mod.errorcode.get(e, e)})"
+
+
+def _shutdown(sock: socket.socket) -> None:
+    try:
+        sock.shutdown(socket.SHUT_RDWR)
+    except OSError:
+        pass

@@ -1,0 +1,41 @@
+"""Build the compiled hot path.
+
+FLEXNBD_DEBUG_BUILD=1 builds with Cython annotations, line tracing and C asserts.
+"""
+
+import os
+
+from Cython.Build import cythonize
+from setuptools import Extension, setup
+
+DEBUG = os.environ.get("FLEXNBD_DEBUG_BUILD") == "1"
+
+macros = [("_GNU_SOURCE", "1")]
+cflags = ["-O2", "-Wno-unused-function"]
+if DEBUG:
+    macros.append(("CYTHON_TRACE_NOGIL", "1"))
+    cflags = ["-O1", "-g", "-UNDEBUG"]
+
+extensions = [
+    Extension(
+        f"flexnbd.{name}",
+        [f"flexnbd/{name}.pyx"],
+        define_macros=macros,
+        extra_compile_args=cflags,
+    )
+    for name in ("_core",)
+]
+
+setup(
+    ext_modules=cythonize(
+        extensions,
+        language_level=3,
+        annotate=DEBUG,
+        compiler_directives={
+            "boundscheck": DEBUG,
+            "wraparound": False,
+            "cdivision": True,
+            "linetrace": DEBUG,
+        },
+    ),
+)

@@ -1,0 +1,173 @@
+"""Shared fixtures: real flexnbd processes on ephemeral ports, temporary files, real tools.
+
+Every process started here is killed at the end of the test, pass or fail.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+FLEXNBD = [sys.executable, "-m", "flexnbd"]
+# In CI, a missing real client is a failure, not a skip.
+REQUIRE_TOOLS = os.environ.get("FLEXNBD_REQUIRE_TOOLS") == "1"
+SYSTEM_PYTHON = "/usr/bin/python3"
+
+
+def require_tool(name: str) -> str:
+    """The path of a real client program; skip (or fail in CI) when it is missing."""
+    path = shutil.which(name)
+    if path is None:
+        message = f"{name} is not installed"
+        if REQUIRE_TOOLS:
+            pytest.fail(message + " (FLEXNBD_REQUIRE_TOOLS=1)")
+        pytest.skip(message)
+    return path
+
+
+def require_python_nbd() -> str:
+    """The system python that has the libnbd binding (python3-libnbd)."""
+    ok = os.path.exists(SYSTEM_PYTHON) and subprocess.run(
+        [SYSTEM_PYTHON, "-c", "import nbd"], capture_output=True).returncode == 0
+    if not ok:
+        message = "python3-libnbd (module nbd for /usr/bin/python3) is not installed"
+        if REQUIRE_TOOLS:
+            pytest.fail(message + " (FLEXNBD_REQUIRE_TOOLS=1)")
+        pytest.skip(message)
+    return SYSTEM_PYTHON
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_for_port(port: int, proc: subprocess.Popen | None = None, timeout: float = 15.0,
+                  host: str = "127.0.0.1") -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None:
+            raise RuntimeError(f"process exited with {proc.returncode} before listening")
+        try:
+            with socket.create_connection((host, port), timeout=1):
+                return
+        except OSError:
+            time.sleep(0.02)
+    raise TimeoutError(f"nothing listening on {host}:{port} after {timeout} s")
+
+
+class FlexnbdProcess:
+    """A running `flexnbd MODE ...` process; stderr goes to a log file."""
+
+    def __init__(self, args: list[str], log_path: Path, env: dict | None = None) -> None:
+        self.args = args
+        self.log_path = log_path
+        self._log = open(log_path, "wb")
+        full_env = dict(os.environ)
+        full_env.update(env or {})
+        self.proc = subprocess.Popen(FLEXNBD + args, stdin=subprocess.DEVNULL,
+                                     stdout=subprocess.DEVNULL, stderr=self._log, env=full_env)
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def log(self) -> str:
+        self._log.flush()
+        return self.log_path.read_text(errors="replace")
+
+    def signal(self, sig: int) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 20.0) -> int:
+        """Signal the process and return its exit status."""
+        self.signal(sig)
+        try:
+            return self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+            raise
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+        self._log.close()
+
+
+class Server(FlexnbdProcess):
+    """`flexnbd serve` on 127.0.0.1 and an ephemeral port, ready when constructed."""
+
+    def __init__(self, file: Path, log_path: Path, extra: list[str] = (),
+                 env: dict | None = None, mode: str = "serve") -> None:
+        self.port = free_port()
+        self.file = file
+        super().__init__([mode, "--addr", "127.0.0.1", "--port", str(self.port),
+                          "--file", str(file), "-v", *extra], log_path, env)
+        try:
+            wait_for_port(self.port, self.proc)
+        except BaseException:
+            self.kill()
+            raise
+
+    @property
+    def uri(self) -> str:
+        return f"nbd://127.0.0.1:{self.port}"
+
+
+@pytest.fixture
+def make_file(tmp_path):
+    """make_file(size, data=None, name=...) -> Path: a file of `size` bytes (random when
+    data is None and random=True, else zeros / the given bytes)."""
+    counter = [0]
+
+    def make(size: int = 1 << 20, data: bytes | None = None, random: bool = True,
+             name: str | None = None) -> Path:
+        counter[0] += 1
+        path = tmp_path / (name or f"disk{counter[0]}.img")
+        with open(path, "wb") as f:
+            if data is not None:
+                f.write(data)
+            elif random:
+                f.write(os.urandom(size))
+            else:
+                f.truncate(size)
+        return path
+    return make
+
+
+@pytest.fixture
+def serve(tmp_path):
+    """serve(file, *extra_args, env=None) -> Server; every server is killed afterwards."""
+    started: list[FlexnbdProcess] = []
+
+    def start(file: Path, *extra: str, env: dict | None = None, mode: str = "serve") -> Server:
+        server = Server(file, tmp_path / f"server{len(started)}.log", list(extra), env, mode)
+        started.append(server)
+        return server
+    yield start
+    for server in started:
+        server.kill()
+
+
+@pytest.fixture
+def run_flexnbd():
+    """run_flexnbd(*args, input=None, timeout=60) -> CompletedProcess (bytes)."""
+    def run(*args: str, input: bytes | None = None, timeout: float = 60,
+            env: dict | None = None) -> subprocess.CompletedProcess:
+        full_env = dict(os.environ)
+        full_env.update(env or {})
+        return subprocess.run(FLEXNBD + list(args), input=input, capture_output=True,
+                              timeout=timeout, env=full_env)
+    return run
