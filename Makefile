@@ -15,7 +15,7 @@ install: $(PY)
 
 # Recompile the extensions in place after editing a .pyx.
 build: $(PY)
-	$(PY) setup.py -q build_ext --inplace
+	$(PY) -m pip install -q --no-deps -e .
 
 test: install
 	$(PY) -m pytest tests
@@ -33,7 +33,7 @@ wheel: $(PY)
 	$(PY) -m pip wheel --no-deps -w dist .
 
 annotate: $(PY)
-	FLEXNBD_DEBUG_BUILD=1 $(PY) setup.py -q build_ext --inplace
+	FLEXNBD_DEBUG_BUILD=1 $(PY) -m pip install -q --no-deps -e .
 
 clean:
 	rm -rf build dist wheelhouse *.egg-info flexnbd/*.so flexnbd/*.c flexnbd/*.html

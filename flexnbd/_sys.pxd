@@ -133,3 +133,14 @@ cdef extern from "<sys/eventfd.h>" nogil:
     enum:
         EFD_CLOEXEC
         EFD_NONBLOCK
+
+cdef extern from "<fcntl.h>" nogil:
+    ssize_t splice(int fd_in, off_t *off_in, int fd_out, off_t *off_out, size_t n,
+                   unsigned int flags)
+    int pipe2(int fds[2], int flags)
+    int fcntl(int fd, int cmd, ...)
+    enum:
+        SPLICE_F_MOVE
+        SPLICE_F_MORE
+        F_SETPIPE_SZ
+        O_CLOEXEC
