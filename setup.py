@@ -23,7 +23,7 @@ extensions = [
         define_macros=macros,
         extra_compile_args=cflags,
     )
-    for name in ("_core",)
+    for name in ("_allocmap", "_core")
 ]
 
 setup(

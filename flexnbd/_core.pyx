@@ -17,6 +17,7 @@ from collections import namedtuple
 
 from libc.stdint cimport int64_t, uint16_t, uint32_t, uint64_t
 
+from flexnbd._allocmap cimport *
 from flexnbd._sys cimport *
 from flexnbd._wire cimport *
 
@@ -107,7 +108,7 @@ cdef int validate(const request_t *r, const limits_t *lim) noexcept nogil:
         return NBD_EPERM
     if (cmd == CMD_READ or cmd == CMD_WRITE) and r.length > MAX_PAYLOAD:
         return NBD_EINVAL
-    if cmd == CMD_BLOCK_STATUS and not lim.meta_context:
+    if cmd == CMD_BLOCK_STATUS and (not lim.meta_context or r.length == 0):
         return NBD_EINVAL
     if not in_range(r.offset, r.length, lim.size):
         if cmd == CMD_WRITE or cmd == CMD_WRITE_ZEROES:
@@ -170,6 +171,7 @@ cdef struct export_t:
     int read_only
     int can_punch            # fallocate PUNCH_HOLE works (learned; 0 once it failed)
     int can_zero_range       # fallocate ZERO_RANGE works (learned; 0 once it failed)
+    amap_t *amap             # the allocation map, or NULL
 
 
 cdef class Export:
@@ -177,14 +179,18 @@ cdef class Export:
 
     cdef export_t ex
     cdef readonly object path
+    cdef readonly AllocationMap allocmap
 
-    def __cinit__(self, int fd, uint64_t size, bint read_only, path):
+    def __cinit__(self, int fd, uint64_t size, bint read_only, path,
+                  AllocationMap allocmap=None):
         self.ex.fd = fd
         self.ex.size = size
         self.ex.read_only = read_only
         self.path = path
         self.ex.can_punch = probe_punch(fd)
         self.ex.can_zero_range = 1
+        self.allocmap = allocmap
+        self.ex.amap = &allocmap.m if allocmap is not None else NULL
 
     @property
     def size(self):
@@ -470,30 +476,11 @@ cdef int read_small(conn_t *c, const request_t *r) noexcept nogil:
     return 0
 
 
-cdef int do_read(conn_t *c, const request_t *r) noexcept nogil:
-    """Header, then sendfile. 0, or a Reason ending the connection."""
-    cdef char h[CHUNK_HEADER_SIZE + 8]
-    cdef uint64_t u64
-    cdef off_t off = <off_t>r.offset
-    cdef size_t left = r.length
+cdef int send_file_range(conn_t *c, uint64_t offset, size_t left) noexcept nogil:
+    """Send what is queued (held back with MSG_MORE), then the file range with sendfile.
+    0, or a Reason ending the connection."""
+    cdef off_t off = <off_t>offset
     cdef ssize_t k
-    if c.lim.structured:
-        if r.length == 0:
-            chunk_header(h, r, REPLY_FLAG_DONE, REPLY_TYPE_NONE, 0)
-            return 0 if queue_out(c, h, CHUNK_HEADER_SIZE) == 0 else REASON_VANISHED
-        chunk_header(h, r, REPLY_FLAG_DONE, REPLY_TYPE_OFFSET_DATA, r.length + 8)
-        u64 = htobe64(r.offset)
-        memcpy(h + CHUNK_HEADER_SIZE, &u64, 8)
-        if queue_out(c, h, CHUNK_HEADER_SIZE + 8) < 0:
-            c.err = errno
-            return REASON_VANISHED
-    elif reply_simple(c, r, 0) < 0:
-        c.err = errno
-        return REASON_VANISHED
-    if left == 0:
-        return 0
-    if left <= SMALL_READ:
-        return read_small(c, r)
     if flush_out(c, 1) < 0:
         c.err = errno
         return REASON_VANISHED
@@ -512,6 +499,172 @@ cdef int do_read(conn_t *c, const request_t *r) noexcept nogil:
             return REASON_IO_FATAL
         left -= k
     return 0
+
+
+cdef int has_hole(conn_t *c, const request_t *r) noexcept nogil:
+    return c.ex.amap != NULL and not amap_all_allocated(c.ex.amap, r.offset, r.length)
+
+
+cdef int do_read(conn_t *c, const request_t *r) noexcept nogil:
+    """Header, then sendfile (or pread for small reads). 0, or a Reason ending the
+    connection. With structured replies, holes go as OFFSET_HOLE chunks."""
+    cdef char h[CHUNK_HEADER_SIZE + 8]
+    cdef uint64_t u64
+    if c.lim.structured:
+        if r.length == 0:
+            chunk_header(h, r, REPLY_FLAG_DONE, REPLY_TYPE_NONE, 0)
+            return 0 if queue_out(c, h, CHUNK_HEADER_SIZE) == 0 else REASON_VANISHED
+        if not (r.flags & CMD_FLAG_DF) and has_hole(c, r):
+            return read_chunked(c, r)
+        chunk_header(h, r, REPLY_FLAG_DONE, REPLY_TYPE_OFFSET_DATA, r.length + 8)
+        u64 = htobe64(r.offset)
+        memcpy(h + CHUNK_HEADER_SIZE, &u64, 8)
+        if queue_out(c, h, CHUNK_HEADER_SIZE + 8) < 0:
+            c.err = errno
+            return REASON_VANISHED
+    elif reply_simple(c, r, 0) < 0:
+        c.err = errno
+        return REASON_VANISHED
+    if r.length == 0:
+        return 0
+    if r.length <= SMALL_READ:
+        return read_small(c, r)
+    return send_file_range(c, r.offset, r.length)
+
+
+cdef int read_chunked(conn_t *c, const request_t *r) noexcept nogil:
+    """A structured READ as OFFSET_DATA chunks for data and OFFSET_HOLE chunks for holes.
+    An I/O error once chunks are out cannot be reported cleanly: it ends the connection."""
+    cdef char h[CHUNK_HEADER_SIZE + 12]
+    cdef uint64_t offset = r.offset
+    cdef uint64_t left = r.length
+    cdef uint64_t n, u64
+    cdef uint32_t u32
+    cdef int allocated, rc
+    cdef ssize_t k
+    cdef size_t got
+    while left > 0:
+        n = amap_run(c.ex.amap, offset, left, &allocated)
+        if n == 0 or n > left:
+            n = left
+        u64 = htobe64(offset)
+        if not allocated:
+            chunk_header(h, r, REPLY_FLAG_DONE if n == left else 0, REPLY_TYPE_OFFSET_HOLE, 12)
+            memcpy(h + CHUNK_HEADER_SIZE, &u64, 8)
+            u32 = htobe32(<uint32_t>n)
+            memcpy(h + CHUNK_HEADER_SIZE + 8, &u32, 4)
+            if queue_out(c, h, CHUNK_HEADER_SIZE + 12) < 0:
+                c.err = errno
+                return REASON_VANISHED
+        else:
+            chunk_header(h, r, REPLY_FLAG_DONE if n == left else 0, REPLY_TYPE_OFFSET_DATA,
+                         <uint32_t>(n + 8))
+            memcpy(h + CHUNK_HEADER_SIZE, &u64, 8)
+            if queue_out(c, h, CHUNK_HEADER_SIZE + 8) < 0:
+                c.err = errno
+                return REASON_VANISHED
+            if n <= SMALL_READ and c.out_len + n <= OUTBUF_SIZE:
+                got = 0
+                while got < n:
+                    k = pread(c.ex.fd, c.outbuf + c.out_len + got, n - got,
+                              <off_t>(offset + got))
+                    if k < 0 and errno == EINTR:
+                        continue
+                    if k <= 0:
+                        c.err = errno if k < 0 else EIO
+                        return REASON_IO_FATAL
+                    got += k
+                c.out_len += got
+            else:
+                rc = send_file_range(c, offset, n)
+                if rc:
+                    return rc
+        offset += n
+        left -= n
+    return 0
+
+
+# At most this many extents in one BLOCK_STATUS reply (the client asks again for the rest).
+DEF MAX_EXTENTS = 1024
+
+
+cdef int do_block_status(conn_t *c, const request_t *r) noexcept nogil:
+    """base:allocation extents from the map: 0 for data, HOLE|ZERO for holes."""
+    cdef char h[CHUNK_HEADER_SIZE + 4]
+    cdef uint32_t ext[2]
+    cdef uint64_t offset = r.offset
+    cdef uint64_t left = r.length
+    cdef uint64_t n
+    cdef int allocated
+    cdef uint32_t count = 0
+    cdef size_t start
+    if queue_out(c, h, CHUNK_HEADER_SIZE + 4) < 0:     # room for the header, filled below
+        return -1
+    start = c.out_len - (CHUNK_HEADER_SIZE + 4)
+    while left > 0 and count < MAX_EXTENTS:
+        if c.ex.amap != NULL:
+            n = amap_run(c.ex.amap, offset, left, &allocated)
+        else:
+            n, allocated = left, 1
+        if n == 0 or n > left:
+            n = left
+        ext[0] = htobe32(<uint32_t>n)
+        ext[1] = htobe32(0 if allocated else (STATE_HOLE | STATE_ZERO))
+        if c.out_len + 8 > OUTBUF_SIZE:
+            break
+        memcpy(c.outbuf + c.out_len, ext, 8)
+        c.out_len += 8
+        count += 1
+        offset += n
+        left -= n
+        if r.flags & CMD_FLAG_REQ_ONE:
+            break
+    chunk_header(c.outbuf + start, r, REPLY_FLAG_DONE, REPLY_TYPE_BLOCK_STATUS, 4 + 8 * count)
+    ext[0] = htobe32(BASE_ALLOCATION_ID)
+    memcpy(c.outbuf + start + CHUNK_HEADER_SIZE, ext, 4)
+    return 0
+
+
+cdef inline int is_zero_block(const char *p) noexcept nogil:
+    cdef const uint64_t *w = <const uint64_t *>p
+    cdef int i
+    for i in range(BLOCK_SIZE // 8):
+        if w[i]:
+            return 0
+    return 1
+
+
+cdef int write_data(conn_t *c, const char *p, size_t n, uint64_t offset, int fua) noexcept nogil:
+    """Write client data: whole 4 KiB blocks that are all zero and land on holes are skipped
+    (the file stays sparse); the blocks written are marked allocated. 0 or an errno."""
+    cdef amap_t *m = c.ex.amap
+    cdef size_t pos = 0, run = 0, step
+    cdef uint64_t at
+    cdef int rc = 0
+    if m == NULL:
+        return write_range(c, p, n, offset, fua)
+    amap_read_lock(m)
+    if amap_all_allocated(m, offset, n):
+        amap_mark(m, offset, n)
+        rc = write_range(c, p, n, offset, fua)
+    else:
+        while pos < n and rc == 0:
+            at = offset + pos
+            step = BLOCK_SIZE - (at & (BLOCK_SIZE - 1))
+            if step == BLOCK_SIZE and pos + BLOCK_SIZE <= n and \
+                    not amap_block(m, at >> BLOCK_SHIFT) and is_zero_block(p + pos):
+                if pos > run:
+                    amap_mark(m, offset + run, pos - run)
+                    rc = write_range(c, p + run, pos - run, offset + run, fua)
+                pos += BLOCK_SIZE
+                run = pos
+                continue
+            pos = pos + step if pos + step < n else n
+        if rc == 0 and pos > run:
+            amap_mark(m, offset + run, pos - run)
+            rc = write_range(c, p + run, pos - run, offset + run, fua)
+    amap_unlock(m)
+    return rc
 
 
 cdef int write_range(conn_t *c, const char *p, size_t n, uint64_t offset, int fua) noexcept nogil:
@@ -559,6 +712,9 @@ cdef int splice_to_file(conn_t *c, size_t n, uint64_t offset, int *io_err) noexc
         if k == 0:
             return REASON_VANISHED
         n -= k
+        if c.ex.amap != NULL:
+            amap_read_lock(c.ex.amap)
+            amap_mark(c.ex.amap, <uint64_t>off, <uint64_t>k)
         while k > 0:
             if io_err[0]:
                 w = read(c.pipe_r, c.buf, <size_t>k)       # drain what the file refused
@@ -569,6 +725,8 @@ cdef int splice_to_file(conn_t *c, size_t n, uint64_t offset, int *io_err) noexc
                     continue
                 if io_err[0]:
                     c.err = errno
+                    if c.ex.amap != NULL:
+                        amap_unlock(c.ex.amap)
                     return REASON_SOCKET_ERROR
                 io_err[0] = errno
                 continue
@@ -576,6 +734,8 @@ cdef int splice_to_file(conn_t *c, size_t n, uint64_t offset, int *io_err) noexc
                 io_err[0] = ENOSPC
                 continue
             k -= w
+        if c.ex.amap != NULL:
+            amap_unlock(c.ex.amap)
     return 0
 
 
@@ -602,21 +762,26 @@ cdef int do_write(conn_t *c, const request_t *r, int error) noexcept nogil:
                 return REASON_VANISHED if rc == REASON_CLOSED else rc
             n = <size_t>left
             if not error and not io_err:
-                io_err = write_range(c, c.inbuf + c.in_pos, n, offset, fua)
+                io_err = write_data(c, c.inbuf + c.in_pos, n, offset, fua)
             c.in_pos += n
-        elif c.pipe_r >= 0 and not fua and not error and not io_err and c.in_pos == c.in_len:
-            # Large: splice socket -> pipe -> file, one copy fewer than recv + pwrite.
-            n = BUF_SIZE if left > BUF_SIZE else <size_t>left
-            rc = splice_to_file(c, n, offset, &io_err)
-            if rc:
-                return rc
         else:
-            n = BUF_SIZE if left > BUF_SIZE else <size_t>left
-            rc = recv_exact(c, c.buf, n)
-            if rc:
-                return rc
-            if not error and not io_err:
-                io_err = write_range(c, c.buf, n, offset, fua)
+            # Large: in chunks that end on block boundaries, so zero blocks can be seen whole.
+            n = BUF_SIZE - (offset & (BLOCK_SIZE - 1))
+            if n > left:
+                n = <size_t>left
+            if c.pipe_r >= 0 and not fua and not error and not io_err and \
+                    c.in_pos == c.in_len and (c.ex.amap == NULL or
+                                              amap_all_allocated(c.ex.amap, offset, n)):
+                # Onto allocated space: splice socket -> pipe -> file, one copy fewer.
+                rc = splice_to_file(c, n, offset, &io_err)
+                if rc:
+                    return rc
+            else:
+                rc = recv_exact(c, c.buf, n)
+                if rc:
+                    return rc
+                if not error and not io_err:
+                    io_err = write_data(c, c.buf, n, offset, fua)
         left -= n
         offset += n
     if io_err:
@@ -628,16 +793,45 @@ cdef int do_write(conn_t *c, const request_t *r, int error) noexcept nogil:
 cdef int zero_range(conn_t *c, uint64_t offset, uint64_t length, uint16_t flags) noexcept nogil:
     """WRITE_ZEROES: punch unless NO_HOLE; else ZERO_RANGE; else write zeroes. 0 or errno
     (ENOTSUP for FAST_ZERO when only writing zeroes would do)."""
-    cdef int mode
     cdef size_t n
     cdef int rc
     if not (flags & CMD_FLAG_NO_HOLE) and c.ex.can_punch:
-        if fallocate(c.ex.fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE,
-                     <off_t>offset, <off_t>length) == 0:
-            return 0
-        if errno != EOPNOTSUPP:
-            return errno
-        c.ex.can_punch = 0
+        rc = punch_hole(c, offset, length)
+        if rc != EOPNOTSUPP:
+            return rc
+    if c.ex.amap != NULL:
+        amap_read_lock(c.ex.amap)
+        amap_mark(c.ex.amap, offset, length)
+    rc = zero_allocated(c, offset, length, flags)
+    if c.ex.amap != NULL:
+        amap_unlock(c.ex.amap)
+    return rc
+
+
+cdef int punch_hole(conn_t *c, uint64_t offset, uint64_t length) noexcept nogil:
+    """fallocate(PUNCH_HOLE) and clear the whole blocks inside from the map, atomically with
+    respect to writes. 0 or errno (EOPNOTSUPP: the file system cannot punch)."""
+    cdef int rc = 0
+    if c.ex.amap != NULL:
+        amap_write_lock(c.ex.amap)
+    if fallocate(c.ex.fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE,
+                 <off_t>offset, <off_t>length) == 0:
+        if c.ex.amap != NULL:
+            amap_clear(c.ex.amap, offset, length)
+    else:
+        rc = errno
+        if rc == EOPNOTSUPP:
+            c.ex.can_punch = 0
+    if c.ex.amap != NULL:
+        amap_unlock(c.ex.amap)
+    return rc
+
+
+cdef int zero_allocated(conn_t *c, uint64_t offset, uint64_t length,
+                        uint16_t flags) noexcept nogil:
+    """Zero a range without punching: ZERO_RANGE, else write zeroes (not for FAST_ZERO)."""
+    cdef size_t n
+    cdef int rc
     if c.ex.can_zero_range:
         if fallocate(c.ex.fd, FALLOC_FL_ZERO_RANGE | FALLOC_FL_KEEP_SIZE,
                      <off_t>offset, <off_t>length) == 0:
@@ -667,12 +861,9 @@ cdef int do_command(conn_t *c, const request_t *r) noexcept nogil:
             e = errno
     elif cmd == CMD_TRIM:
         if r.length and c.ex.can_punch:
-            if fallocate(c.ex.fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE,
-                         <off_t>r.offset, <off_t>r.length) < 0:
-                if errno == EOPNOTSUPP:
-                    c.ex.can_punch = 0   # TRIM is advisory: nothing to do then
-                else:
-                    e = errno
+            e = punch_hole(c, r.offset, r.length)
+            if e == EOPNOTSUPP:
+                e = 0                    # TRIM is advisory: nothing to do then
     elif cmd == CMD_WRITE_ZEROES:
         if r.length:
             e = zero_range(c, r.offset, r.length, r.flags)
@@ -747,6 +938,8 @@ cdef int serve_loop(conn_t *c) noexcept nogil:
             rc = do_read(c, &r)
             if rc:
                 return rc
+        elif r.type == CMD_BLOCK_STATUS:
+            rc = do_block_status(c, &r)
         else:
             rc = reply_simple(c, &r, do_command(c, &r))
         if rc < 0:

@@ -23,6 +23,7 @@ cdef extern from "<errno.h>" nogil:
         EFBIG
         EDQUOT
         EROFS
+        ENOMEM
 
 cdef extern from "<string.h>" nogil:
     void *memcpy(void *dst, const void *src, size_t n)
@@ -144,3 +145,46 @@ cdef extern from "<fcntl.h>" nogil:
         SPLICE_F_MORE
         F_SETPIPE_SZ
         O_CLOEXEC
+
+cdef extern from "<sys/ioctl.h>" nogil:
+    int ioctl(int fd, unsigned long request, ...)
+
+cdef extern from "<linux/fs.h>" nogil:
+    enum:
+        FS_IOC_FIEMAP
+
+cdef extern from "<linux/fiemap.h>" nogil:
+    struct fiemap_extent:
+        uint64_t fe_logical
+        uint64_t fe_physical
+        uint64_t fe_length
+        uint32_t fe_flags
+    struct fiemap:
+        uint64_t fm_start
+        uint64_t fm_length
+        uint32_t fm_flags
+        uint32_t fm_mapped_extents
+        uint32_t fm_extent_count
+        fiemap_extent fm_extents[1]
+    enum:
+        FIEMAP_FLAG_SYNC
+        FIEMAP_EXTENT_LAST
+    const uint64_t FIEMAP_MAX_OFFSET
+
+cdef extern from "<pthread.h>" nogil:
+    ctypedef struct pthread_rwlock_t:
+        pass
+    ctypedef struct pthread_rwlockattr_t:
+        pass
+    int pthread_rwlock_init(pthread_rwlock_t *lock, const pthread_rwlockattr_t *attr)
+    int pthread_rwlock_destroy(pthread_rwlock_t *lock)
+    int pthread_rwlock_rdlock(pthread_rwlock_t *lock)
+    int pthread_rwlock_wrlock(pthread_rwlock_t *lock)
+    int pthread_rwlock_unlock(pthread_rwlock_t *lock)
+    int pthread_rwlockattr_init(pthread_rwlockattr_t *attr)
+    int pthread_rwlockattr_setkind_np(pthread_rwlockattr_t *attr, int pref)
+    enum:
+        PTHREAD_RWLOCK_PREFER_WRITER_NONRECURSIVE_NP
+
+cdef extern from "<unistd.h>" nogil:
+    int usleep(unsigned int usec)

@@ -106,6 +106,9 @@ cdef enum:
     INFO_DESCRIPTION = 2
     INFO_BLOCK_SIZE = 3
 
+    # The id flexnbd gives the base:allocation meta context.
+    BASE_ALLOCATION_ID = 1
+
     # base:allocation extent flags.
     STATE_HOLE = 1 << 0
     STATE_ZERO = 1 << 1

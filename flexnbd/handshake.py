@@ -40,6 +40,7 @@ class ExportInfo:
     size: int
     read_only: bool = False
     can_fast_zero: bool = False
+    block_status: bool = True     # offer the base:allocation meta context
 
     def transmission_flags(self, structured: bool) -> int:
         flags = (wire.FLAG_HAS_FLAGS | wire.FLAG_SEND_FLUSH | wire.FLAG_SEND_FUA
@@ -135,6 +136,8 @@ class _Options:
                 else:
                     self.reply(option, wire.REP_SERVER, struct.pack(">I", 0))
                     self.reply(option, wire.REP_ACK)
+            elif option in (wire.OPT_LIST_META_CONTEXT, wire.OPT_SET_META_CONTEXT):
+                self.meta_context(option, data)
             elif option == wire.OPT_STRUCTURED_REPLY:
                 if data:
                     self.error(option, wire.REP_ERR_INVALID, "STRUCTURED_REPLY takes no data")
@@ -144,6 +147,27 @@ class _Options:
             else:
                 self.error(option, wire.REP_ERR_UNSUP, f"option {option} is not supported")
         raise HandshakeError(f"more than {MAX_OPTIONS} options")
+
+    def meta_context(self, option: int, data: bytes) -> None:
+        """LIST_META_CONTEXT / SET_META_CONTEXT: base:allocation is the only context."""
+        queries = _parse_meta_request(data)
+        if queries is None:
+            self.error(option, wire.REP_ERR_INVALID, "malformed meta context request")
+            return
+        setting = option == wire.OPT_SET_META_CONTEXT
+        if setting and not self.agreed.structured:
+            self.error(option, wire.REP_ERR_INVALID, "negotiate structured replies first")
+            return
+        wanted = [wire.BASE_ALLOCATION] if setting else [wire.BASE_ALLOCATION, b"base:"]
+        match = self.export.block_status and (
+            any(q in wanted for q in queries) or (not setting and not queries))
+        if match:
+            context_id = wire.BASE_ALLOCATION_ID if setting else 0
+            self.reply(option, wire.REP_META_CONTEXT,
+                       struct.pack(">I", context_id) + wire.BASE_ALLOCATION)
+        if setting:
+            self.agreed.meta_context = bool(match)
+        self.reply(option, wire.REP_ACK)
 
     def info(self, option: int, data: bytes) -> bool:
         """INFO or GO. True when GO succeeded (transmission starts)."""
@@ -166,6 +190,29 @@ class _Options:
             self.agreed.export_name = name
             return True
         return False
+
+
+def _parse_meta_request(data: bytes) -> list[bytes] | None:
+    """name-length u32 · name · count u32 · count × (length u32 · query); None if malformed."""
+    if len(data) < 8:
+        return None
+    (name_len,) = struct.unpack_from(">I", data, 0)
+    pos = 4 + name_len
+    if pos + 4 > len(data):
+        return None
+    (count,) = struct.unpack_from(">I", data, pos)
+    pos += 4
+    queries = []
+    for _ in range(count):
+        if pos + 4 > len(data):
+            return None
+        (length,) = struct.unpack_from(">I", data, pos)
+        pos += 4
+        if pos + length > len(data):
+            return None
+        queries.append(data[pos:pos + length])
+        pos += length
+    return queries if pos == len(data) else None
 
 
 def _parse_info_request(data: bytes) -> tuple[bytes, list[int]] | None:

@@ -11,7 +11,7 @@ import selectors
 import socket
 import threading
 
-from flexnbd import _core, log, sockets
+from flexnbd import _allocmap, _core, log, sockets
 from flexnbd.config import ServeConfig
 from flexnbd.errors import FlexnbdError, HandshakeError, PeerClosed
 from flexnbd.handshake import ExportInfo, serve_handshake
@@ -47,7 +47,9 @@ class Server:
     def __init__(self, config: ServeConfig) -> None:
         self.config = config
         self.fd, self.size = open_export(config.file, config.read_only)
-        self.export = _core.Export(self.fd, self.size, config.read_only, config.file)
+        self.allocmap = _allocmap.AllocationMap(self.size)
+        self.export = _core.Export(self.fd, self.size, config.read_only, config.file,
+                                   self.allocmap)
         self.export_info = ExportInfo(self.size, config.read_only, self.export.can_punch)
         self._stop_fd = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
         self._listeners: list[socket.socket] = []
@@ -73,6 +75,7 @@ class Server:
         self._accept_thread = threading.Thread(target=self._accept_loop, name="accept",
                                                daemon=True)
         self._accept_thread.start()
+        self._start_allocmap_builder()
         where = []
         if cfg.addr is not None:
             where.append(f"{cfg.addr} port {cfg.port}")
@@ -81,6 +84,38 @@ class Server:
         _log.info("serving %s (%d bytes%s, %s handshake) on %s", cfg.file, self.size,
                   ", read-only" if cfg.read_only else "",
                   "oldstyle" if cfg.oldstyle else "newstyle", " and ".join(where))
+
+    def _start_allocmap_builder(self) -> None:
+        """Build the allocation map in the background, after the server serves: on a big file
+        it takes a while, and readiness must not wait for it. Until it is complete the map
+        answers "allocated" everywhere, and writes mark their blocks meanwhile.
+
+        Test knobs: FLEXNBD_ALLOCMAP_METHOD (fiemap|seek|none) forces a method,
+        FLEXNBD_ALLOCMAP_DELAY_MS slows the builder down."""
+        method = os.environ.get("FLEXNBD_ALLOCMAP_METHOD") or None
+        delay_ms = int(os.environ.get("FLEXNBD_ALLOCMAP_DELAY_MS") or 0)
+        fd = os.dup(self.fd)  # the builder may outlive stop(), which closes self.fd
+
+        def build() -> None:
+            started = _core.monotonic_ns()
+            try:
+                chosen = self.allocmap.build(fd, method, delay_ms)
+            except Exception as e:  # noqa: BLE001 - the map stays "all allocated"
+                _log.error("allocation map: build failed: %s", e)
+                return
+            finally:
+                os.close(fd)
+            _log.info("allocation map: built with %s in %.0f ms, %d extents, %d of %d bytes "
+                      "allocated", chosen, (_core.monotonic_ns() - started) / 1e6,
+                      self.allocmap.extents_found, self.allocmap.allocated_bytes(), self.size)
+
+        _log.info("allocation map: building in the background")
+        threading.Thread(target=build, name="allocmap", daemon=True).start()
+
+    @property
+    def allocation_map_method(self) -> str:
+        """fiemap, seek or none once built; pending while building."""
+        return self.allocmap.method
 
     @property
     def port(self) -> int | None:

@@ -93,6 +93,10 @@ INFO_NAME = 1
 INFO_DESCRIPTION = 2
 INFO_BLOCK_SIZE = 3
 
+# The id flexnbd gives the base:allocation meta context, and its name.
+BASE_ALLOCATION_ID = 1
+BASE_ALLOCATION = b"base:allocation"
+
 STATE_HOLE = 1 << 0
 STATE_ZERO = 1 << 1
 

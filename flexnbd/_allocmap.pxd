@@ -1,0 +1,142 @@
+# The allocation map for the compiled code: one bit per 4096-byte block, 1 = allocated (may hold
+# data), 0 = a hole (reads as zeroes). Marking, clearing and asking are inline C on atomic 64-bit
+# words, callable from any number of nogil threads at once.
+
+from libc.stdint cimport uint64_t
+
+from flexnbd._sys cimport pthread_rwlock_t, pthread_rwlock_rdlock, pthread_rwlock_unlock, \
+    pthread_rwlock_wrlock
+
+cdef extern from *:
+    """
+    static inline void flexnbd_or64(unsigned long long *p, unsigned long long v)
+    { __atomic_fetch_or(p, v, __ATOMIC_RELAXED); }
+    static inline void flexnbd_and64(unsigned long long *p, unsigned long long v)
+    { __atomic_fetch_and(p, v, __ATOMIC_RELAXED); }
+    static inline unsigned long long flexnbd_load64(const unsigned long long *p)
+    { return __atomic_load_n(p, __ATOMIC_RELAXED); }
+    static inline int flexnbd_load_acquire(const int *p)
+    { return __atomic_load_n(p, __ATOMIC_ACQUIRE); }
+    static inline void flexnbd_store_release(int *p, int v)
+    { __atomic_store_n(p, v, __ATOMIC_RELEASE); }
+    """
+    void atomic_or64 "flexnbd_or64"(unsigned long long *p, unsigned long long v) nogil
+    void atomic_and64 "flexnbd_and64"(unsigned long long *p, unsigned long long v) nogil
+    unsigned long long atomic_load64 "flexnbd_load64"(const unsigned long long *p) nogil
+    int load_acquire "flexnbd_load_acquire"(const int *p) nogil
+    void store_release "flexnbd_store_release"(int *p, int v) nogil
+
+cdef enum:
+    BLOCK_SHIFT = 12
+    BLOCK_SIZE = 4096
+
+cdef struct amap_t:
+    uint64_t size             # bytes covered
+    uint64_t nblocks
+    unsigned long long *words
+    int complete              # set (release) once the builder has finished
+    # Writes hold it shared around mark + write; punching holds it exclusive around
+    # punch + clear, so a racing write can never end up marked as a hole.
+    pthread_rwlock_t lock
+
+
+cdef inline void amap_set_bits(amap_t *m, uint64_t first, uint64_t last, int value) noexcept nogil:
+    """Set (value=1) or clear blocks first..last-1."""
+    cdef uint64_t w, lo, hi
+    cdef unsigned long long mask
+    while first < last:
+        w = first >> 6
+        lo = first & 63
+        hi = 64 if (last - (first - lo)) >= 64 else last - (first - lo)
+        if lo == 0 and hi == 64:
+            mask = ~<unsigned long long>0
+        else:
+            mask = ((~<unsigned long long>0) >> (64 - (hi - lo))) << lo
+        if value:
+            atomic_or64(&m.words[w], mask)
+        else:
+            atomic_and64(&m.words[w], ~mask)
+        first = (first - lo) + hi
+
+
+cdef inline void amap_mark(amap_t *m, uint64_t offset, uint64_t length) noexcept nogil:
+    """Every block touching [offset, offset+length) is allocated."""
+    if length == 0 or offset >= m.size:
+        return
+    if length > m.size - offset:
+        length = m.size - offset
+    amap_set_bits(m, offset >> BLOCK_SHIFT, (offset + length + BLOCK_SIZE - 1) >> BLOCK_SHIFT, 1)
+
+
+cdef inline void amap_clear(amap_t *m, uint64_t offset, uint64_t length) noexcept nogil:
+    """Whole blocks inside [offset, offset+length) are holes (a partial last block of the
+    export counts as whole when the range reaches the end)."""
+    cdef uint64_t first, last, end
+    if length == 0 or offset >= m.size:
+        return
+    if length > m.size - offset:
+        length = m.size - offset
+    end = offset + length
+    first = (offset + BLOCK_SIZE - 1) >> BLOCK_SHIFT
+    last = (end + BLOCK_SIZE - 1) >> BLOCK_SHIFT if end == m.size else end >> BLOCK_SHIFT
+    if first < last:
+        amap_set_bits(m, first, last, 0)
+
+
+cdef inline int amap_block(amap_t *m, uint64_t block) noexcept nogil:
+    return (atomic_load64(&m.words[block >> 6]) >> (block & 63)) & 1
+
+
+cdef inline uint64_t amap_run(amap_t *m, uint64_t offset, uint64_t length,
+                              int *allocated) noexcept nogil:
+    """How many bytes from offset (at most length) share the state of offset's block; the state
+    goes to allocated[0]. Until the map is complete everything counts as allocated."""
+    cdef uint64_t block, end_block, b, end
+    cdef unsigned long long word, want
+    cdef int state
+    if length == 0:
+        allocated[0] = 1
+        return 0
+    if not load_acquire(&m.complete) or offset >= m.size:
+        allocated[0] = 1
+        return length
+    end = offset + length if length <= m.size - offset else m.size
+    block = offset >> BLOCK_SHIFT
+    end_block = (end + BLOCK_SIZE - 1) >> BLOCK_SHIFT
+    state = amap_block(m, block)
+    want = ~<unsigned long long>0 if state else 0
+    b = block + 1
+    while b < end_block:
+        if (b & 63) == 0 and b + 64 <= end_block and atomic_load64(&m.words[b >> 6]) == want:
+            b += 64
+            continue
+        if amap_block(m, b) != state:
+            break
+        b += 1
+    allocated[0] = state
+    if (b << BLOCK_SHIFT) >= end:
+        return end - offset if end - offset <= length else length
+    return (b << BLOCK_SHIFT) - offset
+
+
+cdef inline int amap_all_allocated(amap_t *m, uint64_t offset, uint64_t length) noexcept nogil:
+    cdef int allocated
+    return amap_run(m, offset, length, &allocated) >= length and allocated
+
+
+cdef inline void amap_write_lock(amap_t *m) noexcept nogil:
+    pthread_rwlock_wrlock(&m.lock)
+
+
+cdef inline void amap_read_lock(amap_t *m) noexcept nogil:
+    pthread_rwlock_rdlock(&m.lock)
+
+
+cdef inline void amap_unlock(amap_t *m) noexcept nogil:
+    pthread_rwlock_unlock(&m.lock)
+
+
+cdef class AllocationMap:
+    cdef amap_t m
+    cdef readonly str method
+    cdef readonly object extents_found

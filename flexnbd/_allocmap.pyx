@@ -1,0 +1,189 @@
+# cython: language_level=3
+"""The allocation map: which 4096-byte blocks of the export may hold data.
+
+Built from FS_IOC_FIEMAP (in windows, with FIEMAP_FLAG_SYNC so delayed allocations show);
+where the file system refuses FIEMAP, from lseek SEEK_DATA/SEEK_HOLE (ENXIO: the rest is a
+hole); where both fail, everything counts as allocated. The method is probed once and kept.
+
+The builder only ever sets bits, and every write marks its blocks itself, so writes that land
+while the map is being built end up marked whatever the interleaving. Until the build is
+complete, questions about the map answer "allocated" (see amap_run in the .pxd).
+"""
+
+from libc.stdint cimport uint64_t
+
+from flexnbd._sys cimport *
+
+import os
+
+DEF FIEMAP_WINDOW = 512          # extents asked for per ioctl
+
+METHODS = ("fiemap", "seek", "none")
+
+
+cdef int build_fiemap(amap_t *m, int fd, int delay_ms, uint64_t *count) noexcept nogil:
+    """0 when built, else the errno that made FIEMAP unusable (before anything was marked)."""
+    cdef size_t bufsize = sizeof(fiemap) + FIEMAP_WINDOW * sizeof(fiemap_extent)
+    cdef fiemap *fm = <fiemap *>calloc(1, bufsize)
+    cdef uint64_t start = 0
+    cdef uint32_t i
+    cdef fiemap_extent *e
+    cdef int first = 1
+    cdef int done = 0
+    cdef int err
+    if fm == NULL:
+        return ENOMEM
+    while not done and start < m.size:
+        memset(fm, 0, bufsize)
+        fm.fm_start = start
+        fm.fm_length = FIEMAP_MAX_OFFSET - start
+        fm.fm_flags = FIEMAP_FLAG_SYNC
+        fm.fm_extent_count = FIEMAP_WINDOW
+        if ioctl(fd, FS_IOC_FIEMAP, fm) < 0:
+            err = errno
+            free(fm)
+            if first:
+                return err if err else EIO
+            # Failing half-way: what is not known yet must count as allocated.
+            amap_mark(m, start, m.size - start)
+            return 0
+        first = 0
+        if fm.fm_mapped_extents == 0:
+            break
+        for i in range(fm.fm_mapped_extents):
+            e = &fm.fm_extents[i]
+            amap_mark(m, e.fe_logical, e.fe_length)
+            count[0] += 1
+            if e.fe_flags & FIEMAP_EXTENT_LAST:
+                done = 1
+        e = &fm.fm_extents[fm.fm_mapped_extents - 1]
+        if e.fe_logical + e.fe_length <= start:
+            break
+        start = e.fe_logical + e.fe_length
+        if delay_ms:
+            usleep(delay_ms * 1000)
+    free(fm)
+    return 0
+
+
+cdef int build_seek(amap_t *m, int fd, int delay_ms, uint64_t *count) noexcept nogil:
+    """0 when built, else the errno that made SEEK_DATA unusable (before anything was marked)."""
+    cdef off_t pos = 0
+    cdef off_t data, hole
+    cdef int first = 1
+    while <uint64_t>pos < m.size:
+        data = lseek(fd, pos, SEEK_DATA)
+        if data < 0:
+            if errno == ENXIO:
+                return 0            # the rest is a hole
+            if first:
+                return errno
+            amap_mark(m, pos, m.size - pos)
+            return 0
+        first = 0
+        hole = lseek(fd, data, SEEK_HOLE)
+        if hole < 0:
+            amap_mark(m, data, m.size - data)
+            return 0
+        amap_mark(m, data, hole - data)
+        count[0] += 1
+        pos = hole
+        if delay_ms:
+            usleep(delay_ms * 1000)
+    return 0
+
+
+cdef class AllocationMap:
+    """One bit per block for ``size`` bytes; starts empty and incomplete."""
+
+    def __cinit__(self, uint64_t size):
+        cdef pthread_rwlockattr_t attr
+        self.m.size = size
+        self.m.nblocks = (size + BLOCK_SIZE - 1) >> BLOCK_SHIFT
+        self.m.words = <unsigned long long *>calloc((self.m.nblocks + 63) // 64 + 1, 8)
+        if self.m.words == NULL:
+            raise MemoryError()
+        pthread_rwlockattr_init(&attr)
+        pthread_rwlockattr_setkind_np(&attr, PTHREAD_RWLOCK_PREFER_WRITER_NONRECURSIVE_NP)
+        pthread_rwlock_init(&self.m.lock, &attr)
+        self.method = "pending"
+        self.extents_found = 0
+
+    def __dealloc__(self):
+        pthread_rwlock_destroy(&self.m.lock)
+        free(self.m.words)
+
+    def build(self, int fd, str method=None, int delay_ms=0):
+        """Build the map from the file (blocking, without the GIL). ``method`` forces a
+        method (a test knob: "seek" or "none" pretend the better ones are refused);
+        ``delay_ms`` sleeps after every window (a test knob to slow the builder down)."""
+        cdef uint64_t count = 0
+        cdef int err = ENOTSUP
+        if method not in (None,) + METHODS:
+            raise ValueError(f"unknown allocation map method {method!r}")
+        chosen = "none"
+        if method in (None, "fiemap"):
+            with nogil:
+                err = build_fiemap(&self.m, fd, delay_ms, &count)
+            if err == 0:
+                chosen = "fiemap"
+        if err and method in (None, "fiemap", "seek"):
+            with nogil:
+                err = build_seek(&self.m, fd, delay_ms, &count)
+            if err == 0:
+                chosen = "seek"
+        if err:
+            amap_mark(&self.m, 0, self.m.size)
+        self.method = chosen
+        self.extents_found = count
+        store_release(&self.m.complete, 1)
+        return chosen
+
+    @property
+    def complete(self):
+        return bool(load_acquire(&self.m.complete))
+
+    @property
+    def size(self):
+        return self.m.size
+
+    def mark(self, uint64_t offset, uint64_t length):
+        amap_mark(&self.m, offset, length)
+
+    def clear(self, uint64_t offset, uint64_t length):
+        amap_clear(&self.m, offset, length)
+
+    def is_allocated(self, uint64_t offset, uint64_t length=1):
+        """Whether any block touching the range is allocated (True until complete)."""
+        cdef int allocated
+        cdef uint64_t n
+        while length:
+            n = amap_run(&self.m, offset, length, &allocated)
+            if allocated or n == 0:
+                return True
+            offset += n
+            length -= n
+        return False
+
+    def extents(self, uint64_t offset=0, length=None):
+        """[(offset, length, allocated)] runs covering the range, for tests and tools."""
+        cdef int allocated
+        cdef uint64_t n
+        cdef uint64_t left = self.m.size - offset if length is None else length
+        out = []
+        while left:
+            n = amap_run(&self.m, offset, left, &allocated)
+            if n == 0:
+                break
+            # (no negative indexing: the extensions are built with wraparound off)
+            if out and out[len(out) - 1][2] == bool(allocated):
+                start, length_so_far, state = out.pop()
+                out.append((start, length_so_far + n, state))
+            else:
+                out.append((offset, n, bool(allocated)))
+            offset += n
+            left -= n
+        return out
+
+    def allocated_bytes(self):
+        return sum(n for _, n, a in self.extents() if a)
