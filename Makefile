@@ -23,7 +23,7 @@ test: install
 lint: install
 	$(PY) -m ruff check flexnbd tests benchmarks
 	$(PY) -m mypy
-	$(VENV)/bin/cython-lint flexnbd
+	PATH=$(VENV)/bin:$$PATH cython-lint flexnbd
 	$(VENV)/bin/lint-imports
 
 bench: install

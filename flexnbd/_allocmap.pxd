@@ -92,7 +92,7 @@ cdef inline uint64_t amap_run(amap_t *m, uint64_t offset, uint64_t length,
     """How many bytes from offset (at most length) share the state of offset's block; the state
     goes to allocated[0]. Until the map is complete everything counts as allocated."""
     cdef uint64_t block, end_block, b, end
-    cdef unsigned long long word, want
+    cdef unsigned long long want
     cdef int state
     if length == 0:
         allocated[0] = 1

@@ -14,7 +14,6 @@ from libc.stdint cimport uint64_t
 
 from flexnbd._sys cimport *
 
-import os
 
 DEF FIEMAP_WINDOW = 512          # extents asked for per ioctl
 

@@ -793,7 +793,6 @@ cdef int do_write(conn_t *c, const request_t *r, int error) noexcept nogil:
 cdef int zero_range(conn_t *c, uint64_t offset, uint64_t length, uint16_t flags) noexcept nogil:
     """WRITE_ZEROES: punch unless NO_HOLE; else ZERO_RANGE; else write zeroes. 0 or errno
     (ENOTSUP for FAST_ZERO when only writing zeroes would do)."""
-    cdef size_t n
     cdef int rc
     if not (flags & CMD_FLAG_NO_HOLE) and c.ex.can_punch:
         rc = punch_hole(c, offset, length)

@@ -1,0 +1,60 @@
+"""Type stubs for the compiled hot path (flexnbd/_core.pyx)."""
+
+import enum
+from typing import NamedTuple
+
+from flexnbd._allocmap import AllocationMap
+
+class Request(NamedTuple):
+    magic: int
+    flags: int
+    type: int
+    cookie: bytes
+    offset: int
+    length: int
+
+class Reason(enum.IntEnum):
+    REASON_DISC = 0
+    REASON_CLOSED = 1
+    REASON_VANISHED = 2
+    REASON_BAD_MAGIC = 3
+    REASON_IO_FATAL = 4
+    REASON_TOO_BIG = 5
+    REASON_STOPPED = 6
+    REASON_SOCKET_ERROR = 7
+
+class ServeResult(NamedTuple):
+    reason: Reason
+    errno: int
+    command: str | int
+    offset: int
+    length: int
+    requests: int
+
+def decode_request(data: bytes, size: int, read_only: bool = ..., structured: bool = ...,
+                   meta_context: bool = ..., fast_zero: bool = ...) -> tuple[int, Request]: ...
+def errno_to_nbd(e: int) -> int: ...
+def monotonic_ns() -> int: ...
+def client_copy(sock: int, fd: int, offset: int, size: int, writing: bool) -> None: ...
+
+class Export:
+    path: str
+    allocmap: AllocationMap | None
+    def __init__(self, fd: int, size: int, read_only: bool, path: str,
+                 allocmap: AllocationMap | None = ...) -> None: ...
+    @property
+    def size(self) -> int: ...
+    @property
+    def read_only(self) -> bool: ...
+    @property
+    def can_punch(self) -> bool: ...
+
+class Connection:
+    def __init__(self, sock: int, export: Export, *, stop_fd: int = ..., structured: bool = ...,
+                 meta_context: bool = ...) -> None: ...
+    def serve(self) -> ServeResult: ...
+    def kick(self) -> None: ...
+    @property
+    def request_age_ns(self) -> int: ...
+    @property
+    def requests(self) -> int: ...
