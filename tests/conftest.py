@@ -89,9 +89,10 @@ class FlexnbdProcess:
         if self.proc.poll() is None:
             self.proc.send_signal(sig)
 
-    def stop(self, sig: int = signal.SIGTERM, timeout: float = 20.0) -> int:
-        """Signal the process and return its exit status."""
-        self.signal(sig)
+    def stop(self, sig: int | None = None, timeout: float = 20.0) -> int:
+        """Signal the process (SIGTERM by default) and return its exit status."""
+        # (In the class body `signal` is the method above, not the module.)
+        self.signal(signal.SIGTERM if sig is None else sig)
         try:
             return self.proc.wait(timeout)
         except subprocess.TimeoutExpired:
