@@ -1,28 +1,42 @@
 """The command line: parses arguments, builds config objects, starts a mode.
 
-Every bad input ends in one clear line on stderr plus the mode's usage, and exit status 1;
-never a traceback.
+Modes (SPEC §1): serve, listen (the servers), mirror, mirror-speed, acl, break, status (clients
+of a server's control socket), read, write (NBD clients), help. Every bad input ends in one
+clear line on stderr plus the mode's usage, and exit status 1; never a traceback. The control
+client modes print the reply's text (stdout for code 0, else stderr) and exit with its code.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import NoReturn
 
-from flexnbd import __version__, log, sockets
-from flexnbd.config import ServeConfig, TransferConfig
+from flexnbd import __version__, acl, log, sockets
+from flexnbd.config import (
+    KILLSWITCH_SECS,
+    MAX_CLIENTS_LISTEN,
+    MAX_CLIENTS_SERVE,
+    ServeConfig,
+    TransferConfig,
+)
 from flexnbd.errors import FlexnbdError, RemoteError, UsageError
 
 PROG = "flexnbd"
 MAX_OFFSET = 1 << 62
 MAX_SIZE = 1 << 30
+MAX_BPS = (1 << 64) - 1
+# Modes left out of `flexnbd help` until migration works (issue 5); `help MODE` still works.
+UNLISTED = ("mirror", "mirror-speed")
 
 
 class _Parser(argparse.ArgumentParser):
     """argparse that raises UsageError instead of printing and exiting."""
 
-    def error(self, message: str):  # type: ignore[override]
+    def error(self, message: str) -> NoReturn:
         raise UsageError(message)
 
 
@@ -50,24 +64,52 @@ def _port(text: str) -> int:
 
 def _number(limit: int, what: str) -> Callable[[str], int]:
     def parse(text: str) -> int:
-        if not text.isdigit() or int(text) > limit:
+        if not (text.isascii() and text.isdigit()) or int(text) > limit:
             raise argparse.ArgumentTypeError(f"bad {what} {text!r} (0..{limit})")
         return int(text)
     return parse
 
 
-def _serve_parser() -> _Parser:
-    p = _Parser(prog=f"{PROG} serve", add_help=False,
-                description="Serve FILE over NBD.",
-                usage=f"{PROG} serve --addr ADDR --port PORT --file FILE [--unix PATH] "
-                      "[--read-only] [--oldstyle] [-v|-q]")
+def _parser(mode: str, description: str, usage: str) -> _Parser:
+    return _Parser(prog=f"{PROG} {mode}", add_help=False, description=description,
+                   usage=f"{PROG} {mode} {usage} [-v|-q]")
+
+
+def _sock_option(p: argparse.ArgumentParser, what: str = "the server's control socket") -> None:
+    p.add_argument("-s", "--sock", metavar="SOCK", help=what)
+
+
+def _acl_entries(p: argparse.ArgumentParser, what: str) -> None:
+    p.add_argument("acl", nargs="*", metavar="ACL", help=what)
+
+
+def _server_parser(mode: str) -> _Parser:
+    listen = mode == "listen"
+    if listen:
+        description = ("Receive a migration: serve FILE to one client (the mirroring server) "
+                       "and exit 0 once a migration into FILE has completed.")
+        extra = ""
+    else:
+        description = "Serve FILE over NBD."
+        extra = " [--killswitch] [--read-only]"
+    p = _parser(mode, description,
+                f"--addr ADDR --port PORT --file FILE [--sock SOCK] [--default-deny]{extra} "
+                "[--unix PATH] [--oldstyle] [ACL ...]")
     p.add_argument("-l", "--addr", type=_address, help="address to listen on (0 for any)")
     p.add_argument("-p", "--port", type=_port, help="TCP port to listen on")
     p.add_argument("-f", "--file", help="the file to serve (must exist)")
+    _sock_option(p, "create the control socket here (status, acl, mirror, break)")
+    p.add_argument("-d", "--default-deny", action="store_true",
+                   help="an empty ACL refuses every client (kept when the ACL is replaced)")
+    if not listen:
+        p.add_argument("-k", "--killswitch", action="store_true",
+                       help="disconnect a client whose request takes more than 120 s")
+        p.add_argument("-r", "--read-only", action="store_true", help="refuse writes")
     p.add_argument("--unix", metavar="PATH", help="also serve NBD on this Unix socket")
-    p.add_argument("-r", "--read-only", action="store_true", help="refuse writes")
     p.add_argument("-o", "--oldstyle", action="store_true",
                    help="offer the oldstyle handshake (flexnbd 0.5.0 peers)")
+    _acl_entries(p, "allowed client addresses, IPv4 or IPv6 with an optional /prefix "
+                    "(none: everyone, unless --default-deny)")
     _global_options(p)
     return p
 
@@ -75,10 +117,8 @@ def _serve_parser() -> _Parser:
 def _transfer_parser(mode: str) -> _Parser:
     what = "print SIZE bytes from OFFSET to stdout" if mode == "read" else \
         "write SIZE bytes from stdin at OFFSET"
-    p = _Parser(prog=f"{PROG} {mode}", add_help=False,
-                description=f"Connect to an NBD server and {what}.",
-                usage=f"{PROG} {mode} --addr ADDR --port PORT --from OFFSET --size SIZE "
-                      "[--bind BIND_ADDR] [-v|-q]")
+    p = _parser(mode, f"Connect to an NBD server and {what}.",
+                "--addr ADDR --port PORT --from OFFSET --size SIZE [--bind BIND_ADDR]")
     p.add_argument("-l", "--addr", type=_address, help="the server's address")
     p.add_argument("-p", "--port", type=_port, help="the server's port")
     p.add_argument("-F", "--from", dest="offset", type=_number(MAX_OFFSET, "offset"),
@@ -89,48 +129,116 @@ def _transfer_parser(mode: str) -> _Parser:
     return p
 
 
-PARSERS: dict[str, Callable[[], _Parser]] = {
-    "serve": _serve_parser,
-    "read": lambda: _transfer_parser("read"),
-    "write": lambda: _transfer_parser("write"),
-}
+def _mirror_parser() -> _Parser:
+    p = _parser("mirror", "Ask the server behind SOCK to migrate its file to a `flexnbd listen` "
+                "server at ADDR PORT (not available in this version: the server answers "
+                "'Mirroring abandoned').",
+                "--addr ADDR --port PORT --sock SOCK [--unlink] [--bind BIND_ADDR]")
+    p.add_argument("-l", "--addr", type=_address, help="the destination's address")
+    p.add_argument("-p", "--port", type=_port, help="the destination's port")
+    _sock_option(p)
+    p.add_argument("-u", "--unlink", action="store_true",
+                   help="unlink the source file once the migration completed")
+    p.add_argument("-b", "--bind", type=_address, help="local address to connect from")
+    _global_options(p)
+    return p
 
-REQUIRED = {
-    "serve": ("file",),
-    "read": ("addr", "port", "offset", "size"),
-    "write": ("addr", "port", "offset", "size"),
-}
+
+def _mirror_speed_parser() -> _Parser:
+    p = _parser("mirror-speed", "Limit the running migration's average sending rate.",
+                "--sock SOCK --max-speed BYTES_PER_SEC")
+    _sock_option(p)
+    p.add_argument("-m", "--max-speed", type=_number(MAX_BPS, "speed"),
+                   metavar="BYTES_PER_SEC", help="bytes per second (0: no limit)")
+    _global_options(p)
+    return p
+
+
+def _acl_parser() -> _Parser:
+    p = _parser("acl", "Replace the server's ACL; connected clients it no longer allows are "
+                "disconnected.", "--sock SOCK [ACL ...]")
+    _sock_option(p)
+    _acl_entries(p, "allowed client addresses, IPv4 or IPv6 with an optional /prefix "
+                    "(none: an empty ACL)")
+    _global_options(p)
+    return p
+
+
+def _break_parser() -> _Parser:
+    p = _parser("break", "Stop the server's running migration; it goes on serving.",
+                "--sock SOCK")
+    _sock_option(p)
+    _global_options(p)
+    return p
+
+
+def _status_parser() -> _Parser:
+    p = _parser("status", "Print the server's status line (key=value pairs).",
+                "--sock SOCK [--json]")
+    _sock_option(p)
+    p.add_argument("--json", action="store_true", help="print the status as one JSON object")
+    _global_options(p)
+    return p
+
+
+@dataclass
+class Mode:
+    parser: Callable[[], _Parser]
+    required: tuple[str, ...]
+    run: Callable[[argparse.Namespace], int]
+
 
 OPTION_NAMES = {"addr": "--addr", "port": "--port", "file": "--file", "offset": "--from",
-                "size": "--size"}
+                "size": "--size", "sock": "--sock", "max_speed": "--max-speed"}
 
 
-def _main_usage() -> str:
-    lines = [f"usage: {PROG} MODE [options]", "", "modes:"]
-    for mode, make in PARSERS.items():
-        lines.append(f"  {make().usage}")
-    lines += ["  flexnbd help [MODE]", "", f"flexnbd {__version__}. "
-              f"'{PROG} help MODE' describes a mode."]
-    return "\n".join(lines)
+def _env_seconds(name: str, default: float) -> float:
+    text = os.environ.get(name)
+    if not text:
+        return default
+    try:
+        value = float(text)
+    except ValueError:
+        raise UsageError(f"{name}={text!r} is not a number of seconds") from None
+    if not value > 0:
+        raise UsageError(f"{name}={text!r} must be more than 0")
+    return value
 
 
-def _run_serve(args: argparse.Namespace) -> int:
+def _server_config(args: argparse.Namespace, mode: str) -> ServeConfig:
     if args.addr is None and args.unix is None:
-        raise UsageError("give --addr and --port, or --unix PATH")
+        raise UsageError("missing --addr and --port (or --unix PATH)")
     if (args.addr is None) != (args.port is None):
         raise UsageError("--addr and --port go together")
-    config = ServeConfig(file=args.file, addr=args.addr, port=args.port, unix=args.unix,
-                         read_only=args.read_only, oldstyle=args.oldstyle)
-    from flexnbd.lifecycle import StopSignals
+    if not os.path.exists(args.file):
+        raise UsageError(f"{args.file}: no such file")
+    if args.sock is not None and args.unix is not None and \
+            os.path.abspath(args.sock) == os.path.abspath(args.unix):
+        raise UsageError("--sock and --unix must be different paths")
+    try:
+        entries = acl.parse_entries(args.acl)
+    except acl.BadEntry as e:
+        raise UsageError(f"bad ACL entry {e.entry!r} (an IPv4 or IPv6 address with an "
+                         "optional /prefix)") from None
+    listen = mode == "listen"
+    killswitch = None
+    if not listen and args.killswitch:
+        killswitch = _env_seconds("FLEXNBD_KILLSWITCH_SECS", KILLSWITCH_SECS)
+    return ServeConfig(file=args.file, addr=args.addr, port=args.port, unix=args.unix,
+                       read_only=False if listen else args.read_only, oldstyle=args.oldstyle,
+                       max_clients=MAX_CLIENTS_LISTEN if listen else MAX_CLIENTS_SERVE,
+                       mode=mode, sock=args.sock, acl=entries, default_deny=args.default_deny,
+                       killswitch=killswitch,
+                       control_timeout=_env_seconds("FLEXNBD_CONTROL_TIMEOUT_SECS", 10.0))
+
+
+def _run_server(args: argparse.Namespace, mode: str) -> int:
+    config = _server_config(args, mode)
+    from flexnbd import lifecycle
     from flexnbd.server import Server
 
-    signals = StopSignals()
-    server = Server(config)
-    server.start()
-    signals.wait()
-    log.get("cli").info("stopping on %s", signals.name())
-    server.stop()
-    return 0
+    signals = lifecycle.StopSignals()
+    return lifecycle.run(Server(config), signals)
 
 
 def _run_transfer(args: argparse.Namespace, writing: bool) -> int:
@@ -152,42 +260,113 @@ def _run_transfer(args: argparse.Namespace, writing: bool) -> int:
     return 0
 
 
+def _run_control(lines: Callable[[argparse.Namespace], list[str]]) \
+        -> Callable[[argparse.Namespace], int]:
+    def run(args: argparse.Namespace) -> int:
+        from flexnbd.control import client
+
+        request = lines(args)
+        for line in request:
+            if not line or "\n" in line or "\r" in line or len(line.encode()) > 256:
+                raise UsageError(f"cannot send {line!r} (empty, a line break or over "
+                                 "256 bytes)")
+        return client.run(args.sock, request)
+    return run
+
+
+def _run_status(args: argparse.Namespace) -> int:
+    from flexnbd.control import client
+
+    return client.run_status(args.sock, args.json)
+
+
+def _mirror_lines(args: argparse.Namespace) -> list[str]:
+    lines = ["mirror", args.addr, str(args.port), "unlink" if args.unlink else "exit"]
+    if args.bind is not None:
+        lines.append(args.bind)
+    return lines
+
+
+MODES: dict[str, Mode] = {
+    "serve": Mode(lambda: _server_parser("serve"), ("file",),
+                  lambda a: _run_server(a, "serve")),
+    "listen": Mode(lambda: _server_parser("listen"), ("file",),
+                   lambda a: _run_server(a, "listen")),
+    "mirror": Mode(_mirror_parser, ("addr", "port", "sock"), _run_control(_mirror_lines)),
+    "mirror-speed": Mode(_mirror_speed_parser, ("sock", "max_speed"),
+                         _run_control(lambda a: ["mirror_max_bps", str(a.max_speed)])),
+    "acl": Mode(_acl_parser, ("sock",), _run_control(lambda a: ["acl", *a.acl])),
+    "break": Mode(_break_parser, ("sock",), _run_control(lambda a: ["break"])),
+    "status": Mode(_status_parser, ("sock",), _run_status),
+    "read": Mode(lambda: _transfer_parser("read"), ("addr", "port", "offset", "size"),
+                 lambda a: _run_transfer(a, writing=False)),
+    "write": Mode(lambda: _transfer_parser("write"), ("addr", "port", "offset", "size"),
+                  lambda a: _run_transfer(a, writing=True)),
+}
+
+# Kept for callers of the previous layout.
+PARSERS: dict[str, Callable[[], _Parser]] = {name: m.parser for name, m in MODES.items()}
+
+
+def _main_usage() -> str:
+    lines = [f"usage: {PROG} MODE [options]", "", "modes:"]
+    for name, mode in MODES.items():
+        if name not in UNLISTED:
+            lines.append(f"  {mode.parser().usage}")
+    lines += [f"  {PROG} help [MODE]", "",
+              "Global options: -h/--help, -v/--verbose, -q/--quiet (the last of -v/-q wins).",
+              f"flexnbd {__version__}. '{PROG} help MODE' describes a mode."]
+    return "\n".join(lines)
+
+
+def _wants_help(argv: Sequence[str]) -> bool:
+    for arg in argv:
+        if arg == "--":
+            return False
+        if arg in ("-h", "--help"):
+            return True
+        # short options bundled after a dash, e.g. -vh
+        if len(arg) > 2 and arg[0] == "-" and arg[1] != "-" and "h" in arg[1:] and \
+                arg[1:].isalpha():
+            return True
+    return False
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help"):
         print(_main_usage())
         return 0 if argv else 1
-    mode, rest = argv[0], argv[1:]
-    if mode == "help":
+    name, rest = argv[0], argv[1:]
+    if name == "help":
         if not rest:
             print(_main_usage())
             return 0
-        if rest[0] not in PARSERS:
+        if rest[0] not in MODES:
             print(f"{PROG}: unknown mode {rest[0]!r}\n{_main_usage()}", file=sys.stderr)
             return 1
-        PARSERS[rest[0]]().print_help()
+        MODES[rest[0]].parser().print_help()
         return 0
-    if mode not in PARSERS:
-        print(f"{PROG}: unknown mode {mode!r}\n{_main_usage()}", file=sys.stderr)
+    if name not in MODES:
+        print(f"{PROG}: unknown mode {name!r}\n{_main_usage()}", file=sys.stderr)
         return 1
-    parser = PARSERS[mode]()
+    mode = MODES[name]
+    parser = mode.parser()
     try:
-        args = parser.parse_args(rest)
-        if args.help:
+        if _wants_help(rest):
             parser.print_help()
             return 0
-        missing = [OPTION_NAMES[k] for k in REQUIRED[mode] if getattr(args, k) is None]
+        args = parser.parse_intermixed_args(rest)
+        missing = [OPTION_NAMES[k] for k in mode.required if getattr(args, k) is None]
         if missing:
             raise UsageError(f"missing {', '.join(missing)}")
         log.setup(args.verbosity)
-        if mode == "serve":
-            return _run_serve(args)
-        return _run_transfer(args, writing=(mode == "write"))
+        return mode.run(args)
     except UsageError as e:
-        print(f"{PROG} {mode}: {e}\n{parser.format_usage().rstrip()}", file=sys.stderr)
+        print(f"{PROG} {name}: {e}\n{parser.format_usage().rstrip()}", file=sys.stderr)
         return 1
     except FlexnbdError as e:
-        print(f"{PROG} {mode}: {e}", file=sys.stderr)
+        print(f"{PROG} {name}: {e}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         return 1

@@ -1,31 +1,59 @@
-"""Process lifecycle: stop signals and waiting for them.
+"""Process lifecycle: stop signals, readiness, ordered shutdown, exit status.
 
 SIGINT, SIGTERM and SIGQUIT ask the running program to stop; SIGPIPE is ignored (a client that
 goes away is an error return, never a dead process). The handlers only set an event; the main
-thread does the ordered shutdown.
+thread does the ordered shutdown:
+
+1. tell systemd ``STOPPING=1`` (when NOTIFY_SOCKET is set);
+2. stop accepting and close the NBD listener(s);
+3. let each connected client finish its current request, then close it (clients still in the
+   handshake are closed at once);
+4. remove the control socket;
+5. exit: 0, but 1 if a migration was running (its data did not move) or, in listen mode, if no
+   migration completed.
+
+Readiness: ``READY=1`` goes to systemd once ``start()`` has returned, that is once the NBD
+listener(s) accept and the control socket answers.
+
+The server is reached through the small ``Runnable`` interface below; this module never imports
+the server.
 """
 
 from __future__ import annotations
 
 import signal
 import threading
+from typing import Protocol
+
+from flexnbd import log, notify
 
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGQUIT)
 
+_log = log.get("lifecycle")
+
 
 class StopSignals:
-    """Installs the stop-signal handlers; ``wait()`` returns the signal that arrived."""
+    """Installs the stop-signal handlers; ``wait()`` returns the signal that arrived.
+
+    ``request_stop()`` ends the wait from any thread without a signal (for example when a
+    finished migration ends the program)."""
 
     def __init__(self) -> None:
         self.event = threading.Event()
         self.signum: int | None = None
+        self.reason: str | None = None
         signal.signal(signal.SIGPIPE, signal.SIG_IGN)
         for sig in STOP_SIGNALS:
             signal.signal(sig, self._handle)
 
     def _handle(self, signum: int, frame: object) -> None:
-        if self.signum is None:
+        if self.signum is None and self.reason is None:
             self.signum = signum
+        self.event.set()
+
+    def request_stop(self, reason: str) -> None:
+        if self.signum is None and self.reason is None:
+            self.reason = reason
         self.event.set()
 
     def wait(self, timeout: float | None = None) -> int | None:
@@ -36,4 +64,33 @@ class StopSignals:
         return self.signum
 
     def name(self) -> str:
-        return signal.Signals(self.signum).name if self.signum else "request"
+        if self.signum:
+            return signal.Signals(self.signum).name
+        return self.reason or "request"
+
+
+class Runnable(Protocol):
+    def start(self) -> None: ...
+
+    def stop(self) -> None: ...
+
+    def exit_status(self) -> int: ...
+
+
+def run(server: Runnable, signals: StopSignals) -> int:
+    """Start the server, report readiness, serve until a stop signal, stop in order; the
+    exit status."""
+    server.start()
+    _notified(notify.ready())
+    signals.wait()
+    _log.info("stopping on %s", signals.name())
+    _notified(notify.stopping())
+    server.stop()
+    status = server.exit_status()
+    _log.info("stopped; exit status %d", status)
+    return status
+
+
+def _notified(error: str | None) -> None:
+    if error:
+        _log.warning("%s", error)

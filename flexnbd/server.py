@@ -2,6 +2,10 @@
 
 The accept loop and the handshake are Python; once a client enters transmission its thread
 calls ``_core.Connection.serve()``, which runs the whole request loop in C without the GIL.
+
+The server is also the ``ControlTarget`` of its control socket (``flexnbd.control.server``):
+status figures, ACL replacement, and the mirror hooks (answered honestly until migration
+exists). With ``--killswitch`` a watchdog thread cuts a client whose request runs too long.
 """
 
 from __future__ import annotations
@@ -10,11 +14,15 @@ import os
 import selectors
 import socket
 import threading
+from collections.abc import Sequence
 
-from flexnbd import _allocmap, _core, log, sockets
+from flexnbd import _allocmap, _core, acl, log, sockets
 from flexnbd.config import ServeConfig
+from flexnbd.control import protocol as control_protocol
+from flexnbd.control.server import ControlServer
 from flexnbd.errors import FlexnbdError, HandshakeError, PeerClosed
 from flexnbd.handshake import ExportInfo, serve_handshake
+from flexnbd.status import Status
 
 _log = log.get("server")
 
@@ -35,10 +43,12 @@ def open_export(path: str, read_only: bool) -> tuple[int, int]:
 class _Client:
     """A connected client, from accept to close."""
 
-    def __init__(self, sock: socket.socket, name: str) -> None:
+    def __init__(self, sock: socket.socket, name: str, peer_ip: str | None) -> None:
         self.sock = sock
         self.name = name
+        self.peer_ip = peer_ip       # None for a Unix-socket client
         self.connection: _core.Connection | None = None
+        self.killed = False          # cut by the killswitch
 
 
 class Server:
@@ -58,6 +68,15 @@ class Server:
         self._accept_thread: threading.Thread | None = None
         self._client_seq = 0
         self.stopping = False
+        self.acl = acl.Acl(config.acl, config.default_deny)
+        self.clients_allowed = True
+        # serve mode owns its data; listen mode only once a migration into it completed
+        self.has_control = config.mode != "listen"
+        self.control = (ControlServer(config.sock, self, config.control_timeout)
+                        if config.sock else None)
+        self._watchdog: threading.Thread | None = None
+        self._watchdog_stop = threading.Event()
+        self._unix_bound = False
 
     # -- lifecycle -------------------------------------------------------------------------
 
@@ -69,12 +88,21 @@ class Server:
                 self._listeners.append(sockets.tcp_listener(cfg.addr, cfg.port))
             if cfg.unix:
                 self._listeners.append(sockets.unix_listener(cfg.unix))
+                self._unix_bound = True
+            if self.control is not None:
+                self.control.bind()
         except BaseException:
             self._close_listeners()
             raise
         self._accept_thread = threading.Thread(target=self._accept_loop, name="accept",
                                                daemon=True)
         self._accept_thread.start()
+        if self.control is not None:
+            self.control.start()
+        if cfg.killswitch is not None:
+            self._watchdog = threading.Thread(target=self._killswitch, args=(cfg.killswitch,),
+                                              name="killswitch", daemon=True)
+            self._watchdog.start()
         self._start_allocmap_builder()
         where = []
         if cfg.addr is not None:
@@ -152,7 +180,19 @@ class Server:
             for client in clients:
                 _shutdown(client.sock)
             self._wait_clients(5.0)
+        self._watchdog_stop.set()
+        if self._watchdog is not None:
+            self._watchdog.join()
+        if self.control is not None:
+            self.control.close()
         os.close(self.fd)
+
+    def exit_status(self) -> int:
+        """The process exit status after stop(): 0, but 1 if a migration was running or, in
+        listen mode, if no migration completed."""
+        if self.config.mode == "listen":
+            return 0 if self.has_control else 1
+        return 1 if self.is_mirroring else 0
 
     def _wait_clients(self, timeout: float) -> bool:
         deadline = _core.monotonic_ns() + int(timeout * 1e9)
@@ -167,7 +207,8 @@ class Server:
         for sock in self._listeners:
             sock.close()
         self._listeners = []
-        if self.config.unix:
+        if self.config.unix and self._unix_bound:  # never remove a live server's socket
+            self._unix_bound = False
             try:
                 os.unlink(self.config.unix)
             except FileNotFoundError:
@@ -200,14 +241,21 @@ class Server:
             return
         sock.setblocking(True)
         name = sockets.peer_name(sock)
+        peer_ip = _peer_ip(sock)
         with self._lock:
-            refused = len(self._clients) >= self.config.max_clients
-            if not refused:
+            if not self.acl.allows(peer_ip):
+                refused = "not allowed by the ACL"
+            elif not self.clients_allowed:
+                refused = "new clients are not allowed now"
+            elif len(self._clients) >= self.config.max_clients:
+                refused = f"already {self.config.max_clients} clients"
+            else:
+                refused = ""
                 self._client_seq += 1
-                client = _Client(sock, name)
+                client = _Client(sock, name, peer_ip)
                 self._clients.add(client)
         if refused:
-            _log.warning("refused %s: already %d clients", name, self.config.max_clients)
+            _log.warning("refused %s: %s", name, refused)
             sock.close()
             return
         thread = threading.Thread(target=self._serve_client, args=(client,),
@@ -250,6 +298,71 @@ class Server:
                 self._clients.discard(client)
             sock.close()
 
+    # -- the control socket's interface (flexnbd.control.server.ControlTarget) -------------
+
+    @property
+    def is_mirroring(self) -> bool:
+        return False  # migration is not built yet
+
+    @property
+    def handshake(self) -> str:
+        return "oldstyle" if self.config.oldstyle else "newstyle"
+
+    def status(self) -> Status:
+        return Status(pid=os.getpid(), size=self.size, is_mirroring=self.is_mirroring,
+                      clients_allowed=self.clients_allowed, num_clients=self.num_clients,
+                      has_control=self.has_control,
+                      allocation_map_method=self.allocation_map_method,
+                      handshake=self.handshake)
+
+    def set_acl(self, entries: Sequence[acl.Network]) -> None:
+        """Replace the ACL entries (default-deny stays) and disconnect the connected clients
+        the new ACL refuses: after their current request, or at once if still in the
+        handshake."""
+        with self._lock:
+            self.acl = self.acl.replaced(entries)
+            refused = [c for c in self._clients if not self.acl.allows(c.peer_ip)]
+            for client in refused:
+                if client.connection is not None:
+                    client.connection.kick()
+                else:
+                    _shutdown(client.sock)
+        _log.info("ACL replaced: %s", self.acl)
+        for client in refused:
+            _log.warning("%s is no longer allowed by the ACL; disconnecting it", client.name)
+
+    def start_mirror(self, command: control_protocol.MirrorCommand) -> control_protocol.Reply:
+        if self.stopping:
+            return control_protocol.SHUTTING_DOWN
+        _log.warning("mirror to %s port %d: migration is not available in this version",
+                     command.ip, command.port)
+        return control_protocol.MIRRORING_ABANDONED
+
+    def set_mirror_max_bps(self, max_bps: int | None) -> control_protocol.Reply:
+        return control_protocol.NOT_CURRENTLY_MIRRORING
+
+    def break_mirror(self) -> control_protocol.Reply:
+        return control_protocol.NOT_MIRRORING
+
+    # -- killswitch ------------------------------------------------------------------------
+
+    def _killswitch(self, limit: float) -> None:
+        """Cut (shut down the socket of) each client whose current request has run longer
+        than ``limit`` seconds; the others carry on."""
+        limit_ns = int(limit * 1e9)
+        interval = min(1.0, max(0.01, limit / 4))
+        while not self._watchdog_stop.wait(interval):
+            with self._lock:
+                late = [c for c in self._clients
+                        if c.connection is not None and not c.killed
+                        and c.connection.request_age_ns > limit_ns]
+                for client in late:
+                    client.killed = True
+                    _shutdown(client.sock)
+            for client in late:
+                _log.warning("killswitch: %s's request ran over %g s; disconnected it",
+                             client.name, limit)
+
     def _report(self, client: _Client, result: _core.ServeResult) -> None:
         what = (f"{result.command} offset {result.offset} length {result.length}"
                 if result.requests else "no request")
@@ -284,6 +397,16 @@ def _errno_text(e: int) -> str:
     import errno as errno_mod
 
     return f": {os.strerror(e)} ({errno_mod.errorcode.get(e, e)})"
+
+
+def _peer_ip(sock: socket.socket) -> str | None:
+    """The client's IP address; None for a Unix-socket client."""
+    if sock.family not in (socket.AF_INET, socket.AF_INET6):
+        return None
+    try:
+        return sock.getpeername()[0]
+    except OSError:
+        return "?"  # gone already: an address no ACL entry matches
 
 
 def _shutdown(sock: socket.socket) -> None:

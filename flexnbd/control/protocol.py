@@ -1,0 +1,332 @@
+"""The control-socket grammar and replies (SPEC §5), without I/O.
+
+Request
+-------
+A client connects to the Unix stream socket given with ``--sock`` and sends lines, each ended by
+LF (a CR before the LF is ignored) and at most 256 bytes long (the LF not counted). Line 1 is the
+command, the following lines its arguments, one per line. An empty line or the end of the
+stream (the client shuts down its sending side or closes) ends the request, if it comes right
+after an LF. A stream that ends in the middle of a line did not finish its request: nothing of it
+is executed and the server closes without a reply (so a client that dies half-way through an
+``acl`` never leaves half an ACL behind).
+
+A line longer than 256 bytes, or a request of more than 256 KiB in all, ends the request right
+there: the overlong line is kept, cut short and marked so that it never validates (as a command
+it is unknown; as an argument it is a bad one), and the request is answered at once without
+reading the rest. A client that completes no request within the read timeout (10 s by default)
+is disconnected without a reply and nothing is executed: a half-sent ``acl`` never replaces the
+ACL. Requests are executed one at a time.
+
+Reply
+-----
+Exactly one line, ``CODE: TEXT`` and LF, then the server closes the connection. Code 0 is
+success; the client modes print TEXT to stdout when CODE is 0, else to stderr, and exit with
+CODE.
+
+================================  ==============================================================
+request lines                     replies
+================================  ==============================================================
+``status``                        ``0: `` + the status line (see ``flexnbd.status``)
+``acl``, ENTRY...                 ``0: updated``; ``1: bad spec: ENTRY`` (ACL unchanged). No
+                                  entries is an empty ACL (everyone allowed, or no one with
+                                  ``--default-deny``). Connected clients that the new ACL
+                                  refuses are disconnected after their current request.
+``mirror``, IP, PORT              ``0: Mirror started``; ``1: Mirror failed to connect``;
+[, ACTION [, BIND_IP              ``1: Mirror was rejected``; ``1: Remote server failed to
+[, MAX_BPS]]]                     respond``; ``1: Remote size does not match local size``;
+                                  ``1: Mirroring abandoned``; ``1: mirror already running``;
+                                  ``1: shutting down``; and for malformed requests, checked in
+                                  this order: ``1: mirror takes at least two parameters``;
+                                  ``1: bad IP address``; ``1: bad IP port number``; ``1: action
+                                  must be 'exit', 'unlink' or 'nothing'``; ``1: bad bind
+                                  address``; ``1: max_bps out of range``; ``1: max_bps couldn't
+                                  be parsed``; ``1: unrecognised parameters to mirror``.
+``mirror_max_bps``, BPS           ``0: updated``; ``1: Not currently mirroring``; ``1: Bad
+                                  format`` (not exactly one argument); ``1: max_bps out of
+                                  range``; ``1: max_bps couldn't be parsed``. The argument is
+                                  checked before the mirror is looked for.
+``break``                         ``0: mirror stopped``; ``1: mirror completed``; ``1: not
+                                  mirroring``
+(nothing)                         ``9: missing command``
+anything else                     ``10: unknown command``
+================================  ==============================================================
+
+``mirror`` arguments: IP is an IPv4 or IPv6 literal, PORT 1..65535, ACTION ``exit`` (the
+default), ``unlink`` or ``nothing``; BIND_IP a literal to connect from; MAX_BPS a decimal number
+of bytes per second below 2^64 (0: no limit). The same number rules hold for
+``mirror_max_bps``. Extra lines after ``status`` and ``break`` are ignored.
+
+Until migration is built, a well-formed ``mirror`` is answered ``1: Mirroring abandoned`` (the
+server gives it up before it begins) and the CLI does not list the ``mirror`` mode in ``help``.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from dataclasses import dataclass
+from typing import Union
+
+MAX_LINE = 256                   # bytes per line, LF not counted
+MAX_REQUEST = 256 * 1024         # bytes per request
+MAX_BPS = (1 << 64) - 1
+OVERLONG_MARK = "\ufffd..."      # appended to a cut line; no valid argument contains it
+
+
+@dataclass(frozen=True)
+class Reply:
+    code: int
+    text: str
+
+    def encode(self) -> bytes:
+        """``CODE: TEXT`` and LF; the text is made one printable line."""
+        text = "".join(c if c.isprintable() else "?" for c in self.text)
+        return f"{self.code}: {text}\n".encode("utf-8", "replace")
+
+    @classmethod
+    def decode(cls, data: bytes) -> Reply:
+        """Parse a reply line (the LF optional). ValueError if it is not ``CODE: TEXT``."""
+        line = data.decode("utf-8", "replace")
+        if line.endswith("\n"):
+            line = line[:-1]
+        if "\n" in line:
+            raise ValueError("more than one line")
+        code_text, sep, text = line.partition(": ")
+        if not sep or not code_text.isascii() or not code_text.isdigit():
+            raise ValueError(f"not a control reply: {line[:80]!r}")
+        return cls(int(code_text), text)
+
+
+def _r(code: int, text: str) -> Reply:
+    return Reply(code, text)
+
+
+# Every reply of the table, byte for byte.
+UPDATED = _r(0, "updated")
+MIRROR_STARTED = _r(0, "Mirror started")
+MIRROR_FAILED_TO_CONNECT = _r(1, "Mirror failed to connect")
+MIRROR_REJECTED = _r(1, "Mirror was rejected")
+REMOTE_NO_RESPONSE = _r(1, "Remote server failed to respond")
+REMOTE_SIZE_MISMATCH = _r(1, "Remote size does not match local size")
+MIRRORING_ABANDONED = _r(1, "Mirroring abandoned")
+MIRROR_TOO_FEW = _r(1, "mirror takes at least two parameters")
+BAD_IP = _r(1, "bad IP address")
+BAD_PORT = _r(1, "bad IP port number")
+BAD_ACTION = _r(1, "action must be 'exit', 'unlink' or 'nothing'")
+BAD_BIND = _r(1, "bad bind address")
+BPS_OUT_OF_RANGE = _r(1, "max_bps out of range")
+BPS_UNPARSEABLE = _r(1, "max_bps couldn't be parsed")
+MIRROR_EXTRA = _r(1, "unrecognised parameters to mirror")
+MIRROR_RUNNING = _r(1, "mirror already running")
+SHUTTING_DOWN = _r(1, "shutting down")
+NOT_CURRENTLY_MIRRORING = _r(1, "Not currently mirroring")
+BAD_FORMAT = _r(1, "Bad format")
+MIRROR_STOPPED = _r(0, "mirror stopped")
+MIRROR_COMPLETED = _r(1, "mirror completed")
+NOT_MIRRORING = _r(1, "not mirroring")
+MISSING_COMMAND = _r(9, "missing command")
+UNKNOWN_COMMAND = _r(10, "unknown command")
+
+
+def status_reply(line: str) -> Reply:
+    """``0: `` + the status line (given with or without its LF; the trailing space stays)."""
+    return Reply(0, line[:-1] if line.endswith("\n") else line)
+
+
+def bad_spec(entry: str) -> Reply:
+    return Reply(1, f"bad spec: {entry}")
+
+
+# -- reading a request ------------------------------------------------------------------------
+
+class LineReader:
+    """Collects one request from the bytes a client sends.
+
+    ``feed(data)`` returns True once the request is complete (empty line, or an overlong
+    line); ``eof()`` ends it at the end of the stream. ``lines`` holds the decoded lines;
+    ``incomplete`` is set when the stream ended in the middle of a line (run nothing).
+    """
+
+    def __init__(self, max_line: int = MAX_LINE, max_request: int = MAX_REQUEST) -> None:
+        self.max_line = max_line
+        self.max_request = max_request
+        self.lines: list[str] = []
+        self.done = False
+        self.overlong = False
+        self.incomplete = False
+        self._partial = bytearray()
+        self._total = 0
+
+    def feed(self, data: bytes) -> bool:
+        if self.done:
+            return True
+        pos = 0
+        while pos < len(data):
+            nl = data.find(b"\n", pos)
+            end = len(data) if nl < 0 else nl
+            chunk = data[pos:end]
+            self._total += len(chunk) + (nl >= 0)
+            self._partial += chunk
+            limit = self.max_line + self._partial.endswith(b"\r")
+            if len(self._partial) > limit or self._total > self.max_request:
+                self._end_line(overlong=True)
+                return True
+            if nl < 0:
+                break
+            pos = nl + 1
+            if self._end_line():
+                return True
+        return self.done
+
+    def eof(self) -> list[str]:
+        """The stream ended: the request is the lines so far, unless it ended in the middle
+        of a line (then ``incomplete`` is set)."""
+        if not self.done:
+            self.incomplete = bool(self._partial)
+            self._partial.clear()
+            self.done = True
+        return self.lines
+
+    def _end_line(self, overlong: bool = False) -> bool:
+        raw = bytes(self._partial)
+        self._partial.clear()
+        if overlong:
+            self.overlong = True
+            self.lines.append(raw[:self.max_line].decode("utf-8", "replace") + OVERLONG_MARK)
+            self.done = True
+            return True
+        if raw.endswith(b"\r"):
+            raw = raw[:-1]
+        if not raw:
+            self.done = True
+            return True
+        self.lines.append(raw.decode("utf-8", "replace"))
+        return False
+
+
+def encode_request(lines: list[str]) -> bytes:
+    """A request as a client sends it: each line with LF, then the empty line.
+    ValueError for a line that is empty, holds a line break or is over 256 bytes."""
+    out = bytearray()
+    for line in lines:
+        raw = line.encode("utf-8")
+        if not raw or b"\n" in raw or b"\r" in raw or len(raw) > MAX_LINE:
+            raise ValueError(f"cannot send {line!r} as a control line")
+        out += raw + b"\n"
+    return bytes(out + b"\n")
+
+
+# -- parsing a request into a command ---------------------------------------------------------
+
+@dataclass(frozen=True)
+class StatusCommand:
+    pass
+
+
+@dataclass(frozen=True)
+class AclCommand:
+    entries: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class MirrorCommand:
+    ip: str                        # normalised literal
+    port: int
+    action: str = "exit"           # exit | unlink | nothing
+    bind: str | None = None
+    max_bps: int | None = None     # None: no limit
+
+
+@dataclass(frozen=True)
+class MaxBpsCommand:
+    max_bps: int | None            # None: no limit
+
+
+@dataclass(frozen=True)
+class BreakCommand:
+    pass
+
+
+Command = Union[StatusCommand, AclCommand, MirrorCommand, MaxBpsCommand, BreakCommand]
+
+ACTIONS = ("exit", "unlink", "nothing")
+
+
+def _ip(text: str) -> str | None:
+    try:
+        addr = ipaddress.ip_address(text)
+    except ValueError:
+        return None
+    return str(addr)
+
+
+def _port(text: str) -> int | None:
+    if not (text.isascii() and text.isdigit()) or len(text) > 5:
+        return None
+    port = int(text)
+    return port if 1 <= port <= 65535 else None
+
+
+def parse_bps(text: str) -> int | None | Reply:
+    """A bytes-per-second limit: a number (None for 0, no limit) or the error reply."""
+    if not (text.isascii() and text.isdigit()):
+        return BPS_UNPARSEABLE
+    if len(text) > 25 or int(text) > MAX_BPS:
+        return BPS_OUT_OF_RANGE
+    return int(text) or None
+
+
+def parse_mirror(args: list[str]) -> MirrorCommand | Reply:
+    if len(args) < 2:
+        return MIRROR_TOO_FEW
+    ip = _ip(args[0])
+    if ip is None:
+        return BAD_IP
+    port = _port(args[1])
+    if port is None:
+        return BAD_PORT
+    action = "exit"
+    if len(args) > 2:
+        if args[2] not in ACTIONS:
+            return BAD_ACTION
+        action = args[2]
+    bind = None
+    if len(args) > 3:
+        bind = _ip(args[3])
+        if bind is None:
+            return BAD_BIND
+    max_bps = None
+    if len(args) > 4:
+        bps = parse_bps(args[4])
+        if isinstance(bps, Reply):
+            return bps
+        max_bps = bps
+    if len(args) > 5:
+        return MIRROR_EXTRA
+    return MirrorCommand(ip, port, action, bind, max_bps)
+
+
+def parse_max_bps(args: list[str]) -> MaxBpsCommand | Reply:
+    if len(args) != 1:
+        return BAD_FORMAT
+    bps = parse_bps(args[0])
+    if isinstance(bps, Reply):
+        return bps
+    return MaxBpsCommand(bps)
+
+
+def parse_request(lines: list[str]) -> Command | Reply:
+    """The lines of a request -> the command to run, or the reply for a bad request."""
+    if not lines:
+        return MISSING_COMMAND
+    command, args = lines[0], lines[1:]
+    if command == "status":
+        return StatusCommand()
+    if command == "acl":
+        return AclCommand(tuple(args))
+    if command == "mirror":
+        return parse_mirror(args)
+    if command == "mirror_max_bps":
+        return parse_max_bps(args)
+    if command == "break":
+        return BreakCommand()
+    return UNKNOWN_COMMAND

@@ -1,0 +1,278 @@
+"""The control-socket listener: one thread that reads requests and runs them one at a time.
+
+The grammar and replies are documented in ``flexnbd.control.protocol``. This module reaches the
+running server only through the ``ControlTarget`` it is handed (``flexnbd.server.Server``
+implements it); it never imports the server.
+
+One thread serves the socket with a selector: it reads from many clients at once (so a client
+that says nothing delays nobody), and whenever a client's request is complete it runs it, sends
+the reply and closes that client; the next complete request runs after it. A client gets
+``read_timeout`` seconds (FLEXNBD_CONTROL_TIMEOUT_SECS, default 10) to complete its request,
+else it is dropped without a reply and nothing is executed. At most ``max_pending`` clients wait
+at once; more are accepted and closed at once.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import selectors
+import socket
+import threading
+import time
+from collections.abc import Sequence
+from typing import Protocol
+
+from flexnbd import acl, log, sockets
+from flexnbd.control import protocol
+from flexnbd.control.protocol import Reply
+from flexnbd.status import Status
+
+_log = log.get("control")
+
+DEFAULT_READ_TIMEOUT = 10.0
+MAX_PENDING = 128
+REPLY_TIMEOUT = 5.0
+
+
+class ControlTarget(Protocol):
+    """What the control socket needs from the server it controls."""
+
+    def status(self) -> Status:
+        """The figures of the status line."""
+        ...
+
+    def set_acl(self, entries: Sequence[acl.Network]) -> None:
+        """Replace the ACL entries (the default-deny choice stays) and disconnect connected
+        clients that the new ACL refuses."""
+        ...
+
+    def start_mirror(self, command: protocol.MirrorCommand) -> Reply:
+        """Start a migration; the reply once the first connection attempt is decided."""
+        ...
+
+    def set_mirror_max_bps(self, max_bps: int | None) -> Reply:
+        """Change the running mirror's speed limit (None: no limit)."""
+        ...
+
+    def break_mirror(self) -> Reply:
+        """Stop the running mirror."""
+        ...
+
+
+def execute(lines: list[str], target: ControlTarget) -> Reply:
+    """Run one request against the target; its reply."""
+    command = protocol.parse_request(lines)
+    if isinstance(command, Reply):
+        return command
+    if isinstance(command, protocol.StatusCommand):
+        return protocol.status_reply(target.status().line())
+    if isinstance(command, protocol.AclCommand):
+        try:
+            entries = acl.parse_entries(command.entries)
+        except acl.BadEntry as e:
+            return protocol.bad_spec(e.entry)
+        target.set_acl(entries)
+        return protocol.UPDATED
+    if isinstance(command, protocol.MirrorCommand):
+        return target.start_mirror(command)
+    if isinstance(command, protocol.MaxBpsCommand):
+        return target.set_mirror_max_bps(command.max_bps)
+    return target.break_mirror()
+
+
+class _Pending:
+    __slots__ = ("sock", "reader", "deadline")
+
+    def __init__(self, sock: socket.socket, deadline: float) -> None:
+        self.sock = sock
+        self.reader = protocol.LineReader()
+        self.deadline = deadline
+
+
+def read_timeout_from_env(default: float = DEFAULT_READ_TIMEOUT) -> float:
+    text = os.environ.get("FLEXNBD_CONTROL_TIMEOUT_SECS")
+    if not text:
+        return default
+    try:
+        value = float(text)
+    except ValueError:
+        return default
+    return value if value > 0 else default
+
+
+class ControlServer:
+    """The control socket at ``path``; ``bind()`` creates it, ``start()`` serves it,
+    ``close()`` stops serving and removes it."""
+
+    def __init__(self, path: str, target: ControlTarget,
+                 read_timeout: float = DEFAULT_READ_TIMEOUT,
+                 max_pending: int = MAX_PENDING) -> None:
+        self.path = path
+        self.target = target
+        self.read_timeout = read_timeout
+        self.max_pending = max_pending
+        self._listener: socket.socket | None = None
+        self._ino: tuple[int, int] | None = None
+        self._wake_fd = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
+        self._thread: threading.Thread | None = None
+        self._closed = False
+
+    def bind(self) -> None:
+        """Create the socket (replacing a stale one). FlexnbdError if a live server has it."""
+        self._listener = sockets.unix_listener(self.path, backlog=MAX_PENDING)
+        try:
+            st = os.stat(self.path)
+            self._ino = (st.st_dev, st.st_ino)
+        except OSError:
+            self._ino = None
+
+    def start(self) -> None:
+        if self._listener is None:
+            self.bind()
+        self._thread = threading.Thread(target=self._run, name="control", daemon=True)
+        self._thread.start()
+        _log.info("control socket %s", self.path)
+
+    def close(self) -> None:
+        """Stop serving (a request being run finishes first) and remove the socket file."""
+        if self._closed:
+            return
+        self._closed = True
+        os.eventfd_write(self._wake_fd, 1)
+        if self._thread is not None:
+            self._thread.join()
+        if self._listener is not None:
+            self._listener.close()
+            self._listener = None
+            self._unlink()
+        os.close(self._wake_fd)
+
+    def _unlink(self) -> None:
+        """Remove the socket file, unless it is no longer ours (another server replaced it)."""
+        try:
+            st = os.stat(self.path)
+            if self._ino is None or (st.st_dev, st.st_ino) == self._ino:
+                os.unlink(self.path)
+        except OSError:
+            pass
+
+    # -- the thread ----------------------------------------------------------------------------
+
+    def _run(self) -> None:
+        assert self._listener is not None
+        listener = self._listener
+        listener.setblocking(False)
+        sel = selectors.DefaultSelector()
+        sel.register(listener, selectors.EVENT_READ)
+        sel.register(self._wake_fd, selectors.EVENT_READ)
+        pending: dict[socket.socket, _Pending] = {}
+        try:
+            while True:
+                now = time.monotonic()
+                timeout = None
+                if pending:
+                    timeout = max(0.0, min(p.deadline for p in pending.values()) - now)
+                for key, _ in sel.select(timeout):
+                    if key.fileobj == self._wake_fd:
+                        return
+                    if key.fileobj is listener:
+                        self._accept(listener, sel, pending)
+                        continue
+                    sock: socket.socket = key.fileobj  # type: ignore[assignment]
+                    try:
+                        self._readable(sock, sel, pending)
+                    except Exception:  # noqa: BLE001 - one client must not end the socket
+                        _log.exception("control client failed")
+                        self._drop(sock, sel, pending)
+                now = time.monotonic()
+                for sock, p in list(pending.items()):
+                    if p.deadline <= now:
+                        _log.warning("control client sent no complete request in %g s; "
+                                     "dropped", self.read_timeout)
+                        self._drop(sock, sel, pending)
+        finally:
+            for sock in list(pending):
+                self._drop(sock, sel, pending)
+            sel.close()
+
+    def _accept(self, listener: socket.socket, sel: selectors.BaseSelector,
+                pending: dict[socket.socket, _Pending]) -> None:
+        for _ in range(self.max_pending):
+            try:
+                sock, _ = listener.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as e:
+                if e.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
+                    _log.warning("control accept failed: %s", e.strerror)
+                    time.sleep(0.1)  # out of descriptors: do not spin
+                    return
+                _log.warning("control accept failed: %s", e.strerror)
+                return
+            if len(pending) >= self.max_pending:
+                _log.warning("%d control clients waiting already; refusing one",
+                             self.max_pending)
+                sock.close()
+                continue
+            sock.setblocking(False)
+            pending[sock] = _Pending(sock, time.monotonic() + self.read_timeout)
+            sel.register(sock, selectors.EVENT_READ)
+
+    def _readable(self, sock: socket.socket, sel: selectors.BaseSelector,
+                  pending: dict[socket.socket, _Pending]) -> None:
+        p = pending[sock]
+        try:
+            data = sock.recv(4096)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError as e:
+            _log.info("control client failed: %s; request dropped", e.strerror or e)
+            self._drop(sock, sel, pending)
+            return
+        if data:
+            if not p.reader.feed(data):
+                return
+        else:
+            p.reader.eof()
+        sel.unregister(sock)
+        del pending[sock]
+        try:
+            if p.reader.incomplete:
+                _log.warning("control client left in the middle of a line; request dropped")
+            else:
+                self._answer(sock, p.reader)
+        finally:
+            sock.close()
+
+    def _answer(self, sock: socket.socket, reader: protocol.LineReader) -> None:
+        lines = reader.lines
+        what = lines[0][:40] if lines else "(nothing)"
+        if lines and lines[0] == "status":
+            _log.debug("control: %s", what)
+        else:
+            _log.info("control: %s%s", what,
+                      f" {' '.join(a[:60] for a in lines[1:])}" if len(lines) > 1 else "")
+        try:
+            reply = execute(lines, self.target)
+        except Exception:  # noqa: BLE001 - a failing request must not end the control socket
+            _log.exception("control request %r failed", what)
+            return
+        if reply.code:
+            _log.info("control: %s -> %d: %s", what, reply.code, reply.text)
+        try:
+            sock.setblocking(True)
+            sock.settimeout(REPLY_TIMEOUT)
+            sock.sendall(reply.encode())
+        except OSError as e:
+            _log.info("control client went away before its reply: %s", e.strerror or e)
+
+    @staticmethod
+    def _drop(sock: socket.socket, sel: selectors.BaseSelector,
+              pending: dict[socket.socket, _Pending]) -> None:
+        try:
+            sel.unregister(sock)
+        except (KeyError, ValueError):
+            pass
+        pending.pop(sock, None)
+        sock.close()
