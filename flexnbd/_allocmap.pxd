@@ -1,6 +1,7 @@
-# The allocation map for the compiled code: one bit per 4096-byte block, 1 = allocated (may hold
-# data), 0 = a hole (reads as zeroes). Marking, clearing and asking are inline C on atomic 64-bit
-# words, callable from any number of nogil threads at once.
+# Block bitmaps for the compiled code, inline C on atomic 64-bit words, callable from any number
+# of nogil threads at once. The allocation map is one: one bit per 4096-byte block, 1 = allocated
+# (may hold data), 0 = a hole (reads as zeroes). The mirror's dirty map and the listener's
+# coverage map are others (their block size may differ: ``shift``).
 
 from libc.stdint cimport uint64_t
 
@@ -19,12 +20,17 @@ cdef extern from *:
     { return __atomic_load_n(p, __ATOMIC_ACQUIRE); }
     static inline void flexnbd_store_release(int *p, int v)
     { __atomic_store_n(p, v, __ATOMIC_RELEASE); }
+    static inline unsigned long long flexnbd_xchg64(unsigned long long *p, unsigned long long v)
+    { return __atomic_exchange_n(p, v, __ATOMIC_ACQ_REL); }
     """
     void atomic_or64 "flexnbd_or64"(unsigned long long *p, unsigned long long v) nogil
     void atomic_and64 "flexnbd_and64"(unsigned long long *p, unsigned long long v) nogil
     unsigned long long atomic_load64 "flexnbd_load64"(const unsigned long long *p) nogil
     int load_acquire "flexnbd_load_acquire"(const int *p) nogil
     void store_release "flexnbd_store_release"(int *p, int v) nogil
+    unsigned long long atomic_xchg64 "flexnbd_xchg64"(unsigned long long *p,
+                                                      unsigned long long v) nogil
+    int popcount64 "__builtin_popcountll"(unsigned long long v) nogil
 
 cdef enum:
     BLOCK_SHIFT = 12
@@ -32,6 +38,7 @@ cdef enum:
 
 cdef struct amap_t:
     uint64_t size             # bytes covered
+    int shift                 # log2 of the block size
     uint64_t nblocks
     unsigned long long *words
     int complete              # set (release) once the builder has finished
@@ -65,22 +72,29 @@ cdef inline void amap_mark(amap_t *m, uint64_t offset, uint64_t length) noexcept
         return
     if length > m.size - offset:
         length = m.size - offset
-    amap_set_bits(m, offset >> BLOCK_SHIFT, (offset + length + BLOCK_SIZE - 1) >> BLOCK_SHIFT, 1)
+    amap_set_bits(m, offset >> m.shift, (offset + length + (1 << m.shift) - 1) >> m.shift, 1)
 
 
-cdef inline void amap_clear(amap_t *m, uint64_t offset, uint64_t length) noexcept nogil:
-    """Whole blocks inside [offset, offset+length) are holes (a partial last block of the
-    export counts as whole when the range reaches the end)."""
+cdef inline void amap_set_inside(amap_t *m, uint64_t offset, uint64_t length,
+                                 int value) noexcept nogil:
+    """Set or clear the whole blocks inside [offset, offset+length) (a partial last block of
+    the map counts as whole when the range reaches the end)."""
     cdef uint64_t first, last, end
+    cdef uint64_t bs = <uint64_t>1 << m.shift
     if length == 0 or offset >= m.size:
         return
     if length > m.size - offset:
         length = m.size - offset
     end = offset + length
-    first = (offset + BLOCK_SIZE - 1) >> BLOCK_SHIFT
-    last = (end + BLOCK_SIZE - 1) >> BLOCK_SHIFT if end == m.size else end >> BLOCK_SHIFT
+    first = (offset + bs - 1) >> m.shift
+    last = (end + bs - 1) >> m.shift if end == m.size else end >> m.shift
     if first < last:
-        amap_set_bits(m, first, last, 0)
+        amap_set_bits(m, first, last, value)
+
+
+cdef inline void amap_clear(amap_t *m, uint64_t offset, uint64_t length) noexcept nogil:
+    """Whole blocks inside [offset, offset+length) are holes."""
+    amap_set_inside(m, offset, length, 0)
 
 
 cdef inline int amap_block(amap_t *m, uint64_t block) noexcept nogil:
@@ -101,8 +115,8 @@ cdef inline uint64_t amap_run(amap_t *m, uint64_t offset, uint64_t length,
         allocated[0] = 1
         return length
     end = offset + length if length <= m.size - offset else m.size
-    block = offset >> BLOCK_SHIFT
-    end_block = (end + BLOCK_SIZE - 1) >> BLOCK_SHIFT
+    block = offset >> m.shift
+    end_block = (end + (<uint64_t>1 << m.shift) - 1) >> m.shift
     state = amap_block(m, block)
     want = ~<unsigned long long>0 if state else 0
     b = block + 1
@@ -114,14 +128,59 @@ cdef inline uint64_t amap_run(amap_t *m, uint64_t offset, uint64_t length,
             break
         b += 1
     allocated[0] = state
-    if (b << BLOCK_SHIFT) >= end:
+    if (b << m.shift) >= end:
         return end - offset if end - offset <= length else length
-    return (b << BLOCK_SHIFT) - offset
+    return (b << m.shift) - offset
 
 
 cdef inline int amap_all_allocated(amap_t *m, uint64_t offset, uint64_t length) noexcept nogil:
     cdef int allocated
     return amap_run(m, offset, length, &allocated) >= length and allocated
+
+
+cdef inline uint64_t amap_take_run(amap_t *m, uint64_t from_offset, uint64_t max_length,
+                                   uint64_t *start) noexcept nogil:
+    """Find the first set block at or after from_offset, clear the run of set blocks that
+    starts there (at most max_length bytes, at least one block) and return its length in bytes,
+    its offset in start[0]; 0 when no block is set. Used to drain the dirty map: a writer marks
+    after its write lands, so a block cleared here is read afterwards or marked again."""
+    cdef uint64_t b = from_offset >> m.shift
+    cdef uint64_t e, limit, end
+    while b < m.nblocks:
+        if (b & 63) == 0 and atomic_load64(&m.words[b >> 6]) == 0:
+            b += 64
+            continue
+        if amap_block(m, b):
+            break
+        b += 1
+    if b >= m.nblocks:
+        return 0
+    limit = b + (max_length >> m.shift)
+    if limit <= b:
+        limit = b + 1
+    e = b + 1
+    while e < m.nblocks and e < limit and amap_block(m, e):
+        e += 1
+    amap_set_bits(m, b, e, 0)
+    start[0] = b << m.shift
+    end = e << m.shift
+    if end > m.size:
+        end = m.size
+    return end - start[0]
+
+
+cdef inline uint64_t amap_count(amap_t *m) noexcept nogil:
+    """How many blocks are set."""
+    cdef uint64_t i, n = 0
+    for i in range((m.nblocks + 63) >> 6):
+        n += popcount64(atomic_load64(&m.words[i]))
+    return n
+
+
+cdef inline void amap_reset(amap_t *m) noexcept nogil:
+    cdef uint64_t i
+    for i in range((m.nblocks + 63) >> 6):
+        atomic_and64(&m.words[i], 0)
 
 
 cdef inline void amap_write_lock(amap_t *m) noexcept nogil:

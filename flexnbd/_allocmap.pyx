@@ -95,10 +95,11 @@ cdef int build_seek(amap_t *m, int fd, int delay_ms, uint64_t *count) noexcept n
 cdef class AllocationMap:
     """One bit per block for ``size`` bytes; starts empty and incomplete."""
 
-    def __cinit__(self, uint64_t size):
+    def __cinit__(self, uint64_t size, int shift=BLOCK_SHIFT):
         cdef pthread_rwlockattr_t attr
         self.m.size = size
-        self.m.nblocks = (size + BLOCK_SIZE - 1) >> BLOCK_SHIFT
+        self.m.shift = shift
+        self.m.nblocks = (size + (<uint64_t>1 << shift) - 1) >> shift
         self.m.words = <unsigned long long *>calloc((self.m.nblocks + 63) // 64 + 1, 8)
         if self.m.words == NULL:
             raise MemoryError()
@@ -183,6 +184,31 @@ cdef class AllocationMap:
             offset += n
             left -= n
         return out
+
+    def take_run(self, uint64_t from_offset, uint64_t max_length):
+        """Clear and return the next run of set blocks as (offset, length), or None."""
+        cdef uint64_t start = 0
+        cdef uint64_t n
+        with nogil:
+            n = amap_take_run(&self.m, from_offset, max_length, &start)
+        return (start, n) if n else None
+
+    def count_bytes(self):
+        """Bytes in set blocks (the last block may count in full)."""
+        cdef uint64_t n
+        with nogil:
+            n = amap_count(&self.m)
+        return min(n << self.m.shift, self.m.size)
+
+    def reset(self):
+        amap_reset(&self.m)
+
+    def set_all(self):
+        amap_mark(&self.m, 0, self.m.size)
+
+    def set_complete(self):
+        """For maps that need no build (dirty and coverage maps)."""
+        store_release(&self.m.complete, 1)
 
     def allocated_bytes(self):
         return sum(n for _, n, a in self.extents() if a)

@@ -25,6 +25,14 @@ from flexnbd import errors, wire
 
 _log = logging.getLogger("flexnbd.core")
 
+cdef extern from *:
+    """
+    static inline void *flexnbd_load_ptr(void **p) { return __atomic_load_n(p, __ATOMIC_ACQUIRE); }
+    static inline void flexnbd_store_ptr(void **p, void *v) { __atomic_store_n(p, v, __ATOMIC_RELEASE); }
+    """
+    void *load_ptr "flexnbd_load_ptr"(void **p) nogil
+    void store_ptr "flexnbd_store_ptr"(void **p, void *v) nogil
+
 DEF INBUF_SIZE = 256 * 1024      # request headers and small payloads, read in bulk
 DEF BUF_SIZE = 1024 * 1024       # large payload chunks, zero-fill
 DEF OUTBUF_SIZE = 256 * 1024     # batched replies (headers, and the data of small reads)
@@ -172,6 +180,7 @@ cdef struct export_t:
     int can_punch            # fallocate PUNCH_HOLE works (learned; 0 once it failed)
     int can_zero_range       # fallocate ZERO_RANGE works (learned; 0 once it failed)
     amap_t *amap             # the allocation map, or NULL
+    void *dirty              # amap_t* of the mirror's dirty map while mirroring, else NULL
 
 
 cdef class Export:
@@ -180,6 +189,7 @@ cdef class Export:
     cdef export_t ex
     cdef readonly object path
     cdef readonly AllocationMap allocmap
+    cdef AllocationMap dirty_map    # kept for the Export's lifetime: writers may still hold it
 
     def __cinit__(self, int fd, uint64_t size, bint read_only, path,
                   AllocationMap allocmap=None):
@@ -199,6 +209,19 @@ cdef class Export:
     @property
     def read_only(self):
         return bool(self.ex.read_only)
+
+    def track_dirty(self, bint on):
+        """Start (on) or stop recording every completed write, trim and zero in the dirty map,
+        which is returned (the same map every time; emptied when tracking starts)."""
+        if self.dirty_map is None:
+            self.dirty_map = AllocationMap(self.ex.size)
+            self.dirty_map.set_complete()
+        if on:
+            self.dirty_map.reset()
+            store_ptr(&self.ex.dirty, &self.dirty_map.m)
+        else:
+            store_ptr(&self.ex.dirty, NULL)
+        return self.dirty_map
 
     @property
     def can_punch(self):
@@ -248,6 +271,8 @@ cdef struct conn_t:
     size_t out_len
     int pipe_r               # a pipe for splicing WRITE payloads socket -> file (-1: none)
     int pipe_w
+    amap_t *coverage         # listen mode: blocks written in this session, or NULL
+    uint64_t errors          # requests answered with an error
     int corked               # TCP_CORK is on: replies of a batch of requests leave together
     # how it ended
     int reason
@@ -410,6 +435,8 @@ cdef int recv_exact(conn_t *c, char *dst, size_t n) noexcept nogil:
 cdef int reply_simple(conn_t *c, const request_t *r, uint32_t error) noexcept nogil:
     cdef char h[SIMPLE_REPLY_SIZE]
     cdef uint32_t u32
+    if error:
+        c.errors += 1
     u32 = htobe32(SIMPLE_REPLY_MAGIC)
     memcpy(h, &u32, 4)
     u32 = htobe32(error)
@@ -439,6 +466,7 @@ cdef int reply_error(conn_t *c, const request_t *r, uint32_t error) noexcept nog
     cdef uint32_t u32
     if not (c.lim.structured and r.type == CMD_READ):
         return reply_simple(c, r, error)
+    c.errors += 1
     chunk_header(h, r, REPLY_FLAG_DONE, REPLY_TYPE_ERROR, 6)
     u32 = htobe32(error)
     memcpy(h + CHUNK_HEADER_SIZE, &u32, 4)
@@ -739,6 +767,17 @@ cdef int splice_to_file(conn_t *c, size_t n, uint64_t offset, int *io_err) noexc
     return 0
 
 
+cdef inline void written(conn_t *c, uint64_t offset, uint64_t length, int covers) noexcept nogil:
+    """A write-type request completed: tell the mirror (after the data landed, so that a
+    concurrent dirty-map drain either reads the new data or sees the block marked again) and,
+    in listen mode, record the coverage."""
+    cdef amap_t *dirty = <amap_t *>load_ptr(&c.ex.dirty)
+    if dirty != NULL:
+        amap_mark(dirty, offset, length)
+    if covers and c.coverage != NULL:
+        amap_set_inside(c.coverage, offset, length, 1)
+
+
 cdef int do_write(conn_t *c, const request_t *r, int error) noexcept nogil:
     """Receive the payload into the file (or drain it when ``error`` is set), then reply.
 
@@ -787,6 +826,8 @@ cdef int do_write(conn_t *c, const request_t *r, int error) noexcept nogil:
     if io_err:
         log_io_error(c, r, io_err)
         error = nbd_error(io_err)
+    if not error:
+        written(c, r.offset, r.length, 1)
     return 0 if reply_simple(c, r, error) == 0 else REASON_VANISHED
 
 
@@ -871,6 +912,8 @@ cdef int do_command(conn_t *c, const request_t *r) noexcept nogil:
     if e == 0 and (r.flags & CMD_FLAG_FUA) and (cmd == CMD_TRIM or cmd == CMD_WRITE_ZEROES):
         if fdatasync(c.ex.fd) < 0:
             e = errno
+    if e == 0 and (cmd == CMD_TRIM or cmd == CMD_WRITE_ZEROES):
+        written(c, r.offset, r.length, cmd == CMD_WRITE_ZEROES)
     if e:
         if e == ENOTSUP and cmd == CMD_WRITE_ZEROES and (r.flags & CMD_FLAG_FAST_ZERO):
             return NBD_ENOTSUP
@@ -951,10 +994,13 @@ cdef class Connection:
 
     cdef conn_t c
     cdef Export export
+    cdef AllocationMap coverage
 
     def __cinit__(self, int sock, Export export, *, int stop_fd=-1, bint structured=False,
-                  bint meta_context=False):
+                  bint meta_context=False, AllocationMap coverage=None):
         self.export = export
+        self.coverage = coverage
+        self.c.coverage = &coverage.m if coverage is not None else NULL
         self.c.sock = sock
         self.c.stop_fd = stop_fd
         self.c.kick_fd = eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK)
@@ -1011,6 +1057,11 @@ cdef class Connection:
     @property
     def requests(self):
         return self.c.requests
+
+    @property
+    def errors(self):
+        """Requests answered with an error so far."""
+        return self.c.errors
 
 
 def monotonic_ns():
@@ -1186,3 +1237,117 @@ def client_copy(int sock, int fd, uint64_t offset, uint64_t size, bint writing):
         raise errors.FlexnbdError("the input ended before SIZE bytes were read")
     name = wire.ERROR_NAMES.get(remote, f"error {remote}")
     raise errors.RemoteError(remote, name, f"the server answered {name}")
+
+
+# --------------------------------------------------------------------------------------------
+# Mirror sender: push a range of the export to a destination server (simple replies).
+
+# Largest request the mirror sends.
+DEF MIRROR_MAX_REQUEST = 8 * 1024 * 1024
+DEF ZERO_BUF_SIZE = 256 * 1024
+
+
+cdef int send_zero_payload(int sock, const char *zeroes, uint64_t n) noexcept nogil:
+    cdef size_t k
+    cdef int rc
+    while n > 0:
+        k = ZERO_BUF_SIZE if n > ZERO_BUF_SIZE else <size_t>n
+        rc = sock_send_all(sock, zeroes, k, MSG_MORE if n > k else 0)
+        if rc:
+            return rc
+        n -= k
+    return 0
+
+
+cdef int send_file_payload(int sock, int fd, uint64_t offset, uint64_t n) noexcept nogil:
+    cdef off_t off = <off_t>offset
+    cdef ssize_t k
+    while n > 0:
+        k = sendfile(sock, fd, &off, <size_t>n)
+        if k < 0:
+            if errno == EINTR:
+                continue
+            return -errno
+        if k == 0:
+            return -EIO
+        n -= k
+    return 0
+
+
+cdef int mirror_range(int sock, export_t *ex, uint64_t offset, uint64_t length, int zeroes,
+                      const char *zbuf, uint64_t *wire_bytes, uint32_t *remote) noexcept nogil:
+    """Send [offset, offset+length) as WRITE (data, from the file with sendfile) and, for holes
+    of the allocation map, WRITE_ZEROES (when ``zeroes``) or WRITE of zeroes; then check every
+    reply (cookie .MIRROR., error 0). 0 or a client outcome (C_*, or -errno)."""
+    cdef char h[REQUEST_SIZE]
+    cdef uint64_t cookie
+    cdef uint64_t n
+    cdef int allocated, rc
+    cdef uint32_t pending = 0
+    memcpy(&cookie, b".MIRROR.", 8)
+    while length > 0:
+        if ex.amap != NULL:
+            n = amap_run(ex.amap, offset, length, &allocated)
+        else:
+            n, allocated = length, 1
+        if n == 0 or n > length:
+            n = length
+        if n > MIRROR_MAX_REQUEST:
+            n = MIRROR_MAX_REQUEST
+        if allocated or not zeroes:
+            make_request(h, CMD_WRITE, 0, cookie, offset, <uint32_t>n)
+            rc = sock_send_all(sock, h, REQUEST_SIZE, MSG_MORE)
+            if rc == 0:
+                if allocated:
+                    rc = send_file_payload(sock, ex.fd, offset, n)
+                else:
+                    rc = send_zero_payload(sock, zbuf, n)
+            wire_bytes[0] += REQUEST_SIZE + n
+        else:
+            make_request(h, CMD_WRITE_ZEROES, 0, cookie, offset, <uint32_t>n)
+            rc = sock_send_all(sock, h, REQUEST_SIZE, 0)
+            wire_bytes[0] += REQUEST_SIZE
+        if rc:
+            return rc
+        pending += 1
+        offset += n
+        length -= n
+    while pending > 0:
+        rc = read_reply(sock, cookie, remote)
+        wire_bytes[0] += SIMPLE_REPLY_SIZE
+        if rc:
+            return rc
+        pending -= 1
+    return C_OK
+
+
+cdef char *_zero_buffer = <char *>calloc(ZERO_BUF_SIZE, 1)
+
+
+def mirror_send(int sock, Export export, uint64_t offset, uint64_t length, bint zeroes):
+    """Mirror one range of ``export`` to the destination on ``sock`` (transmission phase,
+    simple replies, timeouts set on the socket). Returns the bytes that crossed the wire.
+    Raises ProtocolError (bad reply), RemoteError (error reply), PeerClosed, TimeoutError,
+    OSError."""
+    cdef uint32_t remote = 0
+    cdef uint64_t wire_bytes = 0
+    cdef int rc
+    if offset > export.ex.size or length > export.ex.size - offset:
+        raise ValueError("range beyond the export")
+    with nogil:
+        rc = mirror_range(sock, &export.ex, offset, length, zeroes, _zero_buffer, &wire_bytes,
+                          &remote)
+    if rc == C_OK:
+        return wire_bytes
+    if rc == -EAGAIN:
+        raise TimeoutError("the destination did not answer in time")
+    if rc < 0:
+        raise OSError(-rc, os.strerror(-rc))
+    if rc == C_CLOSED:
+        raise errors.PeerClosed("the destination closed the connection")
+    if rc == C_BAD_MAGIC:
+        raise errors.ProtocolError("the destination sent a reply with a bad magic")
+    if rc == C_BAD_COOKIE:
+        raise errors.ProtocolError("the destination sent a reply with a bad cookie")
+    name = wire.ERROR_NAMES.get(remote, f"error {remote}")
+    raise errors.RemoteError(remote, name, f"the destination answered {name}")
