@@ -1,0 +1,1 @@
+"""Scripts run by the system python (python3-libnbd), and data helpers they share."""
