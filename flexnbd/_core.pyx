@@ -394,9 +394,10 @@ cdef int fill_inbuf(conn_t *c, size_t need, int idle) noexcept nogil:
             if errno == EINTR or errno == EAGAIN:
                 continue
             c.err = errno
-            return REASON_VANISHED
+            # A reset between requests is a client that closed abruptly, not a lost request.
+            return REASON_CLOSED if (idle and c.in_len == 0) else REASON_VANISHED
         if k == 0:
-            return REASON_CLOSED if c.in_len == 0 else REASON_VANISHED
+            return REASON_CLOSED if (idle and c.in_len == 0) else REASON_VANISHED
         c.in_len += k
     return 0
 

@@ -285,7 +285,7 @@ class Server:
             self._report(client, client.connection.serve())
         except HandshakeError as e:
             _log.warning("%s: bad handshake: %s", client.name, e)
-        except PeerClosed:
+        except (PeerClosed, ConnectionResetError, BrokenPipeError):
             _log.info("%s closed the connection during the handshake", client.name)
         except TimeoutError:
             _log.warning("%s: handshake timed out", client.name)
