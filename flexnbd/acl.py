@@ -4,7 +4,9 @@ Entries are IPv4 or IPv6 addresses with an optional ``/prefix`` (1-32 for IPv4, 
 IPv6; no prefix means the single address). Host bits below the prefix are ignored, so
 ``10.1.2.3/8`` means ``10.0.0.0/8``. A peer is allowed when it matches any entry; an
 IPv4-mapped IPv6 peer (``::ffff:a.b.c.d``, as seen by a server listening on ``::``) matches IPv4
-entries as the IPv4 address it carries. An empty ACL allows everyone, or no one when the server
+entries as the IPv4 address it carries; the other way round, IPv6 entries see an IPv4 peer as
+its v4-mapped address, so a peer gets the same answer whether the server listens on ``0.0.0.0``
+or on ``::``. An empty ACL allows everyone, or no one when the server
 runs with ``--default-deny``; that choice belongs to the server and survives every replacement of
 the entries through the control socket.
 

@@ -116,6 +116,10 @@ def start_server(tmp_path):
                           "127.0.0.1" if host == "0.0.0.0" else host)
             if sock:
                 wait_for_path(path, proc)
+                # The readiness probe counts as a client until the server sees it closed.
+                deadline = time.monotonic() + 15
+                while status(path)["num_clients"] != "0" and time.monotonic() < deadline:
+                    time.sleep(0.01)
         return proc  # type: ignore[return-value]
     yield start
     for proc in started:
