@@ -63,12 +63,30 @@ def unix_listener(path: str, backlog: int = 64) -> socket.socket:
         if _unix_socket_is_live(path):
             raise FlexnbdError(f"{path} is already in use by a running server")
         os.unlink(path)
+    # Bind and listen under a temporary name, then link it into place: the socket file appears
+    # only once connections to it are accepted (between bind() and listen() they are refused).
+    tmp = f"{path}.{os.getpid()}.tmp"
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
-        sock.bind(path)
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        sock.bind(tmp)
         sock.listen(backlog)
+        try:
+            os.link(tmp, path)       # fails if another server took the name meanwhile
+        finally:
+            os.unlink(tmp)
+    except FileExistsError:
+        sock.close()
+        raise FlexnbdError(f"{path} is already in use by a running server") from None
     except OSError as e:
         sock.close()
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
         raise FlexnbdError(f"cannot listen on {path}: {e.strerror}") from None
     return sock
 
