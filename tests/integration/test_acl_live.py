@@ -5,6 +5,8 @@ listening on ``::``; ``--default-deny``; replacing the ACL kicks clients it no l
 
 from __future__ import annotations
 
+import time
+
 import pytest
 
 from tests.fakes.rawclient import RawClient, wait_until
@@ -152,6 +154,7 @@ def test_replacement_lets_the_current_request_finish(start_server, make_file):
     try:
         c.handshake()
         cookie = c.send_request(wire.CMD_WRITE, 0, 8192, payload=b"\x77" * 4096)
+        time.sleep(0.5)  # the server has begun the request (read its header)
         assert cu.control(srv.sock, "acl", "127.0.0.1") == "0: updated\n"
         c.send(b"\x77" * 4096)  # the rest of the payload
         reply = c.recv_reply()

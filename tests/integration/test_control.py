@@ -579,7 +579,7 @@ def test_requests_during_shutdown(start_server, make_file):
         client.handshake()
         # A WRITE whose payload is half sent: the request is running.
         cookie = client.send_request(wire.CMD_WRITE, 0, 8192, payload=b"\x11" * 4096)
-        time.sleep(0.3)
+        time.sleep(0.5)  # the server has begun the request (read its header)
         srv.signal(signal.SIGTERM)
         # Listener closed, control socket still up and answering.
         assert wait_until(lambda: _port_closed(srv.port))

@@ -91,7 +91,7 @@ def test_ordered_shutdown_finishes_the_current_request(start_server, make_file):
         busy.handshake()
         idle.handshake()
         cookie = busy.send_request(wire.CMD_WRITE, 4096, 8192, payload=b"\x33" * 1000)
-        time.sleep(0.2)
+        time.sleep(0.5)  # the server has begun the request (read its header)
         srv.signal(signal.SIGTERM)
         # The idle client is let go at once; the listener closes; the process waits.
         assert idle.is_closed_by_server()
