@@ -51,8 +51,10 @@ cdef int build_fiemap(amap_t *m, int fd, int delay_ms, uint64_t *count) noexcept
             break
         for i in range(fm.fm_mapped_extents):
             e = &fm.fm_extents[i]
-            amap_mark(m, e.fe_logical, e.fe_length)
-            count[0] += 1
+            # Unwritten (preallocated) extents read as zeroes: holes, as SEEK_DATA sees them.
+            if not (e.fe_flags & FIEMAP_EXTENT_UNWRITTEN):
+                amap_mark(m, e.fe_logical, e.fe_length)
+                count[0] += 1
             if e.fe_flags & FIEMAP_EXTENT_LAST:
                 done = 1
         e = &fm.fm_extents[fm.fm_mapped_extents - 1]
@@ -81,7 +83,7 @@ cdef int build_seek(amap_t *m, int fd, int delay_ms, uint64_t *count) noexcept n
             return 0
         first = 0
         hole = lseek(fd, data, SEEK_HOLE)
-        if hole < 0:
+        if hole <= data:                # an error, or no progress: assume data from here
             amap_mark(m, data, m.size - data)
             return 0
         amap_mark(m, data, hole - data)

@@ -654,18 +654,25 @@ cdef int do_block_status(conn_t *c, const request_t *r) noexcept nogil:
     return 0
 
 
-cdef inline int is_zero_block(const char *p) noexcept nogil:
-    cdef const uint64_t *w = <const uint64_t *>p
-    cdef int i
-    for i in range(BLOCK_SIZE // 8):
-        if w[i]:
+cdef inline int is_zero(const char *p, size_t n) noexcept nogil:
+    cdef size_t i = 0
+    cdef uint64_t w
+    while i + 8 <= n:
+        memcpy(&w, p + i, 8)
+        if w:
             return 0
+        i += 8
+    while i < n:
+        if p[i]:
+            return 0
+        i += 1
     return 1
 
 
 cdef int write_data(conn_t *c, const char *p, size_t n, uint64_t offset, int fua) noexcept nogil:
-    """Write client data: whole 4 KiB blocks that are all zero and land on holes are skipped
-    (the file stays sparse); the blocks written are marked allocated. 0 or an errno."""
+    """Write client data: a piece that is all zero and lands in a hole (an unallocated block,
+    which reads as zeroes and stays so) is skipped, so the file stays sparse; the blocks
+    written are marked allocated. 0 or an errno."""
     cdef amap_t *m = c.ex.amap
     cdef size_t pos = 0, run = 0, step
     cdef uint64_t at
@@ -679,16 +686,15 @@ cdef int write_data(conn_t *c, const char *p, size_t n, uint64_t offset, int fua
     else:
         while pos < n and rc == 0:
             at = offset + pos
-            step = BLOCK_SIZE - (at & (BLOCK_SIZE - 1))
-            if step == BLOCK_SIZE and pos + BLOCK_SIZE <= n and \
-                    not amap_block(m, at >> BLOCK_SHIFT) and is_zero_block(p + pos):
+            step = BLOCK_SIZE - (at & (BLOCK_SIZE - 1))     # to the end of this block
+            if step > n - pos:
+                step = n - pos
+            if not amap_block(m, at >> BLOCK_SHIFT) and is_zero(p + pos, step):
                 if pos > run:
                     amap_mark(m, offset + run, pos - run)
                     rc = write_range(c, p + run, pos - run, offset + run, fua)
-                pos += BLOCK_SIZE
-                run = pos
-                continue
-            pos = pos + step if pos + step < n else n
+                run = pos + step
+            pos += step
         if rc == 0 and pos > run:
             amap_mark(m, offset + run, pos - run)
             rc = write_range(c, p + run, pos - run, offset + run, fua)
@@ -998,7 +1004,7 @@ cdef class Connection:
     cdef AllocationMap coverage
 
     def __cinit__(self, int sock, Export export, *, int stop_fd=-1, bint structured=False,
-                  bint meta_context=False, AllocationMap coverage=None):
+                  bint meta_context=False, bint fast_zero=False, AllocationMap coverage=None):
         self.export = export
         self.coverage = coverage
         self.c.coverage = &coverage.m if coverage is not None else NULL
@@ -1017,7 +1023,7 @@ cdef class Connection:
         self.c.lim.read_only = export.ex.read_only
         self.c.lim.structured = structured
         self.c.lim.meta_context = meta_context
-        self.c.lim.fast_zero = export.ex.can_punch
+        self.c.lim.fast_zero = fast_zero and export.ex.can_punch
         self.c.inbuf = <char *>malloc(INBUF_SIZE)
         self.c.buf = <char *>malloc(BUF_SIZE)
         self.c.outbuf = <char *>malloc(OUTBUF_SIZE)

@@ -169,6 +169,7 @@ cdef extern from "<linux/fiemap.h>" nogil:
     enum:
         FIEMAP_FLAG_SYNC
         FIEMAP_EXTENT_LAST
+        FIEMAP_EXTENT_UNWRITTEN
     const uint64_t FIEMAP_MAX_OFFSET
 
 cdef extern from "<pthread.h>" nogil:

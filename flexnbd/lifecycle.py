@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import signal
 import threading
+from collections.abc import Callable
 from typing import Protocol
 
 from flexnbd import log, notify
@@ -70,6 +71,8 @@ class StopSignals:
 
 
 class Runnable(Protocol):
+    request_stop: Callable[[str], None]
+
     def start(self) -> None: ...
 
     def stop(self) -> None: ...
@@ -80,6 +83,7 @@ class Runnable(Protocol):
 def run(server: Runnable, signals: StopSignals) -> int:
     """Start the server, report readiness, serve until a stop signal, stop in order; the
     exit status."""
+    server.request_stop = signals.request_stop
     server.start()
     _notified(notify.ready())
     signals.wait()

@@ -14,7 +14,7 @@ import os
 import selectors
 import socket
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from flexnbd import _allocmap, _core, acl, log, sockets
 from flexnbd.config import ServeConfig
@@ -22,7 +22,9 @@ from flexnbd.control import protocol as control_protocol
 from flexnbd.control.server import ControlServer
 from flexnbd.errors import FlexnbdError, HandshakeError, PeerClosed
 from flexnbd.handshake import ExportInfo, serve_handshake
-from flexnbd.status import Status
+from flexnbd.migration import listen
+from flexnbd.migration.mirror import STARTED, Mirror, MirrorParams
+from flexnbd.status import Migration, Status
 
 _log = log.get("server")
 
@@ -77,6 +79,15 @@ class Server:
         self._watchdog: threading.Thread | None = None
         self._watchdog_stop = threading.Event()
         self._unix_bound = False
+        # Migration (source side). The lock is held around a mirror's start and its endgame,
+        # and by stop(): a stop signal either prevents a start or waits for the finish.
+        self.file = config.file
+        self.migration_lock = threading.Lock()
+        self.mirror: Mirror | None = None
+        self.migrated = False            # a mirror completed with action exit or unlink
+        self.stopped_while_mirroring = False
+        # How the server asks its process to stop (set by flexnbd.lifecycle.run).
+        self.request_stop: Callable[[str], None] = lambda reason: None
 
     # -- lifecycle -------------------------------------------------------------------------
 
@@ -159,12 +170,21 @@ class Server:
             return len(self._clients)
 
     def stop(self) -> None:
-        """Stop accepting, let clients finish their current request, close everything."""
-        with self._lock:
-            if self.stopping:
-                return
-            self.stopping = True
-            clients = list(self._clients)
+        """Stop accepting, let clients finish their current request, close everything.
+
+        A running mirror is stopped (its data did not move: exit status 1); a mirror in its
+        endgame is waited for (the migration lock)."""
+        with self.migration_lock:
+            if self.mirror is not None and self.mirror.running:
+                self.stopped_while_mirroring = True
+                self.mirror.stop()
+            with self._lock:
+                if self.stopping:
+                    return
+                self.stopping = True
+                clients = list(self._clients)
+        if self.mirror is not None:
+            self.mirror.join()
         os.eventfd_write(self._stop_fd, 1)
         if self._accept_thread:
             self._accept_thread.join()
@@ -192,7 +212,9 @@ class Server:
         listen mode, if no migration completed."""
         if self.config.mode == "listen":
             return 0 if self.has_control else 1
-        return 1 if self.is_mirroring else 0
+        if self.migrated:
+            return 0
+        return 1 if self.stopped_while_mirroring else 0
 
     def _wait_clients(self, timeout: float) -> bool:
         deadline = _core.monotonic_ns() + int(timeout * 1e9)
@@ -274,15 +296,21 @@ class Server:
                 _log.info("%s left during the handshake", client.name)
                 return
             sock.settimeout(None)
+            coverage = listen.new_coverage(self.size) if self.config.mode == "listen" else None
             with self._lock:
                 if self.stopping:
                     return
                 client.connection = _core.Connection(
                     sock.fileno(), self.export, stop_fd=self._stop_fd,
-                    structured=agreed.structured, meta_context=agreed.meta_context)
+                    structured=agreed.structured, meta_context=agreed.meta_context,
+                    fast_zero=agreed.style == "newstyle" and self.export.can_punch,
+                    coverage=coverage)
             _log.info("%s connected (%s%s)", client.name, agreed.style,
                       ", structured replies" if agreed.structured else "")
-            self._report(client, client.connection.serve())
+            result = client.connection.serve()
+            self._report(client, result)
+            if coverage is not None:
+                self._listen_session_ended(client, result, coverage)
         except HandshakeError as e:
             _log.warning("%s: bad handshake: %s", client.name, e)
         except (PeerClosed, ConnectionResetError, BrokenPipeError):
@@ -298,20 +326,84 @@ class Server:
                 self._clients.discard(client)
             sock.close()
 
+    # -- listen mode -----------------------------------------------------------------------
+
+    def _listen_session_ended(self, client: _Client, result: _core.ServeResult,
+                              coverage: _allocmap.AllocationMap) -> None:
+        assert client.connection is not None
+        why_not = listen.session_outcome(result, coverage, client.connection.errors, self.size)
+        if why_not is not None:
+            _log.warning("%s: no migration completed: %s; waiting for the next sender",
+                         client.name, why_not)
+            return
+        try:
+            os.fdatasync(self.fd)
+        except OSError as e:
+            _log.critical("migration received but %s could not be synced: %s", self.file,
+                          e.strerror)
+            self.request_stop("sync failure")
+            return
+        self.has_control = True
+        _log.info("migration completed: %s received all %d bytes from %s", self.file,
+                  self.size, client.name)
+        self.request_stop("migration completed")
+
+    # -- the mirror's host interface (flexnbd.migration.mirror.MirrorHost) ----------------
+
+    def forbid_clients(self) -> None:
+        """Refuse new clients; disconnect the connected ones after their current request and
+        wait until they are gone (a client stuck mid-request is cut after the stop grace)."""
+        with self._lock:
+            self.clients_allowed = False
+            clients = list(self._clients)
+        for client in clients:
+            if client.connection is not None:
+                client.connection.kick()
+            else:
+                _shutdown(client.sock)
+        if not self._wait_clients(self.config.stop_grace):
+            with self._lock:
+                clients = list(self._clients)
+            for client in clients:
+                _shutdown(client.sock)
+            self._wait_clients(5.0)
+
+    def allow_clients(self) -> None:
+        with self._lock:
+            self.clients_allowed = True
+
+    def close_listeners(self) -> None:
+        """Stop serving NBD: the accept loop ends and the listeners close."""
+        os.eventfd_write(self._stop_fd, 1)
+        if self._accept_thread:
+            self._accept_thread.join()
+        self._close_listeners()
+
+    def mirror_finished(self, mirror: Mirror, completed: bool) -> None:
+        if completed and mirror.params.action in ("exit", "unlink"):
+            self.migrated = True
+            self.request_stop("migration completed")
+
     # -- the control socket's interface (flexnbd.control.server.ControlTarget) -------------
 
     @property
     def is_mirroring(self) -> bool:
-        return False  # migration is not built yet
+        return self.mirror is not None and self.mirror.running
 
     @property
     def handshake(self) -> str:
         return "oldstyle" if self.config.oldstyle else "newstyle"
 
     def status(self) -> Status:
+        mirror = self.mirror
+        migration = None
+        if mirror is not None and mirror.running:
+            migration = Migration(speed=mirror.speed(), duration=mirror.duration(),
+                                  seconds_left=max(mirror.seconds_left(), 0),
+                                  bytes_left=mirror.bytes_left(), speed_limit=mirror.max_bps)
         return Status(pid=os.getpid(), size=self.size, is_mirroring=self.is_mirroring,
                       clients_allowed=self.clients_allowed, num_clients=self.num_clients,
-                      has_control=self.has_control,
+                      has_control=self.has_control, migration=migration,
                       allocation_map_method=self.allocation_map_method,
                       handshake=self.handshake)
 
@@ -332,17 +424,42 @@ class Server:
             _log.warning("%s is no longer allowed by the ACL; disconnecting it", client.name)
 
     def start_mirror(self, command: control_protocol.MirrorCommand) -> control_protocol.Reply:
-        if self.stopping:
-            return control_protocol.SHUTTING_DOWN
-        _log.warning("mirror to %s port %d: migration is not available in this version",
-                     command.ip, command.port)
-        return control_protocol.MIRRORING_ABANDONED
+        with self.migration_lock:
+            if self.stopping:
+                return control_protocol.SHUTTING_DOWN
+            if self.mirror is not None and (self.mirror.running or self.migrated):
+                return control_protocol.MIRROR_RUNNING
+            if not self.has_control:
+                # A listener that has not received its migration has nothing to send.
+                return control_protocol.MIRRORING_ABANDONED
+            mirror = Mirror(self, MirrorParams(command.ip, command.port, command.action,
+                                               command.bind, command.max_bps))
+            self.mirror = mirror
+            mirror.running = True
+        _log.info("mirror to %s port %d (action %s) requested", command.ip, command.port,
+                  command.action)
+        text = mirror.start()
+        return control_protocol.Reply(0 if text == STARTED else 1, text)
 
     def set_mirror_max_bps(self, max_bps: int | None) -> control_protocol.Reply:
-        return control_protocol.NOT_CURRENTLY_MIRRORING
+        mirror = self.mirror
+        if mirror is None or not mirror.running:
+            return control_protocol.NOT_CURRENTLY_MIRRORING
+        mirror.set_max_bps(max_bps)
+        return control_protocol.UPDATED
 
     def break_mirror(self) -> control_protocol.Reply:
-        return control_protocol.NOT_MIRRORING
+        with self.migration_lock:      # never in the middle of an endgame
+            mirror = self.mirror
+            if mirror is None:
+                return control_protocol.NOT_MIRRORING
+            if mirror.completed:
+                return control_protocol.MIRROR_COMPLETED
+            if not mirror.running:
+                return control_protocol.NOT_MIRRORING
+            mirror.stop()
+        mirror.join()
+        return control_protocol.MIRROR_STOPPED
 
     # -- killswitch ------------------------------------------------------------------------
 

@@ -1,0 +1,353 @@
+"""The mirror: the source side of a migration (SPEC §6.2).
+
+A supervisor thread runs attempts until one completes or ``stop()`` (the control ``break``) ends
+it. An attempt:
+
+1. connects to the destination (15 s), reads its greeting (5 s), checks the size; the outcome of
+   the FIRST attempt is the control reply, and a first attempt that fails ends the mirror;
+2. waits for the allocation map, then turns on dirty tracking (the hot path marks every
+   completed write, trim and zero in a dirty bitmap);
+3. first pass: the whole export in chunks of at most 8 MiB; data as WRITE (sendfile), holes as
+   WRITE_ZEROES when the destination offers it, else as WRITE of zeroes;
+4. dirty passes: drains the dirty bitmap and resends what it names, until nothing is left, the
+   estimated time left is under 5 s, or MAX_DIRTY_PASSES passes did not converge;
+5. endgame, holding the host's migration lock: new clients are forbidden, connected ones are
+   disconnected after their current request, the rest is sent; then for exit/unlink the NBD
+   listener closes (and FILE is unlinked, for unlink), DISC is sent and the host is told the
+   migration completed (it exits 0); for ``nothing`` DISC is sent and clients are allowed again.
+
+Any failure (no reply within the request limit, a bad or error reply, a dropped connection)
+fails the attempt: clients are allowed again, and after 1 s the next attempt starts over from
+offset 0.
+
+Why a dirty bitmap and not a log: one bit per 4 KiB block has a fixed size (32 MiB for 1 TiB),
+marking is one atomic OR without a lock or the GIL, and it cannot overflow, so a client that
+never stops writing can neither stall the mirror nor make it lose track; repeated writes to the
+same blocks cost nothing extra. The speed limit therefore never has to be overridden to stop a
+log overflowing; the endgame, which must be short, always sends at full speed.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import struct
+import threading
+import time
+from dataclasses import dataclass
+from typing import Protocol
+
+from flexnbd import _core, log, sockets, wire
+from flexnbd._allocmap import AllocationMap
+from flexnbd.errors import FlexnbdError, HandshakeError, PeerClosed
+from flexnbd.handshake import client_handshake
+
+_log = log.get("mirror")
+
+CHUNK = 8 * 1024 * 1024
+CONNECT_TIMEOUT = 15.0
+GREETING_TIMEOUT = 5.0
+RETRY_DELAY = 1.0
+ENDGAME_SECONDS = 5.0
+MAX_DIRTY_PASSES = 20
+DEFAULT_REQUEST_LIMIT = 60.0
+
+# The outcomes of a connection attempt; the texts are the control replies.
+FAILED_TO_CONNECT = "Mirror failed to connect"
+REJECTED = "Mirror was rejected"
+NO_RESPONSE = "Remote server failed to respond"
+SIZE_MISMATCH = "Remote size does not match local size"
+ABANDONED = "Mirroring abandoned"
+STARTED = "Mirror started"
+
+
+def request_limit_from_env() -> float:
+    text = os.environ.get("FLEXNBD_MS_REQUEST_LIMIT_SECS")
+    try:
+        value = float(text) if text else DEFAULT_REQUEST_LIMIT
+    except ValueError:
+        value = DEFAULT_REQUEST_LIMIT
+    return value if value > 0 else DEFAULT_REQUEST_LIMIT
+
+
+class MirrorHost(Protocol):
+    """What the mirror needs from the server it runs in."""
+
+    export: _core.Export
+    allocmap: AllocationMap
+    size: int
+    file: str
+    migration_lock: threading.Lock
+
+    def forbid_clients(self) -> None:
+        """Refuse new clients and disconnect the connected ones after their current request;
+        return once none is left."""
+        ...
+
+    def allow_clients(self) -> None:
+        ...
+
+    def close_listeners(self) -> None:
+        """Stop serving NBD (the migration is about to complete)."""
+        ...
+
+    def mirror_finished(self, mirror: Mirror, completed: bool) -> None:
+        """The supervisor ends: ``completed`` with action exit/unlink means the process must
+        now exit 0."""
+        ...
+
+
+@dataclass
+class MirrorParams:
+    addr: str
+    port: int
+    action: str = "exit"           # exit | unlink | nothing
+    bind: str | None = None
+    max_bps: int | None = None
+
+
+class AttemptFailed(FlexnbdError):
+    """An attempt failed; ``reply`` is the control reply text when it failed connecting."""
+
+    def __init__(self, reply: str, message: str) -> None:
+        super().__init__(message)
+        self.reply = reply
+
+
+class Abandoned(FlexnbdError):
+    """``break`` (or the server stopping) ended the mirror."""
+
+
+class Mirror:
+    """One migration. ``start()`` returns the control reply text of the first attempt."""
+
+    def __init__(self, host: MirrorHost, params: MirrorParams) -> None:
+        self.host = host
+        self.params = params
+        self.max_bps = params.max_bps
+        self.request_limit = request_limit_from_env()
+        self._break = threading.Event()
+        self._first_outcome: str | None = None
+        self._first_decided = threading.Event()
+        self._thread: threading.Thread | None = None
+        self.completed = False
+        self.running = False
+        # figures for the status line, for the current attempt
+        self.attempt_started = time.monotonic()
+        self.bytes_sent = 0          # payload bytes sent in this attempt
+        self.wire_bytes = 0          # bytes that crossed the wire in this attempt
+        self.first_pass_left = host.size
+        self.dirty: AllocationMap | None = None
+
+    # -- control ---------------------------------------------------------------------------
+
+    def start(self) -> str:
+        """Start the supervisor; wait for the first attempt's connection outcome."""
+        self.running = True
+        self._thread = threading.Thread(target=self._supervise, name="mirror", daemon=True)
+        self._thread.start()
+        self._first_decided.wait()
+        assert self._first_outcome is not None
+        return self._first_outcome
+
+    def stop(self) -> None:
+        """``break``: stop at once; the server goes on serving."""
+        self._break.set()
+
+    def join(self, timeout: float | None = None) -> None:
+        if self._thread is not None:
+            self._thread.join(timeout)
+
+    def set_max_bps(self, max_bps: int | None) -> None:
+        self.max_bps = max_bps or None
+
+    # -- status figures --------------------------------------------------------------------
+
+    def bytes_left(self) -> int:
+        dirty = self.dirty.count_bytes() if self.dirty is not None else 0
+        return self.first_pass_left + dirty
+
+    def speed(self) -> int:
+        elapsed = time.monotonic() - self.attempt_started
+        return int(self.bytes_sent / elapsed) if elapsed > 0 else 0
+
+    def duration(self) -> int:
+        return int(time.monotonic() - self.attempt_started)
+
+    def seconds_left(self) -> int:
+        speed = self.speed()
+        left = self.bytes_left()
+        if left == 0:
+            return 0
+        return int(left / speed) + 1 if speed else -1
+
+    # -- the supervisor --------------------------------------------------------------------
+
+    def _decide_first(self, outcome: str) -> None:
+        if self._first_outcome is None:
+            self._first_outcome = outcome
+            self._first_decided.set()
+
+    def _supervise(self) -> None:
+        completed = False
+        try:
+            while not self._break.is_set():
+                try:
+                    sock, zeroes = self._connect()
+                except AttemptFailed as e:
+                    if self._first_outcome is None:
+                        _log.warning("mirror to %s port %d: %s", self.params.addr,
+                                     self.params.port, e)
+                        self._decide_first(e.reply)
+                        return
+                    _log.warning("mirror attempt failed: %s; retrying", e)
+                    self._break.wait(RETRY_DELAY)
+                    continue
+                self._decide_first(STARTED)
+                try:
+                    completed = self._attempt(sock, zeroes)
+                    return
+                except Abandoned:
+                    _log.warning("mirror abandoned")
+                    return
+                except (FlexnbdError, OSError) as e:
+                    _log.warning("mirror attempt failed: %s; retrying from the start in %.0f s",
+                                 _describe(e), RETRY_DELAY)
+                    self.host.allow_clients()
+                    self._break.wait(RETRY_DELAY)
+                finally:
+                    sock.close()
+        except Exception:  # noqa: BLE001 - never report success for a mirror that crashed
+            _log.exception("mirror failed")
+        finally:
+            self.host.export.track_dirty(False)
+            self.running = False
+            self.completed = completed
+            self._decide_first(ABANDONED)
+            self.host.mirror_finished(self, completed)
+
+    def _connect(self) -> tuple[socket.socket, bool]:
+        """Connect and check the greeting. (socket, destination takes WRITE_ZEROES)."""
+        p = self.params
+        try:
+            sock = sockets.connect(p.addr, p.port, p.bind, timeout=CONNECT_TIMEOUT)
+        except OSError as e:
+            raise AttemptFailed(FAILED_TO_CONNECT, f"cannot connect: {_describe(e)}") from None
+        try:
+            sock.settimeout(GREETING_TIMEOUT)
+            try:
+                info = client_handshake(sock)
+            except TimeoutError:
+                raise AttemptFailed(NO_RESPONSE, "no greeting from the destination") from None
+            except (HandshakeError, PeerClosed, OSError) as e:
+                raise AttemptFailed(REJECTED, f"the destination rejected us: {e}") from None
+            if info.size != self.host.size:
+                raise AttemptFailed(SIZE_MISMATCH, f"the destination exports {info.size} bytes, "
+                                    f"we have {self.host.size}")
+            sock.settimeout(None)
+            limit = _timeval(self.request_limit)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, limit)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, limit)
+            zeroes = info.style == "newstyle" and info.has(wire.FLAG_SEND_WRITE_ZEROES)
+            _log.info("mirror connected to %s port %d (%s%s)", p.addr, p.port, info.style,
+                      ", WRITE_ZEROES" if zeroes else "")
+            return sock, zeroes
+        except BaseException:
+            sock.close()
+            raise
+
+    def _attempt(self, sock: socket.socket, zeroes: bool) -> bool:
+        """One attempt from offset 0. True when the migration completed."""
+        self.attempt_started = time.monotonic()
+        self.bytes_sent = self.wire_bytes = 0
+        self.first_pass_left = self.host.size
+        while not self.host.allocmap.complete:
+            if self._break.wait(0.05):
+                raise Abandoned("break")
+        self.dirty = self.host.export.track_dirty(True)
+        fd = sock.fileno()
+        for offset in range(0, self.host.size, CHUNK):
+            self._check_break()
+            length = min(CHUNK, self.host.size - offset)
+            self._send(fd, offset, length, zeroes, throttle=True)
+            self.first_pass_left -= length
+        passes = 0
+        while True:
+            left = self.dirty.count_bytes()
+            speed = self.speed()
+            if left == 0 or (speed and left / speed < ENDGAME_SECONDS) or \
+                    passes >= MAX_DIRTY_PASSES:
+                break
+            self._drain(fd, zeroes, throttle=True)
+            passes += 1
+        return self._endgame(sock, zeroes)
+
+    def _endgame(self, sock: socket.socket, zeroes: bool) -> bool:
+        fd = sock.fileno()
+        with self.host.migration_lock:
+            self._check_break()
+            _log.info("mirror endgame: %d bytes dirty; disconnecting clients",
+                      self.dirty.count_bytes() if self.dirty else 0)
+            self.host.forbid_clients()
+            self._drain(fd, zeroes, throttle=False, until_empty=True)
+            self._check_break()
+            finishing = self.params.action in ("exit", "unlink")
+            if finishing:
+                self.host.close_listeners()
+                if self.params.action == "unlink":
+                    try:
+                        os.unlink(self.host.file)
+                    except FileNotFoundError:
+                        pass
+            sock.sendall(wire.pack_request(wire.CMD_DISC, cookie=_MIRROR_COOKIE))
+            self.wire_bytes += wire.REQUEST_SIZE
+            _log.info("migration completed: %d bytes of data sent, %d bytes on the wire, "
+                      "in %.2f s", self.bytes_sent, self.wire_bytes,
+                      time.monotonic() - self.attempt_started)
+            if not finishing:
+                self.host.allow_clients()
+            return True
+
+    def _drain(self, fd: int, zeroes: bool, throttle: bool, until_empty: bool = False) -> None:
+        """Send what the dirty map names: one sweep over the export, or (``until_empty``, in
+        the endgame when no client writes any more) sweeps until nothing is dirty."""
+        assert self.dirty is not None
+        while True:
+            offset = 0
+            while True:
+                self._check_break()
+                run = self.dirty.take_run(offset, CHUNK)
+                if run is None:
+                    break
+                start, length = run
+                self._send(fd, start, length, zeroes, throttle)
+                offset = start + length
+            if not until_empty or self.dirty.count_bytes() == 0:
+                return
+
+    def _send(self, fd: int, offset: int, length: int, zeroes: bool, throttle: bool) -> None:
+        self.wire_bytes += _core.mirror_send(fd, self.host.export, offset, length, zeroes)
+        self.bytes_sent += length
+        if throttle and self.max_bps:
+            # Keep the average since the attempt began at or under the limit.
+            ahead = self.bytes_sent / self.max_bps - (time.monotonic() - self.attempt_started)
+            if ahead > 0 and self._break.wait(ahead):
+                raise Abandoned("break")
+
+    def _check_break(self) -> None:
+        if self._break.is_set():
+            raise Abandoned("break")
+
+
+_MIRROR_COOKIE = int.from_bytes(wire.MIRROR_COOKIE, "big")
+
+
+def _timeval(seconds: float) -> bytes:
+    whole = int(seconds)
+    return struct.pack("ll", whole, int((seconds - whole) * 1e6))
+
+
+def _describe(e: BaseException) -> str:
+    if isinstance(e, OSError) and e.strerror:
+        return e.strerror
+    return str(e) or type(e).__name__
