@@ -30,7 +30,7 @@ MAX_OFFSET = 1 << 62
 MAX_SIZE = 1 << 30
 MAX_BPS = (1 << 64) - 1
 # Modes left out of `flexnbd help` until migration works (issue 5); `help MODE` still works.
-UNLISTED = ("mirror", "mirror-speed")
+UNLISTED: tuple[str, ...] = ()
 
 
 class _Parser(argparse.ArgumentParser):
@@ -131,15 +131,17 @@ def _transfer_parser(mode: str) -> _Parser:
 
 def _mirror_parser() -> _Parser:
     p = _parser("mirror", "Ask the server behind SOCK to migrate its file to a `flexnbd listen` "
-                "server at ADDR PORT (not available in this version: the server answers "
-                "'Mirroring abandoned').",
-                "--addr ADDR --port PORT --sock SOCK [--unlink] [--bind BIND_ADDR]")
+                "server at ADDR PORT. With --wait, follow the migration until it ends (a "
+                "progress bar on a terminal) and exit 0 only if it completed.",
+                "--addr ADDR --port PORT --sock SOCK [--unlink] [--bind BIND_ADDR] [--wait]")
     p.add_argument("-l", "--addr", type=_address, help="the destination's address")
     p.add_argument("-p", "--port", type=_port, help="the destination's port")
     _sock_option(p)
     p.add_argument("-u", "--unlink", action="store_true",
                    help="unlink the source file once the migration completed")
     p.add_argument("-b", "--bind", type=_address, help="local address to connect from")
+    p.add_argument("-w", "--wait", action="store_true",
+                   help="wait until the migration ends; exit 0 only if it completed")
     _global_options(p)
     return p
 
@@ -280,6 +282,14 @@ def _run_status(args: argparse.Namespace) -> int:
     return client.run_status(args.sock, args.json)
 
 
+def _run_mirror(args: argparse.Namespace) -> int:
+    if not args.wait:
+        return _run_control(_mirror_lines)(args)
+    from flexnbd.control import client
+
+    return client.run_mirror_wait(args.sock, _mirror_lines(args))
+
+
 def _mirror_lines(args: argparse.Namespace) -> list[str]:
     lines = ["mirror", args.addr, str(args.port), "unlink" if args.unlink else "exit"]
     if args.bind is not None:
@@ -292,7 +302,7 @@ MODES: dict[str, Mode] = {
                   lambda a: _run_server(a, "serve")),
     "listen": Mode(lambda: _server_parser("listen"), ("file",),
                    lambda a: _run_server(a, "listen")),
-    "mirror": Mode(_mirror_parser, ("addr", "port", "sock"), _run_control(_mirror_lines)),
+    "mirror": Mode(_mirror_parser, ("addr", "port", "sock"), _run_mirror),
     "mirror-speed": Mode(_mirror_speed_parser, ("sock", "max_speed"),
                          _run_control(lambda a: ["mirror_max_bps", str(a.max_speed)])),
     "acl": Mode(_acl_parser, ("sock",), _run_control(lambda a: ["acl", *a.acl])),

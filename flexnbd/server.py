@@ -177,7 +177,7 @@ class Server:
         with self.migration_lock:
             if self.mirror is not None and self.mirror.running:
                 self.stopped_while_mirroring = True
-                self.mirror.stop()
+                self.mirror.stop(shutting_down=True)
             with self._lock:
                 if self.stopping:
                     return
@@ -460,6 +460,16 @@ class Server:
             mirror.stop()
         mirror.join()
         return control_protocol.MIRROR_STOPPED
+
+    def wait_mirror(self) -> control_protocol.Reply | Callable[[], control_protocol.Reply]:
+        mirror = self.mirror
+        if mirror is None:
+            return control_protocol.NOT_MIRRORING
+
+        def outcome() -> control_protocol.Reply:
+            mirror.finished.wait()
+            return control_protocol.Reply(0 if mirror.completed else 1, mirror.outcome)
+        return outcome
 
     # -- killswitch ------------------------------------------------------------------------
 

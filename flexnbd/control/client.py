@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import socket
 import sys
+import time
 from collections.abc import Sequence
 from typing import TextIO
 
@@ -97,3 +98,115 @@ def mirror_lines(addr: str, port: int, unlink: bool = False, bind: str | None = 
 
 def max_bps_lines(bps: int) -> list[str]:
     return ["mirror_max_bps", str(bps)]
+
+
+# -- mirror --wait ------------------------------------------------------------------------------
+
+PROGRESS_EVERY = 5.0      # seconds between plain progress lines (stdout not a terminal)
+
+
+def run_mirror_wait(path: str, lines: Sequence[str], out: TextIO | None = None) -> int:
+    """Start the mirror, then follow it until the source confirms how it ended: a progress bar
+    on a terminal, plain lines otherwise. Exit status 0 only for a completed migration."""
+    out = out or sys.stdout
+    reply = request(path, lines)
+    if reply.code != 0:
+        return show(reply)
+    print(reply.text, file=out, flush=True)
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+    progress = _Progress(out)
+    answer = bytearray()
+    try:
+        sock.settimeout(CONNECT_TIMEOUT)
+        try:
+            sock.connect(path)
+            sock.sendall(protocol.encode_request(["mirror_wait"]))
+            sock.shutdown(socket.SHUT_WR)
+        except OSError as e:
+            raise FlexnbdError(f"cannot follow the migration through {path}: "
+                               f"{e.strerror or e}") from None
+        sock.settimeout(1.0)
+        while len(answer) <= MAX_REPLY:
+            try:
+                chunk = sock.recv(4096)
+            except TimeoutError:
+                progress.show(_poll_status(path))
+                continue
+            except OSError:
+                break
+            if not chunk:
+                break
+            answer += chunk
+    finally:
+        sock.close()
+        progress.close()
+    if not answer:
+        print("the source went away without confirming the migration", file=sys.stderr)
+        return 1
+    try:
+        final = Reply.decode(bytes(answer))
+    except ValueError as e:
+        raise FlexnbdError(f"{path}: {e}") from None
+    return show(final, out=out)
+
+
+def _poll_status(path: str) -> dict[str, str] | None:
+    try:
+        reply = request(path, ["status"], timeout=5.0)
+    except FlexnbdError:
+        return None
+    if reply.code != 0:
+        return None
+    try:
+        return status_mod.parse_line(reply.text)
+    except ValueError:
+        return None
+
+
+class _Progress:
+    """A progress bar on a terminal (redrawn in place), else a plain line now and then."""
+
+    def __init__(self, out: TextIO) -> None:
+        self.out = out
+        self.tty = out.isatty()
+        self.last_line = 0.0
+        self.drawn = False
+
+    def show(self, fields: dict[str, str] | None) -> None:
+        if not fields or fields.get("is_mirroring") != "true":
+            return
+        try:
+            size = int(fields["size"])
+            left = int(fields["migration_bytes_left"])
+            speed = int(fields["migration_speed"])
+            eta = int(fields["migration_seconds_left"])
+        except (KeyError, ValueError):
+            return
+        done = 100.0 if size == 0 else max(0.0, 100.0 * (size - left) / size)
+        figures = (f"{done:5.1f}%  {_bytes(left)} left  {_bytes(speed)}/s  "
+                   f"ETA {eta // 60}:{eta % 60:02d}")
+        if self.tty:
+            width = 30
+            filled = int(width * done / 100)
+            self.out.write(f"\r[{'#' * filled}{' ' * (width - filled)}] {figures} ")
+            self.out.flush()
+            self.drawn = True
+            return
+        now = time.monotonic()
+        if now - self.last_line >= PROGRESS_EVERY:
+            self.last_line = now
+            print(f"migrating: {figures}", file=self.out, flush=True)
+
+    def close(self) -> None:
+        if self.drawn:
+            self.out.write("\n")
+            self.out.flush()
+
+
+def _bytes(n: int) -> str:
+    value = float(n)
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if value < 1024 or unit == "TiB":
+            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
+        value /= 1024
+    return f"{n} B"

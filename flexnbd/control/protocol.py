@@ -47,6 +47,12 @@ request lines                     replies
                                   checked before the mirror is looked for.
 ``break``                         ``0: mirror stopped``; ``1: mirror completed``; ``1: not
                                   mirroring``
+``mirror_wait`` (flexnbd 0.6)     answered when the running mirror ends: ``0: migration
+                                  completed``; ``1: mirror stopped`` (``break``); ``1:
+                                  shutting down``; ``1: Mirroring abandoned``; or the failure
+                                  of its first attempt. At once: ``1: not mirroring``. The
+                                  connection stays open meanwhile; other requests are served.
+                                  ``flexnbd mirror --wait`` uses it.
 (nothing)                         ``9: missing command``
 anything else                     ``10: unknown command``
 ================================  ==============================================================
@@ -56,8 +62,8 @@ default), ``unlink`` or ``nothing``; BIND_IP a literal to connect from; MAX_BPS 
 of bytes per second below 2^64 (0: no limit). The same number rules hold for
 ``mirror_max_bps``. Extra lines after ``status`` and ``break`` are ignored.
 
-Until migration is built, a well-formed ``mirror`` is answered ``1: Mirroring abandoned`` (the
-server gives it up before it begins) and the CLI does not list the ``mirror`` mode in ``help``.
+A ``mirror`` sent to a listen server that has not received its own migration yet is answered
+``1: Mirroring abandoned``: it has nothing to send.
 """
 
 from __future__ import annotations
@@ -123,6 +129,7 @@ BAD_FORMAT = _r(1, "Bad format")
 MIRROR_STOPPED = _r(0, "mirror stopped")
 MIRROR_COMPLETED = _r(1, "mirror completed")
 NOT_MIRRORING = _r(1, "not mirroring")
+MIGRATION_COMPLETED = _r(0, "migration completed")
 MISSING_COMMAND = _r(9, "missing command")
 UNKNOWN_COMMAND = _r(10, "unknown command")
 
@@ -246,7 +253,13 @@ class BreakCommand:
     pass
 
 
-Command = Union[StatusCommand, AclCommand, MirrorCommand, MaxBpsCommand, BreakCommand]
+@dataclass(frozen=True)
+class MirrorWaitCommand:
+    pass
+
+
+Command = Union[StatusCommand, AclCommand, MirrorCommand, MaxBpsCommand, BreakCommand,
+                MirrorWaitCommand]
 
 ACTIONS = ("exit", "unlink", "nothing")
 
@@ -329,4 +342,6 @@ def parse_request(lines: list[str]) -> Command | Reply:
         return parse_max_bps(args)
     if command == "break":
         return BreakCommand()
+    if command == "mirror_wait":
+        return MirrorWaitCommand()
     return UNKNOWN_COMMAND

@@ -20,7 +20,7 @@ import selectors
 import socket
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Protocol
 
 from flexnbd import acl, log, sockets
@@ -59,9 +59,14 @@ class ControlTarget(Protocol):
         """Stop the running mirror."""
         ...
 
+    def wait_mirror(self) -> Reply | Callable[[], Reply]:
+        """A reply now (no mirror), or a function that blocks until the running mirror ends
+        and returns its outcome (run on a thread of its own)."""
+        ...
 
-def execute(lines: list[str], target: ControlTarget) -> Reply:
-    """Run one request against the target; its reply."""
+
+def execute(lines: list[str], target: ControlTarget) -> Reply | Callable[[], Reply]:
+    """Run one request against the target; its reply, or a function giving it later."""
     command = protocol.parse_request(lines)
     if isinstance(command, Reply):
         return command
@@ -78,6 +83,8 @@ def execute(lines: list[str], target: ControlTarget) -> Reply:
         return target.start_mirror(command)
     if isinstance(command, protocol.MaxBpsCommand):
         return target.set_mirror_max_bps(command.max_bps)
+    if isinstance(command, protocol.MirrorWaitCommand):
+        return target.wait_mirror()
     return target.break_mirror()
 
 
@@ -117,6 +124,7 @@ class ControlServer:
         self._wake_fd = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
         self._thread: threading.Thread | None = None
         self._closed = False
+        self._waiters: list[threading.Thread] = []
 
     def bind(self) -> None:
         """Create the socket (replacing a stale one). FlexnbdError if a live server has it."""
@@ -142,6 +150,8 @@ class ControlServer:
         os.eventfd_write(self._wake_fd, 1)
         if self._thread is not None:
             self._thread.join()
+        for waiter in self._waiters:      # woken already when the mirror ended
+            waiter.join(REPLY_TIMEOUT)
         if self._listener is not None:
             self._listener.close()
             self._listener = None
@@ -237,15 +247,19 @@ class ControlServer:
             p.reader.eof()
         sel.unregister(sock)
         del pending[sock]
+        kept = False
         try:
             if p.reader.incomplete:
                 _log.warning("control client left in the middle of a line; request dropped")
             else:
-                self._answer(sock, p.reader)
+                kept = self._answer(sock, p.reader)
         finally:
-            sock.close()
+            if not kept:
+                sock.close()
 
-    def _answer(self, sock: socket.socket, reader: protocol.LineReader) -> None:
+    def _answer(self, sock: socket.socket, reader: protocol.LineReader) -> bool:
+        """Run the request and reply. True when the reply comes later from a thread of its
+        own, which then owns (and closes) the socket."""
         lines = reader.lines
         what = lines[0][:40] if lines else "(nothing)"
         if lines and lines[0] == "status":
@@ -254,10 +268,29 @@ class ControlServer:
             _log.info("control: %s%s", what,
                       f" {' '.join(a[:60] for a in lines[1:])}" if len(lines) > 1 else "")
         try:
-            reply = execute(lines, self.target)
+            answer = execute(lines, self.target)
         except Exception:  # noqa: BLE001 - a failing request must not end the control socket
             _log.exception("control request %r failed", what)
-            return
+            return False
+        if callable(answer):
+            waiter = threading.Thread(target=self._answer_later, args=(sock, what, answer),
+                                      name="control-wait", daemon=True)
+            self._waiters = [w for w in self._waiters if w.is_alive()] + [waiter]
+            waiter.start()
+            return True
+        self._send_reply(sock, what, answer)
+        return False
+
+    def _answer_later(self, sock: socket.socket, what: str,
+                      answer: Callable[[], Reply]) -> None:
+        try:
+            self._send_reply(sock, what, answer())
+        except Exception:  # noqa: BLE001 - the waiter must not take anything down
+            _log.exception("control request %r failed", what)
+        finally:
+            sock.close()
+
+    def _send_reply(self, sock: socket.socket, what: str, reply: Reply) -> None:
         if reply.code:
             _log.info("control: %s -> %d: %s", what, reply.code, reply.text)
         try:

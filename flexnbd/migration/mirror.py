@@ -59,6 +59,10 @@ NO_RESPONSE = "Remote server failed to respond"
 SIZE_MISMATCH = "Remote size does not match local size"
 ABANDONED = "Mirroring abandoned"
 STARTED = "Mirror started"
+# How a mirror ended (the outcome a `mirror_wait` is answered with).
+COMPLETED = "migration completed"
+STOPPED = "mirror stopped"
+SHUTTING_DOWN = "shutting down"
 
 
 def request_limit_from_env() -> float:
@@ -132,6 +136,9 @@ class Mirror:
         self._thread: threading.Thread | None = None
         self.completed = False
         self.running = False
+        self.finished = threading.Event()
+        self.outcome = ABANDONED         # once finished: COMPLETED, STOPPED, a failure text
+        self._stop_reason = STOPPED
         # figures for the status line, for the current attempt
         self.attempt_started = time.monotonic()
         self.bytes_sent = 0          # payload bytes sent in this attempt
@@ -150,8 +157,10 @@ class Mirror:
         assert self._first_outcome is not None
         return self._first_outcome
 
-    def stop(self) -> None:
-        """``break``: stop at once; the server goes on serving."""
+    def stop(self, shutting_down: bool = False) -> None:
+        """``break`` (or the server stopping): stop at once."""
+        if shutting_down:
+            self._stop_reason = SHUTTING_DOWN
         self._break.set()
 
     def join(self, timeout: float | None = None) -> None:
@@ -190,6 +199,7 @@ class Mirror:
 
     def _supervise(self) -> None:
         completed = False
+        outcome = ABANDONED
         try:
             while not self._break.is_set():
                 try:
@@ -199,6 +209,7 @@ class Mirror:
                         _log.warning("mirror to %s port %d: %s", self.params.addr,
                                      self.params.port, e)
                         self._decide_first(e.reply)
+                        outcome = e.reply
                         return
                     _log.warning("mirror attempt failed: %s; retrying", e)
                     self._break.wait(RETRY_DELAY)
@@ -221,9 +232,15 @@ class Mirror:
             _log.exception("mirror failed")
         finally:
             self.host.export.track_dirty(False)
+            if completed:
+                outcome = COMPLETED
+            elif self._break.is_set():
+                outcome = self._stop_reason
+            self.outcome = outcome
             self.running = False
             self.completed = completed
             self._decide_first(ABANDONED)
+            self.finished.set()
             self.host.mirror_finished(self, completed)
 
     def _connect(self) -> tuple[socket.socket, bool]:
