@@ -87,6 +87,11 @@ def run(server: Runnable, signals: StopSignals) -> int:
     server.start()
     _notified(notify.ready())
     signals.wait()
+    # Already stopping: further stop signals change nothing. Ignoring them (rather than
+    # keeping the Python handler) also covers the end of interpreter shutdown, where Python
+    # puts its own handlers back to the default action, which would kill the process.
+    for sig in STOP_SIGNALS:
+        signal.signal(sig, signal.SIG_IGN)
     _log.info("stopping on %s", signals.name())
     _notified(notify.stopping())
     server.stop()

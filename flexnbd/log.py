@@ -8,6 +8,7 @@ shared with other processes, up to PIPE_BUF bytes).
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import threading
@@ -33,7 +34,17 @@ class LineFormatter(logging.Formatter):
             message += " | " + self.formatException(record.exc_info).replace("\n", " | ")
         thread = record.threadName or "main"
         return (f"{ms}:{letter}:{record.process} {thread.replace(' ', '_')} "
-                f"{record.module}:{record.lineno}: {message}")
+                f"{_module_name(record.pathname, record.module)}:{record.lineno}: {message}")
+
+
+@functools.lru_cache(maxsize=256)
+def _module_name(pathname: str, module: str) -> str:
+    """The module's dotted path inside the package (control.server, not just server)."""
+    marker = os.sep + "flexnbd" + os.sep
+    if marker not in pathname:
+        return module
+    inner = pathname.rsplit(marker, 1)[1]
+    return os.path.splitext(inner)[0].replace(os.sep, ".")
 
 
 class LineHandler(logging.Handler):

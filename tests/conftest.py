@@ -117,10 +117,26 @@ class Server(FlexnbdProcess):
         super().__init__([mode, "--addr", "127.0.0.1", "--port", str(self.port),
                           "--file", str(file), "-v", *extra], log_path, env)
         try:
-            wait_for_port(self.port, self.proc)
+            if "-q" in extra or "--quiet" in extra:
+                wait_for_port(self.port, self.proc)
+            else:
+                # The "serving" line is logged once the listener accepts. Waiting for it
+                # instead of probing the port keeps a probe from taking a client slot.
+                self.wait_for_log(" serving ")
         except BaseException:
             self.kill()
             raise
+
+    def wait_for_log(self, text: str, timeout: float = 15.0) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if text in self.log():
+                return
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"exited with {self.proc.returncode} before logging "
+                                   f"{text!r}:\n{self.log()}")
+            time.sleep(0.01)
+        raise TimeoutError(f"{text!r} not logged in {timeout} s:\n{self.log()}")
 
     @property
     def uri(self) -> str:

@@ -69,10 +69,11 @@ TRANSCRIPT = [
     (b"mirror\n127.0.0.1\n4000\nexit\n127.0.0.1\n1000\nmore\n\n",
      b"1: unrecognised parameters to mirror\n"),
     (b"mirror\nbad\n4000\nexit\n127.0.0.1\n1000\nmore\n\n", b"1: bad IP address\n"),
-    # mirror: well-formed; migration is not built yet, so it is given up at once
-    (b"mirror\n127.0.0.1\n4000\n\n", b"1: Mirroring abandoned\n"),
-    (b"mirror\n::1\n4000\nnothing\n::1\n18446744073709551615\n\n",
-     b"1: Mirroring abandoned\n"),
+    # mirror: well-formed, to a port where nothing listens (1: tcpmux, never served here)
+    (b"mirror\n127.0.0.1\n1\n\n", b"1: Mirror failed to connect\n"),
+    (b"mirror\n127.0.0.1\n1\nnothing\n127.0.0.1\n18446744073709551615\n\n",
+     b"1: Mirror failed to connect\n"),
+    (b"mirror_wait\n\n", b"1: not mirroring\n"),
     # mirror_max_bps
     (b"mirror_max_bps\n1000000\n\n", b"1: Not currently mirroring\n"),
     (b"mirror_max_bps\n\n", b"1: Bad format\n"),
@@ -256,8 +257,10 @@ def test_cli_acl(server, run_flexnbd):
 
 @pytest.mark.parametrize("args,code,err", [
     (["break"], 1, b"not mirroring\n"),
-    (["mirror", "--addr", "127.0.0.1", "--port", "4000"], 1, b"Mirroring abandoned\n"),
-    (["mirror", "-l", "::1", "-p", "4000", "-u", "-b", "::1"], 1, b"Mirroring abandoned\n"),
+    (["mirror", "--addr", "127.0.0.1", "--port", "1"], 1, b"Mirror failed to connect\n"),
+    (["mirror", "-l", "127.0.0.1", "-p", "1", "-u", "-b", "127.0.0.1"], 1,
+     b"Mirror failed to connect\n"),
+    (["mirror", "-l", "127.0.0.1", "-p", "1", "--wait"], 1, b"Mirror failed to connect\n"),
     (["mirror-speed", "--max-speed", "1000000"], 1, b"Not currently mirroring\n"),
     (["mirror-speed", "-m", "0"], 1, b"Not currently mirroring\n"),
 ])
@@ -315,8 +318,7 @@ def test_help_lists_the_modes(run_flexnbd):
     out = res.stdout.decode()
     for mode in ("serve", "listen", "acl", "break", "status", "read", "write", "help"):
         assert f"flexnbd {mode} " in out or f"flexnbd {mode}\n" in out, (mode, out)
-    # Migration is not built yet: `mirror` stays out of the list, but has its own help.
-    assert "flexnbd mirror" not in out
+    assert "flexnbd mirror " in out and "flexnbd mirror-speed " in out
     for mode, options in [("mirror", ["--addr", "--port", "--sock", "--unlink", "--bind"]),
                           ("mirror-speed", ["--sock", "--max-speed"]),
                           ("acl", ["--sock", "ACL"]), ("break", ["--sock"]),
