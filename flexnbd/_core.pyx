@@ -273,6 +273,7 @@ cdef struct conn_t:
     int pipe_w
     amap_t *coverage         # listen mode: blocks written in this session, or NULL
     uint64_t errors          # requests answered with an error
+    int kicked               # set by kick(): end at the next request boundary
     int corked               # TCP_CORK is on: replies of a batch of requests leave together
     # how it ended
     int reason
@@ -833,8 +834,9 @@ cdef int do_write(conn_t *c, const request_t *r, int error) noexcept nogil:
     if io_err:
         log_io_error(c, r, io_err)
         error = nbd_error(io_err)
-    if not error:
-        written(c, r.offset, r.length, 1)
+    if not error or io_err:
+        # A failed write may still have changed part of the range: the mirror must resend it.
+        written(c, r.offset, r.length, not error)
     return 0 if reply_simple(c, r, error) == 0 else REASON_VANISHED
 
 
@@ -919,8 +921,9 @@ cdef int do_command(conn_t *c, const request_t *r) noexcept nogil:
     if e == 0 and (r.flags & CMD_FLAG_FUA) and (cmd == CMD_TRIM or cmd == CMD_WRITE_ZEROES):
         if fdatasync(c.ex.fd) < 0:
             e = errno
-    if e == 0 and (cmd == CMD_TRIM or cmd == CMD_WRITE_ZEROES):
-        written(c, r.offset, r.length, cmd == CMD_WRITE_ZEROES)
+    if cmd == CMD_TRIM or cmd == CMD_WRITE_ZEROES:
+        # (even when it failed: part of the range may have changed)
+        written(c, r.offset, r.length, e == 0 and cmd == CMD_WRITE_ZEROES)
     if e:
         if e == ENOTSUP and cmd == CMD_WRITE_ZEROES and (r.flags & CMD_FLAG_FAST_ZERO):
             return NBD_ENOTSUP
@@ -956,6 +959,11 @@ cdef int serve_loop(conn_t *c) noexcept nogil:
     cdef int error
     while True:
         c.request_started_ns = 0
+        if load_acquire(&c.kicked):
+            # Checked here as well as in the poll: a client that keeps its pipeline full
+            # might never leave us waiting.
+            flush_out(c, 0)
+            return REASON_STOPPED
         rc = fill_inbuf(c, REQUEST_SIZE, 1)
         if rc:
             return rc
@@ -1053,6 +1061,7 @@ cdef class Connection:
     def kick(self):
         """Make the connection end after its current request (from any thread)."""
         cdef uint64_t one = 1
+        store_release(&self.c.kicked, 1)
         write(self.c.kick_fd, &one, 8)
 
     @property

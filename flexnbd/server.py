@@ -11,6 +11,7 @@ exists). With ``--killswitch`` a watchdog thread cuts a client whose request run
 from __future__ import annotations
 
 import os
+import select
 import selectors
 import socket
 import threading
@@ -166,8 +167,19 @@ class Server:
 
     @property
     def num_clients(self) -> int:
+        """Clients connected right now. A client that has closed its side stops counting at
+        once, even before its thread has noticed."""
         with self._lock:
-            return len(self._clients)
+            return self._connected_count()
+
+    def _connected_count(self) -> int:
+        """(self._lock held.)"""
+        gone = select.POLLRDHUP | select.POLLHUP | select.POLLERR | select.POLLNVAL
+        poller = select.poll()
+        for client in self._clients:
+            poller.register(client.sock, select.POLLRDHUP)
+        closed = sum(1 for _, events in poller.poll(0) if events & gone)
+        return len(self._clients) - closed
 
     def stop(self) -> None:
         """Stop accepting, let clients finish their current request, close everything.
@@ -192,6 +204,8 @@ class Server:
         for client in clients:
             if client.connection is None:  # still in the handshake: nothing to finish
                 _shutdown(client.sock)
+            else:
+                client.connection.kick()
         if not self._wait_clients(self.config.stop_grace):
             with self._lock:
                 clients = list(self._clients)
@@ -269,7 +283,8 @@ class Server:
                 refused = "not allowed by the ACL"
             elif not self.clients_allowed:
                 refused = "new clients are not allowed now"
-            elif len(self._clients) >= self.config.max_clients:
+            elif len(self._clients) >= self.config.max_clients and \
+                    self._connected_count() >= self.config.max_clients:
                 refused = f"already {self.config.max_clients} clients"
             else:
                 refused = ""
