@@ -811,14 +811,21 @@ cdef int do_write(conn_t *c, const request_t *r, int error) noexcept nogil:
             if not error and not io_err:
                 io_err = write_data(c, c.inbuf + c.in_pos, n, offset, fua)
             c.in_pos += n
+        elif c.in_pos < c.in_len:
+            # Large, and its first bytes came in with the header: write those from inbuf.
+            n = c.in_len - c.in_pos
+            if n > left:
+                n = <size_t>left
+            if not error and not io_err:
+                io_err = write_data(c, c.inbuf + c.in_pos, n, offset, fua)
+            c.in_pos += n
         else:
             # Large: in chunks that end on block boundaries, so zero blocks can be seen whole.
             n = BUF_SIZE - (offset & (BLOCK_SIZE - 1))
             if n > left:
                 n = <size_t>left
             if c.pipe_r >= 0 and not fua and not error and not io_err and \
-                    c.in_pos == c.in_len and (c.ex.amap == NULL or
-                                              amap_all_allocated(c.ex.amap, offset, n)):
+                    (c.ex.amap == NULL or amap_all_allocated(c.ex.amap, offset, n)):
                 # Onto allocated space: splice socket -> pipe -> file, one copy fewer.
                 rc = splice_to_file(c, n, offset, &io_err)
                 if rc:
