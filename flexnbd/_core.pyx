@@ -27,8 +27,10 @@ _log = logging.getLogger("flexnbd.core")
 
 cdef extern from *:
     """
-    static inline void *flexnbd_load_ptr(void **p) { return __atomic_load_n(p, __ATOMIC_ACQUIRE); }
-    static inline void flexnbd_store_ptr(void **p, void *v) { __atomic_store_n(p, v, __ATOMIC_RELEASE); }
+    static inline void *flexnbd_load_ptr(void **p)
+    { return __atomic_load_n(p, __ATOMIC_ACQUIRE); }
+    static inline void flexnbd_store_ptr(void **p, void *v)
+    { __atomic_store_n(p, v, __ATOMIC_RELEASE); }
     """
     void *load_ptr "flexnbd_load_ptr"(void **p) nogil
     void store_ptr "flexnbd_store_ptr"(void **p, void *v) nogil
