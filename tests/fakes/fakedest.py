@@ -1,0 +1,364 @@
+"""Scripted fake NBD destinations for migration tests.
+
+``FakeDest`` listens on 127.0.0.1 (an ephemeral port) and runs one ``Script`` per accepted
+connection: ``FakeDest(size, path, scripts=[s0, s1, ...], default=s)`` runs ``s0`` for the first
+connection, ``s1`` for the second, and ``default`` for the rest. A script says
+
+- the greeting: ``oldstyle`` (the 152-byte greeting, flags 13 as 0.5.0 sends), ``newstyle``
+  (fixed newstyle; GO/INFO/EXPORT_NAME answered, anything else ERR_UNSUP), ``none`` (accept and
+  say nothing: the peer times out), ``close`` (accept and close at once) or ``badmagic`` (an
+  oldstyle greeting whose first magic is wrong); ``size`` overrides the advertised export size,
+  ``write_zeroes`` whether a newstyle greeting offers WRITE_ZEROES, ``close_after_greeting``
+  closes right after the greeting (newstyle: after the client's flags);
+- a fault at the request with index ``fail_at`` (0-based, on this connection): ``error`` (reply
+  with ``error``), ``badcookie``, ``badmagic`` (reply with a corrupted cookie/magic), ``hang``
+  (never reply again, keep reading and discarding) or ``close`` (close without replying);
+- ``only_cmds``: accept only these commands (0.5.0's listener knew READ, WRITE and DISC); any
+  other is answered EINVAL and recorded in ``unexpected``.
+
+Without a fault every request is served: WRITE payloads land in ``path`` (a zero payload is not
+written where the file already reads zeroes, so a fresh sparse file stays sparse, as 0.5.0's
+receiver kept it), WRITE_ZEROES zero the range the same way, READ answers from the file, DISC
+ends the connection. Replies are simple and echo the request's cookie.
+
+``FakeDest.old050(size, path)`` is a 0.5.0-like oldstyle listener: READ/WRITE/DISC only.
+
+Everything is recorded per connection in ``conns`` (``ConnRecord``): the requests, the payload
+bytes received, all bytes read from the socket, whether DISC came and whether the writes
+acknowledged on that connection covered the whole export. Every socket and thread ends in
+``close()`` (also the context manager's exit).
+"""
+
+from __future__ import annotations
+
+import os
+import select
+import socket
+import struct
+import threading
+import time
+from dataclasses import dataclass, field
+
+from flexnbd import wire
+
+ZERO_4K = bytes(4096)
+
+
+@dataclass
+class Script:
+    greeting: str = "oldstyle"       # oldstyle | newstyle | none | close | badmagic
+    size: int | None = None          # advertised size (None: the FakeDest's size)
+    write_zeroes: bool = True        # newstyle: offer SEND_WRITE_ZEROES
+    close_after_greeting: bool = False
+    fail_at: int | None = None
+    fault: str = ""                  # error | badcookie | badmagic | hang | close
+    error: int = wire.NBD_EIO
+    only_cmds: frozenset[int] | None = None
+
+
+@dataclass
+class Req:
+    type: int
+    flags: int
+    cookie: int
+    offset: int
+    length: int
+    error: int = 0                   # what we answered (0 ok); -1: not answered
+
+
+@dataclass
+class ConnRecord:
+    index: int
+    script: Script
+    requests: list[Req] = field(default_factory=list)
+    bytes_read: int = 0              # every byte read from the socket, handshake included
+    payload_bytes: int = 0           # WRITE payload bytes
+    disc: bool = False
+    unexpected: list[Req] = field(default_factory=list)
+    fault_fired: bool = False
+    handshake_done: bool = False
+    ended: bool = False
+    covered: bool = False            # acknowledged writes covered the whole export
+
+    def count(self, cmd: int) -> int:
+        return sum(1 for r in self.requests if r.type == cmd)
+
+
+class _Closed(Exception):
+    pass
+
+
+class FakeDest:
+    def __init__(self, size: int, path: str | os.PathLike | None = None,
+                 scripts: list[Script] | None = None, default: Script | None = None) -> None:
+        self.size = size
+        self.path = os.fspath(path) if path is not None else None
+        self.scripts = list(scripts or [])
+        self.default = default or Script()
+        self.conns: list[ConnRecord] = []
+        self._fd = os.open(self.path, os.O_RDWR) if self.path else -1
+        self._stop = threading.Event()
+        self._lock = threading.Lock()
+        self._socks: list[socket.socket] = []
+        self._threads: list[threading.Thread] = []
+        self._listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        self._listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self._listener.bind(("127.0.0.1", 0))
+        self._listener.listen(16)
+        self.port: int = self._listener.getsockname()[1]
+        self._accept = threading.Thread(target=self._accept_loop, name="fakedest", daemon=True)
+        self._accept.start()
+
+    @classmethod
+    def old050(cls, size: int, path: str | os.PathLike) -> FakeDest:
+        """A 0.5.0-like oldstyle listener: READ, WRITE and DISC only, simple replies."""
+        script = Script(greeting="oldstyle",
+                        only_cmds=frozenset({wire.CMD_READ, wire.CMD_WRITE, wire.CMD_DISC}))
+        return cls(size, path, default=script)
+
+    def __enter__(self) -> FakeDest:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    @property
+    def completed(self) -> bool:
+        """Some connection covered the whole export with acknowledged writes, then sent DISC
+        (0.5.0's listener took any DISC as completion; we are stricter)."""
+        return any(c.disc and c.covered for c in self.conns)
+
+    def wait(self, predicate, timeout: float = 30.0) -> bool:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if predicate():
+                return True
+            time.sleep(0.02)
+        return bool(predicate())
+
+    def close(self) -> None:
+        self._stop.set()
+        self._accept.join(5)
+        with self._lock:
+            socks = list(self._socks)
+            threads = list(self._threads)
+        for s in socks:
+            try:
+                s.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+        for t in threads:
+            t.join(5)
+        for s in socks:
+            s.close()
+        try:
+            self._listener.close()
+        except OSError:
+            pass
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+
+    # -- accepting -----------------------------------------------------------------------
+
+    def _accept_loop(self) -> None:
+        while not self._stop.is_set():
+            try:
+                ready, _, _ = select.select([self._listener], [], [], 0.1)
+            except (OSError, ValueError):
+                return
+            if not ready:
+                continue
+            try:
+                sock, _ = self._listener.accept()
+            except OSError:
+                continue
+            with self._lock:
+                index = len(self.conns)
+                script = self.scripts[index] if index < len(self.scripts) else self.default
+                rec = ConnRecord(index, script)
+                self.conns.append(rec)
+                self._socks.append(sock)
+                t = threading.Thread(target=self._serve, args=(sock, rec),
+                                     name=f"fakedest-{index}", daemon=True)
+                self._threads.append(t)
+            t.start()
+
+    # -- one connection ------------------------------------------------------------------
+
+    def _recv(self, sock: socket.socket, rec: ConnRecord, n: int) -> bytes:
+        data = bytearray()
+        while len(data) < n:
+            try:
+                chunk = sock.recv(min(n - len(data), 1 << 20))
+            except OSError:
+                chunk = b""
+            if not chunk:
+                raise _Closed()
+            data += chunk
+            rec.bytes_read += len(chunk)
+        return bytes(data)
+
+    def _serve(self, sock: socket.socket, rec: ConnRecord) -> None:
+        s = rec.script
+        try:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            if s.greeting == "close":
+                return
+            if s.greeting == "none":
+                self._discard_until_closed(sock, rec)
+                return
+            size = self.size if s.size is None else s.size
+            if s.greeting in ("oldstyle", "badmagic"):
+                greeting = wire.pack_oldstyle_greeting(size, wire.OLDSTYLE_FLAGS)
+                if s.greeting == "badmagic":
+                    greeting = b"NBDMAGIX" + greeting[8:]
+                sock.sendall(greeting)
+                if s.close_after_greeting:
+                    return
+            elif s.greeting == "newstyle":
+                if not self._newstyle(sock, rec, size):
+                    return
+            else:
+                raise ValueError(f"unknown greeting {s.greeting!r}")
+            rec.handshake_done = True
+            self._transmission(sock, rec)
+        except _Closed:
+            pass
+        finally:
+            rec.ended = True
+            try:
+                sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+
+    def _newstyle(self, sock: socket.socket, rec: ConnRecord, size: int) -> bool:
+        s = rec.script
+        sock.sendall(wire.pack_newstyle_greeting(wire.FLAG_FIXED_NEWSTYLE | wire.FLAG_NO_ZEROES))
+        (cflags,) = struct.unpack(">I", self._recv(sock, rec, 4))
+        if s.close_after_greeting:
+            return False
+        tflags = (wire.FLAG_HAS_FLAGS | wire.FLAG_SEND_FLUSH | wire.FLAG_SEND_FUA
+                  | wire.FLAG_SEND_TRIM)
+        if s.write_zeroes:
+            tflags |= wire.FLAG_SEND_WRITE_ZEROES
+        while True:
+            magic, option, length = wire.unpack_option_header(
+                self._recv(sock, rec, wire.OPTION_HEADER_SIZE))
+            if magic != wire.IHAVEOPT or length > 65536:
+                return False
+            self._recv(sock, rec, length)
+            if option == wire.OPT_EXPORT_NAME:
+                tail = b"" if cflags & wire.FLAG_C_NO_ZEROES else bytes(124)
+                sock.sendall(struct.pack(">QH", size, tflags) + tail)
+                return True
+            if option in (wire.OPT_GO, wire.OPT_INFO):
+                info = struct.pack(">HQH", wire.INFO_EXPORT, size, tflags)
+                sock.sendall(wire.pack_option_reply(option, wire.REP_INFO, info)
+                             + wire.pack_option_reply(option, wire.REP_ACK))
+                if option == wire.OPT_GO:
+                    return True
+                continue
+            if option == wire.OPT_ABORT:
+                sock.sendall(wire.pack_option_reply(option, wire.REP_ACK))
+                return False
+            sock.sendall(wire.pack_option_reply(option, wire.REP_ERR_UNSUP))
+
+    def _discard_until_closed(self, sock: socket.socket, rec: ConnRecord) -> None:
+        while not self._stop.is_set():
+            try:
+                ready, _, _ = select.select([sock], [], [], 0.1)
+                if ready:
+                    chunk = sock.recv(1 << 20)
+                    if not chunk:
+                        return
+                    rec.bytes_read += len(chunk)
+            except (OSError, ValueError):
+                return
+
+    def _transmission(self, sock: socket.socket, rec: ConnRecord) -> None:
+        s = rec.script
+        covered: list[tuple[int, int]] = []
+        index = 0
+        while True:
+            head = self._recv(sock, rec, wire.REQUEST_SIZE)
+            magic, flags, cmd, cookie, offset, length = struct.unpack(">IHHQQI", head)
+            if magic != wire.REQUEST_MAGIC:
+                return
+            req = Req(cmd, flags, cookie, offset, length)
+            rec.requests.append(req)
+            payload = b""
+            if cmd == wire.CMD_WRITE:
+                payload = self._recv(sock, rec, length)
+                rec.payload_bytes += length
+            if cmd == wire.CMD_DISC:
+                rec.disc = True
+                rec.covered = _covers(covered, self.size)
+                return
+            fault = s.fault if s.fail_at is not None and index == s.fail_at else ""
+            index += 1
+            if fault:
+                rec.fault_fired = True
+                if fault == "close":
+                    req.error = -1
+                    return
+                if fault == "hang":
+                    req.error = -1
+                    self._discard_until_closed(sock, rec)
+                    return
+            error = 0
+            data = b""
+            in_range = offset <= self.size and length <= self.size - offset
+            if s.only_cmds is not None and cmd not in s.only_cmds:
+                rec.unexpected.append(req)
+                error = wire.NBD_EINVAL
+            elif fault == "error":
+                error = s.error
+            elif not in_range:
+                error = wire.NBD_ENOSPC if cmd in (wire.CMD_WRITE, wire.CMD_WRITE_ZEROES) \
+                    else wire.NBD_EINVAL
+            elif cmd == wire.CMD_WRITE:
+                self._write(offset, payload)
+                covered.append((offset, offset + length))
+            elif cmd == wire.CMD_WRITE_ZEROES:
+                self._zero(offset, length)
+                covered.append((offset, offset + length))
+            elif cmd == wire.CMD_READ:
+                data = os.pread(self._fd, length, offset) if self._fd >= 0 else bytes(length)
+                data += bytes(length - len(data))
+            req.error = error
+            reply_cookie = cookie ^ 1 if fault == "badcookie" else cookie
+            reply_magic = wire.SIMPLE_REPLY_MAGIC ^ 0x0100 if fault == "badmagic" \
+                else wire.SIMPLE_REPLY_MAGIC
+            sock.sendall(wire.pack_simple_reply(error, reply_cookie, reply_magic)
+                         + (data if error == 0 else b""))
+
+    def _write(self, offset: int, payload: bytes) -> None:
+        if self._fd < 0:
+            return
+        pos = 0
+        while pos < len(payload):
+            piece = payload[pos:pos + 4096]
+            if piece.count(0) != len(piece) or \
+                    os.pread(self._fd, len(piece), offset + pos).count(0) != len(piece):
+                os.pwrite(self._fd, piece, offset + pos)
+            pos += len(piece)
+
+    def _zero(self, offset: int, length: int) -> None:
+        if self._fd < 0:
+            return
+        pos = 0
+        while pos < length:
+            n = min(1 << 20, length - pos)
+            if os.pread(self._fd, n, offset + pos).count(0) != n:
+                os.pwrite(self._fd, bytes(n), offset + pos)
+            pos += n
+
+
+def _covers(ranges: list[tuple[int, int]], size: int) -> bool:
+    at = 0
+    for start, end in sorted(ranges):
+        if start > at:
+            return False
+        at = max(at, end)
+    return at >= size
