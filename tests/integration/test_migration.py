@@ -563,6 +563,36 @@ def test_qemu_io_writes_during_a_slow_first_pass(pair, make_file):
     assert_completed(p)
 
 
+def raw_client(port: int):
+    """A connected client in transmission (newstyle handshake done by hand)."""
+    from flexnbd.handshake import client_handshake
+
+    s = cu.connect("127.0.0.1", port)
+    try:
+        client_handshake(s)
+    except BaseException:
+        s.close()
+        raise
+    return s
+
+
+def test_client_vanishing_mid_payload_during_the_migration(pair, make_file):
+    """A client sends a 4 MiB WRITE into a range the first pass already sent, but only 2.5 MiB
+    of its payload, and goes away. What of it landed in the source file must reach the
+    destination too (SPEC 6.3: the destination equals the source's final content)."""
+    size = 16 * MiB
+    p = pair(make_file(size))
+    assert mirror_request(p.src, p.dst.port, max_bps=4 * MiB) == "0: Mirror started\n"
+    time.sleep(1.0)           # the first 4 MB at least are on the destination by now
+    with raw_client(p.src.port) as s:
+        s.sendall(wire.pack_request(wire.CMD_WRITE, 0, 4 * MiB, cookie=1)
+                  + b"\xab" * (5 * MiB // 2))
+        time.sleep(0.3)
+    assert wait_until(lambda: "went away in the middle of a request" in p.src.log(), 10), \
+        p.src.log()
+    assert_completed(p)
+
+
 def test_trims_and_zeroes_during_the_first_pass(pair, make_file):
     """TRIM and WRITE_ZEROES (qemu-io discard, write -z) on data the first pass already sent
     or has yet to send, mixed with writes into holes and data: all of it reaches the

@@ -17,6 +17,8 @@ import time
 from collections import Counter
 from pathlib import Path
 
+import pytest
+
 from tests.conftest import FlexnbdProcess, free_port, require_tool
 from tests.integration import _control_util as cu
 from tests.integration.test_migration import (
@@ -182,6 +184,109 @@ def test_break_then_mirror_again(pair, make_file, run_flexnbd):
     res = mirror_cli(p.src, p.dst.port)
     assert (res.returncode, res.stdout) == (0, b"Mirror started\n"), out(res)
     assert_completed(p)
+
+
+def test_endgame_with_a_stuck_client_and_a_break_meanwhile(pair, make_file):
+    """A client stuck in the middle of a WRITE payload holds the endgame up until it is cut
+    (the 10 s stop grace). Meanwhile new clients are refused (clients_allowed=false), and a
+    `break` that arrives then must answer truthfully: the migration (action `nothing`)
+    completes, so `1: mirror completed`, never `0: mirror stopped`. What the stuck client's
+    payload changed in the source file must be on the destination too."""
+    size = 4 * MiB
+    p = pair(make_file(size))
+    from flexnbd import wire
+    from tests.integration.test_migration import raw_client
+
+    stuck = raw_client(p.src.port)
+    try:
+        # (with a 4 MB/s limit the first pass has sent the first 2 MB after 0.5 s)
+        assert mirror_request(p.src, p.dst.port, "nothing", max_bps=4 * MiB) == \
+            "0: Mirror started\n"
+        time.sleep(0.5)
+        stuck.sendall(wire.pack_request(wire.CMD_WRITE, 0, 2 * MiB, cookie=7)
+                      + b"\xcd" * MiB)
+        assert wait_until(lambda: cu.status(p.src.sock)["clients_allowed"] == "false", 10), \
+            p.src.log()
+        st = cu.status(p.src.sock)
+        assert st["is_mirroring"] == "true", st
+        with cu.connect("127.0.0.1", p.src.port) as s:
+            assert cu.closed_without_a_byte(s)
+        answer: list[str] = []
+        breaker = threading.Thread(target=lambda: answer.append(
+            cu.control(p.src.sock, "break", timeout=60)))
+        breaker.start()
+        assert wait_exit(p.dst, 40) == 0, p.dst.log()
+        breaker.join(60)
+        assert answer == ["1: mirror completed\n"], (answer, p.src.log())
+        st = cu.status(p.src.sock)
+        assert st["is_mirroring"] == "false" and st["clients_allowed"] == "true", st
+    finally:
+        stuck.close()
+    assert same_files(p.src_file, p.dst_file), "the stuck client's partial write is missing"
+
+
+def test_break_racing_the_finish(start_server, make_file, tmp_path):
+    """30 times: a `break` that waits for an endgame (held up by a client in the middle of a
+    WRITE for 0.2 s) must tell the truth: the migration (action `nothing`) completes, so the
+    answer may be `1: mirror completed`, never `0: mirror stopped` with a destination that
+    completed."""
+    from flexnbd import wire
+    from tests.integration.test_migration import raw_client
+
+    size = 4 * MiB
+    src_file = make_file(size)
+    src = start_server(src_file)
+    outcomes: Counter[str] = Counter()
+    for n in range(30):
+        dst_file = tmp_path / f"dst{n}.img"
+        with open(dst_file, "wb") as f:
+            f.truncate(size)
+        dst = start_server(dst_file, mode="listen")
+        assert wait_until(lambda: cu.status(src.sock)["num_clients"] == "0", 10)
+        with raw_client(src.port) as s:
+            s.sendall(wire.pack_request(wire.CMD_WRITE, 0, 65536, cookie=7) + b"\xcd" * 1000)
+            assert mirror_request(src, dst.port, "nothing") == "0: Mirror started\n"
+            assert wait_until(lambda: cu.status(src.sock)["clients_allowed"] == "false", 10)
+            answer: list[str] = []
+            breaker = threading.Thread(target=lambda a=answer: a.append(
+                cu.control(src.sock, "break", timeout=60)))
+            breaker.start()
+            time.sleep(0.2)
+            s.sendall(b"\xcd" * (65536 - 1000))       # the request completes: endgame goes on
+            breaker.join(60)
+        dst_rc = wait_exit(dst, 20)
+        context = f"run {n}: break answered {answer!r}, destination exit {dst_rc}"
+        assert dst_rc == 0, context
+        assert answer == ["1: mirror completed\n"], context
+        assert same_files(src_file, dst_file), context
+        outcomes[answer[0]] += 1
+    assert running(src)
+
+
+@pytest.mark.parametrize("action", ["exit", "nothing"])
+def test_sigterm_during_the_endgame(pair, make_file, action):
+    """A stop signal that arrives while the endgame runs (held up by a client in the middle of
+    a WRITE) waits for it: the migration completes and the source exits 0 (SPEC 6.6), for
+    action `nothing` too (the data moved)."""
+    from flexnbd import wire
+    from tests.integration.test_migration import raw_client
+
+    for n in range(4):
+        p = pair(make_file(4 * MiB))
+        with raw_client(p.src.port) as s:
+            s.sendall(wire.pack_request(wire.CMD_WRITE, 0, 65536, cookie=7) + b"\xcd" * 1000)
+            assert mirror_request(p.src, p.dst.port, action) == "0: Mirror started\n"
+            assert wait_until(lambda p=p: cu.status(p.src.sock)["clients_allowed"] == "false",
+                              10)
+            p.src.signal(signal.SIGTERM)
+            time.sleep(0.1 * n)
+            s.sendall(b"\xcd" * (65536 - 1000))
+            src_rc = wait_exit(p.src, 30)
+        dst_rc = wait_exit(p.dst, 20)
+        context = f"run {n}: source exit {src_rc}, destination exit {dst_rc}\n{p.src.log()}"
+        assert dst_rc == 0, context
+        assert same_files(p.src_file, p.dst_file), context
+        assert src_rc == 0, context
 
 
 def test_break_with_nothing_running(start_server, make_file, run_flexnbd):
