@@ -274,6 +274,9 @@ cdef struct conn_t:
     int pipe_r               # a pipe for splicing WRITE payloads socket -> file (-1: none)
     int pipe_w
     amap_t *coverage         # listen mode: blocks written in this session, or NULL
+    uint64_t *partial        # listen mode: (start, end) of pieces covering part of a block
+    size_t npartial
+    size_t partial_cap
     uint64_t errors          # requests answered with an error
     int kicked               # set by kick(): end at the next request boundary
     int corked               # TCP_CORK is on: replies of a batch of requests leave together
@@ -785,7 +788,53 @@ cdef inline void written(conn_t *c, uint64_t offset, uint64_t length, int covers
     if dirty != NULL:
         amap_mark(dirty, offset, length)
     if covers and c.coverage != NULL:
-        amap_set_inside(c.coverage, offset, length, 1)
+        cover(c, offset, length)
+
+
+# Bound on the partial pieces kept per session (16 bytes each): a sender that writes more
+# unaligned pieces than this simply does not complete (its blocks stay uncovered).
+DEF MAX_PARTIAL = 16 * 1024 * 1024
+
+
+cdef void cover(conn_t *c, uint64_t offset, uint64_t length) noexcept nogil:
+    """Record that [offset, offset+length) was written: whole blocks in the coverage map, the
+    pieces of blocks at either end in the partial list (checked when the session ends)."""
+    cdef amap_t *m = c.coverage
+    cdef uint64_t bs = <uint64_t>1 << m.shift
+    cdef uint64_t end, head_end, tail_start
+    if length == 0 or offset >= m.size:
+        return
+    if length > m.size - offset:
+        length = m.size - offset
+    end = offset + length
+    amap_set_inside(m, offset, length, 1)
+    head_end = (offset + bs - 1) & ~(bs - 1)
+    tail_start = end & ~(bs - 1)
+    if head_end > end or head_end > tail_start:      # within one block
+        if offset & (bs - 1) or (end & (bs - 1) and end != m.size):
+            add_partial(c, offset, end)
+        return
+    if offset & (bs - 1):
+        add_partial(c, offset, head_end)
+    if end & (bs - 1) and end != m.size:
+        add_partial(c, tail_start, end)
+
+
+cdef void add_partial(conn_t *c, uint64_t start, uint64_t end) noexcept nogil:
+    cdef uint64_t *grown
+    cdef size_t cap
+    if c.npartial == c.partial_cap:
+        if c.partial_cap >= MAX_PARTIAL:
+            return
+        cap = 1024 if c.partial_cap == 0 else c.partial_cap * 2
+        grown = <uint64_t *>realloc(c.partial, cap * 2 * sizeof(uint64_t))
+        if grown == NULL:
+            return
+        c.partial = grown
+        c.partial_cap = cap
+    c.partial[2 * c.npartial] = start
+    c.partial[2 * c.npartial + 1] = end
+    c.npartial += 1
 
 
 cdef int do_write(conn_t *c, const request_t *r, int error) noexcept nogil:
@@ -1048,6 +1097,7 @@ cdef class Connection:
             raise MemoryError()
 
     def __dealloc__(self):
+        free(self.c.partial)
         free(self.c.inbuf)
         free(self.c.buf)
         free(self.c.outbuf)
@@ -1082,6 +1132,11 @@ cdef class Connection:
     @property
     def requests(self):
         return self.c.requests
+
+    def partial_coverage(self):
+        """Listen mode: [(start, end)] of the writes that covered only part of a block."""
+        return [(self.c.partial[2 * i], self.c.partial[2 * i + 1])
+                for i in range(self.c.npartial)]
 
     @property
     def errors(self):

@@ -34,6 +34,7 @@ cdef extern from "<string.h>" nogil:
 cdef extern from "<stdlib.h>" nogil:
     void *malloc(size_t n)
     void *calloc(size_t n, size_t m)
+    void *realloc(void *p, size_t n)
     void free(void *p)
 
 cdef extern from "<sys/types.h>" nogil:

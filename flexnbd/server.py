@@ -346,7 +346,8 @@ class Server:
     def _listen_session_ended(self, client: _Client, result: _core.ServeResult,
                               coverage: _allocmap.AllocationMap) -> None:
         assert client.connection is not None
-        why_not = listen.session_outcome(result, coverage, client.connection.errors, self.size)
+        why_not = listen.session_outcome(result, coverage, client.connection.partial_coverage(),
+                                         client.connection.errors, self.size)
         if why_not is not None:
             _log.warning("%s: no migration completed: %s; waiting for the next sender",
                          client.name, why_not)

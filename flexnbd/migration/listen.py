@@ -7,7 +7,9 @@ sender that drops half-way or sends a bad request: nothing completes, and the ne
 starts over with an empty coverage map.
 
 Coverage is kept by the hot path in a bitmap of 512-byte blocks (export sizes are multiples of
-512), set only for blocks a single request covered entirely, so it never claims bytes that were
+512), set for blocks a single request covered entirely; the pieces of blocks that a request
+covered only in part are listed too, and checked here when the session ends, so a sender whose
+unaligned writes cover every byte between them completes, and no byte is ever counted that was
 not written.
 """
 
@@ -26,10 +28,33 @@ def new_coverage(size: int) -> AllocationMap:
     return coverage
 
 
-def session_outcome(result: _core.ServeResult, coverage: AllocationMap, errors: int,
-                    size: int) -> str | None:
-    """None when the session completed the migration, else why it did not (for the log)."""
+def covered_bytes(coverage: AllocationMap, partial: list[tuple[int, int]], size: int) -> int:
+    """Bytes in blocks that the session wrote entirely: blocks one request covered (the map),
+    plus blocks that several unaligned requests covered together (their pieces)."""
     covered = coverage.count_bytes()
+    block = 1 << COVERAGE_SHIFT
+    pieces: dict[int, list[tuple[int, int]]] = {}
+    for start, end in partial:
+        pieces.setdefault(start >> COVERAGE_SHIFT, []).append((start, end))
+    for index, spans in pieces.items():
+        first = index << COVERAGE_SHIFT
+        last = min(first + block, size)
+        if coverage.is_allocated(first, 1):
+            continue                      # already counted
+        reached = first
+        for start, end in sorted(spans):
+            if start > reached:
+                break
+            reached = max(reached, end)
+        if reached >= last:
+            covered += last - first
+    return covered
+
+
+def session_outcome(result: _core.ServeResult, coverage: AllocationMap,
+                    partial: list[tuple[int, int]], errors: int, size: int) -> str | None:
+    """None when the session completed the migration, else why it did not (for the log)."""
+    covered = covered_bytes(coverage, partial, size)
     if result.reason != _core.Reason.REASON_DISC:
         return f"the sender left without DISC after writing {covered} of {size} bytes"
     if errors:

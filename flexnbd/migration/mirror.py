@@ -23,8 +23,10 @@ offset 0.
 Why a dirty bitmap and not a log: one bit per 4 KiB block has a fixed size (32 MiB for 1 TiB),
 marking is one atomic OR without a lock or the GIL, and it cannot overflow, so a client that
 never stops writing can neither stall the mirror nor make it lose track; repeated writes to the
-same blocks cost nothing extra. The speed limit therefore never has to be overridden to stop a
-log overflowing; the endgame, which must be short, always sends at full speed.
+same blocks cost nothing extra. What 0.5.0 did when its log filled (send regardless of the
+speed limit) we do when a dirty pass did not shrink the dirty set: clients write faster than
+the limit lets us send, and waiting would never end. The endgame, which must be short, always
+sends at full speed; after MAX_DIRTY_PASSES passes it comes whatever is left.
 """
 
 from __future__ import annotations
@@ -283,19 +285,30 @@ class Mirror:
                 raise Abandoned("break")
         self.dirty = self.host.export.track_dirty(True)
         fd = sock.fileno()
-        for offset in range(0, self.host.size, CHUNK):
+        offset = 0
+        while offset < self.host.size:
             self._check_break()
-            length = min(CHUNK, self.host.size - offset)
+            length = min(self._chunk(), self.host.size - offset)
             self._send(fd, offset, length, zeroes, throttle=True)
             self.first_pass_left -= length
+            offset += length
         passes = 0
+        throttle = True
+        previous = None
         while True:
             left = self.dirty.count_bytes()
             speed = self.speed()
             if left == 0 or (speed and left / speed < ENDGAME_SECONDS) or \
                     passes >= MAX_DIRTY_PASSES:
                 break
-            self._drain(fd, zeroes, throttle=True)
+            if throttle and previous is not None and left >= previous:
+                # Clients dirty data faster than the limit lets us send it: like 0.5.0 when
+                # its dirty log filled, send regardless of the limit so the mirror converges.
+                _log.info("mirror: %d bytes dirty and not shrinking; ignoring the speed limit "
+                          "for the rest of the migration", left)
+                throttle = False
+            previous = left
+            self._drain(fd, zeroes, throttle=throttle)
             passes += 1
         return self._endgame(sock, zeroes)
 
@@ -333,7 +346,7 @@ class Mirror:
             offset = 0
             while True:
                 self._check_break()
-                run = self.dirty.take_run(offset, CHUNK)
+                run = self.dirty.take_run(offset, self._chunk() if throttle else CHUNK)
                 if run is None:
                     break
                 start, length = run
@@ -342,14 +355,23 @@ class Mirror:
             if not until_empty or self.dirty.count_bytes() == 0:
                 return
 
+    def _chunk(self) -> int:
+        """Request size: 8 MiB, or under a speed limit about a tenth of a second's worth, so
+        the limit holds from the first request on."""
+        if not self.max_bps:
+            return CHUNK
+        return max(64 * 1024, min(CHUNK, self.max_bps // 10 // 4096 * 4096))
+
     def _send(self, fd: int, offset: int, length: int, zeroes: bool, throttle: bool) -> None:
-        self.wire_bytes += _core.mirror_send(fd, self.host.export, offset, length, zeroes)
-        self.bytes_sent += length
         if throttle and self.max_bps:
-            # Keep the average since the attempt began at or under the limit.
-            ahead = self.bytes_sent / self.max_bps - (time.monotonic() - self.attempt_started)
+            # Keep the average since the attempt began at or under the limit, counting this
+            # request before it goes.
+            ahead = (self.bytes_sent + length) / self.max_bps - \
+                (time.monotonic() - self.attempt_started)
             if ahead > 0 and self._break.wait(ahead):
                 raise Abandoned("break")
+        self.wire_bytes += _core.mirror_send(fd, self.host.export, offset, length, zeroes)
+        self.bytes_sent += length
 
     def _check_break(self) -> None:
         if self._break.is_set():
