@@ -522,7 +522,7 @@ def test_writer_that_never_stops_with_a_speed_limit(pair, make_file, tmp_path):
     """The same under a speed limit the writer outpaces: the dirty data never shrinks below
     5 s worth at the limit, so the mirror must stop waiting for it (0.5.0 sent at full speed
     once its dirty log filled). 8 MiB at 1 MB/s: one pass takes about 8 s; converging must not
-    take more than a few passes (60 s here, seven of them)."""
+    take more than a few passes (45 s here, five of them)."""
     size = 8 * MiB
     src_file = make_file(size)
     original = src_file.read_bytes()
@@ -532,7 +532,7 @@ def test_writer_that_never_stops_with_a_speed_limit(pair, make_file, tmp_path):
         writers.start(0, size // BS, seconds=600)
         assert wait_until(lambda: writers.acked(0) >= 50, 60)
         assert mirror_request(p.src, p.dst.port, max_bps=1_000_000) == "0: Mirror started\n"
-        assert_completed(p, timeout=60)
+        assert_completed(p, timeout=45)
         writers.wait(60)
         writers.check_model(original, p.src_file)
     finally:

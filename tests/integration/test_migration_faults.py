@@ -105,6 +105,14 @@ def test_relay_resets_at_once(pair, make_file):
     still_serving(p.src)
 
 
+def test_bind_to_a_foreign_address(pair, make_file):
+    p = pair(make_file(MiB))
+    res = mirror_cli(p.src, p.dst.port, "--bind", "192.0.2.1")    # TEST-NET-1, not ours
+    assert (res.returncode, res.stderr) == (1, b"Mirror failed to connect\n"), out(res)
+    still_serving(p.src)
+    assert running(p.dst) and cu.status(p.dst.sock)["has_control"] == "false"
+
+
 def test_wrong_size_real_listener(start_server, make_file):
     src = start_server(make_file(MiB))
     dst = start_server(make_file(2 * MiB, random=False), mode="listen")
