@@ -16,25 +16,42 @@ import datetime
 import functools
 import json
 import os
-import platform
 import shutil
 import signal
 import socket
 import statistics
-import struct
 import subprocess
 import sys
 import threading
 import time
 from pathlib import Path
 
-MiB = 1 << 20
-GiB = 1 << 30
-HOST = "127.0.0.1"  # all traffic stays on loopback
-CLK_TCK = os.sysconf("SC_CLK_TCK")
-DEFAULT_WORKDIR = "/var/tmp/flexnbd-bench"  # /var/tmp: real disk, and kept between runs
-IHAVEOPT = b"IHAVEOPT"
-SERVER_NAMES = ("flexnbd", "nbdkit", "qemu-nbd")
+from common import (
+    DEFAULT_WORKDIR,
+    HOST,
+    SERVER_NAMES,
+    ClientError,
+    GiB,
+    MiB,
+    Server,
+    allocated_bytes,
+    exit_on_sigterm,
+    fmt,
+    free_port,
+    git_head,
+    log,
+    machine_info,
+    make_data_file,
+    make_sparse_file,
+    nbd_read_chunks,
+    nbdinfo_hole_bytes,
+    parse_size,
+    run_client,
+    select,
+    server_command,
+    server_version,
+    settle,
+)
 
 # Row name -> client settings. Reads come before writes so the read rows see the data
 # file as generated; every row starts from a synced, warm page cache.
@@ -46,6 +63,16 @@ ROWS: dict[str, dict] = {
     "fio seq write 1M qd16": {"rw": "write", "bs": "1M", "iodepth": 16, "unit": "MiB/s"},
     "fio rand write 4k qd1": {"rw": "randwrite", "bs": "4k", "iodepth": 1, "unit": "IOPS"},
     "fio rand write 4k qd32": {"rw": "randwrite", "bs": "4k", "iodepth": 32, "unit": "IOPS"},
+    # The same reads on the sparse file (same size, --sparse-data of it data, the rest
+    # holes): MiB/s here is effective, file size / time, holes included.
+    "sparse nbdcopy seq read": {"client": "nbdcopy", "unit": "MiB/s", "file": "sparse"},
+    "sparse fio seq read 1M qd16": {
+        "rw": "read",
+        "bs": "1M",
+        "iodepth": 16,
+        "unit": "MiB/s",
+        "file": "sparse",
+    },
 }
 # Short aliases for --rows.
 ROW_ALIASES = {
@@ -56,267 +83,9 @@ ROW_ALIASES = {
     "seqwrite": "fio seq write 1M qd16",
     "randwrite1": "fio rand write 4k qd1",
     "randwrite32": "fio rand write 4k qd32",
+    "sparse-nbdcopy": "sparse nbdcopy seq read",
+    "sparse-seqread": "sparse fio seq read 1M qd16",
 }
-
-
-def log(msg: str) -> None:
-    print(msg, file=sys.stderr, flush=True)
-
-
-def parse_size(text: str) -> int:
-    """'2G', '512M', '1048576' -> bytes (binary units)."""
-    units = {"K": 1 << 10, "M": MiB, "G": GiB, "T": 1 << 40}
-    text = text.strip().upper().removesuffix("IB").removesuffix("B")
-    if text and text[-1] in units:
-        return int(float(text[:-1]) * units[text[-1]])
-    return int(text)
-
-
-# ---------------------------------------------------------------- the data file
-
-
-def make_data_file(path: Path, size: int) -> None:
-    """Create PATH with SIZE random bytes, or reuse it if it already has that size.
-
-    Plain os.urandom: the kernel's ChaCha generator does a few hundred MB/s, so 2 GiB
-    takes seconds, and the data neither compresses nor dedupes.
-    """
-    if path.exists() and path.stat().st_size == size:
-        log(f"reusing {path} ({size / GiB:.2f} GiB)")
-        return
-    log(f"writing {size / GiB:.2f} GiB of random data to {path} ...")
-    start = time.monotonic()
-    tmp = path.with_suffix(".part")
-    with open(tmp, "wb") as f:
-        left = size
-        while left:
-            n = min(left, 64 * MiB)
-            f.write(os.urandom(n))
-            left -= n
-        f.flush()
-        os.fsync(f.fileno())
-    tmp.rename(path)
-    log(f"  done in {time.monotonic() - start:.1f} s")
-
-
-def settle(path: Path) -> None:
-    """Flush dirty pages from earlier writes, then pull the whole file into the page cache,
-    so every row and every server starts from the same state."""
-    os.sync()
-    buf = bytearray(16 * MiB)
-    with open(path, "rb", buffering=0) as f:
-        while f.readinto(buf):
-            pass
-
-
-# ---------------------------------------------------------------- servers
-
-
-def free_port() -> int:
-    """An ephemeral port that is free right now (the kernel picks it)."""
-    with socket.socket() as s:
-        s.bind((HOST, 0))
-        return s.getsockname()[1]
-
-
-def find_flexnbd() -> str | None:
-    # Prefer the flexnbd next to this interpreter (the project's .venv).
-    beside = Path(sys.executable).parent / "flexnbd"
-    return str(beside) if beside.exists() else shutil.which("flexnbd")
-
-
-def nbdkit_has_exit_with_parent(nbdkit: str) -> bool:
-    out = subprocess.run([nbdkit, "--help"], capture_output=True, text=True).stdout
-    return "--exit-with-parent" in out
-
-
-def server_command(name: str, port: int | str, path: Path) -> list[str] | None:
-    """The command line that serves PATH on HOST:PORT, or None if NAME is not installed."""
-    if name == "flexnbd":
-        exe = find_flexnbd()
-        if not exe:
-            return None
-        return [exe, "serve", "--addr", HOST, "--port", str(port), "--file", str(path)]
-    if name == "nbdkit":
-        exe = shutil.which("nbdkit")
-        if not exe:
-            return None
-        cmd = [exe, "-f", "-i", HOST, "-p", str(port)]
-        if nbdkit_has_exit_with_parent(exe):
-            cmd.append("--exit-with-parent")  # no orphan if we are killed hard
-        return [*cmd, "file", str(path)]
-    if name == "qemu-nbd":
-        exe = shutil.which("qemu-nbd")
-        if not exe:
-            return None
-        # -t: keep serving after a client leaves (our port probe is a client too).
-        # Defaults otherwise: --cache=writeback, --aio=threads, --shared=1.
-        return [exe, "-f", "raw", "-b", HOST, "-p", str(port), "-t", str(path)]
-    raise ValueError(name)
-
-
-def server_version(name: str) -> str:
-    if name == "flexnbd":
-        try:
-            from importlib.metadata import version
-
-            return "flexnbd " + version("flexnbd")
-        except Exception:
-            return "flexnbd (version unknown)"
-    exe = shutil.which(name)
-    if not exe:
-        return "missing"
-    out = subprocess.run([exe, "--version"], capture_output=True, text=True).stdout
-    return out.splitlines()[0].strip() if out else name
-
-
-class Server:
-    """One running server process; a context manager that always stops it."""
-
-    def __init__(self, name: str, port: int, path: Path, logpath: Path):
-        cmd = server_command(name, port, path)
-        assert cmd is not None
-        self.name, self.port, self.cmd, self.logpath = name, port, cmd, logpath
-        self.proc: subprocess.Popen | None = None
-
-    def __enter__(self) -> Server:
-        self.logfile = open(self.logpath, "ab")
-        self.logfile.write(f"\n=== {' '.join(self.cmd)}\n".encode())
-        self.logfile.flush()
-        self.proc = subprocess.Popen(
-            self.cmd, stdin=subprocess.DEVNULL, stdout=self.logfile, stderr=subprocess.STDOUT
-        )
-        try:
-            self.wait_ready()
-        except BaseException:  # __exit__ does not run if __enter__ fails (Ctrl-C too)
-            self.stop()
-            raise
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
-
-    def wait_ready(self, timeout: float = 20.0) -> None:
-        """Wait until the server completes a handshake (greeting, then NBD_OPT_ABORT)."""
-        deadline = time.monotonic() + timeout
-        while True:
-            assert self.proc is not None
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"{self.name} exited with {self.proc.returncode} at start")
-            try:
-                nbd_probe(self.port)
-                break
-            except OSError as e:
-                if time.monotonic() > deadline:
-                    raise RuntimeError(f"{self.name} not ready after {timeout} s: {e}") from e
-            time.sleep(0.05)
-        # qemu-nbd serves one client at a time (--shared=1): give it a moment to notice
-        # that the probe left before the real client connects.
-        time.sleep(0.3)
-
-    def alive(self) -> bool:
-        return self.proc is not None and self.proc.poll() is None
-
-    def stop(self) -> int | None:
-        """SIGTERM, then SIGKILL after 10 s. Returns the exit status."""
-        if self.proc is None:
-            return None
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                log(f"{self.name} ignored SIGTERM for 10 s; killing it")
-                self.proc.kill()
-                self.proc.wait()
-        self.logfile.close()
-        return self.proc.returncode
-
-    def cpu_seconds(self) -> float:
-        """utime+stime of the server, its threads and its children, live or reaped."""
-        assert self.proc is not None
-        return sum(proc_cpu(pid) for pid in process_tree(self.proc.pid))
-
-    def log_tail(self, lines: int = 15) -> str:
-        self.logfile.flush()
-        text = self.logpath.read_text(errors="replace").splitlines()
-        starts = [i for i, line in enumerate(text) if line.startswith("=== ")]
-        return "\n".join(text[starts[-1] + 1 if starts else 0 :][-lines:])
-
-
-def recv_exact(sock: socket.socket, n: int) -> bytes:
-    data = b""
-    while len(data) < n:
-        chunk = sock.recv(n - len(data))
-        if not chunk:
-            raise ConnectionError("server closed the connection during the probe")
-        data += chunk
-    return data
-
-
-def nbd_probe(port: int) -> None:
-    """Fixed-newstyle greeting, then NBD_OPT_ABORT: a polite client that leaves at once,
-    so the servers' logs stay free of 'connection reset' noise."""
-    with socket.create_connection((HOST, port), timeout=2) as s:
-        greeting = recv_exact(s, 18)
-        if greeting[:16] != b"NBDMAGIC" + IHAVEOPT:
-            raise ConnectionError(f"unexpected NBD greeting {greeting!r}")
-        (server_flags,) = struct.unpack(">H", greeting[16:])
-        s.sendall(struct.pack(">I", 1 | (server_flags & 2)))  # C_FIXED_NEWSTYLE [NO_ZEROES]
-        s.sendall(IHAVEOPT + struct.pack(">II", 2, 0))  # NBD_OPT_ABORT, no data
-        recv_exact(s, 20)  # the ACK (magic, option, type, length 0)
-
-
-def read_stat(pid: int) -> list[str] | None:
-    """Fields of /proc/PID/stat from field 3 (state) on; comm may contain spaces."""
-    try:
-        raw = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return None
-    return raw[raw.rindex(")") + 2 :].split()
-
-
-def proc_cpu(pid: int) -> float:
-    """Fields 14-17: utime, stime (all threads) and cutime, cstime (reaped children)."""
-    f = read_stat(pid)
-    if f is None:
-        return 0.0
-    return sum(int(x) for x in f[11:15]) / CLK_TCK
-
-
-def process_tree(root: int) -> list[int]:
-    """ROOT and its live descendants (a server might fork helpers)."""
-    parents: dict[int, list[int]] = {}
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            f = read_stat(int(entry))
-            if f is not None:
-                parents.setdefault(int(f[1]), []).append(int(entry))
-    tree, todo = [], [root]
-    while todo:
-        pid = todo.pop()
-        tree.append(pid)
-        todo.extend(parents.get(pid, []))
-    return tree
-
-
-# ---------------------------------------------------------------- clients
-
-
-class ClientError(Exception):
-    pass
-
-
-def run_client(cmd: list[str], timeout: float) -> subprocess.CompletedProcess:
-    proc = subprocess.run(
-        cmd, stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=timeout
-    )
-    if proc.returncode != 0:
-        # Keep the messages, not fio's JSON report (it starts at a line "{").
-        out = proc.stdout.split("\n{", 1)[0] if not proc.stdout.startswith("{") else ""
-        lines = (proc.stderr + out).strip().splitlines()[-20:]
-        raise ClientError(f"{' '.join(cmd)}\nexit {proc.returncode}\n" + "\n".join(lines))
-    return proc
 
 
 @functools.cache
@@ -441,40 +210,6 @@ def loopback_mib_s(path: Path, size: int, runs: int = 3) -> dict[str, float]:
     }
 
 
-# ---------------------------------------------------------------- report
-
-
-def machine_info() -> dict:
-    model = "unknown"
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-        if line.startswith("model name"):
-            model = line.split(":", 1)[1].strip()
-            break
-    return {"cpus": os.cpu_count(), "kernel": platform.release(), "cpu_model": model}
-
-
-def git_head() -> str | None:
-    """The flexnbd commit measured (plus '-dirty' if the work tree had changes)."""
-    here = Path(__file__).resolve().parent.parent
-    try:
-        return subprocess.run(
-            ["git", "-C", str(here), "describe", "--always", "--dirty"],
-            capture_output=True,
-            text=True,
-            check=True,
-        ).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return None
-
-
-def fmt(value: float | None) -> str:
-    if value is None:
-        return "-"
-    if value >= 100:
-        return f"{value:,.0f}"
-    return f"{value:.2f}" if value < 10 else f"{value:.1f}"
-
-
 def table(results: dict, servers: list[str]) -> str:
     """Markdown: one line per row, value per server, flexnbd/best peer, CPU s/GiB."""
     peers = [s for s in servers if s != "flexnbd"]
@@ -527,6 +262,36 @@ def run_row(
     return cell
 
 
+def check_sparse(name: str, path: Path, workdir: Path, errors: list[str]) -> dict | None:
+    """What a server tells a client about the sparse file's holes: the hole bytes that
+    `nbdinfo --map` gets via BLOCK_STATUS, and the reply chunks of a READ of the first hole
+    (OFFSET_HOLE, or the zero bytes as OFFSET_DATA)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        hole = os.lseek(fd, 0, os.SEEK_HOLE)
+        hole_len = min(os.lseek(fd, hole, os.SEEK_DATA) - hole, MiB)
+    except OSError:  # no data after the first hole
+        hole_len = MiB
+    finally:
+        os.close(fd)
+    try:
+        with Server(name, free_port(), path, workdir / f"{name}.log") as server:
+            check = {
+                "file_hole_bytes": path.stat().st_size - allocated_bytes(path),
+                "map_hole_bytes": nbdinfo_hole_bytes(server.port),
+                "hole_read_chunks": nbd_read_chunks(server.port, hole, hole_len),
+            }
+    except (OSError, RuntimeError, subprocess.TimeoutExpired) as e:
+        errors.append(f"{name} / sparse check: {e}")
+        return None
+    log(
+        f"{name}: nbdinfo --map shows {fmt((check['map_hole_bytes'] or 0) / MiB)} MiB of holes "
+        f"(file: {fmt(check['file_hole_bytes'] / MiB)} MiB); a READ of a hole is answered "
+        f"with {', '.join(check['hole_read_chunks'])}"
+    )
+    return check
+
+
 def combine(cells: list[dict]) -> dict:
     """Median of repeated runs of one cell; the single values are kept as 'samples'."""
     if len(cells) == 1:
@@ -540,22 +305,15 @@ def combine(cells: list[dict]) -> dict:
     return out
 
 
-def select(names: str | None, known: list[str], aliases: dict[str, str]) -> list[str]:
-    if not names:
-        return known
-    chosen = []
-    for name in (n.strip() for n in names.split(",")):
-        name = aliases.get(name, name)
-        if name not in known:
-            raise SystemExit(f"unknown name {name!r}; choose from {', '.join(known)}")
-        chosen.append(name)
-    return chosen
-
-
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--workdir", default=DEFAULT_WORKDIR, help="where the data file lives")
     p.add_argument("--size", default="2G", help="data file size (default 2G)")
+    p.add_argument(
+        "--sparse-data",
+        default="256M",
+        help="data in the sparse file (same size as --size, 1 MiB pieces; default 256M)",
+    )
     p.add_argument("--runtime", type=int, default=8, help="seconds per fio row (default 8)")
     p.add_argument(
         "--rows",
@@ -578,6 +336,8 @@ def main(argv: list[str] | None = None) -> int:
     workdir = Path(args.workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     data = workdir / f"data-{size}.img"
+    sparse_data = parse_size(args.sparse_data)
+    files = {"dense": data, "sparse": workdir / f"sparse-{size}-{sparse_data}.img"}
     json_path = Path(args.json) if args.json else workdir / "results.json"
 
     # Skip what is not installed rather than fail half-way.
@@ -594,10 +354,13 @@ def main(argv: list[str] | None = None) -> int:
     servers = available
 
     make_data_file(data, size)
+    if any(ROWS[r].get("file") == "sparse" for r in rows):
+        make_sparse_file(files["sparse"], size, sparse_data)
     report: dict = {
         "date": datetime.date.today().isoformat(),
         "machine": machine_info(),
         "size": size,
+        "sparse_data": sparse_data,
         "runtime": args.runtime,
         "repeat": args.repeat,
         "git_head": git_head(),
@@ -621,6 +384,10 @@ def main(argv: list[str] | None = None) -> int:
             "version": server_version(name),
             "command": " ".join(server_command(name, "PORT", data) or []),
         }
+    if any(ROWS[r].get("file") == "sparse" for r in rows):
+        report["sparse_check"] = {
+            name: check_sparse(name, files["sparse"], workdir, report["errors"]) for name in servers
+        }
     samples: dict[tuple[str, str], list[dict]] = {}
     # Row-major, servers interleaved: the servers compared in one row run close together
     # in time, so background load on a shared machine hits them alike.
@@ -631,7 +398,8 @@ def main(argv: list[str] | None = None) -> int:
                     f"{name}: {row}"
                     + (f" (run {rep + 1}/{args.repeat})" if args.repeat > 1 else "")
                 )
-                cell = run_row(name, row, data, size, args.runtime, workdir, report["errors"])
+                path = files[ROWS[row].get("file", "dense")]
+                cell = run_row(name, row, path, size, args.runtime, workdir, report["errors"])
                 if cell:
                     samples.setdefault((row, name), []).append(cell)
     for (row, name), cells in samples.items():
@@ -641,6 +409,14 @@ def main(argv: list[str] | None = None) -> int:
     print(table(report["rows"], servers))
     print("\nClient (nbdcopy/fio) CPU s/GiB, for context:\n")
     print(client_table(report["rows"], servers))
+    for name, check in report.get("sparse_check", {}).items():
+        if check:
+            print(
+                f"\n{name} on the sparse file: `nbdinfo --map` (BLOCK_STATUS) shows "
+                f"{fmt((check['map_hole_bytes'] or 0) / MiB)} MiB of holes, the file has "
+                f"{fmt(check['file_hole_bytes'] / MiB)} MiB; a READ of a hole is answered "
+                f"with {', '.join(check['hole_read_chunks'])}"
+            )
     if "loopback_mib_s" in report:
         print()
         for recv, loop in report["loopback_mib_s"].items():
@@ -654,10 +430,6 @@ def main(argv: list[str] | None = None) -> int:
     json_path.write_text(json.dumps(report, indent=2) + "\n")
     log(f"results written to {json_path}")
     return 1 if report["errors"] else 0
-
-
-def exit_on_sigterm(signum: int, frame: object) -> None:
-    sys.exit(128 + signum)  # SystemExit unwinds the with-blocks, which stop the servers
 
 
 if __name__ == "__main__":

@@ -1,0 +1,457 @@
+"""Shared pieces of the benchmark scripts (run.py, sparse.py, migration.py).
+
+Constants, the data files, starting and stopping servers with readiness by NBD handshake,
+CPU accounting from /proc, running clients, machine facts and number formatting.
+Standard library only.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import random
+import shutil
+import signal
+import socket
+import struct
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+MiB = 1 << 20
+GiB = 1 << 30
+HOST = "127.0.0.1"  # all traffic stays on loopback
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+DEFAULT_WORKDIR = "/var/tmp/flexnbd-bench"  # /var/tmp: real disk, and kept between runs
+IHAVEOPT = b"IHAVEOPT"
+SERVER_NAMES = ("flexnbd", "nbdkit", "qemu-nbd")
+
+
+def log(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+def parse_size(text: str) -> int:
+    """'2G', '512M', '1048576' -> bytes (binary units)."""
+    units = {"K": 1 << 10, "M": MiB, "G": GiB, "T": 1 << 40}
+    text = text.strip().upper().removesuffix("IB").removesuffix("B")
+    if text and text[-1] in units:
+        return int(float(text[:-1]) * units[text[-1]])
+    return int(text)
+
+
+# ---------------------------------------------------------------- the data file
+
+
+def make_data_file(path: Path, size: int) -> None:
+    """Create PATH with SIZE random bytes, or reuse it if it already has that size.
+
+    Plain os.urandom: the kernel's ChaCha generator does a few hundred MB/s, so 2 GiB
+    takes seconds, and the data neither compresses nor dedupes.
+    """
+    if path.exists() and path.stat().st_size == size:
+        log(f"reusing {path} ({size / GiB:.2f} GiB)")
+        return
+    log(f"writing {size / GiB:.2f} GiB of random data to {path} ...")
+    start = time.monotonic()
+    tmp = path.with_suffix(".part")
+    with open(tmp, "wb") as f:
+        left = size
+        while left:
+            n = min(left, 64 * MiB)
+            f.write(os.urandom(n))
+            left -= n
+        f.flush()
+        os.fsync(f.fileno())
+    tmp.rename(path)
+    log(f"  done in {time.monotonic() - start:.1f} s")
+
+
+def make_sparse_file(path: Path, size: int, data: int, piece: int = MiB, seed: int = 1) -> None:
+    """Create PATH: SIZE bytes of which DATA bytes are random data, in PIECE-sized pieces at
+    random PIECE-aligned offsets (fixed seed, so every run gets the same layout), the rest
+    holes. Reused if it exists with that size and about that much allocated."""
+    if path.exists():
+        st = path.stat()
+        if st.st_size == size and abs(st.st_blocks * 512 - data) < piece:
+            log(f"reusing {path} ({size / GiB:.2f} GiB, {data / MiB:.0f} MiB of data)")
+            return
+    log(f"writing {path}: {size / GiB:.2f} GiB with {data / MiB:.0f} MiB of scattered data ...")
+    slots = sorted(random.Random(seed).sample(range(size // piece), data // piece))
+    tmp = path.with_suffix(".part")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    try:
+        os.ftruncate(fd, size)
+        for slot in slots:
+            os.pwrite(fd, os.urandom(piece), slot * piece)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    tmp.rename(path)
+
+
+def allocated_bytes(path: Path) -> int:
+    return path.stat().st_blocks * 512
+
+
+def settle(path: Path) -> None:
+    """Flush dirty pages from earlier writes, then pull the whole file into the page cache,
+    so every row and every server starts from the same state."""
+    os.sync()
+    buf = bytearray(16 * MiB)
+    with open(path, "rb", buffering=0) as f:
+        while f.readinto(buf):
+            pass
+
+
+# ---------------------------------------------------------------- servers
+
+
+def free_port() -> int:
+    """An ephemeral port that is free right now (the kernel picks it)."""
+    with socket.socket() as s:
+        s.bind((HOST, 0))
+        return s.getsockname()[1]
+
+
+def find_flexnbd() -> str | None:
+    # Prefer the flexnbd next to this interpreter (the project's .venv).
+    beside = Path(sys.executable).parent / "flexnbd"
+    return str(beside) if beside.exists() else shutil.which("flexnbd")
+
+
+def nbdkit_has_exit_with_parent(nbdkit: str) -> bool:
+    out = subprocess.run([nbdkit, "--help"], capture_output=True, text=True).stdout
+    return "--exit-with-parent" in out
+
+
+def server_command(name: str, port: int | str, path: Path) -> list[str] | None:
+    """The command line that serves PATH on HOST:PORT, or None if NAME is not installed."""
+    if name == "flexnbd":
+        exe = find_flexnbd()
+        if not exe:
+            return None
+        return [exe, "serve", "--addr", HOST, "--port", str(port), "--file", str(path)]
+    if name == "nbdkit":
+        exe = shutil.which("nbdkit")
+        if not exe:
+            return None
+        cmd = [exe, "-f", "-i", HOST, "-p", str(port)]
+        if nbdkit_has_exit_with_parent(exe):
+            cmd.append("--exit-with-parent")  # no orphan if we are killed hard
+        return [*cmd, "file", str(path)]
+    if name == "qemu-nbd":
+        exe = shutil.which("qemu-nbd")
+        if not exe:
+            return None
+        # -t: keep serving after a client leaves (our port probe is a client too).
+        # Defaults otherwise: --cache=writeback, --aio=threads, --shared=1.
+        return [exe, "-f", "raw", "-b", HOST, "-p", str(port), "-t", str(path)]
+    raise ValueError(name)
+
+
+def server_version(name: str) -> str:
+    if name == "flexnbd":
+        try:
+            from importlib.metadata import version
+
+            return "flexnbd " + version("flexnbd")
+        except Exception:
+            return "flexnbd (version unknown)"
+    exe = shutil.which(name)
+    if not exe:
+        return "missing"
+    out = subprocess.run([exe, "--version"], capture_output=True, text=True).stdout
+    return out.splitlines()[0].strip() if out else name
+
+
+class Server:
+    """One running server process; a context manager that always stops it."""
+
+    def __init__(
+        self, name: str, port: int, path: Path, logpath: Path, cmd: list[str] | None = None
+    ):
+        """CMD overrides the usual command line for NAME (e.g. flexnbd with a control
+        socket, or `flexnbd listen`); it must serve NBD on HOST:PORT."""
+        cmd = cmd or server_command(name, port, path)
+        assert cmd is not None
+        self.name, self.port, self.cmd, self.logpath = name, port, cmd, logpath
+        self.proc: subprocess.Popen | None = None
+        self.rusage: os.struct_rusage | None = None  # set when wait_exit() reaps it
+
+    def __enter__(self) -> Server:
+        self.logfile = open(self.logpath, "ab")
+        self.logfile.write(f"\n=== {' '.join(self.cmd)}\n".encode())
+        self.logfile.flush()
+        self.proc = subprocess.Popen(
+            self.cmd, stdin=subprocess.DEVNULL, stdout=self.logfile, stderr=subprocess.STDOUT
+        )
+        try:
+            self.wait_ready()
+        except BaseException:  # __exit__ does not run if __enter__ fails (Ctrl-C too)
+            self.stop()
+            raise
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    def wait_ready(self, timeout: float = 20.0) -> None:
+        """Wait until the server completes a handshake (greeting, then NBD_OPT_ABORT)."""
+        deadline = time.monotonic() + timeout
+        while True:
+            assert self.proc is not None
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"{self.name} exited with {self.proc.returncode} at start")
+            try:
+                nbd_probe(self.port)
+                break
+            except OSError as e:
+                if time.monotonic() > deadline:
+                    raise RuntimeError(f"{self.name} not ready after {timeout} s: {e}") from e
+            time.sleep(0.05)
+        # qemu-nbd serves one client at a time (--shared=1): give it a moment to notice
+        # that the probe left before the real client connects.
+        time.sleep(0.3)
+
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def stop(self) -> int | None:
+        """SIGTERM, then SIGKILL after 10 s. Returns the exit status."""
+        if self.proc is None:
+            return None
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                log(f"{self.name} ignored SIGTERM for 10 s; killing it")
+                self.proc.kill()
+                self.proc.wait()
+        self.logfile.close()
+        return self.proc.returncode
+
+    def wait_exit(self, timeout: float) -> int | None:
+        """Wait up to TIMEOUT s for the server to exit on its own (e.g. at the end of a
+        migration) and reap it with wait4(), which gives its exact CPU use, all threads and
+        reaped children included (self.rusage). Returns the exit status, or None if it is
+        still running."""
+        assert self.proc is not None
+        deadline = time.monotonic() + timeout
+        while self.proc.returncode is None:
+            try:
+                pid, status, rusage = os.wait4(self.proc.pid, os.WNOHANG)
+            except ChildProcessError:  # reaped elsewhere (Popen.poll): no rusage then
+                self.proc.poll()
+                break
+            if pid:
+                self.proc.returncode = os.waitstatus_to_exitcode(status)
+                self.rusage = rusage
+                break
+            if time.monotonic() > deadline:
+                return None
+            time.sleep(0.005)
+        return self.proc.returncode
+
+    def cpu_seconds(self) -> float:
+        """utime+stime of the server, its threads and its children, live or reaped."""
+        assert self.proc is not None
+        if self.rusage is not None:  # reaped by wait_exit(): the exact figure
+            return self.rusage.ru_utime + self.rusage.ru_stime
+        return sum(proc_cpu(pid) for pid in process_tree(self.proc.pid))
+
+    def log_tail(self, lines: int = 15) -> str:
+        self.logfile.flush()
+        text = self.logpath.read_text(errors="replace").splitlines()
+        starts = [i for i, line in enumerate(text) if line.startswith("=== ")]
+        return "\n".join(text[starts[-1] + 1 if starts else 0 :][-lines:])
+
+
+def recv_exact(sock: socket.socket, n: int) -> bytes:
+    data = b""
+    while len(data) < n:
+        chunk = sock.recv(n - len(data))
+        if not chunk:
+            raise ConnectionError("server closed the connection during the probe")
+        data += chunk
+    return data
+
+
+def nbd_probe(port: int) -> None:
+    """Fixed-newstyle greeting, then NBD_OPT_ABORT: a polite client that leaves at once,
+    so the servers' logs stay free of 'connection reset' noise."""
+    with socket.create_connection((HOST, port), timeout=2) as s:
+        greeting = recv_exact(s, 18)
+        if greeting[:16] != b"NBDMAGIC" + IHAVEOPT:
+            raise ConnectionError(f"unexpected NBD greeting {greeting!r}")
+        (server_flags,) = struct.unpack(">H", greeting[16:])
+        s.sendall(struct.pack(">I", 1 | (server_flags & 2)))  # C_FIXED_NEWSTYLE [NO_ZEROES]
+        s.sendall(IHAVEOPT + struct.pack(">II", 2, 0))  # NBD_OPT_ABORT, no data
+        recv_exact(s, 20)  # the ACK (magic, option, type, length 0)
+
+
+NBD_REQUEST_MAGIC = 0x25609513
+NBD_SIMPLE_REPLY_MAGIC = 0x67446698
+NBD_CHUNK_TYPES = {0: "NONE", 1: "OFFSET_DATA", 2: "OFFSET_HOLE", 5: "BLOCK_STATUS"}
+
+
+def nbd_read_chunks(port: int, offset: int, length: int) -> list[str]:
+    """Negotiate structured replies, READ [OFFSET, OFFSET+LENGTH) and return the reply chunk
+    types ('OFFSET_HOLE' for a hole answered without zero bytes, 'OFFSET_DATA' for bytes,
+    'simple' for a server without structured replies). Checks what a server answers for a
+    hole; a tiny client so the script needs no libnbd bindings."""
+    with socket.create_connection((HOST, port), timeout=5) as s:
+        greeting = recv_exact(s, 18)
+        if greeting[:16] != b"NBDMAGIC" + IHAVEOPT:
+            raise ConnectionError(f"unexpected NBD greeting {greeting!r}")
+        (server_flags,) = struct.unpack(">H", greeting[16:])
+        s.sendall(struct.pack(">I", 1 | (server_flags & 2)))
+
+        def option(opt: int, data: bytes = b"") -> int:
+            """Send an option, read replies up to the final one; its type."""
+            s.sendall(IHAVEOPT + struct.pack(">II", opt, len(data)) + data)
+            while True:
+                _, _, rtype, rlen = struct.unpack(">QIII", recv_exact(s, 20))
+                recv_exact(s, rlen)
+                if rtype != 3:  # NBD_REP_INFO comes before the ACK of NBD_OPT_GO
+                    return rtype
+
+        structured = option(8) == 1  # NBD_OPT_STRUCTURED_REPLY -> NBD_REP_ACK?
+        if option(7, struct.pack(">IH", 0, 0)) != 1:  # NBD_OPT_GO, default export
+            raise ConnectionError("NBD_OPT_GO refused")
+        s.sendall(struct.pack(">IHHQQI", NBD_REQUEST_MAGIC, 0, 0, 1, offset, length))
+        types = []
+        while True:
+            (magic,) = struct.unpack(">I", recv_exact(s, 4))
+            if magic == NBD_SIMPLE_REPLY_MAGIC or not structured:
+                recv_exact(s, 12 + length)
+                types.append("simple")
+                break
+            flags, ctype, _, clen = struct.unpack(">HHQI", recv_exact(s, 16))
+            recv_exact(s, clen)
+            types.append(NBD_CHUNK_TYPES.get(ctype, hex(ctype)))
+            if flags & 1:  # NBD_REPLY_FLAG_DONE
+                break
+        s.sendall(struct.pack(">IHHQQI", NBD_REQUEST_MAGIC, 0, 2, 2, 0, 0))  # NBD_CMD_DISC
+    return types
+
+
+def nbdinfo_hole_bytes(port: int) -> int | None:
+    """Bytes reported as holes by `nbdinfo --map` (i.e. via BLOCK_STATUS), or None."""
+    if not shutil.which("nbdinfo"):
+        return None
+    out = subprocess.run(
+        ["nbdinfo", "--map", f"nbd://{HOST}:{port}"], capture_output=True, text=True, timeout=60
+    )
+    if out.returncode != 0:
+        return None
+    holes = 0
+    for line in out.stdout.splitlines():
+        fields = line.split()
+        if len(fields) >= 3 and int(fields[2]) & 1:  # NBD_STATE_HOLE
+            holes += int(fields[1])
+    return holes
+
+
+def read_stat(pid: int) -> list[str] | None:
+    """Fields of /proc/PID/stat from field 3 (state) on; comm may contain spaces."""
+    try:
+        raw = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    return raw[raw.rindex(")") + 2 :].split()
+
+
+def proc_cpu(pid: int) -> float:
+    """Fields 14-17: utime, stime (all threads) and cutime, cstime (reaped children)."""
+    f = read_stat(pid)
+    if f is None:
+        return 0.0
+    return sum(int(x) for x in f[11:15]) / CLK_TCK
+
+
+def process_tree(root: int) -> list[int]:
+    """ROOT and its live descendants (a server might fork helpers)."""
+    parents: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            f = read_stat(int(entry))
+            if f is not None:
+                parents.setdefault(int(f[1]), []).append(int(entry))
+    tree, todo = [], [root]
+    while todo:
+        pid = todo.pop()
+        tree.append(pid)
+        todo.extend(parents.get(pid, []))
+    return tree
+
+
+# ---------------------------------------------------------------- clients
+
+
+class ClientError(Exception):
+    pass
+
+
+def run_client(cmd: list[str], timeout: float) -> subprocess.CompletedProcess:
+    proc = subprocess.run(
+        cmd, stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=timeout
+    )
+    if proc.returncode != 0:
+        # Keep the messages, not fio's JSON report (it starts at a line "{").
+        out = proc.stdout.split("\n{", 1)[0] if not proc.stdout.startswith("{") else ""
+        lines = (proc.stderr + out).strip().splitlines()[-20:]
+        raise ClientError(f"{' '.join(cmd)}\nexit {proc.returncode}\n" + "\n".join(lines))
+    return proc
+
+
+# ---------------------------------------------------------------- report
+
+
+def machine_info() -> dict:
+    model = "unknown"
+    for line in Path("/proc/cpuinfo").read_text().splitlines():
+        if line.startswith("model name"):
+            model = line.split(":", 1)[1].strip()
+            break
+    return {"cpus": os.cpu_count(), "kernel": platform.release(), "cpu_model": model}
+
+
+def git_head() -> str | None:
+    """The flexnbd commit measured (plus '-dirty' if the work tree had changes)."""
+    here = Path(__file__).resolve().parent.parent
+    try:
+        return subprocess.run(
+            ["git", "-C", str(here), "describe", "--always", "--dirty"],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return None
+
+
+def fmt(value: float | None) -> str:
+    if value is None:
+        return "-"
+    if value >= 100:
+        return f"{value:,.0f}"
+    return f"{value:.2f}" if value < 10 else f"{value:.1f}"
+
+
+def select(names: str | None, known: list[str], aliases: dict[str, str]) -> list[str]:
+    if not names:
+        return known
+    chosen = []
+    for name in (n.strip() for n in names.split(",")):
+        name = aliases.get(name, name)
+        if name not in known:
+            raise SystemExit(f"unknown name {name!r}; choose from {', '.join(known)}")
+        chosen.append(name)
+    return chosen
+
+
+def exit_on_sigterm(signum: int, frame: object) -> None:
+    sys.exit(128 + signum)  # SystemExit unwinds the with-blocks, which stop the servers
