@@ -837,6 +837,16 @@ cdef void add_partial(conn_t *c, uint64_t start, uint64_t end) noexcept nogil:
     c.npartial += 1
 
 
+cdef int write_cut_short(conn_t *c, const request_t *r, uint64_t offset, uint64_t partial,
+                         int error, int reason) noexcept nogil:
+    """The client went away in the middle of a WRITE's payload: what reached the file so far
+    (up to offset, plus up to ``partial`` bytes of a chunk being spliced) is still news for a
+    running mirror. Returns ``reason``."""
+    if not error and offset + partial > r.offset:
+        written(c, r.offset, offset + partial - r.offset, 0)
+    return reason
+
+
 cdef int do_write(conn_t *c, const request_t *r, int error) noexcept nogil:
     """Receive the payload into the file (or drain it when ``error`` is set), then reply.
 
@@ -857,7 +867,8 @@ cdef int do_write(conn_t *c, const request_t *r, int error) noexcept nogil:
             # Small: read it (and whatever follows) into inbuf, write from there.
             rc = fill_inbuf(c, <size_t>left, 0)
             if rc:
-                return REASON_VANISHED if rc == REASON_CLOSED else rc
+                return write_cut_short(c, r, offset, 0, error,
+                                       REASON_VANISHED if rc == REASON_CLOSED else rc)
             n = <size_t>left
             if not error and not io_err:
                 io_err = write_data(c, c.inbuf + c.in_pos, n, offset, fua)
@@ -880,11 +891,11 @@ cdef int do_write(conn_t *c, const request_t *r, int error) noexcept nogil:
                 # Onto allocated space: splice socket -> pipe -> file, one copy fewer.
                 rc = splice_to_file(c, n, offset, &io_err)
                 if rc:
-                    return rc
+                    return write_cut_short(c, r, offset, n, error, rc)
             else:
                 rc = recv_exact(c, c.buf, n)
                 if rc:
-                    return rc
+                    return write_cut_short(c, r, offset, 0, error, rc)
                 if not error and not io_err:
                     io_err = write_data(c, c.buf, n, offset, fua)
         left -= n
@@ -1354,80 +1365,134 @@ cdef int send_file_payload(int sock, int fd, uint64_t offset, uint64_t n) noexce
     return 0
 
 
-cdef int mirror_range(int sock, export_t *ex, uint64_t offset, uint64_t length, int zeroes,
-                      const char *zbuf, uint64_t *wire_bytes, uint32_t *remote) noexcept nogil:
+# Unacknowledged mirror requests allowed at once: the destination always has the next request
+# waiting while it writes the current one.
+DEF MAX_IN_FLIGHT = 64
+DEF MAX_IN_FLIGHT_BYTES = 32 * 1024 * 1024
+
+
+cdef struct mstream_t:
+    int sock
+    export_t *ex
+    int zeroes               # the destination takes WRITE_ZEROES
+    uint64_t cookie
+    uint64_t sizes[MAX_IN_FLIGHT]    # payload bytes of the requests in flight (a ring)
+    uint32_t head
+    uint32_t count
+    uint64_t bytes_in_flight
+    uint64_t wire_bytes
+    uint32_t remote          # the error of an error reply
+
+
+cdef int ms_collect(mstream_t *s) noexcept nogil:
+    """Read and check the reply to the oldest request in flight. 0 or a client outcome."""
+    cdef int rc = read_reply(s.sock, s.cookie, &s.remote)
+    s.wire_bytes += SIMPLE_REPLY_SIZE
+    if rc:
+        return rc
+    s.bytes_in_flight -= s.sizes[s.head]
+    s.head = (s.head + 1) % MAX_IN_FLIGHT
+    s.count -= 1
+    return C_OK
+
+
+cdef int ms_send(mstream_t *s, uint64_t offset, uint64_t length, const char *zbuf) noexcept nogil:
     """Send [offset, offset+length) as WRITE (data, from the file with sendfile) and, for holes
-    of the allocation map, WRITE_ZEROES (when ``zeroes``) or WRITE of zeroes; then check every
-    reply (cookie .MIRROR., error 0). 0 or a client outcome (C_*, or -errno)."""
+    of the allocation map, WRITE_ZEROES (or WRITE of zeroes to a destination without it),
+    collecting replies as the window requires. 0 or a client outcome (C_*, or -errno)."""
     cdef char h[REQUEST_SIZE]
-    cdef uint64_t cookie
-    cdef uint64_t n
+    cdef uint64_t n, payload
     cdef int allocated, rc
-    cdef uint32_t pending = 0
-    memcpy(&cookie, b".MIRROR.", 8)
     while length > 0:
-        if ex.amap != NULL:
-            n = amap_run(ex.amap, offset, length, &allocated)
+        if s.ex.amap != NULL:
+            n = amap_run(s.ex.amap, offset, length, &allocated)
         else:
             n, allocated = length, 1
         if n == 0 or n > length:
             n = length
         if n > MIRROR_MAX_REQUEST:
             n = MIRROR_MAX_REQUEST
-        if allocated or not zeroes:
-            make_request(h, CMD_WRITE, 0, cookie, offset, <uint32_t>n)
-            rc = sock_send_all(sock, h, REQUEST_SIZE, MSG_MORE)
+        payload = n if (allocated or not s.zeroes) else 0
+        while s.count == MAX_IN_FLIGHT or \
+                (s.count and s.bytes_in_flight + payload > MAX_IN_FLIGHT_BYTES):
+            rc = ms_collect(s)
+            if rc:
+                return rc
+        if payload:
+            make_request(h, CMD_WRITE, 0, s.cookie, offset, <uint32_t>n)
+            rc = sock_send_all(s.sock, h, REQUEST_SIZE, MSG_MORE)
             if rc == 0:
                 if allocated:
-                    rc = send_file_payload(sock, ex.fd, offset, n)
+                    rc = send_file_payload(s.sock, s.ex.fd, offset, n)
                 else:
-                    rc = send_zero_payload(sock, zbuf, n)
-            wire_bytes[0] += REQUEST_SIZE + n
+                    rc = send_zero_payload(s.sock, zbuf, n)
         else:
-            make_request(h, CMD_WRITE_ZEROES, 0, cookie, offset, <uint32_t>n)
-            rc = sock_send_all(sock, h, REQUEST_SIZE, 0)
-            wire_bytes[0] += REQUEST_SIZE
+            make_request(h, CMD_WRITE_ZEROES, 0, s.cookie, offset, <uint32_t>n)
+            rc = sock_send_all(s.sock, h, REQUEST_SIZE, 0)
+        s.wire_bytes += REQUEST_SIZE + payload
         if rc:
             return rc
-        pending += 1
+        s.sizes[(s.head + s.count) % MAX_IN_FLIGHT] = payload
+        s.count += 1
+        s.bytes_in_flight += payload
         offset += n
         length -= n
-    while pending > 0:
-        rc = read_reply(sock, cookie, remote)
-        wire_bytes[0] += SIMPLE_REPLY_SIZE
-        if rc:
-            return rc
-        pending -= 1
     return C_OK
 
 
 cdef char *_zero_buffer = <char *>calloc(ZERO_BUF_SIZE, 1)
 
 
-def mirror_send(int sock, Export export, uint64_t offset, uint64_t length, bint zeroes):
-    """Mirror one range of ``export`` to the destination on ``sock`` (transmission phase,
-    simple replies, timeouts set on the socket). Returns the bytes that crossed the wire.
+cdef class MirrorStream:
+    """Mirror requests to a destination (transmission phase, simple replies, timeouts set on
+    the socket), pipelined: up to MAX_IN_FLIGHT requests / MAX_IN_FLIGHT_BYTES unanswered.
+    Every reply must carry the cookie .MIRROR. and error 0. ``flush()`` waits for them all.
+
     Raises ProtocolError (bad reply), RemoteError (error reply), PeerClosed, TimeoutError,
     OSError."""
-    cdef uint32_t remote = 0
-    cdef uint64_t wire_bytes = 0
-    cdef int rc
-    if offset > export.ex.size or length > export.ex.size - offset:
-        raise ValueError("range beyond the export")
-    with nogil:
-        rc = mirror_range(sock, &export.ex, offset, length, zeroes, _zero_buffer, &wire_bytes,
-                          &remote)
-    if rc == C_OK:
-        return wire_bytes
-    if rc == -EAGAIN:
-        raise TimeoutError("the destination did not answer in time")
-    if rc < 0:
-        raise OSError(-rc, os.strerror(-rc))
-    if rc == C_CLOSED:
-        raise errors.PeerClosed("the destination closed the connection")
-    if rc == C_BAD_MAGIC:
-        raise errors.ProtocolError("the destination sent a reply with a bad magic")
-    if rc == C_BAD_COOKIE:
-        raise errors.ProtocolError("the destination sent a reply with a bad cookie")
-    name = wire.ERROR_NAMES.get(remote, f"error {remote}")
-    raise errors.RemoteError(remote, name, f"the destination answered {name}")
+
+    cdef mstream_t s
+    cdef Export export
+
+    def __cinit__(self, int sock, Export export, bint zeroes):
+        self.export = export
+        self.s.sock = sock
+        self.s.ex = &export.ex
+        self.s.zeroes = zeroes
+        memcpy(&self.s.cookie, b".MIRROR.", 8)
+
+    def send(self, uint64_t offset, uint64_t length):
+        cdef int rc
+        if offset > self.s.ex.size or length > self.s.ex.size - offset:
+            raise ValueError("range beyond the export")
+        with nogil:
+            rc = ms_send(&self.s, offset, length, _zero_buffer)
+        self._check(rc)
+
+    def flush(self):
+        cdef int rc = C_OK
+        with nogil:
+            while self.s.count and rc == C_OK:
+                rc = ms_collect(&self.s)
+        self._check(rc)
+
+    @property
+    def wire_bytes(self):
+        """Bytes that crossed the wire: requests, payloads and replies."""
+        return self.s.wire_bytes
+
+    cdef _check(self, int rc):
+        if rc == C_OK:
+            return
+        if rc == -EAGAIN:
+            raise TimeoutError("the destination did not answer in time")
+        if rc < 0:
+            raise OSError(-rc, os.strerror(-rc))
+        if rc == C_CLOSED:
+            raise errors.PeerClosed("the destination closed the connection")
+        if rc == C_BAD_MAGIC:
+            raise errors.ProtocolError("the destination sent a reply with a bad magic")
+        if rc == C_BAD_COOKIE:
+            raise errors.ProtocolError("the destination sent a reply with a bad cookie")
+        name = wire.ERROR_NAMES.get(self.s.remote, f"error {self.s.remote}")
+        raise errors.RemoteError(self.s.remote, name, f"the destination answered {name}")

@@ -187,7 +187,7 @@ class Server:
         A running mirror is stopped (its data did not move: exit status 1); a mirror in its
         endgame is waited for (the migration lock)."""
         with self.migration_lock:
-            if self.mirror is not None and self.mirror.running:
+            if self.mirror is not None and self.mirror.running and not self.mirror.completed:
                 self.stopped_while_mirroring = True
                 self.mirror.stop(shutting_down=True)
             with self._lock:

@@ -147,6 +147,7 @@ class Mirror:
         self.wire_bytes = 0          # bytes that crossed the wire in this attempt
         self.first_pass_left = host.size
         self.dirty: AllocationMap | None = None
+        self.stream: _core.MirrorStream | None = None
 
     # -- control ---------------------------------------------------------------------------
 
@@ -284,12 +285,12 @@ class Mirror:
             if self._break.wait(0.05):
                 raise Abandoned("break")
         self.dirty = self.host.export.track_dirty(True)
-        fd = sock.fileno()
+        self.stream = _core.MirrorStream(sock.fileno(), self.host.export, zeroes)
         offset = 0
         while offset < self.host.size:
             self._check_break()
             length = min(self._chunk(), self.host.size - offset)
-            self._send(fd, offset, length, zeroes, throttle=True)
+            self._send(offset, length, throttle=True)
             self.first_pass_left -= length
             offset += length
         passes = 0
@@ -308,18 +309,19 @@ class Mirror:
                           "for the rest of the migration", left)
                 throttle = False
             previous = left
-            self._drain(fd, zeroes, throttle=throttle)
+            self._drain(throttle=throttle)
             passes += 1
-        return self._endgame(sock, zeroes)
+        return self._endgame(sock)
 
-    def _endgame(self, sock: socket.socket, zeroes: bool) -> bool:
-        fd = sock.fileno()
+    def _endgame(self, sock: socket.socket) -> bool:
+        assert self.stream is not None
         with self.host.migration_lock:
             self._check_break()
             _log.info("mirror endgame: %d bytes dirty; disconnecting clients",
                       self.dirty.count_bytes() if self.dirty else 0)
             self.host.forbid_clients()
-            self._drain(fd, zeroes, throttle=False, until_empty=True)
+            self._drain(throttle=False, until_empty=True)
+            self.stream.flush()                 # every request answered, without error
             self._check_break()
             finishing = self.params.action in ("exit", "unlink")
             if finishing:
@@ -330,15 +332,18 @@ class Mirror:
                     except FileNotFoundError:
                         pass
             sock.sendall(wire.pack_request(wire.CMD_DISC, cookie=_MIRROR_COOKIE))
-            self.wire_bytes += wire.REQUEST_SIZE
+            self.wire_bytes = self.stream.wire_bytes + wire.REQUEST_SIZE
             _log.info("migration completed: %d bytes of data sent, %d bytes on the wire, "
                       "in %.2f s", self.bytes_sent, self.wire_bytes,
                       time.monotonic() - self.attempt_started)
+            # Still under the lock: a `break` or a stop signal waiting for it must see the
+            # migration as completed, never as one they could stop.
+            self.completed = True
             if not finishing:
                 self.host.allow_clients()
             return True
 
-    def _drain(self, fd: int, zeroes: bool, throttle: bool, until_empty: bool = False) -> None:
+    def _drain(self, throttle: bool, until_empty: bool = False) -> None:
         """Send what the dirty map names: one sweep over the export, or (``until_empty``, in
         the endgame when no client writes any more) sweeps until nothing is dirty."""
         assert self.dirty is not None
@@ -350,7 +355,7 @@ class Mirror:
                 if run is None:
                     break
                 start, length = run
-                self._send(fd, start, length, zeroes, throttle)
+                self._send(start, length, throttle)
                 offset = start + length
             if not until_empty or self.dirty.count_bytes() == 0:
                 return
@@ -362,7 +367,7 @@ class Mirror:
             return CHUNK
         return max(64 * 1024, min(CHUNK, self.max_bps // 10 // 4096 * 4096))
 
-    def _send(self, fd: int, offset: int, length: int, zeroes: bool, throttle: bool) -> None:
+    def _send(self, offset: int, length: int, throttle: bool) -> None:
         if throttle and self.max_bps:
             # Keep the average since the attempt began at or under the limit, counting this
             # request before it goes.
@@ -370,7 +375,8 @@ class Mirror:
                 (time.monotonic() - self.attempt_started)
             if ahead > 0 and self._break.wait(ahead):
                 raise Abandoned("break")
-        self.wire_bytes += _core.mirror_send(fd, self.host.export, offset, length, zeroes)
+        assert self.stream is not None
+        self.stream.send(offset, length)
         self.bytes_sent += length
 
     def _check_break(self) -> None:
