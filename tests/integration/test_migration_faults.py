@@ -30,6 +30,7 @@ from tests.integration.test_migration import (
     KiB,
     MiB,
     assert_completed,
+    logs,
     mirror_cli,
     mirror_request,
     out,
@@ -194,7 +195,7 @@ def test_oldstyle_destination_closes_after_the_greeting(pair, make_file):
         res = mirror_cli(p.src, relay.port)
         assert (res.returncode, res.stdout) == (0, b"Mirror started\n"), out(res)
         assert_completed(p)
-        assert len(relay.connections) == 2
+        assert len(relay.connections) >= 2
     assert _retried(p.src), p.src.log()
 
 
@@ -224,8 +225,11 @@ def test_relay_fault_then_retry_into_real_listener(pair, make_file, name):
         res = mirror_cli(p.src, relay.port)
         assert (res.returncode, res.stdout) == (0, b"Mirror started\n"), out(res)
         assert_completed(p)
-        assert relay.connections[0].triggered, relay.connections
-        assert len(relay.connections) == 2, relay.connections
+        conns = "\n".join(map(str, relay.connections))
+        assert relay.connections[0].triggered, conns
+        # (>= 2: a retry can come before the listener has noticed the broken session end,
+        # and is then refused: listen mode takes one client at a time)
+        assert len(relay.connections) >= 2, f"{conns}\n{logs(p.src, p.dst)}"
     assert time.monotonic() - started < 30
     assert _retried(p.src), p.src.log()
     # The broken session did not complete anything at the listener.
@@ -534,6 +538,6 @@ def test_logs_of_a_retry(pair, make_file):
         res = mirror_cli(p.src, relay.port)
         assert res.returncode == 0, out(res)
         assert_completed(p)
-        assert len(relay.connections) == 2
+        assert len(relay.connections) >= 2
     text = p.src.log()
     assert ":W:" in text and "retrying" in text, text
