@@ -11,6 +11,7 @@ written with pwrite (pwritev2 with RWF_DSYNC for FUA, so only that range is sync
 headers of requests that arrived together are batched into one send.
 """
 
+import errno as errno_module
 import logging
 import os
 from collections import namedtuple
@@ -1010,8 +1011,7 @@ cdef void log_io_error(conn_t *c, const request_t *r, int e) noexcept nogil:
 
 
 def _errno_name(int e):
-    import errno as _errno
-    return _errno.errorcode.get(e, str(e))
+    return errno_module.errorcode.get(e, str(e))
 
 
 _COMMAND_NAMES = {

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import sys
 
-from flexnbd import _core, sockets
+from flexnbd import _core, sockets, wire
 from flexnbd.config import TransferConfig
 from flexnbd.handshake import client_handshake
 
@@ -28,8 +28,6 @@ def transfer(cfg: TransferConfig, writing: bool) -> None:
 
 
 def _disconnect(sock) -> None:
-    from flexnbd import wire
-
     try:
         sock.sendall(wire.pack_request(wire.CMD_DISC))
     except OSError:

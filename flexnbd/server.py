@@ -10,6 +10,7 @@ exists). With ``--killswitch`` a watchdog thread cuts a client whose request run
 
 from __future__ import annotations
 
+import errno as errno_mod
 import os
 import select
 import selectors
@@ -537,8 +538,6 @@ class Server:
 def _errno_text(e: int) -> str:
     if not e:
         return ""
-    import errno as errno_mod
-
     return f": {os.strerror(e)} ({errno_mod.errorcode.get(e, e)})"
 
 
