@@ -690,7 +690,7 @@ def test_ipv6(start_server, make_file, tmp_path):
     src = start_server(src_file, host="::1")
     res = mirror_cli(src, dst.port, host="::1")
     assert (res.returncode, res.stdout) == (0, b"Mirror started\n"), out(res)
-    assert assert_completed(Pair(src, dst, src_file, dst_file)) is None
+    assert_completed(Pair(src, dst, src_file, dst_file))
 
 
 def test_a_listener_has_nothing_to_mirror(start_server, make_file):
