@@ -10,7 +10,6 @@ server's 4 KiB granularity.
 from __future__ import annotations
 
 import ctypes
-import errno
 import fcntl
 import hashlib
 import importlib.util
@@ -28,6 +27,7 @@ import pytest
 
 from flexnbd import wire
 from tests.conftest import require_python_nbd, require_tool
+from tests.fakes import layout
 
 BS = 4096
 KiB = 1 << 10
@@ -50,54 +50,15 @@ _libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c
 
 def seek_scan(path: Path, size: int) -> list[tuple[int, int]]:
     """[(start, end)] data extents below ``size``, from SEEK_DATA/SEEK_HOLE."""
-    out = []
     fd = os.open(path, os.O_RDONLY)
     try:
-        pos = 0
-        while pos < size:
-            try:
-                data = os.lseek(fd, pos, os.SEEK_DATA)
-            except OSError as e:
-                if e.errno == errno.ENXIO:
-                    break
-                raise
-            if data >= size:
-                break
-            hole = os.lseek(fd, data, os.SEEK_HOLE)
-            out.append((data, min(hole, size)))
-            pos = hole
+        return layout.seek_scan(fd, size)
     finally:
         os.close(fd)
-    return out
 
 
 def block_runs(data, size: int, start: int = 0, end: int | None = None):
-    """Merged [(offset, length, allocated)] covering [start, end): a block touching data is
-    allocated."""
-    end = size if end is None else end
-    spans: list[list[int]] = []
-    for s, e in sorted(data):
-        s = s // BS * BS
-        e = min(-(-e // BS) * BS, size)
-        if s >= e:
-            continue
-        if spans and s <= spans[-1][1]:
-            spans[-1][1] = max(spans[-1][1], e)
-        else:
-            spans.append([s, e])
-    runs: list[tuple[int, int, bool]] = []
-
-    def add(a: int, b: int, state: bool) -> None:
-        a, b = max(a, start), min(b, end)
-        if a < b:
-            runs.append((a, b - a, state))
-    pos = 0
-    for s, e in spans:
-        add(pos, s, False)
-        add(s, e, True)
-        pos = e
-    add(pos, size, False)
-    return merge(runs)
+    return merge(layout.block_runs(data, size, start, end))
 
 
 def merge(runs):
@@ -154,9 +115,7 @@ def make_sparse(path: Path, size: int, places: list[tuple[int, int]], seed: int 
 def punch(path: Path, offset: int, length: int) -> None:
     fd = os.open(path, os.O_RDWR)
     try:
-        if _libc.fallocate(fd, 0x03, offset, length) != 0:   # PUNCH_HOLE | KEEP_SIZE
-            e = ctypes.get_errno()
-            raise OSError(e, os.strerror(e))
+        layout.punch_fd(fd, offset, length)
     finally:
         os.close(fd)
 
