@@ -7,6 +7,7 @@ Standard library only.
 
 from __future__ import annotations
 
+import json
 import os
 import platform
 import random
@@ -17,6 +18,7 @@ import struct
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 MiB = 1 << 20
@@ -455,3 +457,21 @@ def select(names: str | None, known: list[str], aliases: dict[str, str]) -> list
 
 def exit_on_sigterm(signum: int, frame: object) -> None:
     sys.exit(128 + signum)  # SystemExit unwinds the with-blocks, which stop the servers
+
+
+def finish_report(report: dict, json_path: Path) -> int:
+    """Print the errors, write the JSON results; the script's exit status."""
+    for err in report["errors"]:
+        print(f"\nERROR {err}")
+    json_path.write_text(json.dumps(report, indent=2) + "\n")
+    log(f"results written to {json_path}")
+    return 1 if report["errors"] else 0
+
+
+def run_script(main: Callable[[], int]) -> None:
+    """Run a benchmark's main(): SIGTERM and Ctrl-C unwind it, so its servers are stopped."""
+    signal.signal(signal.SIGTERM, exit_on_sigterm)
+    try:
+        sys.exit(main())
+    except KeyboardInterrupt:
+        sys.exit(130)  # the Server context managers have already stopped the servers

@@ -22,11 +22,9 @@ import json
 import os
 import re
 import shutil
-import signal
 import socket
 import statistics
 import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
@@ -37,8 +35,8 @@ from common import (
     MiB,
     Server,
     allocated_bytes,
-    exit_on_sigterm,
     find_flexnbd,
+    finish_report,
     fmt,
     free_port,
     git_head,
@@ -47,6 +45,7 @@ from common import (
     make_data_file,
     make_sparse_file,
     parse_size,
+    run_script,
     select,
     server_version,
     settle,
@@ -585,16 +584,8 @@ def main(argv: list[str] | None = None) -> int:
             f"logged {r.get('wire_bytes') or 0:,}; {r.get('relay_from_dst_bytes'):,} bytes "
             f"back"
         )
-    for err in report["errors"]:
-        print(f"\nERROR {err}")
-    json_path.write_text(json.dumps(report, indent=2) + "\n")
-    log(f"results written to {json_path}")
-    return 1 if report["errors"] else 0
+    return finish_report(report, json_path)
 
 
 if __name__ == "__main__":
-    signal.signal(signal.SIGTERM, exit_on_sigterm)
-    try:
-        sys.exit(main())
-    except KeyboardInterrupt:
-        sys.exit(130)  # the Server context managers have already stopped the servers
+    run_script(main)

@@ -17,11 +17,9 @@ import functools
 import json
 import os
 import shutil
-import signal
 import socket
 import statistics
 import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
@@ -35,7 +33,7 @@ from common import (
     MiB,
     Server,
     allocated_bytes,
-    exit_on_sigterm,
+    finish_report,
     fmt,
     free_port,
     git_head,
@@ -47,6 +45,7 @@ from common import (
     nbdinfo_hole_bytes,
     parse_size,
     run_client,
+    run_script,
     select,
     server_command,
     server_version,
@@ -425,16 +424,8 @@ def main(argv: list[str] | None = None) -> int:
                 cell = report["rows"].get(row, {}).get("flexnbd")
                 if cell:
                     print(f"  flexnbd {row}: {cell['value'] / loop:.0%} of it")
-    for err in report["errors"]:
-        print(f"\nERROR {err}")
-    json_path.write_text(json.dumps(report, indent=2) + "\n")
-    log(f"results written to {json_path}")
-    return 1 if report["errors"] else 0
+    return finish_report(report, json_path)
 
 
 if __name__ == "__main__":
-    signal.signal(signal.SIGTERM, exit_on_sigterm)
-    try:
-        sys.exit(main())
-    except KeyboardInterrupt:
-        sys.exit(130)  # the Server context managers have already stopped the servers
+    run_script(main)
