@@ -40,6 +40,7 @@ import time
 from dataclasses import dataclass, field
 
 from flexnbd import wire
+from tests.fakes.accepting import accept_until
 
 ZERO_4K = bytes(4096)
 
@@ -162,27 +163,19 @@ class FakeDest:
     # -- accepting -----------------------------------------------------------------------
 
     def _accept_loop(self) -> None:
-        while not self._stop.is_set():
-            try:
-                ready, _, _ = select.select([self._listener], [], [], 0.1)
-            except (OSError, ValueError):
-                return
-            if not ready:
-                continue
-            try:
-                sock, _ = self._listener.accept()
-            except OSError:
-                continue
-            with self._lock:
-                index = len(self.conns)
-                script = self.scripts[index] if index < len(self.scripts) else self.default
-                rec = ConnRecord(index, script)
-                self.conns.append(rec)
-                self._socks.append(sock)
-                t = threading.Thread(target=self._serve, args=(sock, rec),
-                                     name=f"fakedest-{index}", daemon=True)
-                self._threads.append(t)
-            t.start()
+        accept_until(self._listener, self._stop, self._accepted)
+
+    def _accepted(self, sock: socket.socket) -> None:
+        with self._lock:
+            index = len(self.conns)
+            script = self.scripts[index] if index < len(self.scripts) else self.default
+            rec = ConnRecord(index, script)
+            self.conns.append(rec)
+            self._socks.append(sock)
+            t = threading.Thread(target=self._serve, args=(sock, rec),
+                                 name=f"fakedest-{index}", daemon=True)
+            self._threads.append(t)
+        t.start()
 
     # -- one connection ------------------------------------------------------------------
 

@@ -33,6 +33,8 @@ import threading
 import time
 from dataclasses import dataclass, field
 
+from tests.fakes.accepting import accept_until
+
 
 @dataclass
 class Fault:
@@ -262,27 +264,19 @@ class Relay:
                 self.down_total += n
 
     def _accept_loop(self) -> None:
-        while not self._stopping.is_set():
-            try:
-                ready, _, _ = select.select([self._listener], [], [], 0.1)
-            except (OSError, ValueError):
-                return
-            if not ready:
-                continue
-            try:
-                client, _ = self._listener.accept()
-            except OSError:
-                continue
-            with self._lock:
-                index = len(self.connections)
-                fault = self.faults[index] if index < len(self.faults) else self.default
-                stats = ConnStats(index, fault=fault)
-                self.connections.append(stats)
-                conn = _Conn(self, client, stats)
-                self._conns.append(conn)
-                t = threading.Thread(target=conn.run, name=f"relay-{index}", daemon=True)
-                self._threads.append(t)
-            t.start()
+        accept_until(self._listener, self._stopping, self._accepted)
+
+    def _accepted(self, client: socket.socket) -> None:
+        with self._lock:
+            index = len(self.connections)
+            fault = self.faults[index] if index < len(self.faults) else self.default
+            stats = ConnStats(index, fault=fault)
+            self.connections.append(stats)
+            conn = _Conn(self, client, stats)
+            self._conns.append(conn)
+            t = threading.Thread(target=conn.run, name=f"relay-{index}", daemon=True)
+            self._threads.append(t)
+        t.start()
 
     def wait_connections(self, n: int, timeout: float = 30.0) -> bool:
         deadline = time.monotonic() + timeout
