@@ -142,10 +142,16 @@ def out(res: subprocess.CompletedProcess) -> str:
 
 
 def status_or_none(proc) -> dict[str, str] | None:
+    """The status, or None when the server is gone or going: a source that completed its
+    migration closes its control socket, possibly on a request it had already accepted."""
     try:
-        return cu.status(proc.sock)
+        reply = cu.control(proc.sock, "status")
     except OSError:
         return None
+    if not reply:
+        return None
+    assert reply.startswith("0: ") and reply.endswith(" \n"), repr(reply)
+    return dict(pair.split("=", 1) for pair in reply[3:].split())
 
 
 def logs(*procs) -> str:
