@@ -17,6 +17,8 @@ from pathlib import Path
 import pytest
 
 FLEXNBD = [sys.executable, "-m", "flexnbd"]
+# The proxy's console script, installed beside the interpreter (pip install -e . puts it there).
+FLEXNBD_PROXY = [str(Path(sys.executable).parent / "flexnbd-proxy")]
 # In CI, a missing real client is a failure, not a skip.
 REQUIRE_TOOLS = os.environ.get("FLEXNBD_REQUIRE_TOOLS") == "1"
 SYSTEM_PYTHON = "/usr/bin/python3"
@@ -68,13 +70,14 @@ def wait_for_port(port: int, proc: subprocess.Popen | None = None, timeout: floa
 class FlexnbdProcess:
     """A running `flexnbd MODE ...` process; stderr goes to a log file."""
 
-    def __init__(self, args: list[str], log_path: Path, env: dict | None = None) -> None:
+    def __init__(self, args: list[str], log_path: Path, env: dict | None = None,
+                 command: list[str] = FLEXNBD) -> None:
         self.args = args
         self.log_path = log_path
         self._log = open(log_path, "wb")
         full_env = dict(os.environ)
         full_env.update(env or {})
-        self.proc = subprocess.Popen(FLEXNBD + args, stdin=subprocess.DEVNULL,
+        self.proc = subprocess.Popen(command + args, stdin=subprocess.DEVNULL,
                                      stdout=subprocess.DEVNULL, stderr=self._log, env=full_env)
 
     @property
@@ -106,13 +109,24 @@ class FlexnbdProcess:
             self.proc.wait()
         self._log.close()
 
+    def wait_for_log(self, text: str, timeout: float = 15.0) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if text in self.log():
+                return
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"exited with {self.proc.returncode} before logging "
+                                   f"{text!r}:\n{self.log()}")
+            time.sleep(0.01)
+        raise TimeoutError(f"{text!r} not logged in {timeout} s:\n{self.log()}")
+
 
 class Server(FlexnbdProcess):
     """`flexnbd serve` on 127.0.0.1 and an ephemeral port, ready when constructed."""
 
     def __init__(self, file: Path, log_path: Path, extra: list[str] = (),
-                 env: dict | None = None, mode: str = "serve") -> None:
-        self.port = free_port()
+                 env: dict | None = None, mode: str = "serve", port: int | None = None) -> None:
+        self.port = port or free_port()
         self.file = file
         super().__init__([mode, "--addr", "127.0.0.1", "--port", str(self.port),
                           "--file", str(file), "-v", *extra], log_path, env)
@@ -126,17 +140,6 @@ class Server(FlexnbdProcess):
         except BaseException:
             self.kill()
             raise
-
-    def wait_for_log(self, text: str, timeout: float = 15.0) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if text in self.log():
-                return
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"exited with {self.proc.returncode} before logging "
-                                   f"{text!r}:\n{self.log()}")
-            time.sleep(0.01)
-        raise TimeoutError(f"{text!r} not logged in {timeout} s:\n{self.log()}")
 
     @property
     def uri(self) -> str:
@@ -169,13 +172,54 @@ def serve(tmp_path):
     """serve(file, *extra_args, env=None) -> Server; every server is killed afterwards."""
     started: list[FlexnbdProcess] = []
 
-    def start(file: Path, *extra: str, env: dict | None = None, mode: str = "serve") -> Server:
-        server = Server(file, tmp_path / f"server{len(started)}.log", list(extra), env, mode)
+    def start(file: Path, *extra: str, env: dict | None = None, mode: str = "serve",
+              port: int | None = None) -> Server:
+        """``port`` restarts a server at a known port (a killed upstream coming back)."""
+        server = Server(file, tmp_path / f"server{len(started)}.log", list(extra), env, mode,
+                        port)
         started.append(server)
         return server
     yield start
     for server in started:
         server.kill()
+
+
+class Proxy(FlexnbdProcess):
+    """`flexnbd-proxy` on 127.0.0.1 and an ephemeral port in front of an upstream server,
+    ready (its " serving " line logged) when constructed."""
+
+    def __init__(self, upstream_port: int, log_path: Path, extra: list[str] = (),
+                 env: dict | None = None, port: int | None = None,
+                 upstream_addr: str = "127.0.0.1") -> None:
+        self.port = port or free_port()
+        self.upstream_port = upstream_port
+        super().__init__(["--addr", "127.0.0.1", "--port", str(self.port),
+                          "--conn-addr", upstream_addr, "--conn-port", str(upstream_port),
+                          "-v", *extra], log_path, env, command=FLEXNBD_PROXY)
+        try:
+            self.wait_for_log(" serving ")
+        except BaseException:
+            self.kill()
+            raise
+
+    @property
+    def uri(self) -> str:
+        return f"nbd://127.0.0.1:{self.port}"
+
+
+@pytest.fixture
+def proxy(tmp_path):
+    """proxy(upstream_port, *extra_args, env=None, port=None) -> Proxy; killed afterwards."""
+    started: list[Proxy] = []
+
+    def start(upstream_port: int, *extra: str, env: dict | None = None,
+              port: int | None = None) -> Proxy:
+        p = Proxy(upstream_port, tmp_path / f"proxy{len(started)}.log", list(extra), env, port)
+        started.append(p)
+        return p
+    yield start
+    for p in started:
+        p.kill()
 
 
 @pytest.fixture
