@@ -26,11 +26,12 @@ lint: install
 	PATH=$(VENV)/bin:$$PATH cython-lint flexnbd
 	$(VENV)/bin/lint-imports
 
-# Every benchmark: throughput rows against nbdkit and qemu-nbd, map build, migration.
+# Every benchmark: throughput rows against nbdkit and qemu-nbd, map build, migration, proxy.
 bench: install
 	$(PY) benchmarks/run.py
 	$(PY) benchmarks/sparse.py
 	$(PY) benchmarks/migration.py
+	$(PY) benchmarks/proxy.py
 
 wheel: $(PY)
 	$(PY) -m pip wheel --no-deps -w dist .

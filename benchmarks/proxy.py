@@ -1,0 +1,561 @@
+#!/usr/bin/env python3
+"""Benchmark flexnbd-proxy: fio through the proxy vs fio straight to the same server.
+
+One `flexnbd serve` and one `flexnbd-proxy` in front of it, started fresh for every sample
+of every row; fio runs once against the server's port and once against the proxy's, in
+alternating order, so background load hits both alike. The table shows, per row, the
+median of each side, the median of the per-sample ratios proxy / direct and their range,
+and the proxy's CPU seconds per GiB. Then the pause test: a small client reads through the
+proxy while the upstream server is killed (SIGKILL, then SIGTERM) and restarted on the
+same port; measured is the time from the restarted server serving to the client's first
+completed request. See benchmarks/README.md.
+
+Standard library only; all traffic on 127.0.0.1.
+"""
+
+from __future__ import annotations
+
+import argparse
+import bisect
+import datetime
+import os
+import random
+import re
+import shutil
+import signal
+import socket
+import statistics
+import struct
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+from common import (
+    DEFAULT_WORKDIR,
+    HOST,
+    IHAVEOPT,
+    NBD_REQUEST_MAGIC,
+    NBD_SIMPLE_REPLY_MAGIC,
+    ClientError,
+    GiB,
+    Server,
+    find_flexnbd,
+    finish_report,
+    fmt,
+    free_port,
+    git_head,
+    log,
+    machine_info,
+    make_data_file,
+    parse_size,
+    recv_exact,
+    run_script,
+    select,
+    server_version,
+    settle,
+)
+from run import ROWS, children_cpu, run_fio
+
+# The rows of run.py measured here (same fio jobs), in this order.
+PROXY_ROWS = [
+    "fio seq read 1M qd16",
+    "fio seq write 1M qd16",
+    "fio rand read 4k qd1",
+    "fio rand read 4k qd32",
+]
+ROW_ALIASES = {
+    "seqread": "fio seq read 1M qd16",
+    "seqwrite": "fio seq write 1M qd16",
+    "randread1": "fio rand read 4k qd1",
+    "randread32": "fio rand read 4k qd32",
+}
+TARGET_RATIO = 0.8  # through the proxy, at least this fraction of the direct figure
+SIGNALS = {"SIGKILL": signal.SIGKILL, "SIGTERM": signal.SIGTERM}
+
+# A log line (SPEC §9): "<monotonic ms>:<D|I|W|E|F>:<pid> <thread> <module:line>: <message>".
+# CLOCK_MONOTONIC is system-wide, so the stamps compare with our own time.monotonic().
+LOG_LINE_RE = re.compile(r"^(\d+):[DIWEF]:\d+ ")
+
+
+def find_proxy() -> str | None:
+    beside = Path(sys.executable).parent / "flexnbd-proxy"
+    return str(beside) if beside.exists() else shutil.which("flexnbd-proxy")
+
+
+def serve_cmd(port: int, path: Path) -> list[str]:
+    exe = find_flexnbd()
+    assert exe
+    return [exe, "serve", "--addr", HOST, "--port", str(port), "--file", str(path), "-v"]
+
+
+def proxy_cmd(port: int, upstream: int, cache: str | None) -> list[str]:
+    exe = find_proxy()
+    assert exe
+    cmd = [exe, "--addr", HOST, "--port", str(port), "--conn-addr", HOST]
+    cmd += ["--conn-port", str(upstream), "-v"]
+    return cmd + ([f"--cache={cache}"] if cache is not None else [])
+
+
+def log_lines(path: Path) -> list[tuple[float, str]]:
+    """(monotonic s, line) of the timestamped lines of PATH's last section (Server appends
+    a '=== command' header per start)."""
+    text = path.read_text(errors="replace").split("\n=== ")[-1]
+    out = []
+    for line in text.splitlines():
+        m = LOG_LINE_RE.match(line)
+        if m:
+            out.append((int(m.group(1)) / 1000, line))
+    return out
+
+
+def log_time(path: Path, text: str, since: float = 0.0) -> float | None:
+    """When the first line containing TEXT, logged at SINCE or later, was logged."""
+    for t, line in log_lines(path):
+        if t >= since - 0.001 and text in line:  # the stamps are whole milliseconds
+            return t
+    return None
+
+
+class LoggedServer(Server):
+    """A flexnbd process (serve or proxy, with -v) that is ready when it logs ' serving '.
+
+    No readiness probe: the proxy serves one client at a time, and a probe's session would
+    have to end before fio could connect."""
+
+    def wait_ready(self, timeout: float = 20.0) -> None:
+        deadline = time.monotonic() + timeout
+        while True:
+            assert self.proc is not None
+            if self.proc.poll() is not None:
+                raise RuntimeError(
+                    f"{self.name} exited with {self.proc.returncode} at start:\n" + self.log_tail()
+                )
+            self.logfile.flush()
+            if log_time(self.logpath, " serving ") is not None:
+                return
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"{self.name} not serving after {timeout} s")
+            time.sleep(0.01)
+
+
+# ---------------------------------------------------------------- throughput
+
+
+def run_side(server: Server, proxy: Server, port: int, row: dict, runtime: int) -> dict:
+    """One fio job against PORT (the server's or the proxy's); value and CPU per GiB."""
+    cpu_server, cpu_proxy, cpu_client = server.cpu_seconds(), proxy.cpu_seconds(), children_cpu()
+    value, moved, cmd = run_fio(port, row, runtime)
+    gib = moved / GiB if moved else None
+
+    def per_gib(seconds: float) -> float | None:
+        return seconds / gib if gib else None
+
+    return {
+        "value": value,
+        "bytes": moved,
+        "server_cpu_s_per_gib": per_gib(server.cpu_seconds() - cpu_server),
+        "proxy_cpu_s_per_gib": per_gib(proxy.cpu_seconds() - cpu_proxy),
+        "client_cpu_s_per_gib": per_gib(children_cpu() - cpu_client),
+        "command": " ".join(cmd),
+    }
+
+
+def measure_pair(
+    row: str, order: tuple[str, str], data: Path, args: argparse.Namespace, workdir: Path
+) -> dict:
+    """A fresh server and proxy; fio direct and through the proxy, in ORDER."""
+    settle(data)
+    sport, pport = free_port(), free_port()
+    slog, plog = workdir / "proxy-bench-server.log", workdir / "proxy-bench-proxy.log"
+    sample: dict = {"order": list(order)}
+    with (
+        LoggedServer("flexnbd", sport, data, slog, serve_cmd(sport, data)) as server,
+        LoggedServer("flexnbd-proxy", pport, data, plog, proxy_cmd(pport, sport, args.cache)) as px,
+    ):
+        for how in order:
+            port = server.port if how == "direct" else px.port
+            try:
+                sample[how] = run_side(server, px, port, ROWS[row], args.runtime)
+            except ClientError as e:
+                raise ClientError(
+                    f"{how}: {e}\n--- flexnbd-proxy log tail:\n{px.log_tail()}"
+                    f"\n--- flexnbd serve log tail:\n{server.log_tail()}"
+                ) from None
+        for who in (px, server):
+            if not who.alive():
+                raise ClientError(f"{who.name} died during the run:\n{who.log_tail()}")
+        sample["proxy_exit"] = px.stop()
+        sample["server_exit"] = server.stop()
+    sample["ratio"] = sample["proxy"]["value"] / sample["direct"]["value"]
+    return sample
+
+
+def summarize_row(row: str, samples: list[dict]) -> dict:
+    def med(side: str, key: str) -> float | None:
+        values = [s[side][key] for s in samples if s[side][key] is not None]
+        return statistics.median(values) if values else None
+
+    ratios = [s["ratio"] for s in samples]
+    return {
+        "unit": ROWS[row]["unit"],
+        "samples": len(samples),
+        "direct": med("direct", "value"),
+        "proxy": med("proxy", "value"),
+        "ratio": statistics.median(ratios),
+        "ratio_min": min(ratios),
+        "ratio_max": max(ratios),
+        "ratios": ratios,
+        "direct_samples": [s["direct"]["value"] for s in samples],
+        "proxy_samples": [s["proxy"]["value"] for s in samples],
+        "proxy_cpu_s_per_gib": med("proxy", "proxy_cpu_s_per_gib"),
+        "server_cpu_s_per_gib_direct": med("direct", "server_cpu_s_per_gib"),
+        "server_cpu_s_per_gib_proxied": med("proxy", "server_cpu_s_per_gib"),
+        "client_cpu_s_per_gib_direct": med("direct", "client_cpu_s_per_gib"),
+        "client_cpu_s_per_gib_proxied": med("proxy", "client_cpu_s_per_gib"),
+        "target_met": statistics.median(ratios) >= TARGET_RATIO,
+    }
+
+
+def table(rows: dict) -> str:
+    head = [
+        "row", "unit", "direct", "through proxy", "proxy / direct", "min-max of ratios",
+        "CPU s/GiB proxy", "CPU s/GiB server (direct / proxied)",
+        "CPU s/GiB fio (direct / proxied)",
+    ]  # fmt: skip
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for row, s in rows.items():
+        ratio = f"{s['ratio']:.2f}" if s["target_met"] else f"**{s['ratio']:.2f}**"
+        cells = [
+            row, s["unit"], fmt(s["direct"]), fmt(s["proxy"]), ratio,
+            f"{s['ratio_min']:.2f}-{s['ratio_max']:.2f}", fmt(s["proxy_cpu_s_per_gib"]),
+            f"{fmt(s['server_cpu_s_per_gib_direct'])} / {fmt(s['server_cpu_s_per_gib_proxied'])}",
+            f"{fmt(s['client_cpu_s_per_gib_direct'])} / {fmt(s['client_cpu_s_per_gib_proxied'])}",
+        ]  # fmt: skip
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------- pause
+
+
+def nbd_connect(port: int) -> socket.socket:
+    """Fixed-newstyle handshake, NBD_OPT_GO on the default export, no structured replies
+    (so every READ gets a simple reply); a socket in transmission phase."""
+    s = socket.create_connection((HOST, port), timeout=120)
+    try:
+        greeting = recv_exact(s, 18)
+        if greeting[:16] != b"NBDMAGIC" + IHAVEOPT:
+            raise ConnectionError(f"unexpected NBD greeting {greeting!r}")
+        (server_flags,) = struct.unpack(">H", greeting[16:])
+        s.sendall(struct.pack(">I", 1 | (server_flags & 2)))
+        s.sendall(IHAVEOPT + struct.pack(">II", 7, 6) + struct.pack(">IH", 0, 0))  # GO
+        while True:
+            _, _, rtype, rlen = struct.unpack(">QIII", recv_exact(s, 20))
+            recv_exact(s, rlen)
+            if rtype == 1:  # NBD_REP_ACK
+                break
+            if rtype != 3:  # anything but NBD_REP_INFO: an error
+                raise ConnectionError(f"NBD_OPT_GO refused ({rtype:#x})")
+        s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        return s
+    except BaseException:
+        s.close()
+        raise
+
+
+class ReadLoop(threading.Thread):
+    """4 KiB READs at random offsets, one at a time, with INTERVAL s between them; records
+    when each completed (time.monotonic()) and checks its bytes against the file."""
+
+    def __init__(self, port: int, path: Path, size: int, interval: float):
+        super().__init__(name="read-loop", daemon=True)
+        self.port, self.path, self.size, self.interval = port, path, size, interval
+        self.done: list[float] = []  # completion times, in order
+        self.mismatches = 0
+        self.error: str | None = None
+        self.stopping = threading.Event()
+
+    def run(self) -> None:
+        fd = os.open(self.path, os.O_RDONLY)
+        rnd = random.Random(2)
+        cookie = 0
+        try:
+            with nbd_connect(self.port) as s:
+                while not self.stopping.is_set():
+                    offset = rnd.randrange(self.size // 4096) * 4096
+                    cookie += 1
+                    s.sendall(struct.pack(">IHHQQI", NBD_REQUEST_MAGIC, 0, 0, cookie, offset, 4096))
+                    magic, err, got = struct.unpack(">IIQ", recv_exact(s, 16))
+                    if magic != NBD_SIMPLE_REPLY_MAGIC or got != cookie:
+                        raise ConnectionError(f"bad reply: magic {magic:#x}, cookie {got}")
+                    if err:
+                        raise ConnectionError(f"READ at {offset} failed with error {err}")
+                    data = recv_exact(s, 4096)
+                    self.done.append(time.monotonic())
+                    if data != os.pread(fd, 4096, offset):
+                        self.mismatches += 1
+                    if self.interval:
+                        time.sleep(self.interval)
+                s.sendall(struct.pack(">IHHQQI", NBD_REQUEST_MAGIC, 0, 2, 0, 0, 0))  # DISC
+        except Exception as e:  # reported by the main thread
+            self.error = f"{type(e).__name__}: {e} (after {len(self.done)} reads)"
+        finally:
+            os.close(fd)
+
+    def first_after(self, t: float) -> float | None:
+        done = self.done[:]
+        i = bisect.bisect_left(done, t)
+        return done[i] if i < len(done) else None
+
+    def last_before(self, t: float) -> float | None:
+        done = self.done[:]
+        i = bisect.bisect_left(done, t)
+        return done[i - 1] if i else None
+
+
+def pause_test(data: Path, size: int, args: argparse.Namespace, workdir: Path) -> dict:
+    """One proxy with a reading client; the upstream server is stopped with each signal of
+    the plan, restarted on the same port after --downtime s, and the client's pause
+    measured."""
+    plan = [sig for _ in range(args.pauses) for sig in args.pause_signals]
+    settle(data)
+    sport, pport = free_port(), free_port()
+    slog, plog = workdir / "proxy-pause-server.log", workdir / "proxy-pause-proxy.log"
+    for p in (slog, plog):
+        p.write_text("")
+    events: list[dict] = []
+    errors: list[str] = []
+    upstream = LoggedServer("flexnbd", sport, data, slog, serve_cmd(sport, data)).__enter__()
+    reader: ReadLoop | None = None
+    try:
+        with LoggedServer("flexnbd-proxy", pport, data, plog, proxy_cmd(pport, sport, None)) as px:
+            reader = ReadLoop(px.port, data, size, args.interval)
+            reader.start()
+            for n, sig in enumerate(plan):
+                time.sleep(args.steady)  # reads flow through the proxy for a while
+                if reader.error or not reader.is_alive():
+                    errors.append(f"pause client failed before event {n + 1}: {reader.error}")
+                    break
+                before = len(reader.done)
+                t_stop = time.monotonic()
+                assert upstream.proc is not None
+                upstream.proc.send_signal(SIGNALS[sig])
+                rc = upstream.proc.wait(15)
+                upstream.stop()  # reaped already: closes its log
+                time.sleep(max(0.0, t_stop + args.downtime - time.monotonic()))
+                t_start = time.monotonic()
+                upstream = LoggedServer("flexnbd", sport, data, slog, serve_cmd(sport, data))
+                upstream.__enter__()
+                t_serving = log_time(slog, " serving ") or time.monotonic()
+                deadline = time.monotonic() + 60
+                while reader.first_after(t_serving) is None and time.monotonic() < deadline:
+                    if reader.error:
+                        break
+                    time.sleep(0.005)
+                first = reader.first_after(t_serving)
+                last = reader.last_before(t_stop)
+                t_lost = log_time(plog, "upstream", t_stop)
+                t_back = log_time(plog, "reconnected", t_stop)
+                ev = {
+                    "signal": sig,
+                    "server_exit": rc,
+                    "reads_before": before,
+                    "server_start_to_serving_s": t_serving - t_start,
+                    "stop_to_serving_s": t_serving - t_stop,
+                    "pause_s": first - t_serving if first else None,
+                    "reconnected_after_serving_s": t_back - t_serving if t_back else None,
+                    "first_read_after_reconnected_s": first - t_back if first and t_back else None,
+                    "proxy_noticed_s": t_lost - t_stop if t_lost else None,
+                    "client_stall_s": first - last if first and last else None,
+                    "reads_between_stop_and_serving": len(
+                        [t for t in reader.done[before:] if t_stop <= t < t_serving]
+                    ),
+                }
+                events.append(ev)
+                log(
+                    f"  {sig}: serving again {ev['stop_to_serving_s']:.2f} s after the signal; "
+                    f"first read completed {fmt(ev['pause_s'])} s after that "
+                    f"(client stalled {fmt(ev['client_stall_s'])} s)"
+                )
+                if first is None:
+                    errors.append(f"{sig} event {n + 1}: no read completed within 60 s")
+                    break
+                if (sig == "SIGTERM") and rc != 0:
+                    errors.append(f"{sig} event {n + 1}: flexnbd serve exited {rc}")
+            reader.stopping.set()
+            reader.join(30)
+            if reader.error:
+                errors.append(f"pause client: {reader.error}")
+            if reader.mismatches:
+                errors.append(f"pause client: {reader.mismatches} READs returned wrong data")
+            proxy_exit = px.stop()
+            if proxy_exit != 0:
+                errors.append(f"flexnbd-proxy exited {proxy_exit} on SIGTERM")
+            if not any("reconnected" in line for _, line in log_lines(plog)):
+                errors.append("the proxy never logged 'reconnected'")
+    finally:
+        if reader is not None:
+            reader.stopping.set()
+        upstream.stop()
+    summary = {}
+    for sig in args.pause_signals:
+        pauses = [e["pause_s"] for e in events if e["signal"] == sig and e["pause_s"] is not None]
+        stalls = [e["client_stall_s"] for e in events if e["signal"] == sig and e["client_stall_s"]]
+        if pauses:
+            summary[sig] = {
+                "events": len(pauses),
+                "pause_s_median": statistics.median(pauses),
+                "pause_s_min": min(pauses),
+                "pause_s_max": max(pauses),
+                "stall_s_median": statistics.median(stalls) if stalls else None,
+                "stall_s_min": min(stalls, default=None),
+                "stall_s_max": max(stalls, default=None),
+            }
+    return {
+        "downtime_s": args.downtime,
+        "interval_s": args.interval,
+        "reads": len(reader.done) if reader else 0,
+        "events": events,
+        "summary": summary,
+        "errors": errors,
+    }
+
+
+def pause_table(pause: dict) -> str:
+    head = [
+        "upstream stopped with", "events", "pause s: median (min-max)",
+        "client stall s: median (min-max)",
+    ]  # fmt: skip
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for sig, s in pause["summary"].items():
+        lines.append(
+            f"| {sig} | {s['events']} | {s['pause_s_median']:.3f} ({s['pause_s_min']:.3f}-"
+            f"{s['pause_s_max']:.3f}) | {fmt(s['stall_s_median'])} ({fmt(s['stall_s_min'])}-"
+            f"{fmt(s['stall_s_max'])}) |"
+        )
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------- main
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--workdir", default=DEFAULT_WORKDIR, help="where the data file lives")
+    p.add_argument("--size", default="1G", help="data file size (default 1G)")
+    p.add_argument("--runtime", type=int, default=5, help="seconds per fio job (default 5)")
+    p.add_argument("--repeat", type=int, default=3, help="samples per row (default 3)")
+    p.add_argument("--rows", help="comma-separated rows (aliases: " + ", ".join(ROW_ALIASES) + ")")
+    p.add_argument(
+        "--cache", help="the proxy's --cache=BYTES for the fio rows (default: its own, 4096)"
+    )
+    p.add_argument("--pauses", type=int, default=3, help="stops per signal (default 3)")
+    p.add_argument("--pause-signals", default="SIGKILL,SIGTERM", help="default SIGKILL,SIGTERM")
+    p.add_argument(
+        "--downtime", type=float, default=1.0, help="s from stopping to restarting (default 1)"
+    )
+    p.add_argument("--steady", type=float, default=1.0, help="s of reads before each stop")
+    p.add_argument(
+        "--interval", type=float, default=0.001, help="s between the pause client's reads"
+    )
+    p.add_argument("--no-fio", action="store_true", help="only the pause test")
+    p.add_argument("--no-pause", action="store_true", help="only the fio rows")
+    p.add_argument("--json", help="results file (default WORKDIR/results-proxy.json)")
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    rows = select(args.rows, PROXY_ROWS, ROW_ALIASES)
+    args.pause_signals = select(args.pause_signals, list(SIGNALS), {})
+    if not find_flexnbd() or not find_proxy():
+        raise SystemExit("flexnbd or flexnbd-proxy not found (run `make install`)")
+    if not args.no_fio and not shutil.which("fio"):
+        log("fio not found: skipping the fio rows")
+        args.no_fio = True
+    workdir = Path(args.workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    json_path = Path(args.json) if args.json else workdir / "results-proxy.json"
+    size = parse_size(args.size)
+    data = workdir / f"data-{size}.img"
+    make_data_file(data, size)
+    report: dict = {
+        "date": datetime.date.today().isoformat(),
+        "machine": machine_info(),
+        "git_head": git_head(),
+        "flexnbd": server_version("flexnbd"),
+        "size": size,
+        "runtime": args.runtime,
+        "repeat": args.repeat,
+        "proxy_cache": args.cache or "default",
+        "commands": {
+            "server": " ".join(serve_cmd(0, data)).replace("--port 0", "--port S"),
+            "proxy": " ".join(proxy_cmd(0, 0, args.cache))
+            .replace("--port 0 ", "--port P ")
+            .replace("--conn-port 0", "--conn-port S"),
+        },
+        "loadavg_start": os.getloadavg(),
+        "samples": {},
+        "rows": {},
+        "errors": [],
+    }
+    log(f"load average {report['loadavg_start'][0]:.2f} before starting")
+    if not args.no_fio:
+        # Row-major, the two sides alternating which goes first from one sample to the next.
+        for rep in range(args.repeat):
+            for i, row in enumerate(rows):
+                order = ("direct", "proxy") if (rep + i) % 2 == 0 else ("proxy", "direct")
+                log(f"{row} (sample {rep + 1}/{args.repeat}, {order[0]} first)")
+                try:
+                    sample = measure_pair(row, order, data, args, workdir)
+                except (ClientError, RuntimeError, subprocess.TimeoutExpired) as e:
+                    log(f"  ERROR: {e}")
+                    report["errors"].append(f"{row}: {e}")
+                    continue
+                report["samples"].setdefault(row, []).append(sample)
+                log(
+                    f"  direct {fmt(sample['direct']['value'])}, proxy "
+                    f"{fmt(sample['proxy']['value'])} {ROWS[row]['unit']}: "
+                    f"{sample['ratio']:.2f}; proxy CPU "
+                    f"{fmt(sample['proxy']['proxy_cpu_s_per_gib'])} s/GiB"
+                )
+                for who in ("proxy", "server"):
+                    if sample[f"{who}_exit"] != 0:  # both promise exit 0 on SIGTERM
+                        report["errors"].append(
+                            f"{row}: {who} exit status {sample[f'{who}_exit']} on SIGTERM"
+                        )
+        for row in rows:
+            if report["samples"].get(row):
+                report["rows"][row] = summarize_row(row, report["samples"][row])
+    if not args.no_pause:
+        log(
+            f"pause test: {args.pauses} x {', '.join(args.pause_signals)}, upstream restarted "
+            f"{args.downtime} s after each stop"
+        )
+        report["pause"] = pause_test(data, size, args, workdir)
+        report["errors"] += report["pause"]["errors"]
+    report["loadavg_end"] = os.getloadavg()
+
+    if report["rows"]:
+        print(table(report["rows"]))
+        print()
+        for row, s in report["rows"].items():
+            if not s["target_met"]:
+                print(f"{row}: {s['ratio']:.2f}x through the proxy, below {TARGET_RATIO}x")
+        if all(s["target_met"] for s in report["rows"].values()):
+            print(f"every row at least {TARGET_RATIO}x through the proxy (median of ratios)")
+    if report.get("pause", {}).get("summary"):
+        print()
+        print(pause_table(report["pause"]))
+        print(
+            f"\npause: from the restarted server logging ' serving ' to the first READ "
+            f"completed through the proxy; stall: the client's gap between completed READs "
+            f"around the event ({report['pause']['reads']:,} READs in all)"
+        )
+    return finish_report(report, json_path)
+
+
+if __name__ == "__main__":
+    run_script(main)
