@@ -23,7 +23,7 @@ extensions = [
         define_macros=macros,
         extra_compile_args=cflags,
     )
-    for name in ("_allocmap", "_core")
+    for name in ("_allocmap", "_core", "_proxy")
 ]
 
 setup(

@@ -50,38 +50,12 @@ DEF DRAIN_LIMIT = 128 * 1024 * 1024
 # --------------------------------------------------------------------------------------------
 # Request decoding and validation: pure, no I/O.
 
-cdef struct request_t:
-    uint32_t magic
-    uint16_t flags
-    uint16_t type
-    char cookie[8]           # opaque, echoed back byte for byte
-    uint64_t offset
-    uint32_t length
-
-
 cdef struct limits_t:
     uint64_t size            # export size
     int read_only
     int structured           # structured replies negotiated (DF is valid)
     int meta_context         # base:allocation selected (BLOCK_STATUS is valid)
     int fast_zero            # SEND_FAST_ZERO advertised
-
-
-cdef inline void decode_header(const char *p, request_t *r) noexcept nogil:
-    cdef uint32_t u32
-    cdef uint16_t u16
-    cdef uint64_t u64
-    memcpy(&u32, p, 4)
-    r.magic = be32toh(u32)
-    memcpy(&u16, p + 4, 2)
-    r.flags = be16toh(u16)
-    memcpy(&u16, p + 6, 2)
-    r.type = be16toh(u16)
-    memcpy(r.cookie, p + 8, 8)
-    memcpy(&u64, p + 16, 8)
-    r.offset = be64toh(u64)
-    memcpy(&u32, p + 24, 4)
-    r.length = be32toh(u32)
 
 
 cdef inline bint in_range(uint64_t offset, uint64_t length, uint64_t size) noexcept nogil:
@@ -442,14 +416,9 @@ cdef int recv_exact(conn_t *c, char *dst, size_t n) noexcept nogil:
 
 cdef int reply_simple(conn_t *c, const request_t *r, uint32_t error) noexcept nogil:
     cdef char h[SIMPLE_REPLY_SIZE]
-    cdef uint32_t u32
     if error:
         c.errors += 1
-    u32 = htobe32(SIMPLE_REPLY_MAGIC)
-    memcpy(h, &u32, 4)
-    u32 = htobe32(error)
-    memcpy(h + 4, &u32, 4)
-    memcpy(h + 8, r.cookie, 8)
+    make_simple_reply(h, error, r.cookie)
     return queue_out(c, h, SIMPLE_REPLY_SIZE)
 
 
@@ -1202,24 +1171,6 @@ cdef int fd_write_all(int fd, const char *p, size_t n) noexcept nogil:
         p += k
         n -= k
     return 0
-
-
-cdef void make_request(char *h, uint16_t type, uint16_t flags, uint64_t cookie,
-                       uint64_t offset, uint32_t length) noexcept nogil:
-    cdef uint32_t u32
-    cdef uint16_t u16
-    cdef uint64_t u64
-    u32 = htobe32(REQUEST_MAGIC)
-    memcpy(h, &u32, 4)
-    u16 = htobe16(flags)
-    memcpy(h + 4, &u16, 2)
-    u16 = htobe16(type)
-    memcpy(h + 6, &u16, 2)
-    memcpy(h + 8, &cookie, 8)
-    u64 = htobe64(offset)
-    memcpy(h + 16, &u64, 8)
-    u32 = htobe32(length)
-    memcpy(h + 24, &u32, 4)
 
 
 # Client outcomes (negative values are -errno of a socket/file error).

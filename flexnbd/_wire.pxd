@@ -2,7 +2,9 @@
 # flexnbd/wire.py mirrors these names for Python; tests/unit/test_wire.py checks they agree.
 # No other file spells a magic number.
 
-from libc.stdint cimport uint64_t
+from libc.stdint cimport uint16_t, uint32_t, uint64_t
+
+from flexnbd._sys cimport be16toh, be32toh, be64toh, htobe16, htobe32, htobe64, memcpy
 
 cdef extern from *:
     """
@@ -123,3 +125,58 @@ cdef enum:
     NBD_EOVERFLOW = 75
     NBD_ENOTSUP = 95
     NBD_ESHUTDOWN = 108
+
+
+# --------------------------------------------------------------------------------------------
+# Struct layouts: a request header decoded, and the headers the compiled code writes.
+
+cdef struct request_t:
+    uint32_t magic
+    uint16_t flags
+    uint16_t type
+    char cookie[8]           # opaque, echoed back byte for byte
+    uint64_t offset
+    uint32_t length
+
+
+cdef inline void decode_header(const char *p, request_t *r) noexcept nogil:
+    cdef uint32_t u32
+    cdef uint16_t u16
+    cdef uint64_t u64
+    memcpy(&u32, p, 4)
+    r.magic = be32toh(u32)
+    memcpy(&u16, p + 4, 2)
+    r.flags = be16toh(u16)
+    memcpy(&u16, p + 6, 2)
+    r.type = be16toh(u16)
+    memcpy(r.cookie, p + 8, 8)
+    memcpy(&u64, p + 16, 8)
+    r.offset = be64toh(u64)
+    memcpy(&u32, p + 24, 4)
+    r.length = be32toh(u32)
+
+
+cdef inline void make_request(char *h, uint16_t type, uint16_t flags, uint64_t cookie,
+                              uint64_t offset, uint32_t length) noexcept nogil:
+    cdef uint32_t u32
+    cdef uint16_t u16
+    cdef uint64_t u64
+    u32 = htobe32(REQUEST_MAGIC)
+    memcpy(h, &u32, 4)
+    u16 = htobe16(flags)
+    memcpy(h + 4, &u16, 2)
+    u16 = htobe16(type)
+    memcpy(h + 6, &u16, 2)
+    memcpy(h + 8, &cookie, 8)
+    u64 = htobe64(offset)
+    memcpy(h + 16, &u64, 8)
+    u32 = htobe32(length)
+    memcpy(h + 24, &u32, 4)
+
+
+cdef inline void make_simple_reply(char *h, uint32_t error, const char *cookie) noexcept nogil:
+    cdef uint32_t u32 = htobe32(SIMPLE_REPLY_MAGIC)
+    memcpy(h, &u32, 4)
+    u32 = htobe32(error)
+    memcpy(h + 4, &u32, 4)
+    memcpy(h + 8, cookie, 8)

@@ -15,17 +15,21 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import NoReturn
 
-from flexnbd import __version__, acl, log, sockets
+from flexnbd import __version__, acl, log, sockets, wire
 from flexnbd.config import (
+    CACHE_BYTES_DEFAULT,
     KILLSWITCH_SECS,
     MAX_CLIENTS_LISTEN,
     MAX_CLIENTS_SERVE,
+    UPSTREAM_TIMEOUT_SECS,
+    ProxyConfig,
     ServeConfig,
     TransferConfig,
 )
 from flexnbd.errors import FlexnbdError, RemoteError, UsageError
 
 PROG = "flexnbd"
+PROXY_PROG = "flexnbd-proxy"
 MAX_OFFSET = 1 << 62
 MAX_SIZE = 1 << 30
 MAX_BPS = (1 << 64) - 1
@@ -325,7 +329,8 @@ def _main_usage() -> str:
             lines.append(f"  {mode.parser().usage}")
     lines += [f"  {PROG} help [MODE]", "",
               "Global options: -h/--help, -v/--verbose, -q/--quiet (the last of -v/-q wins).",
-              f"flexnbd {__version__}. '{PROG} help MODE' describes a mode."]
+              f"flexnbd {__version__}. '{PROG} help MODE' describes a mode; "
+              f"'{PROXY_PROG} --help' the proxy."]
     return "\n".join(lines)
 
 
@@ -377,6 +382,87 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
     except FlexnbdError as e:
         print(f"{PROG} {name}: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 1
+
+
+# --------------------------------------------------------------------------------------------
+# flexnbd-proxy
+
+def _listen_address(text: str) -> str:
+    """An IP literal, or a Unix socket path (starting with /)."""
+    return text if text.startswith("/") else _address(text)
+
+
+def _cache_size(text: str) -> int:
+    # `-c=65536` reaches us as "=65536"
+    return _number(wire.MAX_PAYLOAD // 2, "cache size")(text.removeprefix("="))
+
+
+def _proxy_parser() -> _Parser:
+    p = _Parser(prog=PROXY_PROG, add_help=False,
+                description="Serve one NBD client at a time, relaying its requests to the NBD "
+                "server at CONN_ADDR CONN_PORT. When that server goes away (a restart, or a "
+                "finished migration), reconnect and re-send what was not answered: the client "
+                "sees a pause, not an error.",
+                usage=f"{PROXY_PROG} --addr ADDR [--port PORT] --conn-addr ADDR --conn-port PORT "
+                      "[--bind ADDR] [--cache[=BYTES]] [--oldstyle] [-v|-q]")
+    p.add_argument("-l", "--addr", type=_listen_address,
+                   help="address to listen on (0 for any), or a Unix socket path (/...)")
+    p.add_argument("-p", "--port", type=_port, help="TCP port to listen on")
+    p.add_argument("-C", "--conn-addr", type=_address, help="the upstream server's address")
+    p.add_argument("-P", "--conn-port", type=_port, help="the upstream server's port")
+    p.add_argument("-b", "--bind", type=_address, help="local address to connect upstream from")
+    p.add_argument("-c", "--cache", type=_cache_size, nargs="?", const=CACHE_BYTES_DEFAULT,
+                   default=0, metavar="BYTES",
+                   help="read-ahead for sequential reads: a READ of at most BYTES (default "
+                        f"{CACHE_BYTES_DEFAULT}) fetches twice as much and keeps the rest; "
+                        "0, or no --cache: off")
+    p.add_argument("-o", "--oldstyle", action="store_true",
+                   help="offer the client the oldstyle handshake (flexnbd 0.5.0 clients)")
+    _global_options(p)
+    return p
+
+
+def _proxy_config(args: argparse.Namespace) -> ProxyConfig:
+    missing = [name for name, value in (("--addr", args.addr), ("--conn-addr", args.conn_addr),
+                                        ("--conn-port", args.conn_port)) if value is None]
+    if missing:
+        raise UsageError(f"missing {', '.join(missing)}")
+    unix = args.addr if args.addr.startswith("/") else None
+    if unix is None and args.port is None:
+        raise UsageError("missing --port (or give --addr a Unix socket path)")
+    if unix is not None and args.port is not None:
+        raise UsageError("--port goes with an IP address, not a Unix socket path")
+    return ProxyConfig(conn_addr=args.conn_addr, conn_port=args.conn_port,
+                       addr=None if unix else args.addr, port=args.port, unix=unix,
+                       bind=args.bind, cache_bytes=args.cache, oldstyle=args.oldstyle,
+                       upstream_timeout=_env_seconds("FLEXNBD_UPSTREAM_TIMEOUT",
+                                                     UPSTREAM_TIMEOUT_SECS))
+
+
+def proxy_main(argv: Sequence[str] | None = None) -> int:
+    """The flexnbd-proxy console script."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = _proxy_parser()
+    try:
+        if _wants_help(argv):
+            parser.print_help()
+            return 0
+        args = parser.parse_args(argv)
+        config = _proxy_config(args)
+        log.setup(args.verbosity)
+        from flexnbd import lifecycle
+        from flexnbd.proxy import Proxy
+
+        signals = lifecycle.StopSignals()
+        return lifecycle.run(Proxy(config), signals)
+    except UsageError as e:
+        print(f"{PROXY_PROG}: {e}\n{parser.format_usage().rstrip()}", file=sys.stderr)
+        return 1
+    except FlexnbdError as e:
+        print(f"{PROXY_PROG}: {e}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         return 1

@@ -11,6 +11,10 @@ MAX_CLIENTS_LISTEN = 1
 # A request taking longer than this disconnects its client when --killswitch is on
 # (FLEXNBD_KILLSWITCH_SECS overrides it, for tests).
 KILLSWITCH_SECS = 120.0
+# The proxy reconnects when a request stays unanswered this long (FLEXNBD_UPSTREAM_TIMEOUT).
+UPSTREAM_TIMEOUT_SECS = 30.0
+# `--cache` without a size.
+CACHE_BYTES_DEFAULT = 4096
 
 AclEntry = Union[ipaddress.IPv4Network, ipaddress.IPv6Network]
 
@@ -47,3 +51,22 @@ class TransferConfig:
     offset: int
     size: int
     bind: str | None = None
+
+
+@dataclass
+class ProxyConfig:
+    """flexnbd-proxy."""
+
+    conn_addr: str                   # upstream
+    conn_port: int
+    addr: str | None = None          # listen on TCP ...
+    port: int | None = None
+    unix: str | None = None          # ... or on a Unix socket
+    bind: str | None = None          # connect upstream from this address
+    cache_bytes: int = 0             # read-ahead cache: 0 is off
+    oldstyle: bool = False           # offer the client the oldstyle handshake
+    upstream_timeout: float = UPSTREAM_TIMEOUT_SECS
+    handshake_timeout: float = 30.0  # for the client's handshake, and upstream's greeting
+    connect_timeout: float = 15.0
+    reconnect_first: float = 0.1     # reconnect delays: doubling from first to most
+    reconnect_most: float = 2.0

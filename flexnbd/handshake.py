@@ -41,8 +41,14 @@ class ExportInfo:
     read_only: bool = False
     can_fast_zero: bool = False
     block_status: bool = True     # offer the base:allocation meta context
+    structured_replies: bool = True
+    # Transmission flags to offer as they are (the proxy offers its upstream's); None: the
+    # flags of a flexnbd export, from the fields above.
+    flags: int | None = None
 
     def transmission_flags(self, structured: bool) -> int:
+        if self.flags is not None:
+            return self.flags
         flags = (wire.FLAG_HAS_FLAGS | wire.FLAG_SEND_FLUSH | wire.FLAG_SEND_FUA
                  | wire.FLAG_SEND_TRIM | wire.FLAG_SEND_WRITE_ZEROES | wire.FLAG_SEND_CACHE
                  | wire.FLAG_CAN_MULTI_CONN)
@@ -55,6 +61,8 @@ class ExportInfo:
         return flags
 
     def oldstyle_flags(self) -> int:
+        if self.flags is not None:
+            return self.flags
         flags = wire.OLDSTYLE_FLAGS
         if self.read_only:
             flags |= wire.FLAG_READ_ONLY
@@ -138,6 +146,8 @@ class _Options:
                     self.reply(option, wire.REP_ACK)
             elif option in (wire.OPT_LIST_META_CONTEXT, wire.OPT_SET_META_CONTEXT):
                 self.meta_context(option, data)
+            elif option == wire.OPT_STRUCTURED_REPLY and not self.export.structured_replies:
+                self.error(option, wire.REP_ERR_UNSUP, "structured replies are not offered")
             elif option == wire.OPT_STRUCTURED_REPLY:
                 if data:
                     self.error(option, wire.REP_ERR_INVALID, "STRUCTURED_REPLY takes no data")

@@ -1,0 +1,43 @@
+"""Type stubs for the proxy's compiled relay (flexnbd/_proxy.pyx)."""
+
+import enum
+
+class End(enum.IntEnum):
+    END_DISC = 0
+    END_CLIENT_GONE = 1
+    END_BAD_MAGIC = 2
+    END_TOO_BIG = 3
+    END_NO_MEMORY = 4
+    END_UPSTREAM_LOST = 5
+    END_UPSTREAM_TIMEOUT = 6
+    END_STOPPED = 7
+
+class Problem(enum.IntEnum):
+    UP_OK = 0
+    UP_EOF = 1
+    UP_ERRNO = 2
+    UP_BAD_MAGIC = 3
+    UP_BAD_COOKIE = 4
+
+class Relay:
+    def __init__(self, upstream: int, size: int, upstream_flags: int, stop_fd: int,
+                 cache_bytes: int, timeout: float) -> None: ...
+    def attach(self, client: int) -> None: ...
+    def set_upstream(self, upstream: int, upstream_flags: int) -> int: ...
+    def run(self) -> End: ...
+    @property
+    def in_flight(self) -> int: ...
+    @property
+    def requests(self) -> int: ...
+    @property
+    def replayed(self) -> int: ...
+    @property
+    def cache_hits(self) -> int: ...
+    @property
+    def problem(self) -> Problem: ...
+    @property
+    def err(self) -> int: ...
+    @property
+    def bad_value(self) -> int: ...
+    @property
+    def client_attached(self) -> bool: ...

@@ -1,0 +1,878 @@
+# cython: language_level=3
+"""The proxy's relay: one client (downstream) and one NBD server (upstream), in C, no GIL.
+
+``Relay.run()`` passes the client's requests upstream and the replies back until something ends
+the turn: the client leaves (DISC, close, a bad request), the upstream connection fails or
+stalls, or the proxy stops. Requests are pipelined: up to NSLOTS are in flight, each held in a
+slot with its payload until its reply has gone to the client. After a reconnect,
+``set_upstream()`` queues every unanswered request again, and they are re-sent in the order
+they came. The client never learns that upstream changed.
+
+Upstream requests carry the request's sequence number as their cookie; a reply is matched by
+it and goes to the client with the client's own cookie. Only simple replies are used, on both
+sides.
+
+Both sockets are non-blocking and one poll(2) loop serves them: bytes read from a socket are
+parsed at once, and whatever became ready to send is sent at once (one sendmsg for a batch of
+requests, or of replies, and their data).
+
+Read-ahead (``cache_bytes`` > 0): a READ of at most cache_bytes goes upstream as a READ of twice
+its length (clamped to the export's end); the second half is kept, and a later READ inside it is
+answered from memory. Any WRITE, TRIM, WRITE_ZEROES or FLUSH, and any reconnect, empties it; a
+read-ahead that a write could have overtaken is not kept.
+"""
+
+from libc.stdint cimport int64_t, uint16_t, uint32_t, uint64_t
+
+from flexnbd._sys cimport *
+from flexnbd._wire cimport *
+
+DEF NSLOTS = 256                          # requests in flight (a power of two)
+DEF INBUF_SIZE = 256 * 1024               # client requests (and small payloads), read in bulk
+DEF UPBUF_SIZE = 256 * 1024               # upstream replies (and small READ data)
+DEF DIRECT_MIN = 64 * 1024                # at least this much payload left: recv into the slot
+DEF KEEP_CAP = 256 * 1024                 # a slot keeps a buffer up to this size for later use
+# Data held for requests in flight before we stop reading the client (one request always fits).
+DEF MAX_RETAINED = 256 * 1024 * 1024
+DEF MAX_IOV = 64
+DEF BURST = 16                            # reads per socket per turn, so neither side starves
+
+
+cpdef enum End:
+    END_DISC = 0              # the client sent DISC; its earlier requests were answered first
+    END_CLIENT_GONE = 1       # the client closed its connection or its socket failed
+    END_BAD_MAGIC = 2         # a request with a bad magic (bad_value has it)
+    END_TOO_BIG = 3           # a READ or WRITE longer than 32 MiB (bad_value: the length)
+    END_NO_MEMORY = 4         # no memory for a request's data
+    END_UPSTREAM_LOST = 5     # upstream closed, failed, or broke the protocol (problem says)
+    END_UPSTREAM_TIMEOUT = 6  # a request went unanswered (or unsent) for too long
+    END_STOPPED = 7           # the stop descriptor became readable
+
+
+cpdef enum Problem:
+    UP_OK = 0
+    UP_EOF = 1                # upstream closed the connection
+    UP_ERRNO = 2              # a socket error (err has the errno)
+    UP_BAD_MAGIC = 3          # a reply with a bad magic (bad_value has it)
+    UP_BAD_COOKIE = 4         # a reply to a request that is not waiting for one
+
+
+cdef enum:
+    FREE = 0
+    RECEIVING = 1             # the client is still sending the WRITE payload
+    QUEUED = 2                # waiting to go upstream
+    SENT = 3                  # upstream has it; waiting for the reply
+    DONE = 4                  # answered; the reply waits to go to the client
+    C_OK = 0
+
+
+cdef struct slot_t:
+    int state
+    uint64_t seq
+    char cookie[8]            # the client's cookie
+    uint16_t type
+    uint16_t flags
+    uint64_t offset
+    uint32_t length           # what the client asked for
+    uint32_t up_length        # what upstream is asked for (twice as much for a read-ahead)
+    uint32_t error
+    char *data                # WRITE payload or READ data
+    size_t cap
+    size_t held               # bytes counted in relay_t.retained
+    int64_t sent_ns
+    int readahead
+    uint64_t cache_gen
+    int writes                # counted in relay_t.writes_in_flight
+    char head[REQUEST_SIZE]   # the upstream request
+    char reply[SIMPLE_REPLY_SIZE]
+
+
+cdef struct relay_t:
+    int down
+    int up
+    int stop_fd
+    uint64_t size
+    uint16_t up_flags
+    slot_t *slots
+    uint64_t next_seq         # the next request from the client gets this number
+    uint64_t oldest           # every request before this one is finished
+    size_t busy               # slots not FREE
+    # sending upstream: requests go in sequence order from the cursor
+    uint64_t cursor
+    size_t cursor_sent        # bytes of the cursor's request already sent
+    int rescan                # a request was queued again behind the cursor
+    int up_blocked            # the last send would have blocked
+    int64_t up_progress_ns
+    # receiving from the client
+    char *inbuf
+    size_t in_pos
+    size_t in_len
+    int payload_slot          # the slot receiving a WRITE payload, or -1
+    size_t payload_got
+    # receiving from upstream
+    char *upbuf
+    size_t up_pos
+    size_t up_len
+    int data_slot             # the slot receiving READ data, or -1
+    size_t data_got
+    # replies for the client, in the order they were answered
+    int *done_q
+    size_t done_head
+    size_t done_count
+    size_t done_sent          # bytes of the first one already sent
+    int down_blocked
+    # how the session ends
+    int closing
+    int end
+    int client_dead
+    uint64_t bad_value
+    int problem
+    int err
+    uint64_t retained
+    int64_t timeout_ns
+    # read-ahead
+    char *cache
+    uint32_t cache_cap
+    uint64_t cache_off
+    uint32_t cache_len
+    uint64_t cache_gen
+    int writes_in_flight
+    # figures
+    uint64_t requests
+    uint64_t replayed
+    uint64_t cache_hits
+
+
+cdef inline int64_t now_ns() noexcept nogil:
+    cdef timespec ts
+    clock_gettime(CLOCK_MONOTONIC, &ts)
+    return <int64_t>ts.tv_sec * 1000000000 + ts.tv_nsec
+
+
+cdef inline slot_t *slot_of(relay_t *r, uint64_t seq) noexcept nogil:
+    return &r.slots[seq & (NSLOTS - 1)]
+
+
+cdef inline int state_of(relay_t *r, uint64_t seq) noexcept nogil:
+    """The state of request seq; FREE once it is finished (its slot may hold a newer one)."""
+    cdef slot_t *s = slot_of(r, seq)
+    return s.state if s.seq == seq else FREE
+
+
+cdef inline size_t upstream_bytes(slot_t *s) noexcept nogil:
+    return REQUEST_SIZE + (s.length if s.type == CMD_WRITE else 0)
+
+
+cdef inline size_t reply_bytes(slot_t *s) noexcept nogil:
+    return SIMPLE_REPLY_SIZE + (s.length if s.type == CMD_READ and s.error == 0 else 0)
+
+
+# --------------------------------------------------------------------------------------------
+# Slots
+
+cdef int ensure_buffer(slot_t *s, size_t n) noexcept nogil:
+    if n <= s.cap:
+        return 0
+    free(s.data)
+    s.data = <char *>malloc(n)
+    s.cap = n if s.data != NULL else 0
+    return 0 if s.data != NULL else -1
+
+
+cdef void release(relay_t *r, slot_t *s) noexcept nogil:
+    """The request is over: free its slot (and a big buffer)."""
+    if s.writes:
+        s.writes = 0
+        r.writes_in_flight -= 1
+    r.retained -= s.held
+    s.held = 0
+    if s.cap > KEEP_CAP:
+        free(s.data)
+        s.data = NULL
+        s.cap = 0
+    s.state = FREE
+    r.busy -= 1
+    while r.oldest < r.next_seq and state_of(r, r.oldest) == FREE:
+        r.oldest += 1
+
+
+cdef void answer(relay_t *r, slot_t *s, uint32_t error) noexcept nogil:
+    """Queue the reply to the client."""
+    if r.client_dead:
+        release(r, s)
+        return
+    s.error = error
+    s.state = DONE
+    make_simple_reply(s.reply, error, s.cookie)
+    r.done_q[(r.done_head + r.done_count) & (NSLOTS - 1)] = <int>(s - r.slots)
+    r.done_count += 1
+
+
+cdef void queue_upstream(relay_t *r, slot_t *s) noexcept nogil:
+    make_request(s.head, s.type, s.flags, s.seq, s.offset, s.up_length)
+    s.state = QUEUED
+    if s.seq < r.cursor:
+        r.rescan = 1
+
+
+cdef inline void invalidate_cache(relay_t *r) noexcept nogil:
+    r.cache_len = 0
+    r.cache_gen += 1
+
+
+cdef void start_closing(relay_t *r, int end, uint64_t value) noexcept nogil:
+    if not r.closing:
+        r.closing = 1
+        r.end = end
+        r.bad_value = value
+
+
+cdef void client_gone(relay_t *r) noexcept nogil:
+    """The client cannot be answered any more: drop what only it was waiting for. Requests
+    upstream already has (or is being sent) are still seen through, so the upstream stream
+    stays in step; their replies are dropped."""
+    cdef uint64_t seq
+    cdef slot_t *s
+    cdef int state
+    if r.client_dead:
+        return
+    start_closing(r, END_CLIENT_GONE, 0)
+    r.client_dead = 1
+    while r.done_count:
+        s = &r.slots[r.done_q[r.done_head]]
+        r.done_head = (r.done_head + 1) & (NSLOTS - 1)
+        r.done_count -= 1
+        release(r, s)
+    r.done_sent = 0
+    r.payload_slot = -1
+    seq = r.oldest
+    while seq < r.next_seq:
+        state = state_of(r, seq)
+        s = slot_of(r, seq)
+        if state == RECEIVING or (state == QUEUED and not (seq == r.cursor and r.cursor_sent)):
+            release(r, s)
+        seq += 1
+
+
+# --------------------------------------------------------------------------------------------
+# From the client
+
+cdef inline int can_admit(relay_t *r) noexcept nogil:
+    return (not r.closing and r.payload_slot < 0 and slot_of(r, r.next_seq).state == FREE
+            and r.retained < MAX_RETAINED)
+
+
+cdef inline int forwarded(relay_t *r, uint16_t cmd) noexcept nogil:
+    """Whether upstream takes this command (it advertised it); the others are answered EINVAL
+    here, so that a request upstream cannot handle is never sent (and never replayed)."""
+    cdef uint16_t f = r.up_flags
+    if cmd == CMD_READ or cmd == CMD_WRITE:
+        return 1
+    if not f & FLAG_HAS_FLAGS:
+        return 0
+    if cmd == CMD_FLUSH:
+        return f & FLAG_SEND_FLUSH
+    if cmd == CMD_TRIM:
+        return f & FLAG_SEND_TRIM
+    if cmd == CMD_WRITE_ZEROES:
+        return f & FLAG_SEND_WRITE_ZEROES
+    if cmd == CMD_CACHE:
+        return f & FLAG_SEND_CACHE
+    return 0
+
+
+cdef int cache_hit(relay_t *r, const request_t *q) noexcept nogil:
+    return (r.cache_len > 0 and q.offset >= r.cache_off
+            and q.length <= r.cache_len and q.offset - r.cache_off <= r.cache_len - q.length)
+
+
+cdef void admit(relay_t *r, const char *p) noexcept nogil:
+    """Take one request header from the client."""
+    cdef request_t q
+    cdef slot_t *s
+    cdef uint32_t want
+    decode_header(p, &q)
+    if q.magic != REQUEST_MAGIC:
+        start_closing(r, END_BAD_MAGIC, q.magic)
+        return
+    if q.type == CMD_DISC:
+        start_closing(r, END_DISC, 0)
+        return
+    if (q.type == CMD_READ or q.type == CMD_WRITE) and q.length > MAX_PAYLOAD:
+        start_closing(r, END_TOO_BIG, q.length)
+        return
+    s = slot_of(r, r.next_seq)
+    want = 0
+    s.readahead = 0
+    if forwarded(r, q.type):
+        if q.type == CMD_WRITE:
+            want = q.length
+        elif q.type == CMD_READ:
+            want = q.length
+            if q.length and q.length <= r.cache_cap and not cache_hit(r, &q) \
+                    and r.writes_in_flight == 0 and q.offset <= r.size \
+                    and q.length <= r.size - q.offset:
+                want = <uint32_t>min(<uint64_t>q.length * 2, r.size - q.offset)
+                s.readahead = want > q.length
+        if ensure_buffer(s, want) < 0:
+            start_closing(r, END_NO_MEMORY, want)
+            return
+    s.seq = r.next_seq
+    r.next_seq += 1
+    r.busy += 1
+    r.requests += 1
+    memcpy(s.cookie, q.cookie, 8)
+    s.type = q.type
+    s.flags = q.flags
+    s.offset = q.offset
+    s.length = q.length
+    s.up_length = want if q.type == CMD_READ else q.length
+    s.error = 0
+    s.writes = 0
+    s.held = want
+    r.retained += want
+    if not forwarded(r, q.type):
+        answer(r, s, NBD_EINVAL)
+        return
+    if q.type == CMD_READ:
+        if q.length and q.length <= r.cache_cap and cache_hit(r, &q):
+            memcpy(s.data, r.cache + (q.offset - r.cache_off), q.length)
+            r.cache_hits += 1
+            answer(r, s, 0)
+            return
+        s.cache_gen = r.cache_gen
+    elif q.type != CMD_CACHE:
+        invalidate_cache(r)   # WRITE, TRIM, WRITE_ZEROES, FLUSH
+        if q.type != CMD_FLUSH:
+            s.writes = 1
+            r.writes_in_flight += 1
+    if q.type == CMD_WRITE and q.length:
+        s.state = RECEIVING
+        r.payload_slot = <int>(s - r.slots)
+        r.payload_got = 0
+        return
+    queue_upstream(r, s)
+
+
+cdef void parse_requests(relay_t *r) noexcept nogil:
+    """Take whole requests, and the WRITE payload bytes already read, from the input buffer."""
+    cdef slot_t *s
+    cdef size_t n
+    while True:
+        if r.payload_slot >= 0:
+            s = &r.slots[r.payload_slot]
+            n = min(r.in_len - r.in_pos, s.length - r.payload_got)
+            memcpy(s.data + r.payload_got, r.inbuf + r.in_pos, n)
+            r.in_pos += n
+            r.payload_got += n
+            if r.payload_got < s.length:
+                return
+            r.payload_slot = -1
+            queue_upstream(r, s)
+            continue
+        if not can_admit(r) or r.in_len - r.in_pos < REQUEST_SIZE:
+            return
+        admit(r, r.inbuf + r.in_pos)
+        r.in_pos += REQUEST_SIZE
+
+
+cdef inline int wants_client_input(relay_t *r) noexcept nogil:
+    if r.closing or r.client_dead:
+        return 0
+    if r.payload_slot >= 0:
+        return 1
+    return can_admit(r) and (r.in_len - r.in_pos < REQUEST_SIZE)
+
+
+cdef void read_client(relay_t *r) noexcept nogil:
+    cdef ssize_t k
+    cdef slot_t *s
+    cdef size_t want
+    cdef int _
+    for _ in range(BURST):
+        parse_requests(r)
+        if not wants_client_input(r):
+            return
+        k = -2
+        if r.payload_slot >= 0 and r.in_pos == r.in_len:
+            s = &r.slots[r.payload_slot]
+            want = s.length - r.payload_got
+            if want >= DIRECT_MIN:
+                k = recv(r.down, s.data + r.payload_got, want, MSG_DONTWAIT)
+                if k > 0:
+                    r.payload_got += k
+        if k == -2:
+            if r.in_pos == r.in_len:
+                r.in_pos = r.in_len = 0
+            elif r.in_pos > 0:
+                memmove(r.inbuf, r.inbuf + r.in_pos, r.in_len - r.in_pos)
+                r.in_len -= r.in_pos
+                r.in_pos = 0
+            k = recv(r.down, r.inbuf + r.in_len, INBUF_SIZE - r.in_len, MSG_DONTWAIT)
+            if k > 0:
+                r.in_len += k
+        if k > 0:
+            continue
+        if k < 0 and errno == EINTR:
+            continue
+        if k < 0 and errno == EAGAIN:
+            return
+        client_gone(r)        # end of file, or a socket error
+        return
+    parse_requests(r)
+
+
+# --------------------------------------------------------------------------------------------
+# To upstream
+
+cdef int send_upstream(relay_t *r) noexcept nogil:
+    """Send queued requests in sequence order, many per sendmsg."""
+    cdef iovec iov[MAX_IOV]
+    cdef uint64_t seqs[MAX_IOV]
+    cdef msghdr msg
+    cdef slot_t *s
+    cdef uint64_t seq
+    cdef size_t skip, left, need
+    cdef ssize_t k
+    cdef int n, m, i, state
+    cdef int64_t t
+    while True:
+        if r.rescan and r.cursor_sent == 0:
+            r.cursor = r.oldest
+            r.rescan = 0
+        n = m = 0
+        skip = r.cursor_sent
+        seq = r.cursor
+        while seq < r.next_seq and n + 2 <= MAX_IOV:
+            state = state_of(r, seq)
+            if state == RECEIVING:
+                break
+            if state == QUEUED:
+                s = slot_of(r, seq)
+                if skip < REQUEST_SIZE:
+                    iov[n].iov_base = s.head + skip
+                    iov[n].iov_len = REQUEST_SIZE - skip
+                    n += 1
+                    if s.type == CMD_WRITE and s.length:
+                        iov[n].iov_base = s.data
+                        iov[n].iov_len = s.length
+                        n += 1
+                else:
+                    iov[n].iov_base = s.data + (skip - REQUEST_SIZE)
+                    iov[n].iov_len = s.length - (skip - REQUEST_SIZE)
+                    n += 1
+                skip = 0
+                seqs[m] = seq
+                m += 1
+            elif m == 0:
+                r.cursor = seq + 1      # already sent or answered: move on
+            seq += 1
+        if m == 0:
+            r.up_blocked = 0
+            return C_OK
+        memset(&msg, 0, sizeof(msg))
+        msg.msg_iov = iov
+        msg.msg_iovlen = n
+        k = sendmsg(r.up, &msg, MSG_NOSIGNAL | MSG_DONTWAIT)
+        if k < 0:
+            if errno == EINTR:
+                continue
+            if errno == EAGAIN:
+                r.up_blocked = 1
+                return C_OK
+            r.err = errno
+            r.problem = UP_ERRNO
+            return END_UPSTREAM_LOST
+        t = now_ns()
+        r.up_progress_ns = t
+        left = <size_t>k
+        for i in range(m):
+            s = slot_of(r, seqs[i])
+            need = upstream_bytes(s) - r.cursor_sent
+            r.cursor = seqs[i]
+            if left < need:
+                r.cursor_sent += left
+                break
+            left -= need
+            r.cursor_sent = 0
+            r.cursor = seqs[i] + 1
+            s.state = SENT
+            s.sent_ns = t
+
+
+# --------------------------------------------------------------------------------------------
+# From upstream
+
+cdef void replied(relay_t *r, slot_t *s, uint32_t error) noexcept nogil:
+    """Upstream answered request s (and sent its READ data)."""
+    if r.client_dead:
+        release(r, s)
+        return
+    if s.writes:
+        s.writes = 0
+        r.writes_in_flight -= 1
+    if s.readahead:
+        s.readahead = 0
+        if error:
+            # The doubled read failed: ask again for just what the client asked for, so that
+            # the client gets the answer it would have had without read-ahead.
+            s.up_length = s.length
+            queue_upstream(r, s)
+            r.rescan = 1
+            return
+        if s.cache_gen == r.cache_gen and r.writes_in_flight == 0:
+            r.cache_len = s.up_length - s.length
+            r.cache_off = s.offset + s.length
+            memcpy(r.cache, s.data + s.length, r.cache_len)
+    answer(r, s, error)
+
+
+cdef int parse_replies(relay_t *r) noexcept nogil:
+    """Take whole replies, and the READ data already read, from the upstream buffer."""
+    cdef slot_t *s
+    cdef size_t n
+    cdef uint32_t u32, error
+    cdef uint64_t cookie
+    while True:
+        if r.data_slot >= 0:
+            s = &r.slots[r.data_slot]
+            n = min(r.up_len - r.up_pos, s.up_length - r.data_got)
+            memcpy(s.data + r.data_got, r.upbuf + r.up_pos, n)
+            r.up_pos += n
+            r.data_got += n
+            if r.data_got < s.up_length:
+                return C_OK
+            r.data_slot = -1
+            replied(r, s, 0)
+            continue
+        if r.up_len - r.up_pos < SIMPLE_REPLY_SIZE:
+            return C_OK
+        memcpy(&u32, r.upbuf + r.up_pos, 4)
+        if be32toh(u32) != SIMPLE_REPLY_MAGIC:
+            r.problem = UP_BAD_MAGIC
+            r.bad_value = be32toh(u32)
+            return END_UPSTREAM_LOST
+        memcpy(&u32, r.upbuf + r.up_pos + 4, 4)
+        error = be32toh(u32)
+        memcpy(&cookie, r.upbuf + r.up_pos + 8, 8)
+        if state_of(r, cookie) != SENT:
+            r.problem = UP_BAD_COOKIE
+            r.bad_value = cookie
+            return END_UPSTREAM_LOST
+        r.up_pos += SIMPLE_REPLY_SIZE
+        s = slot_of(r, cookie)
+        if s.type == CMD_READ and error == 0 and s.up_length:
+            r.data_slot = <int>(s - r.slots)
+            r.data_got = 0
+            continue
+        replied(r, s, error)
+
+
+cdef int read_upstream(relay_t *r) noexcept nogil:
+    cdef ssize_t k
+    cdef slot_t *s
+    cdef size_t want
+    cdef int _, rc
+    for _ in range(BURST):
+        rc = parse_replies(r)
+        if rc != C_OK:
+            return rc
+        k = -2
+        if r.data_slot >= 0 and r.up_pos == r.up_len:
+            s = &r.slots[r.data_slot]
+            want = s.up_length - r.data_got
+            if want >= DIRECT_MIN:
+                k = recv(r.up, s.data + r.data_got, want, MSG_DONTWAIT)
+                if k > 0:
+                    r.data_got += k
+        if k == -2:
+            if r.up_pos == r.up_len:
+                r.up_pos = r.up_len = 0
+            elif r.up_pos > 0:
+                memmove(r.upbuf, r.upbuf + r.up_pos, r.up_len - r.up_pos)
+                r.up_len -= r.up_pos
+                r.up_pos = 0
+            k = recv(r.up, r.upbuf + r.up_len, UPBUF_SIZE - r.up_len, MSG_DONTWAIT)
+            if k > 0:
+                r.up_len += k
+        if k > 0:
+            r.up_progress_ns = now_ns()
+            continue
+        if k == 0:
+            r.problem = UP_EOF
+            return END_UPSTREAM_LOST
+        if errno == EINTR:
+            continue
+        if errno == EAGAIN:
+            return C_OK
+        r.err = errno
+        r.problem = UP_ERRNO
+        return END_UPSTREAM_LOST
+    return parse_replies(r)
+
+
+# --------------------------------------------------------------------------------------------
+# To the client
+
+cdef void send_client(relay_t *r) noexcept nogil:
+    """Send the queued replies (with their READ data), many per sendmsg."""
+    cdef iovec iov[MAX_IOV]
+    cdef msghdr msg
+    cdef slot_t *s
+    cdef size_t i, skip, left, need
+    cdef ssize_t k
+    cdef int n
+    while r.done_count and not r.client_dead:
+        n = 0
+        skip = r.done_sent
+        i = 0
+        while i < r.done_count and n + 2 <= MAX_IOV:
+            s = &r.slots[r.done_q[(r.done_head + i) & (NSLOTS - 1)]]
+            if skip < SIMPLE_REPLY_SIZE:
+                iov[n].iov_base = s.reply + skip
+                iov[n].iov_len = SIMPLE_REPLY_SIZE - skip
+                n += 1
+                if reply_bytes(s) > SIMPLE_REPLY_SIZE:
+                    iov[n].iov_base = s.data
+                    iov[n].iov_len = s.length
+                    n += 1
+            else:
+                iov[n].iov_base = s.data + (skip - SIMPLE_REPLY_SIZE)
+                iov[n].iov_len = s.length - (skip - SIMPLE_REPLY_SIZE)
+                n += 1
+            skip = 0
+            i += 1
+        memset(&msg, 0, sizeof(msg))
+        msg.msg_iov = iov
+        msg.msg_iovlen = n
+        k = sendmsg(r.down, &msg, MSG_NOSIGNAL | MSG_DONTWAIT)
+        if k < 0:
+            if errno == EINTR:
+                continue
+            if errno == EAGAIN:
+                r.down_blocked = 1
+                return
+            client_gone(r)
+            return
+        left = <size_t>k
+        while r.done_count:
+            s = &r.slots[r.done_q[r.done_head]]
+            need = reply_bytes(s) - r.done_sent
+            if left < need:
+                r.done_sent += left
+                break
+            left -= need
+            r.done_sent = 0
+            r.done_head = (r.done_head + 1) & (NSLOTS - 1)
+            r.done_count -= 1
+            release(r, s)
+    r.down_blocked = 0
+
+
+# --------------------------------------------------------------------------------------------
+# The loop
+
+cdef int64_t upstream_deadline(relay_t *r) noexcept nogil:
+    """When upstream will have taken too long: the oldest unanswered request's send time (or
+    the last progress of a blocked send) plus the timeout; -1 if nothing is waiting."""
+    cdef int64_t first = -1
+    cdef uint64_t seq = r.oldest
+    cdef slot_t *s
+    while seq < r.next_seq:
+        if state_of(r, seq) == SENT:
+            s = slot_of(r, seq)
+            if first < 0 or s.sent_ns < first:
+                first = s.sent_ns
+        seq += 1
+    if r.up_blocked and (first < 0 or r.up_progress_ns < first):
+        first = r.up_progress_ns
+    return first + r.timeout_ns if first >= 0 else -1
+
+
+cdef int relay_loop(relay_t *r) noexcept nogil:
+    cdef pollfd fds[3]
+    cdef int rc, timeout_ms
+    cdef int64_t now, deadline
+    while True:
+        if not r.client_dead:
+            parse_requests(r)           # slots may have come free
+        if not r.up_blocked:
+            rc = send_upstream(r)
+            if rc != C_OK:
+                return rc
+        if not r.down_blocked:
+            send_client(r)
+        if r.closing and r.busy == 0:
+            return r.end
+        now = now_ns()
+        deadline = upstream_deadline(r)
+        if deadline >= 0 and now >= deadline:
+            return END_UPSTREAM_TIMEOUT
+        timeout_ms = -1 if deadline < 0 else <int>((deadline - now) // 1000000 + 1)
+        fds[0].fd = r.stop_fd
+        fds[0].events = POLLIN
+        fds[1].fd = r.up
+        fds[1].events = POLLIN | (POLLOUT if r.up_blocked else 0)
+        fds[2].fd = -1 if r.client_dead else r.down
+        fds[2].events = ((POLLIN if wants_client_input(r) else 0)
+                         | (POLLOUT if r.down_blocked and r.done_count else 0))
+        fds[0].revents = fds[1].revents = fds[2].revents = 0
+        rc = poll(fds, 3, timeout_ms)
+        if rc < 0:
+            if errno == EINTR:
+                continue
+            r.err = errno
+            return END_STOPPED
+        if fds[0].revents:
+            return END_STOPPED
+        if fds[1].revents & POLLOUT:
+            r.up_blocked = 0
+        if fds[1].revents & (POLLIN | POLLERR | POLLHUP):
+            rc = read_upstream(r)
+            if rc != C_OK:
+                return rc
+        if fds[2].revents & (POLLERR | POLLHUP | POLLNVAL):
+            client_gone(r)
+        else:
+            if fds[2].revents & POLLOUT:
+                r.down_blocked = 0
+            if fds[2].revents & POLLIN:
+                read_client(r)
+
+
+# --------------------------------------------------------------------------------------------
+# Python interface
+
+cdef class Relay:
+    """The proxy's in-flight requests and both connections' state. Owns its buffers; the
+    sockets belong to the caller (pass non-blocking descriptors)."""
+
+    cdef relay_t r
+
+    def __cinit__(self, int upstream, uint64_t size, uint16_t upstream_flags, int stop_fd,
+                  uint32_t cache_bytes, double timeout):
+        cdef int i
+        self.r.up = upstream
+        self.r.down = -1
+        self.r.stop_fd = stop_fd
+        self.r.size = size
+        self.r.up_flags = upstream_flags
+        self.r.timeout_ns = <int64_t>(timeout * 1e9)
+        # (twice the largest cached read must still be a valid request upstream)
+        self.r.cache_cap = min(cache_bytes, <uint32_t>(MAX_PAYLOAD // 2))
+        self.r.payload_slot = -1
+        self.r.data_slot = -1
+        self.r.client_dead = 1      # until a client is attached
+        self.r.slots = <slot_t *>calloc(NSLOTS, sizeof(slot_t))
+        self.r.done_q = <int *>calloc(NSLOTS, sizeof(int))
+        self.r.inbuf = <char *>malloc(INBUF_SIZE)
+        self.r.upbuf = <char *>malloc(UPBUF_SIZE)
+        self.r.cache = <char *>malloc(self.r.cache_cap + 1)
+        if not (self.r.slots and self.r.done_q and self.r.inbuf and self.r.upbuf
+                and self.r.cache):
+            raise MemoryError()
+        for i in range(NSLOTS):
+            self.r.slots[i].seq = <uint64_t>-1
+
+    def __dealloc__(self):
+        cdef int i
+        if self.r.slots:
+            for i in range(NSLOTS):
+                free(self.r.slots[i].data)
+        free(self.r.slots)
+        free(self.r.done_q)
+        free(self.r.inbuf)
+        free(self.r.upbuf)
+        free(self.r.cache)
+
+    def attach(self, int client):
+        """Start a client's session. The previous one must have ended (nothing in flight)."""
+        if self.r.busy:
+            raise RuntimeError("requests of the previous client are still in flight")
+        self.r.down = client
+        self.r.in_pos = self.r.in_len = 0
+        self.r.payload_slot = -1
+        self.r.done_head = self.r.done_count = self.r.done_sent = 0
+        self.r.down_blocked = 0
+        self.r.closing = 0
+        self.r.end = 0
+        self.r.client_dead = 0
+        self.r.bad_value = 0
+        self.r.problem = UP_OK
+        self.r.err = 0
+        invalidate_cache(&self.r)
+
+    def set_upstream(self, int upstream, uint16_t upstream_flags):
+        """A new upstream connection: every request not yet answered is queued again, to be
+        re-sent in the order it came. Returns how many."""
+        cdef uint64_t seq
+        cdef int state
+        cdef uint64_t count = 0
+        cdef slot_t *s
+        self.r.up = upstream
+        self.r.up_flags = upstream_flags
+        self.r.up_pos = self.r.up_len = 0
+        self.r.data_slot = -1
+        self.r.data_got = 0
+        self.r.up_blocked = 0
+        self.r.up_progress_ns = now_ns()
+        self.r.problem = UP_OK
+        self.r.err = 0
+        invalidate_cache(&self.r)
+        seq = self.r.oldest
+        while seq < self.r.next_seq:
+            state = state_of(&self.r, seq)
+            s = slot_of(&self.r, seq)
+            if state == SENT or state == QUEUED:
+                if self.r.client_dead:
+                    release(&self.r, s)
+                else:
+                    s.state = QUEUED      # (the cache generation moved on: a read-ahead
+                    count += 1            # re-sent now will not be kept)
+            seq += 1
+        self.r.cursor = self.r.oldest
+        self.r.cursor_sent = 0
+        self.r.rescan = 0
+        self.r.replayed += count
+        return count
+
+    def run(self):
+        """Relay until the session ends or upstream fails; returns an End."""
+        cdef int end
+        with nogil:
+            self.r.up_progress_ns = now_ns()
+            end = relay_loop(&self.r)
+        return End(end)
+
+    @property
+    def in_flight(self):
+        """Requests taken from the client and not yet fully answered."""
+        return self.r.busy
+
+    @property
+    def requests(self):
+        return self.r.requests
+
+    @property
+    def replayed(self):
+        return self.r.replayed
+
+    @property
+    def cache_hits(self):
+        return self.r.cache_hits
+
+    @property
+    def problem(self):
+        return Problem(self.r.problem)
+
+    @property
+    def err(self):
+        return self.r.err
+
+    @property
+    def bad_value(self):
+        return self.r.bad_value
+
+    @property
+    def client_attached(self):
+        return not self.r.client_dead

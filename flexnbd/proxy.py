@@ -1,0 +1,340 @@
+"""flexnbd-proxy: one NBD client in front of an NBD server that may restart or move (SPEC §7).
+
+The client (downstream) sees one steady server. Behind the proxy the upstream connection may
+fail, stall, or end because the server finished a migration and exited; the proxy reconnects
+(every few seconds, for as long as it takes) to whatever serves the same address with the same
+size, re-sends the requests that were not answered, and the client only sees a pause.
+
+Threads: the main thread waits for stop signals (``flexnbd.lifecycle``). "accept" takes clients
+and hands the one it can serve to "session"; a second client is accepted and closed. "session"
+runs the client's handshake in Python, then the relay (``flexnbd._proxy.Relay.run``) in C
+without the GIL; when the relay reports that upstream failed, it reconnects and lets the relay
+replay. The upstream connection outlives clients and is only ever touched by "session".
+"""
+
+from __future__ import annotations
+
+import os
+import queue
+import select
+import selectors
+import socket
+import threading
+import time
+from collections.abc import Callable
+
+from flexnbd import _proxy, log, sockets, wire
+from flexnbd.config import ProxyConfig
+from flexnbd.errors import FlexnbdError
+from flexnbd.handshake import ExportInfo, ServerInfo, client_handshake, serve_handshake
+
+_log = log.get("proxy")
+
+End = _proxy.End
+Problem = _proxy.Problem
+
+# Upstream's transmission flags that the client is offered as they are. Never CAN_MULTI_CONN
+# (one client at a time) and never DF (no structured replies through the proxy).
+PASSED_FLAGS = (wire.FLAG_READ_ONLY | wire.FLAG_SEND_FLUSH | wire.FLAG_SEND_FUA
+                | wire.FLAG_ROTATIONAL | wire.FLAG_SEND_TRIM | wire.FLAG_SEND_WRITE_ZEROES
+                | wire.FLAG_SEND_CACHE | wire.FLAG_SEND_FAST_ZERO)
+
+# How long a hung-up client may keep its place while its session winds down, before a new
+# client is turned away as a second one.
+HANDOVER_WAIT = 2.0
+
+
+def offered_flags(upstream_flags: int) -> int:
+    if not upstream_flags & wire.FLAG_HAS_FLAGS:
+        return wire.FLAG_HAS_FLAGS
+    return wire.FLAG_HAS_FLAGS | (upstream_flags & PASSED_FLAGS)
+
+
+def _hung_up(sock: socket.socket) -> bool:
+    """The peer closed its side (or the socket failed)."""
+    poller = select.poll()
+    try:
+        poller.register(sock, select.POLLRDHUP)
+    except (OSError, ValueError):
+        return True
+    gone = select.POLLRDHUP | select.POLLHUP | select.POLLERR | select.POLLNVAL
+    return any(events & gone for _, events in poller.poll(0))
+
+
+def _close(sock: socket.socket | None) -> None:
+    if sock is not None:
+        try:
+            sock.close()
+        except OSError:
+            pass
+
+
+class Proxy:
+    """Serves one client at a time, relaying to the upstream server."""
+
+    def __init__(self, config: ProxyConfig) -> None:
+        self.config = config
+        self.upstream_name = (f"[{config.conn_addr}]:{config.conn_port}" if ":" in
+                              config.conn_addr else f"{config.conn_addr}:{config.conn_port}")
+        self._stop_fd = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
+        self._stopping = threading.Event()
+        self._listener: socket.socket | None = None
+        self._upstream: socket.socket | None = None
+        self.upstream_info: ServerInfo | None = None
+        self.relay: _proxy.Relay | None = None
+        self._lock = threading.Lock()
+        self._client: socket.socket | None = None    # the client being served, if any
+        self._handoff: queue.Queue[socket.socket] = queue.Queue(maxsize=1)
+        self._threads: list[threading.Thread] = []
+        # How the proxy asks its process to stop (set by flexnbd.lifecycle.run).
+        self.request_stop: Callable[[str], None] = lambda reason: None
+
+    # -- lifecycle -------------------------------------------------------------------------
+
+    def start(self) -> None:
+        """Connect upstream, then listen. FlexnbdError if either fails."""
+        cfg = self.config
+        self._upstream, info = self._connect_upstream()
+        self.upstream_info = info
+        self.relay = _proxy.Relay(self._upstream.fileno(), info.size, info.flags, self._stop_fd,
+                                  cfg.cache_bytes, cfg.upstream_timeout)
+        try:
+            if cfg.unix is not None:
+                self._listener = sockets.unix_listener(cfg.unix, backlog=8)
+            else:
+                assert cfg.addr is not None and cfg.port is not None
+                self._listener = sockets.tcp_listener(cfg.addr, cfg.port, backlog=8)
+        except BaseException:
+            _close(self._upstream)
+            raise
+        self._listener.setblocking(False)
+        for target, name in ((self._accept_loop, "accept"), (self._sessions, "session")):
+            thread = threading.Thread(target=target, name=name, daemon=True)
+            thread.start()
+            self._threads.append(thread)
+        where = cfg.unix if cfg.unix is not None else f"{cfg.addr} port {cfg.port}"
+        _log.info("serving %s (%s handshake) for upstream %s: %d bytes, flags %#x, %s; "
+                  "read-ahead %s", where, "oldstyle" if cfg.oldstyle else "newstyle",
+                  self.upstream_name, info.size, info.flags, info.style,
+                  f"{cfg.cache_bytes} bytes" if cfg.cache_bytes else "off")
+
+    def stop(self) -> None:
+        """Stop: end the session (requests in flight get no answer), close both sides."""
+        self._stopping.set()
+        os.eventfd_write(self._stop_fd, 1)
+        if self._listener is not None:
+            self._listener.close()
+            if self.config.unix is not None:
+                try:
+                    os.unlink(self.config.unix)
+                except FileNotFoundError:
+                    pass
+        for thread in self._threads:
+            thread.join(0.5)
+        with self._lock:
+            client = self._client
+        if client is not None:      # still in its handshake: wake it
+            try:
+                client.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+        alive = False
+        for thread in self._threads:
+            thread.join(5.0)
+            alive = alive or thread.is_alive()
+        if not alive:               # (else the relay may still use the descriptors)
+            _close(self._upstream)
+            _close(client)
+
+    def exit_status(self) -> int:
+        return 0
+
+    # -- upstream --------------------------------------------------------------------------
+
+    def _connect_upstream(self) -> tuple[socket.socket, ServerInfo]:
+        cfg = self.config
+        try:
+            sock = sockets.connect(cfg.conn_addr, cfg.conn_port, cfg.bind, cfg.connect_timeout)
+        except OSError as e:
+            raise FlexnbdError(f"cannot connect to upstream {self.upstream_name}: "
+                               f"{e.strerror or e}") from None
+        try:
+            sock.settimeout(cfg.handshake_timeout)
+            info = client_handshake(sock)
+            sockets.set_client_options(sock)
+            sock.setblocking(False)
+        except (OSError, FlexnbdError) as e:
+            _close(sock)
+            reason = e.strerror if isinstance(e, OSError) and e.strerror else str(e) or \
+                type(e).__name__
+            raise FlexnbdError(f"upstream {self.upstream_name}: handshake failed: "
+                               f"{reason}") from None
+        return sock, info
+
+    def _reconnect(self) -> bool:
+        """Reconnect until a server of the same size answers; False if the proxy stops."""
+        assert self.relay is not None and self.upstream_info is not None
+        _close(self._upstream)
+        self._upstream = None
+        cfg = self.config
+        started = time.monotonic()
+        delay = cfg.reconnect_first
+        attempts = 0
+        while not self._stopping.is_set():
+            attempts += 1
+            try:
+                sock, info = self._connect_upstream()
+            except FlexnbdError as e:
+                # The first failure and then one in ten, so a long outage does not flood.
+                if attempts == 1 or attempts % 10 == 0:
+                    _log.warning("%s; retrying (attempt %d)", e, attempts)
+            else:
+                if info.size != self.upstream_info.size:
+                    _log.error("upstream %s now has %d bytes, not %d: refused, retrying",
+                               self.upstream_name, info.size, self.upstream_info.size)
+                    _close(sock)
+                else:
+                    if info.flags != self.upstream_info.flags:
+                        _log.warning("upstream %s flags changed from %#x to %#x; carrying on",
+                                     self.upstream_name, self.upstream_info.flags, info.flags)
+                    self._upstream = sock
+                    resent = self.relay.set_upstream(sock.fileno(), info.flags)
+                    _log.info("reconnected to upstream %s (%s) after %.2f s and %d attempt(s); "
+                              "re-sending %d request(s)", self.upstream_name, info.style,
+                              time.monotonic() - started, attempts, resent)
+                    return True
+            self._stopping.wait(delay)
+            delay = min(delay * 2, cfg.reconnect_most)
+        return False
+
+    def _describe_upstream_end(self, end: End) -> str:
+        assert self.relay is not None
+        if end == End.END_UPSTREAM_TIMEOUT:
+            return (f"a request was not answered in {self.config.upstream_timeout:g} s "
+                    "(FLEXNBD_UPSTREAM_TIMEOUT)")
+        problem = self.relay.problem
+        if problem == Problem.UP_EOF:
+            return "closed the connection"
+        if problem == Problem.UP_ERRNO:
+            return f"failed: {os.strerror(self.relay.err)}"
+        if problem == Problem.UP_BAD_MAGIC:
+            return f"sent a reply with bad magic {self.relay.bad_value:#x}"
+        return f"answered a request that was not waiting (cookie {self.relay.bad_value:#x})"
+
+    # -- clients ---------------------------------------------------------------------------
+
+    def _accept_loop(self) -> None:
+        assert self._listener is not None
+        sel = selectors.DefaultSelector()
+        sel.register(self._listener, selectors.EVENT_READ)
+        sel.register(self._stop_fd, selectors.EVENT_READ)
+        try:
+            while not self._stopping.is_set():
+                for key, _ in sel.select():
+                    if key.fileobj == self._stop_fd:
+                        return
+                    self._accept_one()
+        finally:
+            sel.close()
+
+    def _accept_one(self) -> None:
+        assert self._listener is not None
+        try:
+            sock, _ = self._listener.accept()
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError as e:
+            _log.warning("accept failed: %s", e.strerror)
+            time.sleep(0.1)     # (for example out of descriptors: do not spin)
+            return
+        sock.setblocking(True)
+        if self._claim(sock):
+            self._handoff.put(sock)
+            return
+        _log.warning("refused %s: another client is connected (one at a time)",
+                     sockets.peer_name(sock))
+        _close(sock)
+
+    def _claim(self, sock: socket.socket) -> bool:
+        """Make sock the client, unless another one is connected. A client that has already
+        hung up is given a moment to have its session wound down."""
+        deadline = time.monotonic() + HANDOVER_WAIT
+        while True:
+            with self._lock:
+                current = self._client
+                if current is None:
+                    self._client = sock
+                    return True
+            if not _hung_up(current) or time.monotonic() > deadline or \
+                    self._stopping.is_set():
+                return False
+            time.sleep(0.01)
+
+    def _sessions(self) -> None:
+        while not self._stopping.is_set():
+            try:
+                sock = self._handoff.get(timeout=0.5)
+            except queue.Empty:
+                continue
+            try:
+                self._serve(sock)
+            except Exception as e:  # noqa: BLE001 - one client's trouble must not end the proxy
+                _log.error("client %s: %s", sockets.peer_name(sock), e, exc_info=True)
+            finally:
+                with self._lock:
+                    self._client = None
+                    _close(sock)
+
+    def _export_info(self) -> ExportInfo:
+        assert self.upstream_info is not None
+        return ExportInfo(self.upstream_info.size, block_status=False, structured_replies=False,
+                          flags=offered_flags(self.upstream_info.flags))
+
+    def _serve(self, sock: socket.socket) -> None:
+        assert self.relay is not None
+        name = sockets.peer_name(sock)
+        sockets.set_client_options(sock)
+        sock.settimeout(self.config.handshake_timeout)
+        try:
+            agreed = serve_handshake(sock, self._export_info(), self.config.oldstyle)
+        except (OSError, FlexnbdError) as e:
+            if not self._stopping.is_set():
+                _log.warning("client %s: handshake failed: %s", name,
+                             e.strerror if isinstance(e, OSError) and e.strerror else e)
+            return
+        if agreed is None:
+            _log.info("client %s left during the handshake", name)
+            return
+        sock.setblocking(False)
+        self.relay.attach(sock.fileno())
+        _log.info("client %s connected (%s)", name, agreed.style)
+        requests_before = self.relay.requests
+        while True:
+            end = self.relay.run()
+            if end not in (End.END_UPSTREAM_LOST, End.END_UPSTREAM_TIMEOUT):
+                break
+            _log.warning("upstream %s %s; %d request(s) in flight; reconnecting",
+                         self.upstream_name, self._describe_upstream_end(end),
+                         self.relay.in_flight)
+            if not self._reconnect():
+                return
+        self._log_end(name, end, self.relay.requests - requests_before)
+
+    def _log_end(self, name: str, end: End, requests: int) -> None:
+        assert self.relay is not None
+        if end == End.END_STOPPED:
+            _log.info("client %s: stopping with %d request(s) in flight", name,
+                      self.relay.in_flight)
+        elif end == End.END_DISC:
+            _log.info("client %s disconnected after %d request(s)", name, requests)
+        elif end == End.END_CLIENT_GONE:
+            _log.info("client %s closed the connection after %d request(s)", name, requests)
+        elif end == End.END_BAD_MAGIC:
+            _log.warning("client %s sent a request with bad magic %#x: disconnected", name,
+                         self.relay.bad_value)
+        elif end == End.END_TOO_BIG:
+            _log.warning("client %s sent a request of %d bytes (more than %d): disconnected",
+                         name, self.relay.bad_value, wire.MAX_PAYLOAD)
+        else:
+            _log.error("client %s: no memory for a request of %d bytes: disconnected", name,
+                       self.relay.bad_value)
