@@ -19,6 +19,7 @@ import queue
 import select
 import selectors
 import socket
+import struct
 import threading
 import time
 from collections.abc import Callable
@@ -59,6 +60,24 @@ def _hung_up(sock: socket.socket) -> bool:
         return True
     gone = select.POLLRDHUP | select.POLLHUP | select.POLLERR | select.POLLNVAL
     return any(events & gone for _, events in poller.poll(0))
+
+
+def _connected_to_itself(sock: socket.socket) -> bool:
+    try:
+        return bool(sock.getsockname() == sock.getpeername())
+    except OSError:
+        return False
+
+
+def _reset(sock: socket.socket | None) -> None:
+    """Close with a reset: what the kernel still holds to send to a server we gave up on is
+    dropped, not delivered later behind the re-sent requests' backs."""
+    if sock is not None:
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        except OSError:
+            pass
+        _close(sock)
 
 
 def _close(sock: socket.socket | None) -> None:
@@ -158,6 +177,12 @@ class Proxy:
         except OSError as e:
             raise FlexnbdError(f"cannot connect to upstream {self.upstream_name}: "
                                f"{e.strerror or e}") from None
+        if _connected_to_itself(sock):
+            # With nothing listening on a local port in the ephemeral range, a connect can
+            # pick that very port as its source and succeed, connected to itself.
+            _close(sock)
+            raise FlexnbdError(f"cannot connect to upstream {self.upstream_name}: "
+                               "Connection refused")
         try:
             sock.settimeout(cfg.handshake_timeout)
             info = client_handshake(sock)
@@ -174,7 +199,7 @@ class Proxy:
     def _reconnect(self) -> bool:
         """Reconnect until a server of the same size answers; False if the proxy stops."""
         assert self.relay is not None and self.upstream_info is not None
-        _close(self._upstream)
+        _reset(self._upstream)
         self._upstream = None
         cfg = self.config
         started = time.monotonic()
