@@ -2,10 +2,11 @@
 """Benchmark flexnbd-proxy: fio through the proxy vs fio straight to the same server.
 
 One `flexnbd serve` and one `flexnbd-proxy` in front of it, started fresh for every sample
-of every row; fio runs once against the server's port and once against the proxy's, in
-alternating order, so background load hits both alike. The table shows, per row, the
-median of each side, the median of the per-sample ratios proxy / direct and their range,
-and the proxy's CPU seconds per GiB. Then the pause test: a small client reads through the
+of every row; fio runs once against the server's port, once against the proxy's and once
+through a bare splice relay (no NBD, the yardstick for one more hop), in rotating order, so
+background load hits all alike. The table shows, per row, the median of each side, the
+median of the per-sample ratios proxy / direct and their range, relay / direct, and the
+proxy's CPU seconds per GiB. Then the pause test: a small client reads through the
 proxy while the upstream server is killed (SIGKILL, then SIGTERM) and restarted on the
 same port; measured is the time from the restarted server serving to the client's first
 completed request. See benchmarks/README.md.
@@ -56,6 +57,7 @@ from common import (
     server_version,
     settle,
 )
+from migration import CountingRelay
 from run import ROWS, children_cpu, run_fio
 
 # The rows of run.py measured here (same fio jobs), in this order.
@@ -144,8 +146,10 @@ class LoggedServer(Server):
 
 
 def run_side(server: Server, proxy: Server, port: int, row: dict, runtime: int) -> dict:
-    """One fio job against PORT (the server's or the proxy's); value and CPU per GiB."""
+    """One fio job against PORT (the server's, the proxy's or the relay's); value and CPU
+    per GiB (relay: this process, whose threads run the relay while fio runs)."""
     cpu_server, cpu_proxy, cpu_client = server.cpu_seconds(), proxy.cpu_seconds(), children_cpu()
+    cpu_relay = time.process_time()
     value, moved, cmd = run_fio(port, row, runtime)
     gib = moved / GiB if moved else None
 
@@ -158,14 +162,16 @@ def run_side(server: Server, proxy: Server, port: int, row: dict, runtime: int) 
         "server_cpu_s_per_gib": per_gib(server.cpu_seconds() - cpu_server),
         "proxy_cpu_s_per_gib": per_gib(proxy.cpu_seconds() - cpu_proxy),
         "client_cpu_s_per_gib": per_gib(children_cpu() - cpu_client),
+        "relay_cpu_s_per_gib": per_gib(time.process_time() - cpu_relay),
         "command": " ".join(cmd),
     }
 
 
-def measure_pair(
-    row: str, order: tuple[str, str], data: Path, args: argparse.Namespace, workdir: Path
+def measure_sample(
+    row: str, order: list[str], data: Path, args: argparse.Namespace, workdir: Path
 ) -> dict:
-    """A fresh server and proxy; fio direct and through the proxy, in ORDER."""
+    """A fresh server and proxy; fio direct, through the proxy and (if in ORDER) through a
+    bare splice relay to the same server, in ORDER."""
     settle(data)
     sport, pport = free_port(), free_port()
     slog, plog = workdir / "proxy-bench-server.log", workdir / "proxy-bench-proxy.log"
@@ -175,7 +181,8 @@ def measure_pair(
         LoggedServer("flexnbd-proxy", pport, data, plog, proxy_cmd(pport, sport, args.cache)) as px,
     ):
         for how in order:
-            port = server.port if how == "direct" else px.port
+            relay = CountingRelay(server.port) if how == "relay" else None
+            port = {"direct": server.port, "proxy": px.port}.get(how) or relay.port
             try:
                 sample[how] = run_side(server, px, port, ROWS[row], args.runtime)
             except ClientError as e:
@@ -183,21 +190,27 @@ def measure_pair(
                     f"{how}: {e}\n--- flexnbd-proxy log tail:\n{px.log_tail()}"
                     f"\n--- flexnbd serve log tail:\n{server.log_tail()}"
                 ) from None
+            finally:
+                if relay is not None:
+                    relay.close()
         for who in (px, server):
             if not who.alive():
                 raise ClientError(f"{who.name} died during the run:\n{who.log_tail()}")
         sample["proxy_exit"] = px.stop()
         sample["server_exit"] = server.stop()
     sample["ratio"] = sample["proxy"]["value"] / sample["direct"]["value"]
+    if "relay" in sample:
+        sample["relay_ratio"] = sample["relay"]["value"] / sample["direct"]["value"]
     return sample
 
 
 def summarize_row(row: str, samples: list[dict]) -> dict:
     def med(side: str, key: str) -> float | None:
-        values = [s[side][key] for s in samples if s[side][key] is not None]
+        values = [s[side][key] for s in samples if side in s and s[side][key] is not None]
         return statistics.median(values) if values else None
 
     ratios = [s["ratio"] for s in samples]
+    relay_ratios = [s["relay_ratio"] for s in samples if "relay_ratio" in s]
     return {
         "unit": ROWS[row]["unit"],
         "samples": len(samples),
@@ -215,15 +228,25 @@ def summarize_row(row: str, samples: list[dict]) -> dict:
         "client_cpu_s_per_gib_direct": med("direct", "client_cpu_s_per_gib"),
         "client_cpu_s_per_gib_proxied": med("proxy", "client_cpu_s_per_gib"),
         "target_met": statistics.median(ratios) >= TARGET_RATIO,
+        # The yardstick: a bare splice relay (no NBD), i.e. the price of one more hop.
+        "relay": med("relay", "value"),
+        "relay_ratio": statistics.median(relay_ratios) if relay_ratios else None,
+        "relay_ratio_min": min(relay_ratios, default=None),
+        "relay_ratio_max": max(relay_ratios, default=None),
+        "relay_samples": [s["relay"]["value"] for s in samples if "relay" in s],
+        "relay_cpu_s_per_gib": med("relay", "relay_cpu_s_per_gib"),
     }
 
 
 def table(rows: dict) -> str:
+    relay = any(s["relay_ratio"] is not None for s in rows.values())
     head = [
         "row", "unit", "direct", "through proxy", "proxy / direct", "min-max of ratios",
         "CPU s/GiB proxy", "CPU s/GiB server (direct / proxied)",
         "CPU s/GiB fio (direct / proxied)",
     ]  # fmt: skip
+    if relay:
+        head += ["bare relay / direct (min-max)"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for row, s in rows.items():
         ratio = f"{s['ratio']:.2f}" if s["target_met"] else f"**{s['ratio']:.2f}**"
@@ -233,6 +256,12 @@ def table(rows: dict) -> str:
             f"{fmt(s['server_cpu_s_per_gib_direct'])} / {fmt(s['server_cpu_s_per_gib_proxied'])}",
             f"{fmt(s['client_cpu_s_per_gib_direct'])} / {fmt(s['client_cpu_s_per_gib_proxied'])}",
         ]  # fmt: skip
+        if relay:
+            cells.append(
+                f"{s['relay_ratio']:.2f} ({s['relay_ratio_min']:.2f}-{s['relay_ratio_max']:.2f})"
+                if s["relay_ratio"] is not None
+                else "-"
+            )
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -449,7 +478,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--repeat", type=int, default=3, help="samples per row (default 3)")
     p.add_argument("--rows", help="comma-separated rows (aliases: " + ", ".join(ROW_ALIASES) + ")")
     p.add_argument(
-        "--cache", help="the proxy's --cache=BYTES for the fio rows (default: its own, 4096)"
+        "--cache",
+        help="run the proxy with --cache=BYTES for the fio rows (default: no --cache, off)",
     )
     p.add_argument("--pauses", type=int, default=3, help="stops per signal (default 3)")
     p.add_argument("--pause-signals", default="SIGKILL,SIGTERM", help="default SIGKILL,SIGTERM")
@@ -460,6 +490,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument(
         "--interval", type=float, default=0.001, help="s between the pause client's reads"
     )
+    p.add_argument("--no-relay", action="store_true", help="skip the bare splice relay yardstick")
     p.add_argument("--no-fio", action="store_true", help="only the pause test")
     p.add_argument("--no-pause", action="store_true", help="only the fio rows")
     p.add_argument("--json", help="results file (default WORKDIR/results-proxy.json)")
@@ -489,7 +520,7 @@ def main(argv: list[str] | None = None) -> int:
         "size": size,
         "runtime": args.runtime,
         "repeat": args.repeat,
-        "proxy_cache": args.cache or "default",
+        "proxy_cache": args.cache or "off (no --cache)",
         "commands": {
             "server": " ".join(serve_cmd(0, data)).replace("--port 0", "--port S"),
             "proxy": " ".join(proxy_cmd(0, 0, args.cache))
@@ -503,13 +534,15 @@ def main(argv: list[str] | None = None) -> int:
     }
     log(f"load average {report['loadavg_start'][0]:.2f} before starting")
     if not args.no_fio:
-        # Row-major, the two sides alternating which goes first from one sample to the next.
+        # Row-major; which side goes first rotates from one sample to the next.
+        sides = ["direct", "proxy"] if args.no_relay else ["direct", "proxy", "relay"]
         for rep in range(args.repeat):
             for i, row in enumerate(rows):
-                order = ("direct", "proxy") if (rep + i) % 2 == 0 else ("proxy", "direct")
-                log(f"{row} (sample {rep + 1}/{args.repeat}, {order[0]} first)")
+                k = (rep + i) % len(sides)
+                order = sides[k:] + sides[:k]
+                log(f"{row} (sample {rep + 1}/{args.repeat}, order {', '.join(order)})")
                 try:
-                    sample = measure_pair(row, order, data, args, workdir)
+                    sample = measure_sample(row, order, data, args, workdir)
                 except (ClientError, RuntimeError, subprocess.TimeoutExpired) as e:
                     log(f"  ERROR: {e}")
                     report["errors"].append(f"{row}: {e}")
@@ -520,6 +553,11 @@ def main(argv: list[str] | None = None) -> int:
                     f"{fmt(sample['proxy']['value'])} {ROWS[row]['unit']}: "
                     f"{sample['ratio']:.2f}; proxy CPU "
                     f"{fmt(sample['proxy']['proxy_cpu_s_per_gib'])} s/GiB"
+                    + (
+                        f"; bare relay {fmt(sample['relay']['value'])}: {sample['relay_ratio']:.2f}"
+                        if "relay" in sample
+                        else ""
+                    )
                 )
                 for who in ("proxy", "server"):
                     if sample[f"{who}_exit"] != 0:  # both promise exit 0 on SIGTERM
@@ -534,8 +572,12 @@ def main(argv: list[str] | None = None) -> int:
             f"pause test: {args.pauses} x {', '.join(args.pause_signals)}, upstream restarted "
             f"{args.downtime} s after each stop"
         )
-        report["pause"] = pause_test(data, size, args, workdir)
-        report["errors"] += report["pause"]["errors"]
+        try:
+            report["pause"] = pause_test(data, size, args, workdir)
+            report["errors"] += report["pause"]["errors"]
+        except (ClientError, RuntimeError, OSError, subprocess.TimeoutExpired) as e:
+            log(f"  ERROR: {e}")
+            report["errors"].append(f"pause test: {e}")
     report["loadavg_end"] = os.getloadavg()
 
     if report["rows"]:
