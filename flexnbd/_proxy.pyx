@@ -414,10 +414,13 @@ cdef void read_client(relay_t *r) noexcept nogil:
                 memmove(r.inbuf, r.inbuf + r.in_pos, r.in_len - r.in_pos)
                 r.in_len -= r.in_pos
                 r.in_pos = 0
-            k = recv(r.down, r.inbuf + r.in_len, INBUF_SIZE - r.in_len, MSG_DONTWAIT)
+            want = INBUF_SIZE - r.in_len
+            k = recv(r.down, r.inbuf + r.in_len, want, MSG_DONTWAIT)
             if k > 0:
                 r.in_len += k
         if k > 0:
+            if <size_t>k < want:
+                break           # the socket is drained: no need for a recv that says so
             continue
         if k < 0 and errno == EINTR:
             continue
@@ -601,11 +604,14 @@ cdef int read_upstream(relay_t *r) noexcept nogil:
                 memmove(r.upbuf, r.upbuf + r.up_pos, r.up_len - r.up_pos)
                 r.up_len -= r.up_pos
                 r.up_pos = 0
-            k = recv(r.up, r.upbuf + r.up_len, UPBUF_SIZE - r.up_len, MSG_DONTWAIT)
+            want = UPBUF_SIZE - r.up_len
+            k = recv(r.up, r.upbuf + r.up_len, want, MSG_DONTWAIT)
             if k > 0:
                 r.up_len += k
         if k > 0:
             r.up_progress_ns = now_ns()
+            if <size_t>k < want:
+                break           # drained
             continue
         if k == 0:
             r.problem = UP_EOF

@@ -103,7 +103,7 @@ class Proxy:
         self.relay: _proxy.Relay | None = None
         self._lock = threading.Lock()
         self._client: socket.socket | None = None    # the client being served, if any
-        self._handoff: queue.Queue[socket.socket] = queue.Queue(maxsize=1)
+        self._handoff: queue.Queue[socket.socket | None] = queue.Queue()   # None: stop
         self._threads: list[threading.Thread] = []
         # How the proxy asks its process to stop (set by flexnbd.lifecycle.run).
         self.request_stop: Callable[[str], None] = lambda reason: None
@@ -141,6 +141,7 @@ class Proxy:
         """Stop: end the session (requests in flight get no answer), close both sides."""
         self._stopping.set()
         os.eventfd_write(self._stop_fd, 1)
+        self._handoff.put(None)
         if self._listener is not None:
             self._listener.close()
             if self.config.unix is not None:
@@ -215,7 +216,8 @@ class Proxy:
                     _log.warning("%s; retrying (attempt %d)", e, attempts)
             else:
                 if info.size != self.upstream_info.size:
-                    _log.error("upstream %s now has %d bytes, not %d: refused, retrying",
+                    _log.error("upstream %s has a different size now, %d bytes, not %d: "
+                               "refused, retrying",
                                self.upstream_name, info.size, self.upstream_info.size)
                     _close(sock)
                 else:
@@ -297,10 +299,9 @@ class Proxy:
 
     def _sessions(self) -> None:
         while not self._stopping.is_set():
-            try:
-                sock = self._handoff.get(timeout=0.5)
-            except queue.Empty:
-                continue
+            sock = self._handoff.get()
+            if sock is None:
+                return
             try:
                 self._serve(sock)
             except Exception as e:  # noqa: BLE001 - one client's trouble must not end the proxy
