@@ -390,36 +390,52 @@ cdef inline int wants_client_input(relay_t *r) noexcept nogil:
     return can_admit(r) and (r.in_len - r.in_pos < REQUEST_SIZE)
 
 
+cdef ssize_t recv_some(int fd, char *buf, size_t *pos, size_t *length, size_t cap,
+                       char *direct, size_t direct_want, size_t *direct_got,
+                       size_t *asked) noexcept nogil:
+    """One recv from fd: straight to ``direct`` (a payload or READ data, counted in
+    *direct_got) when the buffer holds nothing and at least DIRECT_MIN bytes are wanted there,
+    else into the buffer, compacted first. *asked says how much was asked for."""
+    cdef ssize_t k
+    if direct != NULL and pos[0] == length[0] and direct_want >= DIRECT_MIN:
+        asked[0] = direct_want
+        k = recv(fd, direct, direct_want, MSG_DONTWAIT)
+        if k > 0:
+            direct_got[0] += k
+        return k
+    if pos[0] == length[0]:
+        pos[0] = length[0] = 0
+    elif pos[0] > 0:
+        memmove(buf, buf + pos[0], length[0] - pos[0])
+        length[0] -= pos[0]
+        pos[0] = 0
+    asked[0] = cap - length[0]
+    k = recv(fd, buf + length[0], asked[0], MSG_DONTWAIT)
+    if k > 0:
+        length[0] += k
+    return k
+
+
 cdef void read_client(relay_t *r) noexcept nogil:
     cdef ssize_t k
     cdef slot_t *s
-    cdef size_t want
+    cdef char *direct
+    cdef size_t want, asked
     cdef int _
     for _ in range(BURST):
         parse_requests(r)
         if not wants_client_input(r):
             return
-        k = -2
-        if r.payload_slot >= 0 and r.in_pos == r.in_len:
+        direct = NULL
+        want = 0
+        if r.payload_slot >= 0:
             s = &r.slots[r.payload_slot]
+            direct = s.data + r.payload_got
             want = s.length - r.payload_got
-            if want >= DIRECT_MIN:
-                k = recv(r.down, s.data + r.payload_got, want, MSG_DONTWAIT)
-                if k > 0:
-                    r.payload_got += k
-        if k == -2:
-            if r.in_pos == r.in_len:
-                r.in_pos = r.in_len = 0
-            elif r.in_pos > 0:
-                memmove(r.inbuf, r.inbuf + r.in_pos, r.in_len - r.in_pos)
-                r.in_len -= r.in_pos
-                r.in_pos = 0
-            want = INBUF_SIZE - r.in_len
-            k = recv(r.down, r.inbuf + r.in_len, want, MSG_DONTWAIT)
-            if k > 0:
-                r.in_len += k
+        k = recv_some(r.down, r.inbuf, &r.in_pos, &r.in_len, INBUF_SIZE, direct, want,
+                      &r.payload_got, &asked)
         if k > 0:
-            if <size_t>k < want:
+            if <size_t>k < asked:
                 break           # the socket is drained: no need for a recv that says so
             continue
         if k < 0 and errno == EINTR:
@@ -583,34 +599,24 @@ cdef int parse_replies(relay_t *r) noexcept nogil:
 cdef int read_upstream(relay_t *r) noexcept nogil:
     cdef ssize_t k
     cdef slot_t *s
-    cdef size_t want
+    cdef char *direct
+    cdef size_t want, asked
     cdef int _, rc
     for _ in range(BURST):
         rc = parse_replies(r)
         if rc != C_OK:
             return rc
-        k = -2
-        if r.data_slot >= 0 and r.up_pos == r.up_len:
+        direct = NULL
+        want = 0
+        if r.data_slot >= 0:
             s = &r.slots[r.data_slot]
+            direct = s.data + r.data_got
             want = s.up_length - r.data_got
-            if want >= DIRECT_MIN:
-                k = recv(r.up, s.data + r.data_got, want, MSG_DONTWAIT)
-                if k > 0:
-                    r.data_got += k
-        if k == -2:
-            if r.up_pos == r.up_len:
-                r.up_pos = r.up_len = 0
-            elif r.up_pos > 0:
-                memmove(r.upbuf, r.upbuf + r.up_pos, r.up_len - r.up_pos)
-                r.up_len -= r.up_pos
-                r.up_pos = 0
-            want = UPBUF_SIZE - r.up_len
-            k = recv(r.up, r.upbuf + r.up_len, want, MSG_DONTWAIT)
-            if k > 0:
-                r.up_len += k
+        k = recv_some(r.up, r.upbuf, &r.up_pos, &r.up_len, UPBUF_SIZE, direct, want,
+                      &r.data_got, &asked)
         if k > 0:
             r.up_progress_ns = now_ns()
-            if <size_t>k < want:
+            if <size_t>k < asked:
                 break           # drained
             continue
         if k == 0:

@@ -35,6 +35,7 @@ from tests.fakes.fakedest import FakeDest, Script
 from tests.fakes.nbdmodel import DiskModel
 from tests.fakes.rawclient import RawClient
 from tests.integration.scripts.patterns import pattern
+from tests.integration.test_clients import check, qemu_io, run
 
 SCRIPTS = Path(__file__).with_name("scripts")
 LIBNBD_CHECK = SCRIPTS / "libnbd_check.py"
@@ -59,27 +60,6 @@ ALL_SETUPS = setups(*SETUPS)
 # The flags nbdinfo/libnbd report that the proxy passes on from upstream as they are.
 PASSED_FLAGS = ("can_flush", "can_fua", "can_trim", "can_zero", "can_cache", "can_fast_zero",
                 "is_read_only")
-
-
-def run(cmd: list[str], timeout: float = 60, **kw) -> subprocess.CompletedProcess:
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, **kw)
-
-
-def check(cmd: list[str], timeout: float = 60) -> str:
-    """Run a client; it must succeed. Its stdout + stderr."""
-    res = run(cmd, timeout)
-    out = res.stdout + res.stderr
-    assert res.returncode == 0, f"{cmd} exited {res.returncode}:\n{out}"
-    return out
-
-
-def qemu_io(uri: str, *commands: str) -> str:
-    cmd = [require_tool("qemu-io"), "-f", "raw"]
-    for c in commands:
-        cmd += ["-c", c]
-    out = check(cmd + [uri])
-    assert "failed" not in out.lower(), out  # "Pattern verification failed", "write failed"
-    return out
 
 
 def qemu_img_size(uri: str) -> int:
