@@ -110,12 +110,14 @@ cdef struct relay_t:
     size_t in_pos
     size_t in_len
     int payload_slot          # the slot receiving a WRITE payload, or -1
+    int big_writes            # the last request was a big WRITE
     size_t payload_got
     # receiving from upstream
     char *upbuf
     size_t up_pos
     size_t up_len
     int data_slot             # the slot receiving READ data, or -1
+    int big_reads             # the last reply brought big READ data
     size_t data_got
     # replies for the client, in the order they were answered
     int *done_q
@@ -307,6 +309,7 @@ cdef void admit(relay_t *r, const char *p) noexcept nogil:
     if (q.type == CMD_READ or q.type == CMD_WRITE) and q.length > MAX_PAYLOAD:
         start_closing(r, END_TOO_BIG, q.length)
         return
+    r.big_writes = q.type == CMD_WRITE and q.length >= DIRECT_MIN
     s = slot_of(r, r.next_seq)
     want = 0
     s.readahead = 0
@@ -392,10 +395,12 @@ cdef inline int wants_client_input(relay_t *r) noexcept nogil:
 
 cdef ssize_t recv_some(int fd, char *buf, size_t *pos, size_t *length, size_t cap,
                        char *direct, size_t direct_want, size_t *direct_got,
-                       size_t *asked) noexcept nogil:
+                       size_t header, size_t *asked) noexcept nogil:
     """One recv from fd: straight to ``direct`` (a payload or READ data, counted in
     *direct_got) when the buffer holds nothing and at least DIRECT_MIN bytes are wanted there,
-    else into the buffer, compacted first. *asked says how much was asked for."""
+    else into the buffer, compacted first: as much as fits, or, when ``header`` is given
+    because big data is likely to follow, just the rest of one header (the data then goes
+    straight to its slot instead of through the buffer). *asked says how much was asked for."""
     cdef ssize_t k
     if direct != NULL and pos[0] == length[0] and direct_want >= DIRECT_MIN:
         asked[0] = direct_want
@@ -410,6 +415,8 @@ cdef ssize_t recv_some(int fd, char *buf, size_t *pos, size_t *length, size_t ca
         length[0] -= pos[0]
         pos[0] = 0
     asked[0] = cap - length[0]
+    if direct == NULL and header > length[0]:
+        asked[0] = header - length[0]
     k = recv(fd, buf + length[0], asked[0], MSG_DONTWAIT)
     if k > 0:
         length[0] += k
@@ -433,7 +440,7 @@ cdef void read_client(relay_t *r) noexcept nogil:
             direct = s.data + r.payload_got
             want = s.length - r.payload_got
         k = recv_some(r.down, r.inbuf, &r.in_pos, &r.in_len, INBUF_SIZE, direct, want,
-                      &r.payload_got, &asked)
+                      &r.payload_got, REQUEST_SIZE if r.big_writes else 0, &asked)
         if k > 0:
             if <size_t>k < asked:
                 break           # the socket is drained: no need for a recv that says so
@@ -589,6 +596,7 @@ cdef int parse_replies(relay_t *r) noexcept nogil:
             return END_UPSTREAM_LOST
         r.up_pos += SIMPLE_REPLY_SIZE
         s = slot_of(r, cookie)
+        r.big_reads = s.type == CMD_READ and error == 0 and s.up_length >= DIRECT_MIN
         if s.type == CMD_READ and error == 0 and s.up_length:
             r.data_slot = <int>(s - r.slots)
             r.data_got = 0
@@ -613,7 +621,7 @@ cdef int read_upstream(relay_t *r) noexcept nogil:
             direct = s.data + r.data_got
             want = s.up_length - r.data_got
         k = recv_some(r.up, r.upbuf, &r.up_pos, &r.up_len, UPBUF_SIZE, direct, want,
-                      &r.data_got, &asked)
+                      &r.data_got, SIMPLE_REPLY_SIZE if r.big_reads else 0, &asked)
         if k > 0:
             r.up_progress_ns = now_ns()
             if <size_t>k < asked:
