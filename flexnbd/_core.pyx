@@ -266,12 +266,6 @@ cdef struct conn_t:
     int64_t request_started_ns
 
 
-cdef inline int64_t now_ns() noexcept nogil:
-    cdef timespec ts
-    clock_gettime(CLOCK_MONOTONIC, &ts)
-    return <int64_t>ts.tv_sec * 1000000000 + ts.tv_nsec
-
-
 cdef int send_all(conn_t *c, const char *p, size_t n, int more) noexcept nogil:
     """Send n bytes; 0 on success, -1 (errno set) if the client is gone."""
     cdef ssize_t k

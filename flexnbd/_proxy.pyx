@@ -148,12 +148,6 @@ cdef struct relay_t:
     uint64_t cache_hits
 
 
-cdef inline int64_t now_ns() noexcept nogil:
-    cdef timespec ts
-    clock_gettime(CLOCK_MONOTONIC, &ts)
-    return <int64_t>ts.tv_sec * 1000000000 + ts.tv_nsec
-
-
 cdef inline slot_t *slot_of(relay_t *r, uint64_t seq) noexcept nogil:
     return &r.slots[seq & (NSLOTS - 1)]
 

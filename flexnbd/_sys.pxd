@@ -131,6 +131,14 @@ cdef extern from "<time.h>" nogil:
     enum:
         CLOCK_MONOTONIC
 
+
+cdef inline int64_t now_ns() noexcept nogil:
+    """The monotonic clock in nanoseconds."""
+    cdef timespec ts
+    clock_gettime(CLOCK_MONOTONIC, &ts)
+    return <int64_t>ts.tv_sec * 1000000000 + ts.tv_nsec
+
+
 cdef extern from "<endian.h>" nogil:
     uint16_t htobe16(uint16_t x)
     uint32_t htobe32(uint32_t x)

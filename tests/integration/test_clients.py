@@ -115,26 +115,36 @@ def test_qemu_io_write_read_patterns(serve, make_file, style):
     alive(server)
 
 
+# qemu-io: zero three ways, discard 655360..720896, flush, a FUA write; read them back.
+ZEROING_SCRIPT = (
+    "write -z 65536 65536",           # WRITE_ZEROES with NO_HOLE (or zeroes written)
+    "write -z -u 262144 131072",      # WRITE_ZEROES that may punch a hole
+    "write -z 500001 7777",           # unaligned zeroing
+    "discard 655360 65536",
+    "flush",
+    "write -f -P 0x5a 800003 12345",  # FUA
+    "read -P 0 65536 65536",
+    "read -P 0 262144 131072",
+    "read -P 0 500001 7777",
+    "read -P 0x5a 800003 12345",
+)
+
+
+def zeroing_done(model: bytearray) -> None:
+    """Apply ZEROING_SCRIPT to a model of the disk, all but the discard."""
+    for off, length in [(65536, 65536), (262144, 131072), (500001, 7777)]:
+        model[off:off + length] = bytes(length)
+    model[800003:800003 + 12345] = b"\x5a" * 12345
+
+
 @pytest.mark.parametrize("style", HANDSHAKES)
 def test_qemu_io_zeroes_discard_flush_fua(serve, make_file, style):
     path = make_file(1 * MiB)
     original = path.read_bytes()
     model = bytearray(original)
     server = serve(path, *style)
-    qemu_io(server.uri,
-            "write -z 65536 65536",           # WRITE_ZEROES with NO_HOLE (or zeroes written)
-            "write -z -u 262144 131072",      # WRITE_ZEROES that may punch a hole
-            "write -z 500001 7777",           # unaligned zeroing
-            "discard 655360 65536",
-            "flush",
-            "write -f -P 0x5a 800003 12345",  # FUA
-            "read -P 0 65536 65536",
-            "read -P 0 262144 131072",
-            "read -P 0 500001 7777",
-            "read -P 0x5a 800003 12345")
-    for off, length in [(65536, 65536), (262144, 131072), (500001, 7777)]:
-        model[off:off + length] = bytes(length)
-    model[800003:800003 + 12345] = b"\x5a" * 12345
+    qemu_io(server.uri, *ZEROING_SCRIPT)
+    zeroing_done(model)
     data = path.read_bytes()
     # Oldstyle does not offer TRIM, so qemu does not send it: the data stays. In newstyle the
     # server punches a hole (SPEC 3), which reads back as zeroes.

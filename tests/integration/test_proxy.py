@@ -35,7 +35,7 @@ from tests.fakes.fakedest import FakeDest, Script
 from tests.fakes.nbdmodel import DiskModel
 from tests.fakes.rawclient import RawClient
 from tests.integration.scripts.patterns import pattern
-from tests.integration.test_clients import check, qemu_io, run
+from tests.integration.test_clients import ZEROING_SCRIPT, check, qemu_io, run, zeroing_done
 
 SCRIPTS = Path(__file__).with_name("scripts")
 LIBNBD_CHECK = SCRIPTS / "libnbd_check.py"
@@ -209,21 +209,9 @@ def test_qemu_io_zeroes_discard_flush_fua(serve, proxy, make_file, setup):
     path, server, p = start(serve, proxy, make_file, setup, 1 * MiB)
     original = path.read_bytes()
     model = bytearray(original)
-    qemu_io(p.uri,
-            "read 61440 4096",                # fill the read-ahead just before the zeroing
-            "write -z 65536 65536",           # WRITE_ZEROES with NO_HOLE (or zeroes written)
-            "write -z -u 262144 131072",      # WRITE_ZEROES that may punch a hole
-            "write -z 500001 7777",           # unaligned zeroing
-            "discard 655360 65536",
-            "flush",
-            "write -f -P 0x5a 800003 12345",  # FUA
-            "read -P 0 65536 65536",
-            "read -P 0 262144 131072",
-            "read -P 0 500001 7777",
-            "read -P 0x5a 800003 12345")
-    for off, length in [(65536, 65536), (262144, 131072), (500001, 7777)]:
-        model[off:off + length] = bytes(length)
-    model[800003:800003 + 12345] = b"\x5a" * 12345
+    # (the first read fills the read-ahead just before the zeroing)
+    qemu_io(p.uri, "read 61440 4096", *ZEROING_SCRIPT)
+    zeroing_done(model)
     data = path.read_bytes()
     # The discarded range: zeroes where TRIM reached upstream (a punched hole), the old data
     # where the handshake offers no TRIM. Nothing else.

@@ -70,6 +70,16 @@ def wait_logged(proc, level: str, *words: str, count: int = 1, timeout: float = 
         f"no {count} {level} line(s) with {words} in the log of {proc.args}:\n{proc.log()}"
 
 
+def kill_and_restart(up, px, pipe, serve, path) -> None:
+    """SIGKILL the upstream, wait until the proxy has noticed, start it again on its port.
+    The client's requests are marked 1 while it is down and 2 once it is back."""
+    up.kill()
+    pipe.mark = 1
+    wait_logged(px, "W", "upstream")
+    pipe.mark = 2
+    serve(path, port=up.port)
+
+
 def assert_reconnected(px) -> None:
     assert log_lines(px, "W", "upstream"), px.log()
     assert log_lines(px, "I", "reconnected"), px.log()
@@ -180,11 +190,7 @@ def test_upstream_killed_with_reads_in_flight(serve, proxy, make_file):
         up.signal(signal.SIGSTOP)
         assert pipe.wait_quiet(0.5), pipe.failures
         in_flight = pipe.outstanding()
-        up.kill()
-        pipe.mark = 1
-        wait_logged(px, "W", "upstream")
-        pipe.mark = 2
-        serve(path, port=up.port)
+        kill_and_restart(up, px, pipe, serve, path)
         assert pipe.wait_done(len(pipe.done) + 60), (pipe.failures, pipe.outstanding())
         assert pipe.finish(), pipe.failures
     assert len(in_flight) >= 8, in_flight
@@ -216,12 +222,8 @@ def test_upstream_killed_mid_write_payload(serve, proxy, make_file):
     ops = mixed(random.Random(2), size, (4 * MiB, 8 * MiB), (64 * KiB, MiB, 2 * MiB))
     with Pipeline(connect_when_free(px.port), model, ops, depth=6, hook=hook) as pipe:
         assert pipe.wait(killed.is_set, 60), (pipe.failures, len(pipe.done))
-        up.kill()
-        pipe.mark = 1
         in_flight = pipe.outstanding()
-        wait_logged(px, "W", "upstream")
-        pipe.mark = 2
-        serve(path, port=up.port)
+        kill_and_restart(up, px, pipe, serve, path)
         assert pipe.wait_done(len(pipe.done) + 20), (pipe.failures, pipe.outstanding())
         assert pipe.finish(), pipe.failures
     op, sent, unanswered = victim[0]
@@ -256,11 +258,7 @@ def test_upstream_lost_mid_write_payload_at_the_relay(serve, proxy, relay, make_
         if how == "stall-then-kill":
             assert pipe.wait_quiet(0.3), pipe.failures
             assert first[2] in pipe.outstanding()
-            up.kill()
-            pipe.mark = 1
-            wait_logged(px, "W", "upstream")
-            pipe.mark = 2
-            serve(path, port=up.port)
+            kill_and_restart(up, px, pipe, serve, path)
         assert pipe.wait_done(len(pipe.done) + 30), (pipe.failures, pipe.outstanding())
         assert pipe.finish(), pipe.failures
     assert r.connections[0].up == at, r.connections[0]
