@@ -66,7 +66,9 @@ cdef extern from "<sys/uio.h>" nogil:
 cdef extern from "<fcntl.h>" nogil:
     int fallocate(int fd, int mode, off_t offset, off_t length)
     int posix_fadvise(int fd, off_t offset, off_t length, int advice)
+    int sync_file_range(int fd, off_t offset, off_t nbytes, unsigned int flags)
     enum:
+        SYNC_FILE_RANGE_WRITE
         POSIX_FADV_WILLNEED
         POSIX_FADV_SEQUENTIAL
 

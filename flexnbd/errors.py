@@ -17,6 +17,10 @@ class HandshakeError(ProtocolError):
     """The NBD handshake failed."""
 
 
+class NotNbd(HandshakeError):
+    """The peer's greeting is not NBD at all (an unknown magic): retrying will not help."""
+
+
 class PeerClosed(FlexnbdError):
     """The peer closed the connection."""
 

@@ -12,10 +12,11 @@ from __future__ import annotations
 
 import socket
 import struct
+import time
 from dataclasses import dataclass
 
 from flexnbd import wire
-from flexnbd.errors import HandshakeError, PeerClosed
+from flexnbd.errors import HandshakeError, NotNbd, PeerClosed
 
 # Option data longer than this is not read: the client is disconnected instead.
 MAX_OPTION_LENGTH = 64 * 1024
@@ -257,14 +258,13 @@ def client_handshake(sock: socket.socket, export_name: bytes = b"") -> ServerInf
     """Detect the server's handshake style and enter transmission (simple replies only)."""
     head = recv_exact(sock, 16)
     magic, second = struct.unpack(">QQ", head)
-    if magic != wire.NBDMAGIC:
-        raise HandshakeError("the server's greeting has a bad magic")
+    if magic != wire.NBDMAGIC or second not in (wire.OLDSTYLE_MAGIC, wire.IHAVEOPT):
+        _read_rest_of_greeting(sock, len(head))
+        raise NotNbd("the server's greeting has a bad magic")
     if second == wire.OLDSTYLE_MAGIC:
         size, flags = struct.unpack(">QI", recv_exact(sock, 12))
         recv_exact(sock, 124)
         return ServerInfo("oldstyle", size, flags & 0xFFFF)
-    if second != wire.IHAVEOPT:
-        raise HandshakeError("the server's greeting has a bad magic")
     (hflags,) = struct.unpack(">H", recv_exact(sock, 2))
     if not hflags & wire.FLAG_FIXED_NEWSTYLE:
         raise HandshakeError("the server does not speak fixed newstyle")
@@ -282,6 +282,32 @@ def client_handshake(sock: socket.socket, export_name: bytes = b"") -> ServerInf
     if not no_zeroes:
         recv_exact(sock, 124)
     return ServerInfo("newstyle", size, flags)
+
+
+# How long a peer with an unknown greeting gets to finish writing it before we close.
+REST_OF_GREETING_TIMEOUT = 0.5
+
+
+def _read_rest_of_greeting(sock: socket.socket, have: int) -> None:
+    """Judge a greeting whole: read (and drop) what is left of a 152-byte oldstyle greeting,
+    briefly, so that a peer still writing it is not cut off mid-write by our close."""
+    left = wire.OLDSTYLE_GREETING_SIZE - have
+    timeout = sock.gettimeout()
+    deadline = time.monotonic() + REST_OF_GREETING_TIMEOUT    # one deadline for all of it
+    try:
+        while left > 0:
+            wait = deadline - time.monotonic()
+            if wait <= 0:
+                break
+            sock.settimeout(wait)
+            chunk = sock.recv(left)
+            if not chunk:
+                break
+            left -= len(chunk)
+    except OSError:
+        pass
+    finally:
+        sock.settimeout(timeout)
 
 
 def _client_go(sock: socket.socket, export_name: bytes) -> ServerInfo | None:

@@ -25,7 +25,7 @@ from flexnbd.control.server import ControlServer
 from flexnbd.errors import FlexnbdError, HandshakeError, PeerClosed
 from flexnbd.handshake import ExportInfo, serve_handshake
 from flexnbd.migration import listen
-from flexnbd.migration.mirror import STARTED, Mirror, MirrorParams
+from flexnbd.migration.mirror import SHUTTING_DOWN, STARTED, STOPPED, Mirror, MirrorParams
 from flexnbd.status import Migration, Status
 
 _log = log.get("server")
@@ -229,6 +229,8 @@ class Server:
             return 0 if self.has_control else 1
         if self.migrated:
             return 0
+        if self.mirror is not None and self.mirror.outcome_unknown:
+            return 1
         return 1 if self.stopped_while_mirroring else 0
 
     def _wait_clients(self, timeout: float) -> bool:
@@ -304,6 +306,7 @@ class Server:
 
     def _serve_client(self, client: _Client) -> None:
         sock = client.sock
+        took_control = False
         try:
             sockets.set_client_options(sock)
             sock.settimeout(self.config.handshake_timeout)
@@ -326,7 +329,7 @@ class Server:
             result = client.connection.serve()
             self._report(client, result)
             if coverage is not None:
-                self._listen_session_ended(client, result, coverage)
+                took_control = self._listen_session_ended(client, result, coverage)
         except HandshakeError as e:
             _log.warning("%s: bad handshake: %s", client.name, e)
         except (PeerClosed, ConnectionResetError, BrokenPipeError):
@@ -340,30 +343,40 @@ class Server:
         finally:
             with self._lock:
                 self._clients.discard(client)
+            if self.config.mode == "listen" and not took_control:
+                # A sender reads our normal close after its DISC as "the destination took
+                # control" (SPEC §6.7): anything else ends with a reset.
+                sockets.reset_on_close(sock)
             sock.close()
 
     # -- listen mode -----------------------------------------------------------------------
 
     def _listen_session_ended(self, client: _Client, result: _core.ServeResult,
-                              coverage: _allocmap.AllocationMap) -> None:
+                              coverage: _allocmap.AllocationMap) -> bool:
+        """The sender's session ended. True when it completed the migration and this server
+        took control: every byte covered, then DISC; the file synced; new clients refused.
+        Only then may the sender's socket be closed normally (the sender's confirmation)."""
         assert client.connection is not None
         why_not = listen.session_outcome(result, coverage, client.connection.partial_coverage(),
                                          client.connection.errors, self.size)
         if why_not is not None:
             _log.warning("%s: no migration completed: %s; waiting for the next sender",
                          client.name, why_not)
-            return
+            return False
+        with self._lock:
+            self.clients_allowed = False     # from now on this server admits no one
         try:
             os.fdatasync(self.fd)
         except OSError as e:
-            _log.critical("migration received but %s could not be synced: %s", self.file,
-                          e.strerror)
+            _log.critical("migration received but %s could not be synced: %s; the sender is "
+                          "told with a reset and keeps its copy", self.file, e.strerror)
             self.request_stop("sync failure")
-            return
+            return False
         self.has_control = True
         _log.info("migration completed: %s received all %d bytes from %s", self.file,
                   self.size, client.name)
         self.request_stop("migration completed")
+        return True
 
     # -- the mirror's host interface (flexnbd.migration.mirror.MirrorHost) ----------------
 
@@ -397,9 +410,13 @@ class Server:
         self._close_listeners()
 
     def mirror_finished(self, mirror: Mirror, completed: bool) -> None:
-        if completed and mirror.params.action in ("exit", "unlink"):
+        if mirror.params.action not in ("exit", "unlink"):
+            return
+        if completed:
             self.migrated = True
             self.request_stop("migration completed")
+        elif mirror.outcome_unknown:
+            self.request_stop("migration outcome unknown")
 
     # -- the control socket's interface (flexnbd.control.server.ControlTarget) -------------
 
@@ -422,7 +439,8 @@ class Server:
                       clients_allowed=self.clients_allowed, num_clients=self.num_clients,
                       has_control=self.has_control, migration=migration,
                       allocation_map_method=self.allocation_map_method,
-                      handshake=self.handshake)
+                      handshake=self.handshake,
+                      migration_outcome=_outcome_key(mirror))
 
     def set_acl(self, entries: Sequence[acl.Network]) -> None:
         """Replace the ACL entries (default-deny stays) and disconnect the connected clients
@@ -472,6 +490,8 @@ class Server:
                 return control_protocol.NOT_MIRRORING
             if mirror.completed:
                 return control_protocol.MIRROR_COMPLETED
+            if mirror.outcome_unknown:
+                return control_protocol.MIGRATION_OUTCOME_UNKNOWN
             if not mirror.running:
                 return control_protocol.NOT_MIRRORING
             mirror.stop()
@@ -533,6 +553,17 @@ class Server:
                        self.config.file, what, err)
         else:
             _log.warning("%s: socket error%s", client.name, err)
+
+
+def _outcome_key(mirror: Mirror | None) -> str | None:
+    """The status line's migration_outcome: only once a mirror has ended."""
+    if mirror is None or not mirror.finished.is_set():
+        return None
+    if mirror.completed:
+        return "completed"
+    if mirror.outcome_unknown:
+        return "unknown"
+    return "stopped" if mirror.outcome in (STOPPED, SHUTTING_DOWN) else "failed"
 
 
 def _errno_text(e: int) -> str:

@@ -7,6 +7,7 @@ import ipaddress
 import os
 import socket
 import stat
+import struct
 
 from flexnbd.errors import FlexnbdError
 
@@ -112,6 +113,17 @@ def set_client_options(sock: socket.socket) -> None:
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE, 30)
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPINTVL, 10)
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT, 3)
+
+
+def reset_on_close(sock: socket.socket) -> None:
+    """Make close() end a TCP connection with a reset (SO_LINGER 0) instead of a FIN, so the
+    peer can tell it from an orderly close. (A Unix socket has no reset: nothing changes.)"""
+    if sock.family not in (socket.AF_INET, socket.AF_INET6):
+        return
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    except OSError:
+        pass   # already gone: there is nothing left to tell the peer
 
 
 def connect(addr: str, port: int, bind: str | None = None, timeout: float = 15.0) -> socket.socket:

@@ -41,6 +41,10 @@ New keys (flexnbd 0.6), after the above; old keys keep their meaning:
     (everything counts as allocated), or ``pending`` while it is still being built.
 ``handshake``
     the handshake the server offers: ``newstyle`` (fixed newstyle) or ``oldstyle``.
+``migration_outcome``
+    only once a mirror has ended: ``completed`` (the destination confirmed), ``unknown`` (DISC
+    was sent and the destination did not confirm: it may own the disk, SPEC §6.7),
+    ``stopped`` (``break`` or a stop signal) or ``failed``.
 
 Pure: formatting and parsing only.
 """
@@ -56,7 +60,7 @@ Value = Union[bool, int, float, str]
 BASE_KEYS = ("pid", "size", "is_mirroring", "clients_allowed", "num_clients", "has_control")
 MIGRATION_KEYS = ("migration_speed", "migration_duration", "migration_seconds_left",
                   "migration_bytes_left", "migration_speed_limit")
-EXTRA_KEYS = ("allocation_map_method", "handshake")
+EXTRA_KEYS = ("allocation_map_method", "handshake", "migration_outcome")
 
 
 @dataclass
@@ -81,6 +85,7 @@ class Status:
     migration: Migration | None = None
     allocation_map_method: str = "none"
     handshake: str = "newstyle"
+    migration_outcome: str | None = None     # completed | unknown | stopped | failed
 
     def pairs(self) -> list[tuple[str, Value]]:
         """(key, value) in the order of the status line."""
@@ -98,6 +103,8 @@ class Status:
                 out.append(("migration_speed_limit", m.speed_limit))
         out += [("allocation_map_method", self.allocation_map_method),
                 ("handshake", self.handshake)]
+        if self.migration_outcome is not None:
+            out.append(("migration_outcome", self.migration_outcome))
         return out
 
     def line(self) -> str:

@@ -45,12 +45,15 @@ request lines                     replies
                                   format`` (not exactly one argument); ``1: max_bps out of
                                   range``; ``1: max_bps couldn't be parsed``. The argument is
                                   checked before the mirror is looked for.
-``break``                         ``0: mirror stopped``; ``1: mirror completed``; ``1: not
-                                  mirroring``
+``break``                         ``0: mirror stopped``; ``1: mirror completed``; ``1:
+                                  migration outcome unknown`` (DISC was sent and the
+                                  destination did not confirm, SPEC §6.7); ``1: not mirroring``
 ``mirror_wait`` (flexnbd 0.6)     answered when the running mirror ends: ``0: migration
-                                  completed``; ``1: mirror stopped`` (``break``); ``1:
-                                  shutting down``; ``1: Mirroring abandoned``; or the failure
-                                  of its first attempt. At once: ``1: not mirroring``. The
+                                  completed``; ``1: migration outcome unknown``; ``1: mirror
+                                  stopped`` (``break``); ``1: shutting down``; ``1: Mirroring
+                                  abandoned``; ``1: Mirror was rejected`` (a later attempt met
+                                  a peer that is not NBD); or the failure of its first
+                                  attempt. At once: ``1: not mirroring``. The
                                   connection stays open meanwhile; other requests are served.
                                   ``flexnbd mirror --wait`` uses it.
 (nothing)                         ``9: missing command``
@@ -130,6 +133,7 @@ MIRROR_STOPPED = _r(0, "mirror stopped")
 MIRROR_COMPLETED = _r(1, "mirror completed")
 NOT_MIRRORING = _r(1, "not mirroring")
 MIGRATION_COMPLETED = _r(0, "migration completed")
+MIGRATION_OUTCOME_UNKNOWN = _r(1, "migration outcome unknown")
 MISSING_COMMAND = _r(9, "missing command")
 UNKNOWN_COMMAND = _r(10, "unknown command")
 

@@ -12,13 +12,17 @@ it. An attempt:
 4. dirty passes: drains the dirty bitmap and resends what it names, until nothing is left, the
    estimated time left is under 5 s, or MAX_DIRTY_PASSES passes did not converge;
 5. endgame, holding the host's migration lock: new clients are forbidden, connected ones are
-   disconnected after their current request, the rest is sent; then for exit/unlink the NBD
-   listener closes (and FILE is unlinked, for unlink), DISC is sent and the host is told the
-   migration completed (it exits 0); for ``nothing`` DISC is sent and clients are allowed again.
+   disconnected after their current request, the rest is sent; then the handoff
+   (``flexnbd.migration.handoff``): FLUSH answered, connection still open, DISC, and the
+   destination's orderly close. Only then is the migration completed: for exit/unlink FILE is
+   unlinked (unlink) and the host exits 0; for ``nothing`` clients are allowed again.
 
-Any failure (no reply within the request limit, a bad or error reply, a dropped connection)
-fails the attempt: clients are allowed again, and after 1 s the next attempt starts over from
-offset 0.
+Any failure before DISC (no reply within the request limit, a bad or error reply, FLUSH
+refused, a dropped connection) fails the attempt: clients are allowed again, and after 1 s the
+next attempt starts over from offset 0. A failure after DISC leaves the outcome UNKNOWN: the
+destination may own the disk now, so the mirror ends without retrying, FILE stays, clients
+stay out (except for ``nothing``) and the host exits 1. A destination whose greeting is not
+NBD at all ends the mirror too (``Mirror was rejected``): retrying would not change it.
 
 Why a dirty bitmap and not a log: one bit per 4 KiB block has a fixed size (32 MiB for 1 TiB),
 marking is one atomic OR without a lock or the GIL, and it cannot overflow, so a client that
@@ -41,8 +45,10 @@ from typing import Protocol
 
 from flexnbd import _core, log, sockets, wire
 from flexnbd._allocmap import AllocationMap
-from flexnbd.errors import FlexnbdError, HandshakeError, PeerClosed
+from flexnbd.errors import FlexnbdError, HandshakeError, NotNbd, PeerClosed
 from flexnbd.handshake import client_handshake
+from flexnbd.migration import handoff
+from flexnbd.migration.handoff import OutcomeUnknown
 
 _log = log.get("mirror")
 
@@ -63,6 +69,7 @@ ABANDONED = "Mirroring abandoned"
 STARTED = "Mirror started"
 # How a mirror ended (the outcome a `mirror_wait` is answered with).
 COMPLETED = "migration completed"
+UNKNOWN = "migration outcome unknown"
 STOPPED = "mirror stopped"
 SHUTTING_DOWN = "shutting down"
 
@@ -99,7 +106,7 @@ class MirrorHost(Protocol):
 
     def mirror_finished(self, mirror: Mirror, completed: bool) -> None:
         """The supervisor ends: ``completed`` with action exit/unlink means the process must
-        now exit 0."""
+        now exit 0; ``mirror.outcome == UNKNOWN`` with exit/unlink, that it must exit 1."""
         ...
 
 
@@ -115,9 +122,10 @@ class MirrorParams:
 class AttemptFailed(FlexnbdError):
     """An attempt failed; ``reply`` is the control reply text when it failed connecting."""
 
-    def __init__(self, reply: str, message: str) -> None:
+    def __init__(self, reply: str, message: str, final: bool = False) -> None:
         super().__init__(message)
         self.reply = reply
+        self.final = final           # retrying cannot help (the peer does not speak NBD)
 
 
 class Abandoned(FlexnbdError):
@@ -137,9 +145,10 @@ class Mirror:
         self._first_decided = threading.Event()
         self._thread: threading.Thread | None = None
         self.completed = False
+        self.outcome_unknown = False     # DISC was sent and not confirmed
         self.running = False
         self.finished = threading.Event()
-        self.outcome = ABANDONED         # once finished: COMPLETED, STOPPED, a failure text
+        self.outcome = ABANDONED         # once finished: COMPLETED, UNKNOWN, STOPPED, a failure
         self._stop_reason = STOPPED
         # figures for the status line, for the current attempt
         self.attempt_started = time.monotonic()
@@ -214,6 +223,11 @@ class Mirror:
                         self._decide_first(e.reply)
                         outcome = e.reply
                         return
+                    if e.final:
+                        _log.error("mirror to %s port %d: %s; not retrying", self.params.addr,
+                                   self.params.port, e)
+                        outcome = REJECTED
+                        return
                     _log.warning("mirror attempt failed: %s; retrying", e)
                     self._break.wait(RETRY_DELAY)
                     continue
@@ -223,6 +237,10 @@ class Mirror:
                     return
                 except Abandoned:
                     _log.warning("mirror abandoned")
+                    return
+                except OutcomeUnknown as e:
+                    self._unknown(e)
+                    outcome = UNKNOWN
                     return
                 except (FlexnbdError, OSError) as e:
                     _log.warning("mirror attempt failed: %s; retrying from the start in %.0f s",
@@ -237,7 +255,7 @@ class Mirror:
             self.host.export.track_dirty(False)
             if completed:
                 outcome = COMPLETED
-            elif self._break.is_set():
+            elif self._break.is_set() and outcome != UNKNOWN:
                 outcome = self._stop_reason
             self.outcome = outcome
             self.running = False
@@ -259,6 +277,9 @@ class Mirror:
                 info = client_handshake(sock)
             except TimeoutError:
                 raise AttemptFailed(NO_RESPONSE, "no greeting from the destination") from None
+            except NotNbd as e:
+                raise AttemptFailed(REJECTED, f"the destination is not an NBD server: {e}",
+                                    final=True) from None
             except (HandshakeError, PeerClosed, OSError) as e:
                 raise AttemptFailed(REJECTED, f"the destination rejected us: {e}") from None
             if info.size != self.host.size:
@@ -323,16 +344,32 @@ class Mirror:
             self._drain(throttle=False, until_empty=True)
             self.stream.flush()                 # every request answered, without error
             self._check_break()
+            handoff.flush(sock, self.request_limit)   # durable at the destination
+            handoff.check_open(sock)
+            handoff.send_disc(sock)
+            # From here on the destination may own the disk: no retry, whatever happens.
             finishing = self.params.action in ("exit", "unlink")
-            if finishing:
-                self.host.close_listeners()
-                if self.params.action == "unlink":
-                    try:
-                        os.unlink(self.host.file)
-                    except FileNotFoundError:
-                        pass
-            sock.sendall(wire.pack_request(wire.CMD_DISC, cookie=_MIRROR_COOKIE))
-            self.wire_bytes = self.stream.wire_bytes + wire.REQUEST_SIZE
+            try:
+                if finishing:
+                    self.host.close_listeners()
+                handoff.await_close(sock, self.request_limit)
+            except Exception as e:  # noqa: BLE001 - after DISC every failure is "unknown"
+                # (decided under the lock, where `break` and stop signals look)
+                self.outcome_unknown = True
+                if isinstance(e, OutcomeUnknown):
+                    raise
+                raise OutcomeUnknown(_describe(e)) from e
+            if self.params.action == "unlink":
+                try:
+                    os.unlink(self.host.file)
+                except FileNotFoundError:
+                    pass
+                except OSError as e:
+                    _log.error("migration completed, but %s could not be unlinked: %s",
+                               self.host.file, e.strerror)
+            # plus FLUSH, its reply, and DISC
+            self.wire_bytes = self.stream.wire_bytes + 2 * wire.REQUEST_SIZE + \
+                wire.SIMPLE_REPLY_SIZE
             _log.info("migration completed: %d bytes of data sent, %d bytes on the wire, "
                       "in %.2f s", self.bytes_sent, self.wire_bytes,
                       time.monotonic() - self.attempt_started)
@@ -342,6 +379,18 @@ class Mirror:
             if not finishing:
                 self.host.allow_clients()
             return True
+
+    def _unknown(self, e: OutcomeUnknown) -> None:
+        """DISC went out but the destination did not confirm: it may own the disk now, or
+        not. Keep FILE, keep clients out (unless the operator asked for two copies with
+        ``nothing``), never retry; the host exits 1."""
+        p = self.params
+        _log.critical("migration outcome unknown: %s. The destination %s port %d may or may "
+                      "not have taken control: check its status (has_control) and log before "
+                      "using either copy; %s is kept%s", e, p.addr, p.port, self.host.file,
+                      "" if p.action == "nothing" else " and this server serves no one")
+        if p.action == "nothing":
+            self.host.allow_clients()
 
     def _drain(self, throttle: bool, until_empty: bool = False) -> None:
         """Send what the dirty map names: one sweep over the export, or (``until_empty``, in

@@ -329,12 +329,17 @@ def _write_all(s: socket.socket, data: bytes, upto: int | None = None, step: int
         assert _request(s, wire.CMD_WRITE, off, n, data[off:off + n]) == 0
 
 
-def _disc(s: socket.socket) -> None:
+def _disc(s: socket.socket) -> str:
+    """Send DISC; how the listener then ended the connection: "closed" (an orderly close,
+    which it may do only once it took control, SPEC §6.7) or "reset"."""
     s.sendall(wire.pack_request(wire.CMD_DISC, cookie=COOKIE))
-    s.shutdown(socket.SHUT_WR)
     s.settimeout(15)
-    while s.recv(4096):
-        pass
+    try:
+        while s.recv(4096):
+            pass
+    except ConnectionResetError:
+        return "reset"
+    return "closed"
 
 
 def fault_close_after_greeting(port, data):
@@ -372,7 +377,7 @@ def fault_disc_without_coverage(port, data):
     s, _ = _sender(port)
     with s:
         _write_all(s, data, upto=SIZE - 512)
-        _disc(s)
+        assert _disc(s) == "reset"
 
 
 def fault_disc_missing_a_middle_block(port, data):
@@ -380,7 +385,7 @@ def fault_disc_missing_a_middle_block(port, data):
     with s:
         _write_all(s, data, upto=MiB)
         assert _request(s, wire.CMD_WRITE, MiB + 512, SIZE - MiB - 512, data[MiB + 512:]) == 0
-        _disc(s)
+        assert _disc(s) == "reset"
 
 
 def fault_unaligned_pieces(port, data):
@@ -389,7 +394,7 @@ def fault_unaligned_pieces(port, data):
     with s:
         assert _request(s, wire.CMD_WRITE, 0, 1000, data[:1000]) == 0
         assert _request(s, wire.CMD_WRITE, 1001, SIZE - 1001, data[1001:]) == 0
-        _disc(s)
+        assert _disc(s) == "reset"
 
 
 def fault_bad_request_then_disc(port, data):
@@ -397,7 +402,7 @@ def fault_bad_request_then_disc(port, data):
     with s:
         _write_all(s, data)
         assert _request(s, 99) == wire.NBD_EINVAL
-        _disc(s)
+        assert _disc(s) == "reset"
 
 
 def fault_write_beyond_the_end_then_disc(port, data):
@@ -405,7 +410,7 @@ def fault_write_beyond_the_end_then_disc(port, data):
     with s:
         _write_all(s, data)
         assert _request(s, wire.CMD_WRITE, SIZE, 512, bytes(512)) == wire.NBD_ENOSPC
-        _disc(s)
+        assert _disc(s) == "reset"
 
 
 def fault_bad_magic(port, data):
@@ -438,7 +443,7 @@ def fault_reads_only(port, data):
     with s:
         s.sendall(wire.pack_request(wire.CMD_READ, 0, SIZE, COOKIE))
         _recv_exact(s, REPLY + SIZE)
-        _disc(s)
+        assert _disc(s) == "reset"
 
 
 SENDER_FAULTS = [fault_close_after_greeting, fault_close_in_options, fault_mid_payload,
@@ -495,7 +500,7 @@ def test_sender_writes_and_zeroes_complete(start_server, make_file):
         assert info.has(wire.FLAG_SEND_WRITE_ZEROES)
         _write_all(s, data, upto=SIZE // 2, step=256 * KiB)
         assert _request(s, wire.CMD_WRITE_ZEROES, SIZE // 2, SIZE // 2) == 0
-        _disc(s)
+        assert _disc(s) == "closed"
     assert wait_exit(dst) == 0, dst.log()
     assert dst_file.read_bytes() == data
 
@@ -509,7 +514,7 @@ def test_sender_unaligned_pieces_that_cover_everything_complete(start_server, ma
     s, _ = _sender(dst.port)
     with s:
         _write_all(s, data, step=300_000)
-        _disc(s)
+        assert _disc(s) == "closed"
     assert wait_exit(dst, 15) == 0, dst.log()
     assert dst_file.read_bytes() == data
 
