@@ -158,6 +158,7 @@ cdef struct export_t:
     int can_zero_range       # fallocate ZERO_RANGE works (learned; 0 once it failed)
     amap_t *amap             # the allocation map, or NULL
     void *dirty              # amap_t* of the mirror's dirty map while mirroring, else NULL
+    int io_error             # sticky: a write or sync failed with EIO (data may be lost)
 
 
 cdef class Export:
@@ -204,6 +205,38 @@ cdef class Export:
     def can_punch(self):
         """The file system can zero a range without writing it (advertised as FAST_ZERO)."""
         return bool(self.ex.can_punch)
+
+    @property
+    def io_error(self):
+        """A write or sync of the file failed with EIO since the start: acknowledged data may
+        be lost, so every later FLUSH and FUA request fails (SPEC §11)."""
+        return bool(load_acquire(&self.ex.io_error))
+
+    def sync(self):
+        """fdatasync the file, honouring and recording the sticky I/O error. OSError."""
+        cdef int rc
+        with nogil:
+            rc = sync_file(&self.ex)
+        if rc:
+            raise OSError(rc, os.strerror(rc))
+
+
+cdef void note_error(export_t *ex, int e) noexcept nogil:
+    """Remember an EIO for good: the kernel reports a lost writeback once, to whichever
+    descriptor asks first, and every connection shares this file description."""
+    if e == EIO:
+        store_release(&ex.io_error, 1)
+
+
+cdef int sync_file(export_t *ex) noexcept nogil:
+    """fdatasync; 0 or an errno. Fails with EIO for good once any I/O error was seen."""
+    if load_acquire(&ex.io_error):
+        return EIO
+    if fdatasync(ex.fd) < 0:
+        # Whatever the errno, written data did not reach the disk: make it sticky as EIO.
+        store_release(&ex.io_error, 1)
+        return errno
+    return 0
 
 
 cdef int probe_punch(int fd) noexcept nogil:
@@ -319,6 +352,8 @@ cdef int wait_readable(conn_t *c, int idle) noexcept nogil:
     cdef int rc
     if flush_out(c, 0) < 0 or set_cork(c, 0) < 0:
         return -1
+    if idle:
+        c.request_started_ns = 0         # every reply is out: the killswitch has no request
     fds[0].fd = c.sock
     fds[0].events = POLLIN
     if idle and c.stop_fd >= 0:
@@ -489,8 +524,8 @@ cdef int send_file_range(conn_t *c, uint64_t offset, size_t left) noexcept nogil
             if errno == EINTR:
                 continue
             c.err = errno
-            if errno == EPIPE or errno == ECONNRESET or errno == ETIMEDOUT:
-                return REASON_VANISHED
+            if errno == EPIPE or errno == ECONNRESET or errno == ETIMEDOUT or errno == EAGAIN:
+                return REASON_VANISHED     # (EAGAIN: no progress within the send timeout)
             return REASON_IO_FATAL
         if k == 0:
             # The file shrank under us: the promised bytes cannot be sent.
@@ -597,6 +632,9 @@ cdef int do_block_status(conn_t *c, const request_t *r) noexcept nogil:
     cdef int allocated
     cdef uint32_t count = 0
     cdef size_t start
+    # Room for the header and at least one extent: a chunk without extents is invalid.
+    if c.out_len + CHUNK_HEADER_SIZE + 4 + 8 > OUTBUF_SIZE and flush_out(c, 0) < 0:
+        return -1
     if queue_out(c, h, CHUNK_HEADER_SIZE + 4) < 0:     # room for the header, filled below
         return -1
     start = c.out_len - (CHUNK_HEADER_SIZE + 4)
@@ -647,6 +685,7 @@ cdef int write_data(conn_t *c, const char *p, size_t n, uint64_t offset, int fua
     cdef size_t pos = 0, run = 0, step
     cdef uint64_t at
     cdef int rc = 0
+    cdef int skipped = 0
     if m == NULL:
         return write_range(c, p, n, offset, fua)
     amap_read_lock(m)
@@ -664,11 +703,16 @@ cdef int write_data(conn_t *c, const char *p, size_t n, uint64_t offset, int fua
                     amap_mark(m, offset + run, pos - run)
                     rc = write_range(c, p + run, pos - run, offset + run, fua)
                 run = pos + step
+                skipped = 1
             pos += step
         if rc == 0 and pos > run:
             amap_mark(m, offset + run, pos - run)
             rc = write_range(c, p + run, pos - run, offset + run, fua)
     amap_unlock(m)
+    if rc == 0 and fua and skipped:
+        # The skipped blocks read as zeroes thanks to a hole, and the hole may come from a
+        # TRIM nobody synced yet: FUA promises the range is durable, so sync the file.
+        rc = sync_file(c.ex)
     return rc
 
 
@@ -676,6 +720,7 @@ cdef int write_range(conn_t *c, const char *p, size_t n, uint64_t offset, int fu
     """pwrite n bytes (with RWF_DSYNC for FUA). 0 or an errno."""
     cdef ssize_t k
     cdef iovec iov
+    cdef int rc
     while n > 0:
         if fua:
             iov.iov_base = <void *>p
@@ -683,13 +728,16 @@ cdef int write_range(conn_t *c, const char *p, size_t n, uint64_t offset, int fu
             k = pwritev2(c.ex.fd, &iov, 1, <off_t>offset, RWF_DSYNC)
             if k < 0 and (errno == EOPNOTSUPP or errno == ENOSYS or errno == EINVAL):
                 k = pwrite(c.ex.fd, p, n, <off_t>offset)
-                if k >= 0 and fdatasync(c.ex.fd) < 0:
-                    return errno
+                if k >= 0:
+                    rc = sync_file(c.ex)
+                    if rc:
+                        return rc
         else:
             k = pwrite(c.ex.fd, p, n, <off_t>offset)
         if k < 0:
             if errno == EINTR:
                 continue
+            note_error(c.ex, errno)
             return errno
         if k == 0:
             return ENOSPC
@@ -734,6 +782,7 @@ cdef int splice_to_file(conn_t *c, size_t n, uint64_t offset, int *io_err) noexc
                         amap_unlock(c.ex.amap)
                     return REASON_SOCKET_ERROR
                 io_err[0] = errno
+                note_error(c.ex, errno)
                 continue
             if w == 0:
                 io_err[0] = ENOSPC
@@ -755,9 +804,9 @@ cdef inline void written(conn_t *c, uint64_t offset, uint64_t length, int covers
         cover(c, offset, length)
 
 
-# Bound on the partial pieces kept per session (16 bytes each): a sender that writes more
-# unaligned pieces than this simply does not complete (its blocks stay uncovered).
-DEF MAX_PARTIAL = 16 * 1024 * 1024
+# Bound on the partial pieces kept per session: 4 MiB (16 bytes a piece). Once it is full,
+# a write that would need another piece is refused with EINVAL (SPEC §11: bounded memory).
+DEF MAX_PARTIAL = 256 * 1024
 
 
 cdef void cover(conn_t *c, uint64_t offset, uint64_t length) noexcept nogil:
@@ -784,13 +833,35 @@ cdef void cover(conn_t *c, uint64_t offset, uint64_t length) noexcept nogil:
         add_partial(c, tail_start, end)
 
 
+cdef int pieces_needed(conn_t *c, uint64_t offset, uint64_t length) noexcept nogil:
+    """How many partial pieces cover() would record for this write (0 to 2)."""
+    cdef uint64_t bs = <uint64_t>1 << c.coverage.shift
+    cdef uint64_t end = offset + length
+    cdef int n = 0
+    if length == 0:
+        return 0
+    if offset & (bs - 1):
+        n += 1
+    if end & (bs - 1) and end != c.coverage.size:
+        n += 1
+    return n
+
+
+cdef int no_room_for_pieces(conn_t *c, uint64_t offset, uint64_t length) noexcept nogil:
+    """Listen mode: this write needs partial pieces and the session has no room left."""
+    return c.coverage != NULL and \
+        c.npartial + <size_t>pieces_needed(c, offset, length) > MAX_PARTIAL
+
+
 cdef void add_partial(conn_t *c, uint64_t start, uint64_t end) noexcept nogil:
     cdef uint64_t *grown
     cdef size_t cap
     if c.npartial == c.partial_cap:
         if c.partial_cap >= MAX_PARTIAL:
-            return
+            return                       # (no_room_for_pieces refused such writes first)
         cap = 1024 if c.partial_cap == 0 else c.partial_cap * 2
+        if cap > MAX_PARTIAL:
+            cap = MAX_PARTIAL
         grown = <uint64_t *>realloc(c.partial, cap * 2 * sizeof(uint64_t))
         if grown == NULL:
             return
@@ -799,6 +870,34 @@ cdef void add_partial(conn_t *c, uint64_t start, uint64_t end) noexcept nogil:
     c.partial[2 * c.npartial] = start
     c.partial[2 * c.npartial + 1] = end
     c.npartial += 1
+
+
+cdef int cmp_pieces(const void *a, const void *b) noexcept nogil:
+    cdef const uint64_t *x = <const uint64_t *>a
+    cdef const uint64_t *y = <const uint64_t *>b
+    return (x[0] > y[0]) - (x[0] < y[0])
+
+
+cdef uint64_t partial_covered(conn_t *c) noexcept nogil:
+    """Sort the pieces, then for each block the map does not have, check whether its
+    pieces reach from its first byte to its last. Runs in place; no allocation."""
+    cdef amap_t *m = c.coverage
+    cdef uint64_t bs = <uint64_t>1 << m.shift
+    cdef uint64_t total = 0, block, first, last, reached
+    cdef size_t i = 0, n = c.npartial
+    qsort(c.partial, n, 2 * sizeof(uint64_t), cmp_pieces)
+    while i < n:
+        block = c.partial[2 * i] >> m.shift
+        first = block << m.shift
+        last = first + bs if first + bs < m.size else m.size
+        reached = first
+        while i < n and (c.partial[2 * i] >> m.shift) == block:
+            if c.partial[2 * i] <= reached and c.partial[2 * i + 1] > reached:
+                reached = c.partial[2 * i + 1]
+            i += 1
+        if reached >= last and not amap_block(m, block):
+            total += last - first
+    return total
 
 
 cdef int write_cut_short(conn_t *c, const request_t *r, uint64_t offset, uint64_t partial,
@@ -822,6 +921,10 @@ cdef int do_write(conn_t *c, const request_t *r, int error) noexcept nogil:
     cdef int rc
     cdef int fua = r.flags & CMD_FLAG_FUA
     cdef int io_err = 0
+    if fua and not error and load_acquire(&c.ex.io_error):
+        error = NBD_EIO      # data may have been lost: never claim anything durable again
+    if not error and no_room_for_pieces(c, r.offset, r.length):
+        error = NBD_EINVAL
     if left > DRAIN_LIMIT:
         reply_simple(c, r, NBD_EINVAL)
         flush_out(c, 0)
@@ -907,6 +1010,7 @@ cdef int punch_hole(conn_t *c, uint64_t offset, uint64_t length) noexcept nogil:
             amap_clear(c.ex.amap, offset, length)
     else:
         rc = errno
+        note_error(c.ex, rc)
         if rc == EOPNOTSUPP:
             c.ex.can_punch = 0
     if c.ex.amap != NULL:
@@ -924,6 +1028,7 @@ cdef int zero_allocated(conn_t *c, uint64_t offset, uint64_t length,
                      <off_t>offset, <off_t>length) == 0:
             return 0
         if errno != EOPNOTSUPP:
+            note_error(c.ex, errno)
             return errno
         c.ex.can_zero_range = 0
     if flags & CMD_FLAG_FAST_ZERO:
@@ -943,22 +1048,24 @@ cdef int do_command(conn_t *c, const request_t *r) noexcept nogil:
     """FLUSH, TRIM, WRITE_ZEROES, CACHE (validated). Returns the NBD error to reply with."""
     cdef int e = 0
     cdef uint16_t cmd = r.type
+    if load_acquire(&c.ex.io_error) and (cmd == CMD_FLUSH or (r.flags & CMD_FLAG_FUA)):
+        return NBD_EIO       # data may have been lost: never claim anything durable again
     if cmd == CMD_FLUSH:
-        if fdatasync(c.ex.fd) < 0:
-            e = errno
+        e = sync_file(c.ex)
     elif cmd == CMD_TRIM:
         if r.length and c.ex.can_punch:
             e = punch_hole(c, r.offset, r.length)
             if e == EOPNOTSUPP:
                 e = 0                    # TRIM is advisory: nothing to do then
     elif cmd == CMD_WRITE_ZEROES:
+        if no_room_for_pieces(c, r.offset, r.length):
+            return NBD_EINVAL
         if r.length:
             e = zero_range(c, r.offset, r.length, r.flags)
     elif cmd == CMD_CACHE:
         posix_fadvise(c.ex.fd, <off_t>r.offset, <off_t>r.length, POSIX_FADV_WILLNEED)
     if e == 0 and (r.flags & CMD_FLAG_FUA) and (cmd == CMD_TRIM or cmd == CMD_WRITE_ZEROES):
-        if fdatasync(c.ex.fd) < 0:
-            e = errno
+        e = sync_file(c.ex)
     if cmd == CMD_TRIM or cmd == CMD_WRITE_ZEROES:
         # (even when it failed: part of the range may have changed)
         written(c, r.offset, r.length, e == 0 and cmd == CMD_WRITE_ZEROES)
@@ -995,7 +1102,8 @@ cdef int serve_loop(conn_t *c) noexcept nogil:
     cdef int rc
     cdef int error
     while True:
-        c.request_started_ns = 0
+        if c.out_len == 0:
+            c.request_started_ns = 0     # (replies still batched keep their request's clock)
         if load_acquire(&c.kicked):
             # Checked here as well as in the poll: a client that keeps its pipeline full
             # might never leave us waiting.
@@ -1050,6 +1158,10 @@ cdef class Connection:
 
     def __cinit__(self, int sock, Export export, *, int stop_fd=-1, bint structured=False,
                   bint meta_context=False, bint fast_zero=False, AllocationMap coverage=None):
+        cdef int fds[2]
+        # Every descriptor field is -1 before anything can fail, so __dealloc__ closes only
+        # what was opened (the struct starts zeroed, and 0 is stdin).
+        self.c.kick_fd = self.c.pipe_r = self.c.pipe_w = -1
         self.export = export
         self.coverage = coverage
         self.c.coverage = &coverage.m if coverage is not None else NULL
@@ -1058,8 +1170,6 @@ cdef class Connection:
         self.c.kick_fd = eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK)
         if self.c.kick_fd < 0:
             raise OSError(errno, os.strerror(errno))
-        cdef int fds[2]
-        self.c.pipe_r = self.c.pipe_w = -1
         if pipe2(fds, O_CLOEXEC) == 0:
             self.c.pipe_r, self.c.pipe_w = fds[0], fds[1]
             fcntl(self.c.pipe_w, F_SETPIPE_SZ, <int>BUF_SIZE)
@@ -1112,10 +1222,20 @@ cdef class Connection:
     def requests(self):
         return self.c.requests
 
-    def partial_coverage(self):
-        """Listen mode: [(start, end)] of the writes that covered only part of a block."""
-        return [(self.c.partial[2 * i], self.c.partial[2 * i + 1])
-                for i in range(self.c.npartial)]
+    def partial_covered_bytes(self):
+        """Listen mode: bytes of the blocks that no single write covered but the session's
+        unaligned pieces cover together (blocks the coverage map has already are skipped)."""
+        cdef uint64_t n
+        if self.c.coverage == NULL:
+            return 0
+        with nogil:
+            n = partial_covered(&self.c)
+        return n
+
+    @property
+    def partial_pieces(self):
+        """Listen mode: how many unaligned pieces the session holds (at most MAX_PARTIAL)."""
+        return self.c.npartial
 
     @property
     def errors(self):

@@ -36,6 +36,8 @@ cdef extern from "<stdlib.h>" nogil:
     void *calloc(size_t n, size_t m)
     void *realloc(void *p, size_t n)
     void free(void *p)
+    void qsort(void *base, size_t n, size_t size,
+               int (*compar)(const void *, const void *) noexcept nogil)
 
 cdef extern from "<sys/types.h>" nogil:
     ctypedef long ssize_t

@@ -18,9 +18,11 @@ from typing import NoReturn
 from flexnbd import __version__, acl, log, sockets, wire
 from flexnbd.config import (
     CACHE_BYTES_DEFAULT,
+    HANDSHAKE_SECS,
     KILLSWITCH_SECS,
     MAX_CLIENTS_LISTEN,
     MAX_CLIENTS_SERVE,
+    SEND_TIMEOUT_SECS,
     UPSTREAM_TIMEOUT_SECS,
     ProxyConfig,
     ServeConfig,
@@ -74,6 +76,24 @@ def _number(limit: int, what: str) -> Callable[[str], int]:
     return parse
 
 
+def _count(limit: int) -> Callable[[str], int]:
+    def parse(text: str) -> int:
+        if not (text.isascii() and text.isdigit()) or not 1 <= int(text) <= limit:
+            raise argparse.ArgumentTypeError(f"bad count {text!r} (1..{limit})")
+        return int(text)
+    return parse
+
+
+def _file_mode(text: str) -> int:
+    try:
+        mode = int(text, 8)
+    except ValueError:
+        mode = -1
+    if not 0 <= mode <= 0o777:
+        raise argparse.ArgumentTypeError(f"bad file mode {text!r} (octal, 0000..0777)")
+    return mode
+
+
 def _parser(mode: str, description: str, usage: str) -> _Parser:
     return _Parser(prog=f"{PROG} {mode}", add_help=False, description=description,
                    usage=f"{PROG} {mode} {usage} [-v|-q]")
@@ -98,7 +118,8 @@ def _server_parser(mode: str) -> _Parser:
         extra = " [--killswitch] [--read-only]"
     p = _parser(mode, description,
                 f"--addr ADDR --port PORT --file FILE [--sock SOCK] [--default-deny]{extra} "
-                "[--unix PATH] [--oldstyle] [ACL ...]")
+                "[--unix PATH] [--oldstyle] [--max-clients-per-address N] [--sock-mode MODE] "
+                "[--unix-mode MODE] [ACL ...]")
     p.add_argument("-l", "--addr", type=_address, help="address to listen on (0 for any)")
     p.add_argument("-p", "--port", type=_port, help="TCP port to listen on")
     p.add_argument("-f", "--file", help="the file to serve (must exist)")
@@ -109,9 +130,21 @@ def _server_parser(mode: str) -> _Parser:
         p.add_argument("-k", "--killswitch", action="store_true",
                        help="disconnect a client whose request takes more than 120 s")
         p.add_argument("-r", "--read-only", action="store_true", help="refuse writes")
-    p.add_argument("--unix", metavar="PATH", help="also serve NBD on this Unix socket")
+    p.add_argument("--unix", metavar="PATH",
+                   help="also serve NBD on this Unix socket (the ACL does not apply to it: its "
+                        "file mode says who may connect)")
     p.add_argument("-o", "--oldstyle", action="store_true",
                    help="offer the oldstyle handshake (flexnbd 0.5.0 peers)")
+    limit = MAX_CLIENTS_LISTEN if listen else MAX_CLIENTS_SERVE
+    p.add_argument("--max-clients-per-address", metavar="N", type=_count(limit),
+                   default=max(1, limit // 2),
+                   help=f"connections one client address may hold at once (default "
+                        f"{max(1, limit // 2)} of {limit})")
+    p.add_argument("--sock-mode", metavar="MODE", type=_file_mode, default=0o600,
+                   help="file mode of the control socket, octal (default 0600: owner only; "
+                        "0660 lets the group command the server)")
+    p.add_argument("--unix-mode", metavar="MODE", type=_file_mode, default=0o660,
+                   help="file mode of the --unix socket, octal (default 0660)")
     _acl_entries(p, "allowed client addresses, IPv4 or IPv6 with an optional /prefix "
                     "(none: everyone, unless --default-deny)")
     _global_options(p)
@@ -226,6 +259,10 @@ def _server_config(args: argparse.Namespace, mode: str) -> ServeConfig:
     except acl.BadEntry as e:
         raise UsageError(f"bad ACL entry {e.entry!r} (an IPv4 or IPv6 address with an "
                          "optional /prefix)") from None
+    if args.addr is None and (args.default_deny or entries):
+        raise UsageError("the ACL (and --default-deny) applies to TCP clients only, and there is "
+                         "no --addr/--port: Unix-socket clients are governed by the socket's "
+                         "file mode (--unix-mode)")
     listen = mode == "listen"
     killswitch = None
     if not listen and args.killswitch:
@@ -233,9 +270,13 @@ def _server_config(args: argparse.Namespace, mode: str) -> ServeConfig:
     return ServeConfig(file=args.file, addr=args.addr, port=args.port, unix=args.unix,
                        read_only=False if listen else args.read_only, oldstyle=args.oldstyle,
                        max_clients=MAX_CLIENTS_LISTEN if listen else MAX_CLIENTS_SERVE,
+                       max_clients_per_address=args.max_clients_per_address,
                        mode=mode, sock=args.sock, acl=entries, default_deny=args.default_deny,
                        killswitch=killswitch,
-                       control_timeout=_env_seconds("FLEXNBD_CONTROL_TIMEOUT_SECS", 10.0))
+                       handshake_timeout=_env_seconds("FLEXNBD_HANDSHAKE_TIMEOUT", HANDSHAKE_SECS),
+                       send_timeout=_env_seconds("FLEXNBD_SEND_TIMEOUT", SEND_TIMEOUT_SECS),
+                       control_timeout=_env_seconds("FLEXNBD_CONTROL_TIMEOUT_SECS", 10.0),
+                       sock_mode=args.sock_mode, unix_mode=args.unix_mode)
 
 
 def _run_server(args: argparse.Namespace, mode: str) -> int:

@@ -11,6 +11,10 @@ MAX_CLIENTS_LISTEN = 1
 # A request taking longer than this disconnects its client when --killswitch is on
 # (FLEXNBD_KILLSWITCH_SECS overrides it, for tests).
 KILLSWITCH_SECS = 120.0
+# The whole handshake, and a reply that makes no progress (FLEXNBD_HANDSHAKE_TIMEOUT and
+# FLEXNBD_SEND_TIMEOUT override them).
+HANDSHAKE_SECS = 30.0
+SEND_TIMEOUT_SECS = 30.0
 # The proxy reconnects when a request stays unanswered this long (FLEXNBD_UPSTREAM_TIMEOUT).
 UPSTREAM_TIMEOUT_SECS = 30.0
 # `--cache` without a size.
@@ -30,8 +34,14 @@ class ServeConfig:
     read_only: bool = False
     oldstyle: bool = False
     max_clients: int = MAX_CLIENTS_SERVE
-    # How long a client may take to finish the handshake before it is dropped.
-    handshake_timeout: float = 30.0
+    # Connections one address may hold at once (half the slots by default: one misbehaving
+    # host cannot lock the others out).
+    max_clients_per_address: int = MAX_CLIENTS_SERVE // 2
+    # How long a client may take to finish the whole handshake before it is dropped
+    # (FLEXNBD_HANDSHAKE_TIMEOUT).
+    handshake_timeout: float = HANDSHAKE_SECS
+    # A reply that makes no progress this long drops its client (FLEXNBD_SEND_TIMEOUT).
+    send_timeout: float = SEND_TIMEOUT_SECS
     # On stop, how long connected clients get to finish their current request.
     stop_grace: float = 10.0
     mode: str = "serve"              # serve | listen
@@ -40,6 +50,8 @@ class ServeConfig:
     default_deny: bool = False       # an empty ACL refuses everyone (survives replacement)
     killswitch: float | None = None  # seconds a request may take; None: no killswitch
     control_timeout: float = 10.0    # seconds a control client gets to send its request
+    sock_mode: int = 0o600           # file mode of the control socket
+    unix_mode: int = 0o660           # file mode of the NBD --unix socket
 
 
 @dataclass

@@ -5,19 +5,19 @@ fail, stall, or end because the server finished a migration and exited; the prox
 (every few seconds, for as long as it takes) to whatever serves the same address with the same
 size, re-sends the requests that were not answered, and the client only sees a pause.
 
-Threads: the main thread waits for stop signals (``flexnbd.lifecycle``). "accept" takes clients
-and hands the one it can serve to "session"; a second client is accepted and closed. "session"
-runs the client's handshake in Python, then the relay (``flexnbd._proxy.Relay.run``) in C
-without the GIL; when the relay reports that upstream failed, it reconnects and lets the relay
-replay. The upstream connection outlives clients and is only ever touched by "session".
+Threads: the main thread waits for stop signals (``flexnbd.lifecycle``). "session" accepts one
+client, runs its handshake in Python (one deadline for all of it), then the relay
+(``flexnbd._proxy.Relay.run``) in C without the GIL; when the relay reports that upstream
+failed, it reconnects and lets the relay replay. Only when that client has left does it accept
+the next: further clients wait in the listen backlog, never refused (a client reconnecting
+before we noticed its old connection died is served as soon as we do). The upstream
+connection outlives clients and is only ever touched by "session".
 """
 
 from __future__ import annotations
 
 import os
-import queue
 import select
-import selectors
 import socket
 import struct
 import threading
@@ -40,26 +40,10 @@ PASSED_FLAGS = (wire.FLAG_READ_ONLY | wire.FLAG_SEND_FLUSH | wire.FLAG_SEND_FUA
                 | wire.FLAG_ROTATIONAL | wire.FLAG_SEND_TRIM | wire.FLAG_SEND_WRITE_ZEROES
                 | wire.FLAG_SEND_CACHE | wire.FLAG_SEND_FAST_ZERO)
 
-# How long a hung-up client may keep its place while its session winds down, before a new
-# client is turned away as a second one.
-HANDOVER_WAIT = 2.0
-
-
 def offered_flags(upstream_flags: int) -> int:
     if not upstream_flags & wire.FLAG_HAS_FLAGS:
         return wire.FLAG_HAS_FLAGS
     return wire.FLAG_HAS_FLAGS | (upstream_flags & PASSED_FLAGS)
-
-
-def _hung_up(sock: socket.socket) -> bool:
-    """The peer closed its side (or the socket failed)."""
-    poller = select.poll()
-    try:
-        poller.register(sock, select.POLLRDHUP)
-    except (OSError, ValueError):
-        return True
-    gone = select.POLLRDHUP | select.POLLHUP | select.POLLERR | select.POLLNVAL
-    return any(events & gone for _, events in poller.poll(0))
 
 
 def _connected_to_itself(sock: socket.socket) -> bool:
@@ -78,6 +62,13 @@ def _reset(sock: socket.socket | None) -> None:
         except OSError:
             pass
         _close(sock)
+
+
+def _shutdown(sock: socket.socket) -> None:
+    try:
+        sock.shutdown(socket.SHUT_RDWR)
+    except OSError:
+        pass
 
 
 def _close(sock: socket.socket | None) -> None:
@@ -103,7 +94,7 @@ class Proxy:
         self.relay: _proxy.Relay | None = None
         self._lock = threading.Lock()
         self._client: socket.socket | None = None    # the client being served, if any
-        self._handoff: queue.Queue[socket.socket | None] = queue.Queue()   # None: stop
+        self._backoff = sockets.AcceptBackoff(_log.warning)
         self._threads: list[threading.Thread] = []
         # How the proxy asks its process to stop (set by flexnbd.lifecycle.run).
         self.request_stop: Callable[[str], None] = lambda reason: None
@@ -119,7 +110,7 @@ class Proxy:
                                   cfg.cache_bytes, cfg.upstream_timeout)
         try:
             if cfg.unix is not None:
-                self._listener = sockets.unix_listener(cfg.unix, backlog=8)
+                self._listener = sockets.unix_listener(cfg.unix, backlog=8, mode=0o660)
             else:
                 assert cfg.addr is not None and cfg.port is not None
                 self._listener = sockets.tcp_listener(cfg.addr, cfg.port, backlog=8)
@@ -127,10 +118,9 @@ class Proxy:
             _close(self._upstream)
             raise
         self._listener.setblocking(False)
-        for target, name in ((self._accept_loop, "accept"), (self._sessions, "session")):
-            thread = threading.Thread(target=target, name=name, daemon=True)
-            thread.start()
-            self._threads.append(thread)
+        thread = threading.Thread(target=self._sessions, name="session", daemon=True)
+        thread.start()
+        self._threads.append(thread)
         where = cfg.unix if cfg.unix is not None else f"{cfg.addr} port {cfg.port}"
         _log.info("serving %s (%s handshake) for upstream %s: %d bytes, flags %#x, %s; "
                   "read-ahead %s", where, "oldstyle" if cfg.oldstyle else "newstyle",
@@ -141,14 +131,6 @@ class Proxy:
         """Stop: end the session (requests in flight get no answer), close both sides."""
         self._stopping.set()
         os.eventfd_write(self._stop_fd, 1)
-        self._handoff.put(None)
-        if self._listener is not None:
-            self._listener.close()
-            if self.config.unix is not None:
-                try:
-                    os.unlink(self.config.unix)
-                except FileNotFoundError:
-                    pass
         for thread in self._threads:
             thread.join(0.5)
         with self._lock:
@@ -162,6 +144,13 @@ class Proxy:
         for thread in self._threads:
             thread.join(5.0)
             alive = alive or thread.is_alive()
+        if self._listener is not None:
+            self._listener.close()
+            if self.config.unix is not None:
+                try:
+                    os.unlink(self.config.unix)
+                except FileNotFoundError:
+                    pass
         if not alive:               # (else the relay may still use the descriptors)
             _close(self._upstream)
             _close(client)
@@ -250,58 +239,13 @@ class Proxy:
 
     # -- clients ---------------------------------------------------------------------------
 
-    def _accept_loop(self) -> None:
-        assert self._listener is not None
-        sel = selectors.DefaultSelector()
-        sel.register(self._listener, selectors.EVENT_READ)
-        sel.register(self._stop_fd, selectors.EVENT_READ)
-        try:
-            while not self._stopping.is_set():
-                for key, _ in sel.select():
-                    if key.fileobj == self._stop_fd:
-                        return
-                    self._accept_one()
-        finally:
-            sel.close()
-
-    def _accept_one(self) -> None:
-        assert self._listener is not None
-        try:
-            sock, _ = self._listener.accept()
-        except (BlockingIOError, InterruptedError):
-            return
-        except OSError as e:
-            _log.warning("accept failed: %s", e.strerror)
-            time.sleep(0.1)     # (for example out of descriptors: do not spin)
-            return
-        sock.setblocking(True)
-        if self._claim(sock):
-            self._handoff.put(sock)
-            return
-        _log.warning("refused %s: another client is connected (one at a time)",
-                     sockets.peer_name(sock))
-        _close(sock)
-
-    def _claim(self, sock: socket.socket) -> bool:
-        """Make sock the client, unless another one is connected. A client that has already
-        hung up is given a moment to have its session wound down."""
-        deadline = time.monotonic() + HANDOVER_WAIT
-        while True:
-            with self._lock:
-                current = self._client
-                if current is None:
-                    self._client = sock
-                    return True
-            if not _hung_up(current) or time.monotonic() > deadline or \
-                    self._stopping.is_set():
-                return False
-            time.sleep(0.01)
-
     def _sessions(self) -> None:
-        while not self._stopping.is_set():
-            sock = self._handoff.get()
+        while True:
+            sock = self._next_client()
             if sock is None:
                 return
+            with self._lock:
+                self._client = sock
             try:
                 self._serve(sock)
             except Exception as e:  # noqa: BLE001 - one client's trouble must not end the proxy
@@ -309,7 +253,30 @@ class Proxy:
             finally:
                 with self._lock:
                     self._client = None
-                    _close(sock)
+                _close(sock)
+
+    def _next_client(self) -> socket.socket | None:
+        """Wait for and accept the next client; None once the proxy stops."""
+        assert self._listener is not None
+        poller = select.poll()
+        poller.register(self._listener, select.POLLIN)
+        poller.register(self._stop_fd, select.POLLIN)
+        while not self._stopping.is_set():
+            if any(fd == self._stop_fd for fd, _ in poller.poll()):
+                return None
+            try:
+                sock, _ = self._listener.accept()
+            except (BlockingIOError, InterruptedError):
+                continue
+            except OSError as e:
+                delay = self._backoff.failed(e)
+                if delay and select.select([self._stop_fd], [], [], delay)[0]:
+                    return None
+                continue
+            self._backoff.succeeded()
+            sock.setblocking(True)
+            return sock
+        return None
 
     def _export_info(self) -> ExportInfo:
         assert self.upstream_info is not None
@@ -321,6 +288,10 @@ class Proxy:
         name = sockets.peer_name(sock)
         sockets.set_client_options(sock)
         sock.settimeout(self.config.handshake_timeout)
+        # One deadline for the whole handshake: a byte now and then must not keep the one
+        # client slot (the next clients wait behind it).
+        deadline = threading.Timer(self.config.handshake_timeout, _shutdown, (sock,))
+        deadline.start()
         try:
             agreed = serve_handshake(sock, self._export_info(), self.config.oldstyle)
         except (OSError, FlexnbdError) as e:
@@ -328,6 +299,8 @@ class Proxy:
                 _log.warning("client %s: handshake failed: %s", name,
                              e.strerror if isinstance(e, OSError) and e.strerror else e)
             return
+        finally:
+            deadline.cancel()
         if agreed is None:
             _log.info("client %s left during the handshake", name)
             return

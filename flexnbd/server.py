@@ -30,6 +30,10 @@ from flexnbd.status import Migration, Status
 
 _log = log.get("server")
 
+# At the client limit, how long a new client may wait for the threads of clients that have
+# hung up to end (so that a client reconnecting at once is not refused).
+HANDOVER_WAIT = 2.0
+
 Reason = _core.Reason
 
 
@@ -45,14 +49,15 @@ def open_export(path: str, read_only: bool) -> tuple[int, int]:
 
 
 class _Client:
-    """A connected client, from accept to close."""
+    """A connected client, from accept until its thread has ended."""
 
     def __init__(self, sock: socket.socket, name: str, peer_ip: str | None) -> None:
         self.sock = sock
         self.name = name
         self.peer_ip = peer_ip       # None for a Unix-socket client
         self.connection: _core.Connection | None = None
-        self.killed = False          # cut by the killswitch
+        self.accepted_ns = _core.monotonic_ns()
+        self.killed = False          # cut by the watchdog (killswitch or handshake deadline)
 
 
 class Server:
@@ -70,13 +75,15 @@ class Server:
         self._clients: set[_Client] = set()
         self._lock = threading.Lock()
         self._accept_thread: threading.Thread | None = None
+        self._accept_backoff = sockets.AcceptBackoff(_log.warning)
         self._client_seq = 0
         self.stopping = False
         self.acl = acl.Acl(config.acl, config.default_deny)
         self.clients_allowed = True
         # serve mode owns its data; listen mode only once a migration into it completed
         self.has_control = config.mode != "listen"
-        self.control = (ControlServer(config.sock, self, config.control_timeout)
+        self.control = (ControlServer(config.sock, self, config.control_timeout,
+                                      mode=config.sock_mode)
                         if config.sock else None)
         self._watchdog: threading.Thread | None = None
         self._watchdog_stop = threading.Event()
@@ -100,7 +107,7 @@ class Server:
             if cfg.addr is not None and cfg.port is not None:
                 self._listeners.append(sockets.tcp_listener(cfg.addr, cfg.port))
             if cfg.unix:
-                self._listeners.append(sockets.unix_listener(cfg.unix))
+                self._listeners.append(sockets.unix_listener(cfg.unix, mode=cfg.unix_mode))
                 self._unix_bound = True
             if self.control is not None:
                 self.control.bind()
@@ -112,10 +119,8 @@ class Server:
         self._accept_thread.start()
         if self.control is not None:
             self.control.start()
-        if cfg.killswitch is not None:
-            self._watchdog = threading.Thread(target=self._killswitch, args=(cfg.killswitch,),
-                                              name="killswitch", daemon=True)
-            self._watchdog.start()
+        self._watchdog = threading.Thread(target=self._watch, name="watchdog", daemon=True)
+        self._watchdog.start()
         self._start_allocmap_builder()
         where = []
         if cfg.addr is not None:
@@ -266,41 +271,91 @@ class Server:
                 for key, _ in sel.select():
                     if key.fileobj == self._stop_fd:
                         return
-                    self._accept_one(key.fileobj)  # type: ignore[arg-type]
+                    delay = self._accept_one(key.fileobj)  # type: ignore[arg-type]
+                    if delay and select.select([self._stop_fd], [], [], delay)[0]:
+                        return
         finally:
             sel.close()
 
-    def _accept_one(self, listener: socket.socket) -> None:
+    def _accept_one(self, listener: socket.socket) -> float:
+        """Accept one connection; seconds to pause accepting (out of descriptors), or 0."""
         try:
             sock, _ = listener.accept()
         except (BlockingIOError, InterruptedError):
-            return
+            return 0.0
         except OSError as e:
-            _log.warning("accept failed: %s", e.strerror)
-            return
+            return self._accept_backoff.failed(e)
+        self._accept_backoff.succeeded()
         sock.setblocking(True)
         name = sockets.peer_name(sock)
         peer_ip = _peer_ip(sock)
-        with self._lock:
-            if not self.acl.allows(peer_ip):
-                refused = "not allowed by the ACL"
-            elif not self.clients_allowed:
-                refused = "new clients are not allowed now"
-            elif len(self._clients) >= self.config.max_clients and \
-                    self._connected_count() >= self.config.max_clients:
-                refused = f"already {self.config.max_clients} clients"
-            else:
-                refused = ""
-                self._client_seq += 1
-                client = _Client(sock, name, peer_ip)
-                self._clients.add(client)
+        refused = self._admit(sock, name, peer_ip)
+        if refused is None:
+            # Slots held by peers that have hung up: make their threads end now (a client
+            # reconnecting at once must not be refused), and look again.
+            self._wait_clients_gone(self._hung_up_holders(), HANDOVER_WAIT)
+            refused = self._admit(sock, name, peer_ip)
+        if refused is None:
+            refused = self._limit_text(peer_ip)
         if refused:
             _log.warning("refused %s: %s", name, refused)
             sock.close()
+        return 0.0
+
+    def _admit(self, sock: socket.socket, name: str, peer_ip: str | None) -> str | None:
+        """Start serving the connection: "" when admitted, else why not (None: a client limit
+        is reached). A connection counts until its thread has ended, whatever its socket
+        shows."""
+        with self._lock:
+            if not self.acl.allows(peer_ip):
+                return "not allowed by the ACL"
+            if not self.clients_allowed:
+                return "new clients are not allowed now"
+            if self._limit_text(peer_ip):
+                return None
+            self._client_seq += 1
+            client = _Client(sock, name, peer_ip)
+            self._clients.add(client)
+            threading.Thread(target=self._serve_client, args=(client,),
+                             name=f"client-{self._client_seq}", daemon=True).start()
+        return ""
+
+    def _limit_text(self, peer_ip: str | None) -> str:
+        """(self._lock held, or a log line.) Which client limit a new client from peer_ip
+        would pass, or ""."""
+        cfg = self.config
+        if len(self._clients) >= cfg.max_clients:
+            return f"already {cfg.max_clients} clients"
+        if peer_ip is not None and cfg.max_clients_per_address < cfg.max_clients and \
+                sum(1 for c in self._clients if c.peer_ip == peer_ip) >= \
+                cfg.max_clients_per_address:
+            return f"already {cfg.max_clients_per_address} clients from that address"
+        return ""
+
+    def _hung_up_holders(self) -> list[_Client]:
+        """Shut down the sockets of clients whose peer has hung up (they cannot be served
+        any more; their threads then end at once); the clients."""
+        gone = select.POLLRDHUP | select.POLLHUP | select.POLLERR | select.POLLNVAL
+        with self._lock:
+            clients = {c.sock.fileno(): c for c in self._clients}
+            poller = select.poll()
+            for fd in clients:
+                poller.register(fd, select.POLLRDHUP)
+            hung = [clients[fd] for fd, events in poller.poll(0) if events & gone]
+            for client in hung:
+                _shutdown(client.sock)
+        return hung
+
+    def _wait_clients_gone(self, leaving: list[_Client], timeout: float) -> None:
+        """Wait (bounded) until the given clients' threads have ended."""
+        if not leaving:
             return
-        thread = threading.Thread(target=self._serve_client, args=(client,),
-                                  name=f"client-{self._client_seq}", daemon=True)
-        thread.start()
+        deadline = _core.monotonic_ns() + int(timeout * 1e9)
+        while _core.monotonic_ns() < deadline:
+            with self._lock:
+                if not any(c in self._clients for c in leaving):
+                    return
+            threading.Event().wait(0.005)
 
     # -- one client ------------------------------------------------------------------------
 
@@ -315,6 +370,10 @@ class Server:
                 _log.info("%s left during the handshake", client.name)
                 return
             sock.settimeout(None)
+            # A reply that makes no progress this long ends the client (send() and sendfile()
+            # in the hot path then fail with EAGAIN).
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO,
+                            sockets.timeval(self.config.send_timeout))
             coverage = listen.new_coverage(self.size) if self.config.mode == "listen" else None
             with self._lock:
                 if self.stopping:
@@ -357,8 +416,7 @@ class Server:
         took control: every byte covered, then DISC; the file synced; new clients refused.
         Only then may the sender's socket be closed normally (the sender's confirmation)."""
         assert client.connection is not None
-        why_not = listen.session_outcome(result, coverage, client.connection.partial_coverage(),
-                                         client.connection.errors, self.size)
+        why_not = listen.session_outcome(result, coverage, client.connection, self.size)
         if why_not is not None:
             _log.warning("%s: no migration completed: %s; waiting for the next sender",
                          client.name, why_not)
@@ -366,7 +424,7 @@ class Server:
         with self._lock:
             self.clients_allowed = False     # from now on this server admits no one
         try:
-            os.fdatasync(self.fd)
+            self.export.sync()
         except OSError as e:
             _log.critical("migration received but %s could not be synced: %s; the sender is "
                           "told with a reset and keeps its copy", self.file, e.strerror)
@@ -440,7 +498,8 @@ class Server:
                       has_control=self.has_control, migration=migration,
                       allocation_map_method=self.allocation_map_method,
                       handshake=self.handshake,
-                      migration_outcome=_outcome_key(mirror))
+                      migration_outcome=_outcome_key(mirror),
+                      io_error=self.export.io_error)
 
     def set_acl(self, entries: Sequence[acl.Network]) -> None:
         """Replace the ACL entries (default-deny stays) and disconnect the connected clients
@@ -508,24 +567,37 @@ class Server:
             return control_protocol.Reply(0 if mirror.completed else 1, mirror.outcome)
         return outcome
 
-    # -- killswitch ------------------------------------------------------------------------
+    # -- the watchdog: handshake deadline and killswitch ------------------------------------
 
-    def _killswitch(self, limit: float) -> None:
-        """Cut (shut down the socket of) each client whose current request has run longer
-        than ``limit`` seconds; the others carry on."""
-        limit_ns = int(limit * 1e9)
-        interval = min(1.0, max(0.01, limit / 4))
+    def _watch(self) -> None:
+        """Cut (shut down the socket of) each client still in its handshake after the
+        handshake timeout (one deadline for the whole handshake: a byte now and then does not
+        extend it), and with the killswitch each client whose current request, reply
+        included, has run too long. The others carry on."""
+        cfg = self.config
+        handshake_ns = int(cfg.handshake_timeout * 1e9)
+        limits = [cfg.handshake_timeout]
+        if cfg.killswitch is not None:
+            limits.append(cfg.killswitch)
+        interval = min(1.0, max(0.01, min(limits) / 4))
         while not self._watchdog_stop.wait(interval):
+            now = _core.monotonic_ns()
+            late: list[tuple[_Client, str]] = []
             with self._lock:
-                late = [c for c in self._clients
-                        if c.connection is not None and not c.killed
-                        and c.connection.request_age_ns > limit_ns]
-                for client in late:
+                for c in self._clients:
+                    if c.killed:
+                        continue
+                    if c.connection is None:
+                        if now - c.accepted_ns > handshake_ns:
+                            late.append((c, f"handshake not done in {cfg.handshake_timeout:g} s"))
+                    elif cfg.killswitch is not None and \
+                            c.connection.request_age_ns > cfg.killswitch * 1e9:
+                        late.append((c, f"killswitch: request ran over {cfg.killswitch:g} s"))
+                for client, _ in late:
                     client.killed = True
                     _shutdown(client.sock)
-            for client in late:
-                _log.warning("killswitch: %s's request ran over %g s; disconnected it",
-                             client.name, limit)
+            for client, why in late:
+                _log.warning("%s: %s; disconnected it", client.name, why)
 
     def _report(self, client: _Client, result: _core.ServeResult) -> None:
         what = (f"{result.command} offset {result.offset} length {result.length}"
@@ -539,6 +611,9 @@ class Server:
                       result.requests)
         elif reason == Reason.REASON_STOPPED:
             _log.info("%s disconnected by the server", client.name)
+        elif result.errno in (errno_mod.EAGAIN, errno_mod.EWOULDBLOCK):
+            _log.warning("%s: no progress sending a reply for %g s (%s); disconnected",
+                         client.name, self.config.send_timeout, what)
         elif reason == Reason.REASON_VANISHED:
             _log.warning("%s went away in the middle of a request (%s)%s", client.name, what,
                          err)

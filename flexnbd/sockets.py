@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import errno
+import fcntl
 import ipaddress
 import os
 import socket
 import stat
 import struct
+from collections.abc import Callable
 
 from flexnbd.errors import FlexnbdError
 
@@ -51,9 +53,25 @@ def tcp_listener(addr: str, port: int, backlog: int = 64) -> socket.socket:
     return sock
 
 
-def unix_listener(path: str, backlog: int = 64) -> socket.socket:
-    """Listen on a Unix socket at ``path``. A stale socket file (nobody answers behind it) is
-    replaced; a live one is an error."""
+def unix_listener(path: str, backlog: int = 64, mode: int = 0o600) -> socket.socket:
+    """Listen on a Unix socket at ``path`` with file mode ``mode`` (exactly: the umask does not
+    apply). A stale socket file (nobody answers behind it) is replaced; a live one is an error.
+
+    Under an exclusive flock on ``PATH.lock`` (left in place: removing it would let a third
+    server lock another file): two servers starting at once cannot both find the file stale
+    and remove each other's live socket."""
+    try:
+        lock_fd = os.open(f"{path}.lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    except OSError as e:
+        raise FlexnbdError(f"cannot lock {path}.lock: {e.strerror}") from None
+    try:
+        fcntl.flock(lock_fd, fcntl.LOCK_EX)
+        return _unix_listener_locked(path, backlog, mode)
+    finally:
+        os.close(lock_fd)
+
+
+def _unix_listener_locked(path: str, backlog: int, mode: int) -> socket.socket:
     try:
         st = os.lstat(path)
     except FileNotFoundError:
@@ -64,8 +82,9 @@ def unix_listener(path: str, backlog: int = 64) -> socket.socket:
         if _unix_socket_is_live(path):
             raise FlexnbdError(f"{path} is already in use by a running server")
         os.unlink(path)
-    # Bind and listen under a temporary name, then link it into place: the socket file appears
-    # only once connections to it are accepted (between bind() and listen() they are refused).
+    # Bind under a temporary name, set the mode (before listen(), so nobody can connect
+    # through looser permissions), listen, then link it into place: the socket file appears
+    # only once connections to it are accepted, with its final mode.
     tmp = f"{path}.{os.getpid()}.tmp"
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
@@ -74,8 +93,9 @@ def unix_listener(path: str, backlog: int = 64) -> socket.socket:
         except FileNotFoundError:
             pass
         sock.bind(tmp)
-        sock.listen(backlog)
         try:
+            os.chmod(tmp, mode)
+            sock.listen(backlog)
             os.link(tmp, path)       # fails if another server took the name meanwhile
         finally:
             os.unlink(tmp)
@@ -90,6 +110,49 @@ def unix_listener(path: str, backlog: int = 64) -> socket.socket:
             pass
         raise FlexnbdError(f"cannot listen on {path}: {e.strerror}") from None
     return sock
+
+
+def peer_uid(sock: socket.socket) -> int | None:
+    """The uid of a Unix-socket peer (SO_PEERCRED); None if it cannot be told."""
+    try:
+        creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+    except OSError:
+        return None
+    _pid, uid, _gid = struct.unpack("3i", creds)
+    return uid
+
+
+class AcceptBackoff:
+    """What an accept loop does when accept() fails for want of descriptors or memory
+    (EMFILE, ENFILE, ENOBUFS, ENOMEM): wait before trying again, doubling from 50 ms to 1 s,
+    and log once per burst instead of once per failure."""
+
+    SCARCE = (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM)
+    FIRST = 0.05
+    MOST = 1.0
+
+    def __init__(self, log: Callable[[str], None]) -> None:
+        self._log = log
+        self._delay = 0.0
+        self._failures = 0
+
+    def failed(self, e: OSError) -> float:
+        """Seconds to wait before the next accept (0: go on at once)."""
+        if e.errno not in self.SCARCE:
+            self._log(f"accept failed: {e.strerror or e}")
+            return 0.0
+        if self._failures == 0:
+            self._log(f"accept failed: {e.strerror}; pausing new connections until "
+                      "descriptors are free")
+        self._failures += 1
+        self._delay = min(self.MOST, self._delay * 2 if self._delay else self.FIRST)
+        return self._delay
+
+    def succeeded(self) -> None:
+        if self._failures:
+            self._log(f"accepting again after {self._failures} failed accept(s)")
+        self._failures = 0
+        self._delay = 0.0
 
 
 def _unix_socket_is_live(path: str) -> bool:
@@ -113,6 +176,12 @@ def set_client_options(sock: socket.socket) -> None:
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE, 30)
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPINTVL, 10)
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT, 3)
+
+
+def timeval(seconds: float) -> bytes:
+    """A struct timeval for SO_SNDTIMEO / SO_RCVTIMEO."""
+    whole = int(seconds)
+    return struct.pack("ll", whole, int((seconds - whole) * 1e6))
 
 
 def reset_on_close(sock: socket.socket) -> None:

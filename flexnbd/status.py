@@ -45,6 +45,9 @@ New keys (flexnbd 0.6), after the above; old keys keep their meaning:
     only once a mirror has ended: ``completed`` (the destination confirmed), ``unknown`` (DISC
     was sent and the destination did not confirm: it may own the disk, SPEC §6.7),
     ``stopped`` (``break`` or a stop signal) or ``failed``.
+``io_error``
+    only once a write or sync of the file failed with EIO: ``true``. Acknowledged data may be
+    lost; every later FLUSH and FUA request fails with EIO until the server restarts.
 
 Pure: formatting and parsing only.
 """
@@ -60,7 +63,7 @@ Value = Union[bool, int, float, str]
 BASE_KEYS = ("pid", "size", "is_mirroring", "clients_allowed", "num_clients", "has_control")
 MIGRATION_KEYS = ("migration_speed", "migration_duration", "migration_seconds_left",
                   "migration_bytes_left", "migration_speed_limit")
-EXTRA_KEYS = ("allocation_map_method", "handshake", "migration_outcome")
+EXTRA_KEYS = ("allocation_map_method", "handshake", "migration_outcome", "io_error")
 
 
 @dataclass
@@ -86,6 +89,7 @@ class Status:
     allocation_map_method: str = "none"
     handshake: str = "newstyle"
     migration_outcome: str | None = None     # completed | unknown | stopped | failed
+    io_error: bool = False
 
     def pairs(self) -> list[tuple[str, Value]]:
         """(key, value) in the order of the status line."""
@@ -105,6 +109,8 @@ class Status:
                 ("handshake", self.handshake)]
         if self.migration_outcome is not None:
             out.append(("migration_outcome", self.migration_outcome))
+        if self.io_error:
+            out.append(("io_error", True))
         return out
 
     def line(self) -> str:

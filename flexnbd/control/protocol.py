@@ -53,7 +53,8 @@ request lines                     replies
                                   stopped`` (``break``); ``1: shutting down``; ``1: Mirroring
                                   abandoned``; ``1: Mirror was rejected`` (a later attempt met
                                   a peer that is not NBD); or the failure of its first
-                                  attempt. At once: ``1: not mirroring``. The
+                                  attempt. At once: ``1: not mirroring``, or ``1: too many
+                                  mirror_wait requests waiting`` (16 wait at most). The
                                   connection stays open meanwhile; other requests are served.
                                   ``flexnbd mirror --wait`` uses it.
 (nothing)                         ``9: missing command``
@@ -134,6 +135,7 @@ MIRROR_COMPLETED = _r(1, "mirror completed")
 NOT_MIRRORING = _r(1, "not mirroring")
 MIGRATION_COMPLETED = _r(0, "migration completed")
 MIGRATION_OUTCOME_UNKNOWN = _r(1, "migration outcome unknown")
+TOO_MANY_WAITERS = _r(1, "too many mirror_wait requests waiting")
 MISSING_COMMAND = _r(9, "missing command")
 UNKNOWN_COMMAND = _r(10, "unknown command")
 

@@ -10,11 +10,14 @@ the reply and closes that client; the next complete request runs after it. A cli
 ``read_timeout`` seconds (FLEXNBD_CONTROL_TIMEOUT_SECS, default 10) to complete its request,
 else it is dropped without a reply and nothing is executed. At most ``max_pending`` clients wait
 at once; more are accepted and closed at once.
+
+Who may speak: the socket is created mode 0600 (``--sock-mode`` widens it, for a group), and a
+peer whose SO_PEERCRED uid is neither root nor the server's own is closed without a reply: the
+socket can copy the disk anywhere and delete it.
 """
 
 from __future__ import annotations
 
-import errno
 import os
 import selectors
 import socket
@@ -33,6 +36,11 @@ _log = log.get("control")
 DEFAULT_READ_TIMEOUT = 10.0
 MAX_PENDING = 128
 REPLY_TIMEOUT = 5.0
+# The socket commands the server (it can copy the disk anywhere and delete it): owner only,
+# unless --sock-mode widens it; and only root or our own uid may speak (SO_PEERCRED).
+DEFAULT_MODE = 0o600
+# mirror_wait requests waiting at once (each holds a thread until the mirror ends).
+MAX_WAITERS = 16
 
 
 class ControlTarget(Protocol):
@@ -114,8 +122,9 @@ class ControlServer:
 
     def __init__(self, path: str, target: ControlTarget,
                  read_timeout: float = DEFAULT_READ_TIMEOUT,
-                 max_pending: int = MAX_PENDING) -> None:
+                 max_pending: int = MAX_PENDING, mode: int = DEFAULT_MODE) -> None:
         self.path = path
+        self.mode = mode
         self.target = target
         self.read_timeout = read_timeout
         self.max_pending = max_pending
@@ -125,10 +134,11 @@ class ControlServer:
         self._thread: threading.Thread | None = None
         self._closed = False
         self._waiters: list[threading.Thread] = []
+        self._backoff = sockets.AcceptBackoff(lambda text: _log.warning("control %s", text))
 
     def bind(self) -> None:
         """Create the socket (replacing a stale one). FlexnbdError if a live server has it."""
-        self._listener = sockets.unix_listener(self.path, backlog=MAX_PENDING)
+        self._listener = sockets.unix_listener(self.path, backlog=MAX_PENDING, mode=self.mode)
         try:
             st = os.stat(self.path)
             self._ino = (st.st_dev, st.st_ino)
@@ -214,12 +224,17 @@ class ControlServer:
             except (BlockingIOError, InterruptedError):
                 return
             except OSError as e:
-                if e.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
-                    _log.warning("control accept failed: %s", e.strerror)
-                    time.sleep(0.1)  # out of descriptors: do not spin
-                    return
-                _log.warning("control accept failed: %s", e.strerror)
+                delay = self._backoff.failed(e)
+                if delay:
+                    time.sleep(delay)  # out of descriptors: do not spin
                 return
+            self._backoff.succeeded()
+            uid = sockets.peer_uid(sock)
+            if uid not in (0, os.getuid()):
+                _log.warning("control: refused a client with uid %s (only root and uid %d may "
+                             "command this server)", uid, os.getuid())
+                sock.close()
+                continue
             if len(pending) >= self.max_pending:
                 _log.warning("%d control clients waiting already; refusing one",
                              self.max_pending)
@@ -273,9 +288,13 @@ class ControlServer:
             _log.exception("control request %r failed", what)
             return False
         if callable(answer):
+            self._waiters = [w for w in self._waiters if w.is_alive()]
+            if len(self._waiters) >= MAX_WAITERS:
+                self._send_reply(sock, what, protocol.TOO_MANY_WAITERS)
+                return False
             waiter = threading.Thread(target=self._answer_later, args=(sock, what, answer),
                                       name="control-wait", daemon=True)
-            self._waiters = [w for w in self._waiters if w.is_alive()] + [waiter]
+            self._waiters.append(waiter)
             waiter.start()
             return True
         self._send_reply(sock, what, answer)

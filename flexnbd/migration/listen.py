@@ -8,7 +8,8 @@ starts over with an empty coverage map.
 
 Coverage is kept by the hot path in a bitmap of 512-byte blocks (export sizes are multiples of
 512), set for blocks a single request covered entirely; the pieces of blocks that a request
-covered only in part are listed too, and checked here when the session ends, so a sender whose
+covered only in part are listed too (at most 4 MiB of them per session: beyond that an
+unaligned write is refused with EINVAL), and checked when the session ends, so a sender whose
 unaligned writes cover every byte between them completes, and no byte is ever counted that was
 not written.
 """
@@ -28,33 +29,18 @@ def new_coverage(size: int) -> AllocationMap:
     return coverage
 
 
-def covered_bytes(coverage: AllocationMap, partial: list[tuple[int, int]], size: int) -> int:
+def covered_bytes(coverage: AllocationMap, connection: _core.Connection) -> int:
     """Bytes in blocks that the session wrote entirely: blocks one request covered (the map),
-    plus blocks that several unaligned requests covered together (their pieces)."""
-    covered = coverage.count_bytes()
-    block = 1 << COVERAGE_SHIFT
-    pieces: dict[int, list[tuple[int, int]]] = {}
-    for start, end in partial:
-        pieces.setdefault(start >> COVERAGE_SHIFT, []).append((start, end))
-    for index, spans in pieces.items():
-        first = index << COVERAGE_SHIFT
-        last = min(first + block, size)
-        if coverage.is_allocated(first, 1):
-            continue                      # already counted
-        reached = first
-        for start, end in sorted(spans):
-            if start > reached:
-                break
-            reached = max(reached, end)
-        if reached >= last:
-            covered += last - first
-    return covered
+    plus blocks that several unaligned requests covered together (their pieces, counted by
+    the hot path without building a Python object per piece)."""
+    return coverage.count_bytes() + connection.partial_covered_bytes()
 
 
 def session_outcome(result: _core.ServeResult, coverage: AllocationMap,
-                    partial: list[tuple[int, int]], errors: int, size: int) -> str | None:
+                    connection: _core.Connection, size: int) -> str | None:
     """None when the session completed the migration, else why it did not (for the log)."""
-    covered = covered_bytes(coverage, partial, size)
+    covered = covered_bytes(coverage, connection)
+    errors = connection.errors
     if result.reason != _core.Reason.REASON_DISC:
         return f"the sender left without DISC after writing {covered} of {size} bytes"
     if errors:

@@ -37,7 +37,6 @@ from __future__ import annotations
 
 import os
 import socket
-import struct
 import threading
 import time
 from dataclasses import dataclass
@@ -286,7 +285,7 @@ class Mirror:
                 raise AttemptFailed(SIZE_MISMATCH, f"the destination exports {info.size} bytes, "
                                     f"we have {self.host.size}")
             sock.settimeout(None)
-            limit = _timeval(self.request_limit)
+            limit = sockets.timeval(self.request_limit)
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, limit)
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, limit)
             zeroes = info.style == "newstyle" and info.has(wire.FLAG_SEND_WRITE_ZEROES)
@@ -434,11 +433,6 @@ class Mirror:
 
 
 _MIRROR_COOKIE = int.from_bytes(wire.MIRROR_COOKIE, "big")
-
-
-def _timeval(seconds: float) -> bytes:
-    whole = int(seconds)
-    return struct.pack("ll", whole, int((seconds - whole) * 1e6))
 
 
 def _describe(e: BaseException) -> str:

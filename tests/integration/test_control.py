@@ -214,7 +214,9 @@ def test_num_clients_goes_up_and_down(server):
             c.close()
 
 
-def test_num_clients_does_not_count_refused_connections(server):
+def test_num_clients_does_not_count_refused_connections(start_server, make_file):
+    # (16 clients from 127.0.0.1: lift the per-address limit)
+    server = start_server(make_file(MiB, random=False), "--max-clients-per-address", "16")
     clients = [RawClient.connect(server.port) for _ in range(16)]
     try:
         for c in clients:

@@ -412,7 +412,7 @@ def connect_counted(port: int) -> RawClient:
 @pytest.mark.parametrize("style", STYLES)
 def test_sixteen_clients_and_the_seventeenth(serve, make_file, style):
     path = make_file(MiB)
-    server = serve(path, *style)
+    server = serve(path, *style, "--max-clients-per-address", "16")   # all from 127.0.0.1
     clients = []
     try:
         for _ in range(16):

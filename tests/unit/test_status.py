@@ -46,8 +46,11 @@ def test_key_order_without_and_with_migration():
     assert "migration_speed=100 migration_duration=5 migration_seconds_left=7 " \
            "migration_bytes_left=700 migration_speed_limit=1000 " in st.line()
     st = Status(pid=1, size=2, migration_outcome="unknown")
-    assert [k for k, _ in st.pairs()] == [*BASE_KEYS, *EXTRA_KEYS]
+    assert [k for k, _ in st.pairs()] == [*BASE_KEYS, *EXTRA_KEYS[:3]]
     assert st.line().endswith("handshake=newstyle migration_outcome=unknown \n")
+    st = Status(pid=1, size=2, migration_outcome="completed", io_error=True)
+    assert [k for k, _ in st.pairs()] == [*BASE_KEYS, *EXTRA_KEYS]
+    assert st.line().endswith("migration_outcome=completed io_error=true \n")
 
 
 def test_migration_figures_only_while_mirroring():
