@@ -24,12 +24,15 @@ MAX_OPTION_LENGTH = 64 * 1024
 MAX_OPTIONS = 1024
 
 
-def recv_exact(sock: socket.socket, n: int) -> bytes:
+def recv_exact(sock: socket.socket, n: int,
+               closed: str = "the peer closed the connection during the handshake") -> bytes:
+    """Exactly n bytes (the socket's timeout applies to each recv); PeerClosed(closed) if
+    the peer closes first."""
     data = bytearray()
     while len(data) < n:
         chunk = sock.recv(n - len(data))
         if not chunk:
-            raise PeerClosed("the peer closed the connection during the handshake")
+            raise PeerClosed(closed)
         data += chunk
     return bytes(data)
 

@@ -25,6 +25,7 @@ import socket
 
 from flexnbd import wire
 from flexnbd.errors import FlexnbdError, PeerClosed, ProtocolError, RemoteError
+from flexnbd.handshake import recv_exact
 
 _COOKIE = int.from_bytes(wire.MIRROR_COOKIE, "big")
 _GONE = select.POLLRDHUP | select.POLLHUP | select.POLLERR | select.POLLNVAL
@@ -38,7 +39,8 @@ def flush(sock: socket.socket, limit: float) -> None:
     """FLUSH and wait (up to ``limit`` seconds) for its reply with error 0."""
     sock.settimeout(limit)
     sock.sendall(wire.pack_request(wire.CMD_FLUSH, cookie=_COOKIE))
-    reply = wire.unpack_simple_reply(_recv_exact(sock, wire.SIMPLE_REPLY_SIZE))
+    reply = wire.unpack_simple_reply(
+        recv_exact(sock, wire.SIMPLE_REPLY_SIZE, "the destination closed the connection"))
     if reply.magic != wire.SIMPLE_REPLY_MAGIC:
         raise ProtocolError("the destination answered FLUSH with a bad magic")
     if reply.cookie != _COOKIE:
@@ -82,13 +84,3 @@ def await_close(sock: socket.socket, limit: float) -> None:
                              f"{e.strerror or e}") from None
     if data:
         raise OutcomeUnknown("the destination sent bytes after DISC instead of closing")
-
-
-def _recv_exact(sock: socket.socket, n: int) -> bytes:
-    data = bytearray()
-    while len(data) < n:
-        chunk = sock.recv(n - len(data))
-        if not chunk:
-            raise PeerClosed("the destination closed the connection")
-        data += chunk
-    return bytes(data)
