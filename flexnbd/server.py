@@ -363,6 +363,11 @@ class Server:
         sock = client.sock
         took_control = False
         try:
+            if self.config.mode == "listen":
+                # Should this process die before it took control, the kernel must end the
+                # sender's connection with a reset, never the FIN it reads as "taken"
+                # (SPEC §6.7): linger 0 from the start, undone only for the normal close.
+                sockets.reset_on_close(sock)
             sockets.set_client_options(sock)
             sock.settimeout(self.config.handshake_timeout)
             agreed = serve_handshake(sock, self.export_info, self.config.oldstyle)
@@ -402,10 +407,10 @@ class Server:
         finally:
             with self._lock:
                 self._clients.discard(client)
-            if self.config.mode == "listen" and not took_control:
-                # A sender reads our normal close after its DISC as "the destination took
-                # control" (SPEC §6.7): anything else ends with a reset.
-                sockets.reset_on_close(sock)
+            if took_control:
+                # The one normal close a sender may see: it reads it as "the destination took
+                # control" (SPEC §6.7). Every other listen-mode session ends with a reset.
+                sockets.close_normally(sock)
             sock.close()
 
     # -- listen mode -----------------------------------------------------------------------

@@ -195,6 +195,16 @@ def reset_on_close(sock: socket.socket) -> None:
         pass   # already gone: there is nothing left to tell the peer
 
 
+def close_normally(sock: socket.socket) -> None:
+    """Undo reset_on_close: close() then ends the connection with a FIN."""
+    if sock.family not in (socket.AF_INET, socket.AF_INET6):
+        return
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 0, 0))
+    except OSError:
+        pass
+
+
 def connect(addr: str, port: int, bind: str | None = None, timeout: float = 15.0) -> socket.socket:
     """Connect to an NBD server, optionally from ``bind``; the socket is left blocking."""
     sock = socket.socket(family_of(addr), socket.SOCK_STREAM)

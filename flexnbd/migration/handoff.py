@@ -22,10 +22,10 @@ from __future__ import annotations
 
 import select
 import socket
+import time
 
 from flexnbd import wire
 from flexnbd.errors import FlexnbdError, PeerClosed, ProtocolError, RemoteError
-from flexnbd.handshake import recv_exact
 
 _COOKIE = int.from_bytes(wire.MIRROR_COOKIE, "big")
 _GONE = select.POLLRDHUP | select.POLLHUP | select.POLLERR | select.POLLNVAL
@@ -37,10 +37,20 @@ class OutcomeUnknown(FlexnbdError):
 
 def flush(sock: socket.socket, limit: float) -> None:
     """FLUSH and wait (up to ``limit`` seconds) for its reply with error 0."""
+    deadline = time.monotonic() + limit       # one deadline, however the reply trickles in
     sock.settimeout(limit)
     sock.sendall(wire.pack_request(wire.CMD_FLUSH, cookie=_COOKIE))
-    reply = wire.unpack_simple_reply(
-        recv_exact(sock, wire.SIMPLE_REPLY_SIZE, "the destination closed the connection"))
+    data = bytearray()
+    while len(data) < wire.SIMPLE_REPLY_SIZE:
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise TimeoutError("the destination did not answer FLUSH in time")
+        sock.settimeout(left)
+        chunk = sock.recv(wire.SIMPLE_REPLY_SIZE - len(data))
+        if not chunk:
+            raise PeerClosed("the destination closed the connection")
+        data += chunk
+    reply = wire.unpack_simple_reply(bytes(data))
     if reply.magic != wire.SIMPLE_REPLY_MAGIC:
         raise ProtocolError("the destination answered FLUSH with a bad magic")
     if reply.cookie != _COOKIE:

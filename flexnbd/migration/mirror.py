@@ -345,7 +345,11 @@ class Mirror:
             self._check_break()
             handoff.flush(sock, self.request_limit)   # durable at the destination
             handoff.check_open(sock)
-            handoff.send_disc(sock)
+            try:
+                handoff.send_disc(sock)      # (an OSError here: it never left; retry)
+            except OutcomeUnknown:
+                self.outcome_unknown = True
+                raise
             # From here on the destination may own the disk: no retry, whatever happens.
             finishing = self.params.action in ("exit", "unlink")
             try:

@@ -13,19 +13,38 @@ connection, ``s1`` for the second, and ``default`` for the rest. A script says
 - a fault at the request with index ``fail_at`` (0-based, on this connection): ``error`` (reply
   with ``error``), ``badcookie``, ``badmagic`` (reply with a corrupted cookie/magic), ``hang``
   (never reply again, keep reading and discarding) or ``close`` (close without replying);
-- ``only_cmds``: accept only these commands (0.5.0's listener knew READ, WRITE and DISC); any
-  other is answered EINVAL and recorded in ``unexpected``.
+- ``only_cmds``: accept only these commands (0.5.0's listener knew READ, WRITE and DISC, and
+  answered FLUSH); any other is answered EINVAL and recorded in ``unexpected``;
+- the handoff (SPEC §6.7): ``on_flush`` says how a FLUSH is met: ``ok`` (answered, error 0),
+  ``error`` (answered with ``error``), ``hang`` (never answered), ``close`` (the connection is
+  closed without a reply) or ``ok_close`` (answered, and the FIN goes out in the same segment
+  as the reply: the sender finds the connection closed as soon as it has the reply);
+  ``after_last_reply``: right after replying to the WRITE (or
+  WRITE_ZEROES) that completed the coverage of the export on this connection, ``close`` (FIN
+  in the same segment as that reply) or ``reset`` (SO_LINGER 0, then close); ``on_disc``: what
+  follows a DISC: ``close`` (an orderly close, FIN), ``reset`` (SO_LINGER 0, then close: the
+  sender sees a reset), ``hold`` (the socket stays open, whatever comes is discarded, until
+  the peer closes or ``FakeDest.close()``) or ``junk`` (16 bytes nobody asked for, then as
+  ``hold``).
+
+After ``on_flush="hang"``, ``on_flush="ok_close"`` and ``after_last_reply="close"`` the requests
+that still come are recorded (never answered) until the peer closes, so a test can tell whether
+a DISC came after all.
 
 Without a fault every request is served: WRITE payloads land in ``path`` (a zero payload is not
 written where the file already reads zeroes, so a fresh sparse file stays sparse, as 0.5.0's
 receiver kept it), WRITE_ZEROES zero the range the same way, READ answers from the file, DISC
 ends the connection. Replies are simple and echo the request's cookie.
 
-``FakeDest.old050(size, path)`` is a 0.5.0-like oldstyle listener: READ/WRITE/DISC only.
+``FakeDest.old050(size, path)`` is a 0.5.0-like oldstyle listener: READ/WRITE/DISC/FLUSH only.
 
 Everything is recorded per connection in ``conns`` (``ConnRecord``): the requests, the payload
-bytes received, all bytes read from the socket, whether DISC came and whether the writes
-acknowledged on that connection covered the whole export. Every socket and thread ends in
+bytes received, all bytes read from the socket, whether DISC came (and when), whether the writes
+acknowledged on that connection covered the whole export, and how the connection ended
+(``how_ended``). ``FakeDest(..., on_request=f)`` calls
+``f(conn_record, req)`` for every request as soon as it has been read (payload included), before
+it is answered, on the connection's thread: a test can look at the sender's state at that
+moment (the sender is then waiting for this reply). Every socket and thread ends in
 ``close()`` (also the context manager's exit).
 """
 
@@ -37,6 +56,7 @@ import socket
 import struct
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from flexnbd import wire
@@ -55,6 +75,9 @@ class Script:
     fault: str = ""                  # error | badcookie | badmagic | hang | close
     error: int = wire.NBD_EIO
     only_cmds: frozenset[int] | None = None
+    on_flush: str = "ok"             # ok | error | hang | close | ok_close
+    after_last_reply: str = ""       # "" | close | reset (after the reply completing coverage)
+    on_disc: str = "close"           # close | reset | hold | junk
 
 
 @dataclass
@@ -80,6 +103,19 @@ class ConnRecord:
     handshake_done: bool = False
     ended: bool = False
     covered: bool = False            # acknowledged writes covered the whole export
+    start_time: float = 0.0          # time.monotonic() when the connection was accepted
+    disc_time: float | None = None   # ... when the DISC was read
+    flush_time: float | None = None  # ... when the first FLUSH was read
+    end_time: float | None = None    # ... when this connection's thread ended
+    how_ended: str = ""              # what closed it: peer | fin | reset | hold | stop | fault
+    handoff_fired: str = ""          # on_flush / after_last_reply fault that fired
+    peer_reset: bool = False         # a read failed with a reset (the peer closed with unread
+                                     # data, or with SO_LINGER 0)
+
+    @property
+    def types(self) -> list[int]:
+        """The command of every request, in arrival order (DISC included)."""
+        return [r.type for r in self.requests]
 
     def count(self, cmd: int) -> int:
         return sum(1 for r in self.requests if r.type == cmd)
@@ -91,8 +127,10 @@ class _Closed(Exception):
 
 class FakeDest:
     def __init__(self, size: int, path: str | os.PathLike | None = None,
-                 scripts: list[Script] | None = None, default: Script | None = None) -> None:
+                 scripts: list[Script] | None = None, default: Script | None = None,
+                 on_request: Callable[[ConnRecord, Req], None] | None = None) -> None:
         self.size = size
+        self.on_request = on_request
         self.path = os.fspath(path) if path is not None else None
         self.scripts = list(scripts or [])
         self.default = default or Script()
@@ -112,9 +150,11 @@ class FakeDest:
 
     @classmethod
     def old050(cls, size: int, path: str | os.PathLike) -> FakeDest:
-        """A 0.5.0-like oldstyle listener: READ, WRITE and DISC only, simple replies."""
+        """A 0.5.0-like oldstyle listener: READ, WRITE, DISC and FLUSH only (0.5.0 answered
+        FLUSH), simple replies."""
         script = Script(greeting="oldstyle",
-                        only_cmds=frozenset({wire.CMD_READ, wire.CMD_WRITE, wire.CMD_DISC}))
+                        only_cmds=frozenset({wire.CMD_READ, wire.CMD_WRITE, wire.CMD_DISC,
+                                             wire.CMD_FLUSH}))
         return cls(size, path, default=script)
 
     def __enter__(self) -> FakeDest:
@@ -169,7 +209,7 @@ class FakeDest:
         with self._lock:
             index = len(self.conns)
             script = self.scripts[index] if index < len(self.scripts) else self.default
-            rec = ConnRecord(index, script)
+            rec = ConnRecord(index, script, start_time=time.monotonic())
             self.conns.append(rec)
             self._socks.append(sock)
             t = threading.Thread(target=self._serve, args=(sock, rec),
@@ -184,6 +224,9 @@ class FakeDest:
         while len(data) < n:
             try:
                 chunk = sock.recv(min(n - len(data), 1 << 20))
+            except ConnectionResetError:
+                rec.peer_reset = True
+                chunk = b""
             except OSError:
                 chunk = b""
             if not chunk:
@@ -217,8 +260,10 @@ class FakeDest:
             rec.handshake_done = True
             self._transmission(sock, rec)
         except _Closed:
-            pass
+            rec.how_ended = rec.how_ended or "peer"
         finally:
+            rec.how_ended = rec.how_ended or ("stop" if self._stop.is_set() else "fin")
+            rec.end_time = time.monotonic()
             rec.ended = True
             try:
                 sock.shutdown(socket.SHUT_RDWR)
@@ -266,13 +311,20 @@ class FakeDest:
                     if not chunk:
                         return
                     rec.bytes_read += len(chunk)
+            except ConnectionResetError:
+                rec.peer_reset = True
+                return
             except (OSError, ValueError):
                 return
 
     def _transmission(self, sock: socket.socket, rec: ConnRecord) -> None:
         s = rec.script
         covered: list[tuple[int, int]] = []
+        # Coverage is followed request by request only when a script needs to know the moment
+        # it completes (it costs a sort per write); else it is computed at DISC.
+        follow = bool(s.after_last_reply)
         index = 0
+        mute = False          # our sending side is shut: record what comes, answer nothing
         while True:
             head = self._recv(sock, rec, wire.REQUEST_SIZE)
             magic, flags, cmd, cookie, offset, length = struct.unpack(">IHHQQI", head)
@@ -284,9 +336,21 @@ class FakeDest:
             if cmd == wire.CMD_WRITE:
                 payload = self._recv(sock, rec, length)
                 rec.payload_bytes += length
+            if cmd == wire.CMD_FLUSH and rec.flush_time is None:
+                rec.flush_time = time.monotonic()
+            if self.on_request is not None:
+                self.on_request(rec, req)
+            if mute:
+                req.error = -1
+                if cmd == wire.CMD_DISC:
+                    rec.disc = True
+                    rec.disc_time = time.monotonic()
+                continue
             if cmd == wire.CMD_DISC:
                 rec.disc = True
+                rec.disc_time = time.monotonic()
                 rec.covered = _covers(covered, self.size)
+                self._after_disc(sock, rec)
                 return
             fault = s.fault if s.fail_at is not None and index == s.fail_at else ""
             index += 1
@@ -294,18 +358,37 @@ class FakeDest:
                 rec.fault_fired = True
                 if fault == "close":
                     req.error = -1
+                    rec.how_ended = "fault"
                     return
                 if fault == "hang":
                     req.error = -1
+                    rec.how_ended = "fault"
                     self._discard_until_closed(sock, rec)
                     return
+            allowed = s.only_cmds is None or cmd in s.only_cmds
+            flush_fault = s.on_flush if cmd == wire.CMD_FLUSH and allowed and not fault \
+                and s.on_flush != "ok" else ""
+            if flush_fault:
+                rec.handoff_fired = f"on_flush={flush_fault}"
+                if flush_fault == "hang":
+                    req.error = -1
+                    rec.how_ended = "hold"
+                    mute = True
+                    continue
+                if flush_fault == "close":
+                    req.error = -1
+                    rec.how_ended = "fin"
+                    return
+                if flush_fault not in ("error", "ok_close"):
+                    raise ValueError(f"unknown on_flush {flush_fault!r}")
             error = 0
             data = b""
+            completes = False
             in_range = offset <= self.size and length <= self.size - offset
-            if s.only_cmds is not None and cmd not in s.only_cmds:
+            if not allowed:
                 rec.unexpected.append(req)
                 error = wire.NBD_EINVAL
-            elif fault == "error":
+            elif fault == "error" or flush_fault == "error":
                 error = s.error
             elif not in_range:
                 error = wire.NBD_ENOSPC if cmd in (wire.CMD_WRITE, wire.CMD_WRITE_ZEROES) \
@@ -319,12 +402,46 @@ class FakeDest:
             elif cmd == wire.CMD_READ:
                 data = os.pread(self._fd, length, offset) if self._fd >= 0 else bytes(length)
                 data += bytes(length - len(data))
+            if follow and error == 0 and not rec.covered and \
+                    cmd in (wire.CMD_WRITE, wire.CMD_WRITE_ZEROES) and _covers(covered, self.size):
+                rec.covered = completes = True
             req.error = error
             reply_cookie = cookie ^ 1 if fault == "badcookie" else cookie
             reply_magic = wire.SIMPLE_REPLY_MAGIC ^ 0x0100 if fault == "badmagic" \
                 else wire.SIMPLE_REPLY_MAGIC
-            sock.sendall(wire.pack_simple_reply(error, reply_cookie, reply_magic)
-                         + (data if error == 0 else b""))
+            reply = wire.pack_simple_reply(error, reply_cookie, reply_magic) \
+                + (data if error == 0 else b"")
+            last = s.after_last_reply if completes else ""
+            if last == "reset":
+                sock.sendall(reply)
+                rec.handoff_fired = "after_last_reply=reset"
+                rec.how_ended = "reset"
+                _reset(sock)
+                return
+            if last == "close" or (flush_fault == "ok_close" and error == 0):
+                rec.handoff_fired = "after_last_reply=close" if last else "on_flush=ok_close"
+                rec.how_ended = "fin"
+                _send_with_fin(sock, reply)
+                mute = True
+                continue
+            if last:
+                raise ValueError(f"unknown after_last_reply {last!r}")
+            sock.sendall(reply)
+
+    def _after_disc(self, sock: socket.socket, rec: ConnRecord) -> None:
+        how = rec.script.on_disc
+        if how == "close":
+            rec.how_ended = "fin"          # (the caller's shutdown sends the FIN)
+        elif how == "reset":
+            rec.how_ended = "reset"
+            _reset(sock)
+        elif how in ("hold", "junk"):
+            rec.how_ended = how
+            if how == "junk":
+                sock.sendall(b"\xde\xad\xbe\xef" * 4)
+            self._discard_until_closed(sock, rec)
+        else:
+            raise ValueError(f"unknown on_disc {how!r}")
 
     def _write(self, offset: int, payload: bytes) -> None:
         if self._fd < 0:
@@ -346,6 +463,24 @@ class FakeDest:
             if os.pread(self._fd, n, offset + pos).count(0) != n:
                 os.pwrite(self._fd, bytes(n), offset + pos)
             pos += n
+
+
+def _reset(sock: socket.socket) -> None:
+    """Close with a reset (SO_LINGER 0): the peer's next read or write fails ECONNRESET."""
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    except OSError:
+        pass
+    sock.close()
+
+
+def _send_with_fin(sock: socket.socket, data: bytes) -> None:
+    """Send ``data`` and shut our sending side so that the FIN rides in the same segment
+    (TCP_CORK holds the data back until the shutdown, which appends the FIN to it): the peer
+    cannot read the data without finding the end of the stream right behind it."""
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_CORK, 1)
+    sock.sendall(data)
+    sock.shutdown(socket.SHUT_WR)
 
 
 def _covers(ranges: list[tuple[int, int]], size: int) -> bool:
