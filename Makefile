@@ -3,15 +3,15 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
-.PHONY: install build test lint bench wheel annotate clean
+.PHONY: install build test lint bench wheel wheels wheel-test sdist-test annotate clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 
-# Install flexnbd (editable, compiled in place) with the test and lint tools.
+# Install flexnbd (editable, compiled in place) with the test, lint and release tools.
 install: $(PY)
-	$(PY) -m pip install -q -e '.[test,lint]'
+	$(PY) -m pip install -q -e '.[test,lint,release]'
 
 # Recompile the extensions in place after editing a .pyx.
 build: $(PY)
@@ -21,7 +21,7 @@ test: install
 	$(PY) -m pytest tests
 
 lint: install
-	$(PY) -m ruff check flexnbd tests benchmarks
+	$(PY) -m ruff check flexnbd tests benchmarks scripts
 	$(PY) -m mypy
 	PATH=$(VENV)/bin:$$PATH cython-lint flexnbd
 	$(VENV)/bin/lint-imports
@@ -35,6 +35,19 @@ bench: install
 
 wheel: $(PY)
 	$(PY) -m pip wheel --no-deps -w dist .
+
+# manylinux wheels for every CPython 3.10-3.13 on this machine, in wheelhouse/ (no container:
+# a release machine with one uses cibuildwheel, configured in pyproject.toml).
+wheels: install
+	$(PY) scripts/wheels.py --auditwheel $(abspath $(VENV))/bin/auditwheel
+
+# Install the oldest and newest wheel in fresh venvs and run the console scripts end to end.
+wheel-test: wheels
+	$(PY) scripts/wheel_test.py
+
+# Build the sdist, check its contents, build it in a fresh venv, run the unit tests.
+sdist-test: install
+	$(PY) scripts/sdist_test.py
 
 annotate: $(PY)
 	FLEXNBD_DEBUG_BUILD=1 $(PY) -m pip install -q --no-deps -e .

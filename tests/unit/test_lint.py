@@ -31,7 +31,7 @@ def run_tool(name: str, *args: str) -> None:
 
 
 def test_ruff():
-    run_tool("ruff", "check", "flexnbd", "tests", "benchmarks")
+    run_tool("ruff", "check", "flexnbd", "tests", "benchmarks", "scripts")
 
 
 def test_mypy():
