@@ -1,7 +1,8 @@
 """Shared pieces of the benchmark scripts (run.py, sparse.py, migration.py).
 
 Constants, the data files, starting and stopping servers with readiness by NBD handshake,
-CPU accounting from /proc, running clients, machine facts and number formatting.
+CPU accounting from /proc, dropping the page cache and disk counters, running clients,
+machine facts and number formatting.
 Standard library only.
 """
 
@@ -105,6 +106,61 @@ def settle(path: Path) -> None:
     with open(path, "rb", buffering=0) as f:
         while f.readinto(buf):
             pass
+
+
+def drop_caches() -> bool:
+    """sync, then drop the clean page cache, dentries and inodes (root only), so a sample
+    starts with no leftovers of the previous one in memory. False if it could not."""
+    os.sync()
+    try:
+        with open("/proc/sys/vm/drop_caches", "w") as f:
+            f.write("3\n")
+        return True
+    except OSError:
+        return False
+
+
+class DiskStats:
+    """The /proc/diskstats counters of the block device holding PATH (None when the file
+    system has no block device of its own, e.g. overlay or tmpfs)."""
+
+    def __init__(self, path: Path):
+        st = os.stat(path)
+        self.name: str | None = None
+        try:
+            uevent = Path(f"/sys/dev/block/{os.major(st.st_dev)}:{os.minor(st.st_dev)}/uevent")
+            for line in uevent.read_text().splitlines():
+                if line.startswith("DEVNAME="):
+                    self.name = line.split("=", 1)[1]
+        except OSError:
+            pass
+
+    def snapshot(self) -> list[int] | None:
+        if self.name is None:
+            return None
+        for line in Path("/proc/diskstats").read_text().splitlines():
+            f = line.split()
+            if len(f) > 3 and f[2] == self.name:
+                return [int(x) for x in f[3:]]
+        return None
+
+    @staticmethod
+    def delta(a: list[int] | None, b: list[int] | None) -> dict | None:
+        """What the device did between two snapshots: bytes and requests written, ms spent
+        writing, ms with I/O in flight (busy), cache flushes (kernel 5.5+)."""
+        if a is None or b is None:
+            return None
+        d = [y - x for x, y in zip(a, b, strict=True)]
+        out = {
+            "read_bytes": d[2] * 512,
+            "write_bytes": d[6] * 512,
+            "writes": d[4],
+            "write_ms": d[7],
+            "busy_ms": d[9],
+        }
+        if len(d) >= 17:
+            out["flushes"], out["flush_ms"] = d[15], d[16]
+        return out
 
 
 # ---------------------------------------------------------------- servers
@@ -465,6 +521,10 @@ def finish_report(report: dict, json_path: Path) -> int:
         print(f"\nERROR {err}")
     json_path.write_text(json.dumps(report, indent=2) + "\n")
     log(f"results written to {json_path}")
+    if report.get("markdown"):  # the tables as printed, ready to paste into RESULTS.md
+        md_path = json_path.with_suffix(".md")
+        md_path.write_text(report["markdown"].rstrip("\n") + "\n")
+        log(f"tables written to {md_path}")
     return 1 if report["errors"] else 0
 
 

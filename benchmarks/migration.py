@@ -1,14 +1,21 @@
 #!/usr/bin/env python3
-"""Benchmark flexnbd's live migration: `flexnbd mirror --wait` from a serve to a listen server.
+"""Benchmark flexnbd's live migration: a mirror from a serve to a listen server.
 
-Cases (issue 5): 'dense', 1 GiB of random data; 'sparse', 4 GiB with 256 MiB of data in
-scattered 1 MiB pieces; 'writes', the dense case with fio writing random 4 KiB blocks to the
-source throughout, until the endgame disconnects it. Each case runs --repeat times; the
-table shows medians. Per run: wall time from the mirror request to `mirror --wait`
-returning, the bytes on the wire the source logs, the CPU seconds of each end during the
-migration (exact, from wait4() when they exit), both exit statuses, and `cmp` of the two
-files afterwards. With --relay (default on) one more run per case goes through a counting
-TCP relay, an independent count of the bytes on the wire. See benchmarks/README.md.
+Cases: 'dense', 1 GiB of random data; 'sparse', 4 GiB with 256 MiB of data in scattered
+1 MiB pieces; 'writes', the dense case with fio writing random 4 KiB blocks to the source
+throughout, until the endgame disconnects it (issue 5); 'latency', fio 4 KiB random reads at
+queue depth 1 through flexnbd-proxy to the source, idle and during a speed-limited migration
+(issue 10). Each case runs --repeat times; the tables show medians.
+
+Per migration: the time from the mirror request (sent on the source's control socket, as
+`flexnbd mirror --wait` sends it) to the source confirming the end (`mirror --wait` would
+return), to the source process's exit and to the destination's exit; the bytes on the wire
+the source logs; the CPU seconds of each end (exact, from wait4()); what the disk under the
+destination did (/proc/diskstats); both exit statuses; `cmp` of the two files. Yardsticks in
+the same run and file system: `dd` of the same data with oflag=direct and with
+conv=fdatasync (the disk's durable write time), and a bare TCP copy. With --relay (default
+on) one more run per case goes through a counting TCP relay, an independent count of the
+bytes on the wire. --quick: a small version for CI. See benchmarks/README.md.
 
 Standard library only; all traffic on 127.0.0.1.
 """
@@ -19,22 +26,27 @@ import argparse
 import datetime
 import fcntl
 import json
+import math
 import os
 import re
 import shutil
 import socket
 import statistics
 import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 from common import (
     DEFAULT_WORKDIR,
     HOST,
+    DiskStats,
     MiB,
     Server,
     allocated_bytes,
+    drop_caches,
     find_flexnbd,
     finish_report,
     fmt,
@@ -51,17 +63,21 @@ from common import (
     settle,
 )
 
-# The reference: flexnbd 0.5.0 on this machine (issue 5), and the targets derived from it.
+# The reference: flexnbd 0.5.0 on this machine (issue 5), and the targets derived from it,
+# measured to a durable destination, i.e. to the source's exit (issue 10).
 REFERENCE_S = {"dense": 7.3, "sparse": 10.0}
-TARGET_SPEEDUP = {"dense": 5.0, "sparse": 10.0}
+TARGET_SPEEDUP = {"dense": 3.0, "sparse": 10.0}
+DISK_RATIO_LIMIT = 1.3  # dense: to the source's exit / the disk's durable write of the data
 SPARSE_WIRE_LIMIT = 1.1  # bytes on the wire / data size
+LATENCY_P99_LIMIT = 2.0  # p99 during a migration / p99 idle
 
 COMPLETED_RE = re.compile(
     r"migration completed: (\d+) bytes of data sent, (\d+) bytes on the wire, in ([\d.]+) s"
 )
 ENDGAME_RE = re.compile(r"mirror endgame: (\d+) bytes dirty")
 MAP_RE = re.compile(r"allocation map: built with (\w+) in (\d+) ms")
-
+# A log line (SPEC §9) starts with the CLOCK_MONOTONIC milliseconds, comparable with ours.
+STAMP_RE = re.compile(r"^(\d+):[DIWEF]:\d+ ")
 
 # ---------------------------------------------------------------- counting relay
 
@@ -132,7 +148,7 @@ class CountingRelay:
             t.join(timeout)
 
 
-# ---------------------------------------------------------------- one migration
+# ---------------------------------------------------------------- helpers
 
 
 def flexnbd_cmd(mode: str, port: int, path: Path, sock: Path) -> list[str]:
@@ -235,40 +251,210 @@ def parse_fio(out: str) -> dict:
     return {"writes": w.get("total_ios"), "iops": w.get("iops"), "fio_error": job.get("error")}
 
 
-def wait_all(servers: list[Server], timeout: float) -> dict[str, tuple[int, float]]:
-    """Wait for SERVERS to exit by themselves: name -> (exit status, monotonic exit time)."""
-    ended: dict[str, tuple[int, float]] = {}
-    deadline = time.monotonic() + timeout
-    while len(ended) < len(servers) and time.monotonic() < deadline:
-        for srv in servers:
-            if srv.name not in ended:
-                rc = srv.wait_exit(0)
-                if rc is not None:
-                    ended[srv.name] = (rc, time.monotonic())
-        time.sleep(0.005)
-    return ended
-
-
 def files_equal(a: Path, b: Path) -> tuple[bool, str]:
     out = subprocess.run(["cmp", str(a), str(b)], capture_output=True, text=True)
     return out.returncode == 0, (out.stdout + out.stderr).strip()
 
 
+def keep_logs(errors: list[str], logs: list[Path], what: str) -> None:
+    """After a failed run, copy its server logs to WORKDIR/failed/ (the next run overwrites
+    them) and name the copies in ERRORS."""
+    if not errors:
+        return
+    folder = logs[0].parent / "failed"
+    folder.mkdir(exist_ok=True)
+    stamp = datetime.datetime.now().strftime("%H%M%S")
+    kept = []
+    for path in logs:
+        copy = folder / f"{stamp}-{what}-{path.name}"
+        shutil.copyfile(path, copy)
+        kept.append(str(copy))
+    errors.append("logs kept: " + ", ".join(kept))
+
+
+def log_stamp(path: Path, text: str) -> float | None:
+    """The monotonic time (s) of the first line of PATH containing TEXT, from its stamp."""
+    for line in path.read_text(errors="replace").splitlines():
+        m = STAMP_RE.match(line)
+        if m and text in line:
+            return int(m.group(1)) / 1000
+    return None
+
+
+# ---------------------------------------------------------------- the control socket
+
+
+def control_request(sock: Path, lines: list[str], timeout: float = 120.0) -> tuple[int, str]:
+    """One request on a flexnbd control socket (SPEC §5): the lines, an empty line; the
+    reply `CODE: TEXT`. ConnectionError if the server closes without a reply."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+        s.settimeout(timeout)
+        s.connect(str(sock))
+        s.sendall("".join(f"{line}\n" for line in lines).encode() + b"\n")
+        s.shutdown(socket.SHUT_WR)
+        answer = b""
+        while len(answer) < 65536 and (chunk := s.recv(4096)):
+            answer += chunk
+    code, sep, text = answer.decode(errors="replace").rstrip("\n").partition(": ")
+    if not sep or not code.isdigit():
+        raise ConnectionError(f"no control reply from {sock}: {answer[:80]!r}")
+    return int(code), text
+
+
+class MirrorRequest(threading.Thread):
+    """Start a migration and follow it to its end, as `flexnbd mirror --wait` does: `mirror`
+    on the source's control socket, then `mirror_wait`, whose reply comes when the source has
+    finished the migration (cli=True runs `flexnbd mirror --wait` itself, so the times include
+    its start-up, ~0.1 s, as in the tables of issue 5). ACTION and MAX_BPS go in the `mirror`
+    request itself, so a speed limit holds from the first byte.
+
+    t0: when the request went out; t_started: the `Mirror started` reply (connected);
+    t_done: the end confirmed (mirror_wait answered, or the CLI exited); ok: it completed."""
+
+    def __init__(
+        self,
+        sock: Path,
+        port: int,
+        action: str = "exit",
+        max_bps: int | None = None,
+        cli: bool = False,
+    ):
+        super().__init__(name="mirror-request", daemon=True)
+        self.sock, self.port, self.action, self.max_bps, self.cli = sock, port, action, max_bps, cli
+        self.t0: float | None = None
+        self.t_started: float | None = None
+        self.t_done: float | None = None
+        self.ok = False
+        self.detail = ""
+        self.started = threading.Event()  # set once the `mirror` request was answered
+
+    def lines(self) -> list[str]:
+        lines = ["mirror", HOST, str(self.port), self.action]
+        if self.max_bps is not None:
+            lines += [HOST, str(self.max_bps)]  # BIND_IP comes before MAX_BPS
+        return lines
+
+    def command(self) -> list[str]:
+        if self.cli:
+            exe = find_flexnbd()
+            assert exe and self.action == "exit" and self.max_bps is None
+            cmd = [exe, "mirror", "--addr", HOST, "--port", str(self.port)]
+            return cmd + ["--sock", str(self.sock), "--wait"]
+        return ["control:", *self.lines(), "+ mirror_wait"]
+
+    def run(self) -> None:
+        try:
+            if self.cli:
+                self.t0 = time.monotonic()
+                proc = subprocess.run(self.command(), capture_output=True, text=True, timeout=900)
+                self.t_done = time.monotonic()
+                self.ok = proc.returncode == 0
+                self.detail = f"exit {proc.returncode}: " + (proc.stdout + proc.stderr).strip()
+                return
+            self.t0 = time.monotonic()
+            code, text = control_request(self.sock, self.lines())
+            self.t_started = time.monotonic()
+            self.started.set()
+            if code != 0:
+                self.detail = f"mirror: {code}: {text}"
+                return
+            code, text = control_request(self.sock, ["mirror_wait"], timeout=900)
+            self.t_done = time.monotonic()
+            self.ok = code == 0
+            self.detail = f"{code}: {text}"
+        except (OSError, ConnectionError) as e:
+            self.t_done = time.monotonic()
+            self.detail = f"{type(e).__name__}: {e}"
+        finally:
+            self.started.set()
+
+
+# ---------------------------------------------------------------- disk yardstick
+
+DD_VARIANTS = {"oflag=direct": ["oflag=direct"], "conv=fdatasync": ["conv=fdatasync"]}
+
+
+def dd_once(variant: str, src: Path, out: Path, disk: DiskStats, drop: bool) -> dict:
+    """`dd if=SRC of=OUT bs=8M <variant>` into a new file, timed; SRC in the page cache (as a
+    migration's source is), the page cache dropped before if DROP."""
+    out.unlink(missing_ok=True)
+    dropped = drop_caches() if drop else False
+    settle(src)
+    cmd = ["dd", f"if={src}", f"of={out}", "bs=8M", *DD_VARIANTS[variant]]
+    d0 = disk.snapshot()
+    c0 = os.times()
+    t0 = time.monotonic()
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
+    elapsed = time.monotonic() - t0
+    c1 = os.times()
+    d1 = disk.snapshot()
+    size = out.stat().st_size if out.exists() else 0
+    out.unlink(missing_ok=True)
+    return {
+        "variant": variant,
+        "command": " ".join(cmd),
+        "s": elapsed,
+        "rc": proc.returncode,
+        "bytes": size,
+        "dropped_caches": dropped,
+        "cpu_user_s": c1.children_user - c0.children_user,
+        "cpu_sys_s": c1.children_system - c0.children_system,
+        "disk": DiskStats.delta(d0, d1),
+        "stderr": proc.stderr.strip()[-500:],
+    }
+
+
+# ---------------------------------------------------------------- one migration
+
+
+def wait_exits(
+    servers: list[Server], req: MirrorRequest, timeout: float
+) -> dict[str, tuple[int, float]]:
+    """Wait for SERVERS to exit by themselves: name -> (exit status, monotonic exit time,
+    5 ms resolution). Gives up TIMEOUT s after the start, or 10 s after REQ failed."""
+    ended: dict[str, tuple[int, float]] = {}
+    deadline = time.monotonic() + timeout
+    failed_at = None
+    while time.monotonic() < deadline:
+        for srv in servers:
+            if srv.name not in ended:
+                rc = srv.wait_exit(0)
+                if rc is not None:
+                    ended[srv.name] = (rc, time.monotonic())
+        if len(ended) == len(servers):
+            break
+        if failed_at is None and not req.is_alive() and not req.ok:
+            failed_at = time.monotonic()
+        if failed_at is not None and time.monotonic() - failed_at > 10:
+            break
+        time.sleep(0.005)
+    return ended
+
+
 def migrate_once(
-    case: str, src: Path, dst: Path, size: int, workdir: Path, relay: bool, writer: bool
+    case: str,
+    src: Path,
+    dst: Path,
+    size: int,
+    workdir: Path,
+    relay: bool,
+    writer: bool,
+    disk: DiskStats,
+    args: argparse.Namespace,
 ) -> dict:
     """One migration src -> dst; returns the measurements (and 'errors', a list)."""
     errors: list[str] = []
     fresh_destination(dst, size)
+    result: dict = {"case": case, "relay": relay, "writer": writer}
+    result["dropped_caches"] = drop_caches() if not args.no_drop_caches else False
     settle(src)  # synced, and in the page cache, like a long-running server's file
     src_sock, dst_sock = workdir / "mig-src.sock", workdir / "mig-dst.sock"
-    for s in (src_sock, dst_sock):
-        s.unlink(missing_ok=True)
+    for path in (src_sock, dst_sock):
+        path.unlink(missing_ok=True)
     src_log, dst_log = workdir / "migration-src.log", workdir / "migration-dst.log"
     for p in (src_log, dst_log):
         p.write_text("")  # one run per log, so the patterns below see only this run
     p_src, p_dst = free_port(), free_port()
-    result: dict = {"case": case, "relay": relay, "writer": writer}
     fio: subprocess.Popen | None = None
     fio_out = workdir / "migration-fio.json"
     relay_obj: CountingRelay | None = None
@@ -297,35 +483,27 @@ def migrate_once(
             if relay:
                 relay_obj = CountingRelay(p_dst)
                 target = relay_obj.port
+            req = MirrorRequest(src_sock, target, cli=args.cli)
+            result["mirror_command"] = " ".join(req.command())
             cpu0_src, cpu0_dst = s.cpu_seconds(), d.cpu_seconds()
-            cli0 = os.times()
-            mirror = [
-                str(find_flexnbd()),
-                "mirror",
-                "--addr",
-                HOST,
-                "--port",
-                str(target),
-                "--sock",
-                str(src_sock),
-                "--wait",
-            ]
-            t0 = time.monotonic()
-            proc = subprocess.run(mirror, capture_output=True, text=True, timeout=900)
-            result["wall_s"] = time.monotonic() - t0
-            cli1 = os.times()
-            result["mirror_cli_cpu_s"] = (cli1.children_user + cli1.children_system) - (
-                cli0.children_user + cli0.children_system
-            )
-            result["mirror_rc"] = proc.returncode
-            result["mirror_output"] = (proc.stdout + proc.stderr).strip()[-2000:]
-            if proc.returncode != 0:
-                errors.append(f"mirror --wait exited {proc.returncode}: {result['mirror_output']}")
-            # Both ends exit by themselves after a completed migration (action exit); the
-            # destination only after it has synced the file (fdatasync) to the disk.
-            ended = wait_all([s, d], 120)
+            disk0 = disk.snapshot()
+            req.start()
+            # Both ends exit by themselves after a completed migration (action exit).
+            ended = wait_exits([s, d], req, 900)
+            req.join(30)
+            disk1 = disk.snapshot()
+            t0 = req.t0 if req.t0 is not None else time.monotonic()
+            result["mirror_ok"], result["mirror_output"] = req.ok, req.detail[-2000:]
+            if req.t_done is not None:
+                result["wait_s"] = result["wall_s"] = req.t_done - t0
+            if req.t_started is not None:
+                result["started_s"] = req.t_started - t0
+            if not req.ok:
+                errors.append(f"the mirror did not complete: {req.detail}")
             rc_src, rc_dst = (ended[x.name][0] if x.name in ended else None for x in (s, d))
             result["src_exit"], result["dst_exit"] = rc_src, rc_dst
+            if s.name in ended:
+                result["src_exit_s"] = ended[s.name][1] - t0
             if d.name in ended:
                 result["dst_exited_s"] = ended[d.name][1] - t0
             if rc_src != 0 or rc_dst != 0:
@@ -333,6 +511,7 @@ def migrate_once(
             result["src_cpu_s"] = s.cpu_seconds() - cpu0_src
             result["dst_cpu_s"] = d.cpu_seconds() - cpu0_dst
             result["src_cpu_total_s"], result["dst_cpu_total_s"] = s.cpu_seconds(), d.cpu_seconds()
+            result["disk"] = DiskStats.delta(disk0, disk1)
         finally:
             if fio is not None:
                 try:
@@ -370,6 +549,152 @@ def migrate_once(
         errors.append(f"destination differs from source: {detail}")
     result["dst_allocated_bytes"] = allocated_bytes(dst)
     result["src_allocated_bytes"] = allocated_bytes(src)
+    keep_logs(errors, [src_log, dst_log], case)
+    result["errors"] = errors
+    return result
+
+
+# ---------------------------------------------------------------- client latency
+
+
+def latency_fio_command(port: int, runtime: float) -> list[str]:
+    """run.py's 'fio rand read 4k qd1' job, with percentiles of the total latency too."""
+    from run import ROWS, fio_command
+
+    cmd = fio_command(port, ROWS["fio rand read 4k qd1"], math.ceil(runtime))
+    return cmd + ["--lat_percentiles=1", "--percentile_list=50:90:99:99.9"]
+
+
+def parse_fio_latency(out: str) -> dict:
+    """IOPS and latency (µs) of the read side of fio's JSON: p50... of the total latency
+    (lat = slat + clat), clat_p50... of the completion latency alone. With the nbd engine a
+    request's send counts in slat, and a reply already there when fio commits the request
+    gives a clat of 2-3 µs, so clat alone understates the latency a client sees."""
+    start = 0 if out.startswith("{") else out.find("\n{") + 1
+    try:
+        job = json.loads(out[start:])["jobs"][0]
+    except (ValueError, KeyError, IndexError):
+        return {}
+    rd = job.get("read", {})
+    res: dict[str, Any] = {
+        "fio_error": job.get("error"),
+        "iops": rd.get("iops"),
+        "ios": rd.get("total_ios"),
+    }
+    for prefix, key in (("", "lat_ns"), ("clat_", "clat_ns")):
+        stats = rd.get(key, {})
+        pct = stats.get("percentile", {})
+        for name, q in (("p50", "50"), ("p90", "90"), ("p99", "99"), ("p99_9", "99.9")):
+            value = pct.get(f"{float(q):.6f}")
+            res[f"{prefix}{name}_us"] = value / 1000 if value is not None else None
+        for name in ("mean", "max"):
+            value = stats.get(name)
+            res[f"{prefix}{name}_us"] = value / 1000 if value is not None else None
+    return res
+
+
+def latency_once(
+    kind: str, src: Path, dst: Path, size: int, workdir: Path, args: argparse.Namespace
+) -> dict:
+    """fio 4 KiB random reads at qd1 through flexnbd-proxy to a `flexnbd serve` of SRC, for
+    --latency-runtime s. KIND 'idle': nothing else runs. 'migrating': a migration of SRC to a
+    listen server, action `nothing` (the source goes on serving afterwards) with the speed
+    limit in the request, started --latency-lead s before fio, so that fio's window lies
+    inside the transfer. 'endgame': as 'migrating', fio running until 2 s past the end of the
+    transfer: the endgame disconnects the proxy from the source, which it must hide from fio
+    (not in the medians)."""
+    from proxy import LoggedServer, proxy_cmd  # proxy.py imports this module: import late
+
+    errors: list[str] = []
+    migrating = kind != "idle"
+    speed = args.latency_speed
+    runtime = args.latency_runtime
+    if kind == "endgame":
+        runtime = max(runtime, size / speed - args.latency_lead + 2)
+    result: dict = {"case": "latency", "kind": kind, "max_bps": speed if migrating else None}
+    fresh_destination(dst, size)
+    result["dropped_caches"] = drop_caches() if not args.no_drop_caches else False
+    settle(src)
+    src_sock, dst_sock = workdir / "lat-src.sock", workdir / "lat-dst.sock"
+    for p in (src_sock, dst_sock):
+        p.unlink(missing_ok=True)
+    src_log, dst_log = workdir / "latency-src.log", workdir / "latency-dst.log"
+    px_log = workdir / "latency-proxy.log"
+    for p in (src_log, dst_log, px_log):
+        p.write_text("")
+    p_src, p_dst, p_px = free_port(), free_port(), free_port()
+    fio_cmd = latency_fio_command(p_px, runtime)
+    result["fio_command"] = " ".join(fio_cmd)
+    req: MirrorRequest | None = None
+    servers: list[Server] = []
+    try:
+        if migrating:
+            cmd = flexnbd_cmd("listen", p_dst, dst, dst_sock)
+            servers.append(Server("listen", p_dst, dst, dst_log, cmd).__enter__())
+        s = Server("serve", p_src, src, src_log, flexnbd_cmd("serve", p_src, src, src_sock))
+        servers.append(s.__enter__())
+        if not wait_for_log(src_log, MAP_RE, 60):
+            errors.append("the source's allocation map was not built within 60 s")
+        px = LoggedServer("flexnbd-proxy", p_px, src, px_log, proxy_cmd(p_px, p_src, None))
+        servers.append(px.__enter__())
+        result["proxy_command"] = " ".join(px.cmd)
+        if migrating:
+            req = MirrorRequest(src_sock, p_dst, action="nothing", max_bps=speed)
+            result["mirror_command"] = " ".join(req.command())
+            req.start()
+            req.started.wait(60)
+            if req.t_started is None:
+                errors.append(f"the mirror did not start: {req.detail}")
+            time.sleep(args.latency_lead)
+        cpu0 = {srv.name: srv.cpu_seconds() for srv in servers}
+        t_fio0 = time.monotonic()
+        proc = subprocess.run(
+            fio_cmd, stdin=subprocess.DEVNULL, capture_output=True, text=True,
+            timeout=runtime + 120,
+        )  # fmt: skip
+        t_fio1 = time.monotonic()
+        result["cpu_s"] = {srv.name: srv.cpu_seconds() - cpu0[srv.name] for srv in servers}
+        result["fio_window_s"] = t_fio1 - t_fio0
+        result["fio_rc"] = proc.returncode
+        result.update(parse_fio_latency(proc.stdout))
+        if proc.returncode != 0 or result.get("fio_error") or result.get("p99_us") is None:
+            tail = (proc.stderr + proc.stdout.split("\n{", 1)[0]).strip()[-1000:]
+            errors.append(f"fio exit {proc.returncode}, error {result.get('fio_error')}: {tail}")
+        if req is not None:
+            req.join(size / speed * 3 + 120)
+            if not req.ok:
+                errors.append(f"the mirror did not complete: {req.detail}")
+            t0 = req.t0 or t_fio0
+            result["mirror_done_s"] = (req.t_done - t0) if req.t_done else None
+            result["fio_started_s"] = t_fio0 - t0
+            result["fio_ended_s"] = t_fio1 - t0
+            t_end = log_stamp(src_log, "mirror endgame")
+            result["endgame_s"] = t_end - t0 if t_end else None
+            result["endgame_in_fio_window"] = bool(t_end and t_fio0 <= t_end <= t_fio1)
+            m = COMPLETED_RE.search(src_log.read_text(errors="replace"))
+            if m:
+                result["migration_s"] = float(m.group(3))
+                result["migration_mb_s"] = int(m.group(1)) / float(m.group(3)) / 1e6
+            rc = servers[0].wait_exit(60)  # the listen server exits after its migration
+            result["dst_exit"] = rc
+            if rc != 0:
+                errors.append(f"the destination exited {rc} after the migration (want 0)")
+        result["proxy_reconnects"] = px_log.read_text(errors="replace").count("reconnected")
+        for srv in reversed(servers):
+            if srv.alive():
+                rc = srv.stop()
+                result[f"{srv.name}_exit"] = rc
+                if rc != 0:
+                    errors.append(f"{srv.name} exited {rc} on SIGTERM (want 0)")
+    finally:
+        for srv in reversed(servers):
+            srv.stop()
+    if migrating:
+        equal, detail = files_equal(src, dst)
+        result["identical"] = equal
+        if not equal:
+            errors.append(f"destination differs from source: {detail}")
+    keep_logs(errors, [src_log, dst_log, px_log], f"latency-{kind}")
     result["errors"] = errors
     return result
 
@@ -382,10 +707,17 @@ def median(runs: list[dict], key: str) -> float | None:
     return statistics.median(values) if values else None
 
 
+def disk_median(runs: list[dict], key: str) -> float | None:
+    values = [r["disk"][key] for r in runs if r.get("disk") and key in r["disk"]]
+    return statistics.median(values) if values else None
+
+
 def summarize(case: str, runs: list[dict], data_size: int) -> dict:
     keys = (
-        "wall_s",
+        "wait_s",
+        "src_exit_s",
         "dst_exited_s",
+        "started_s",
         "src_reported_s",
         "wire_bytes",
         "data_bytes",
@@ -396,13 +728,69 @@ def summarize(case: str, runs: list[dict], data_size: int) -> dict:
         "dst_allocated_bytes",
     )
     out: dict = {k: median(runs, k) for k in keys}
-    out["samples_wall_s"] = [r.get("wall_s") for r in runs]
+    for k in ("write_bytes", "busy_ms", "flushes", "write_ms"):
+        out[f"disk_{k}"] = disk_median(runs, k)
+    out["samples_wait_s"] = [r.get("wait_s") for r in runs]
+    out["samples_src_exit_s"] = [r.get("src_exit_s") for r in runs]
+    out["samples_dst_exited_s"] = [r.get("dst_exited_s") for r in runs]
     out["runs"] = len(runs)
     out["ok"] = sum(1 for r in runs if not r["errors"])
     out["data_size"] = data_size
-    if case in REFERENCE_S and out["wall_s"]:
-        out["speedup"] = REFERENCE_S[case] / out["wall_s"]
+    if case in REFERENCE_S and out["src_exit_s"]:
+        out["speedup"] = REFERENCE_S[case] / out["src_exit_s"]
         out["target_speedup"] = TARGET_SPEEDUP[case]
+    if case in REFERENCE_S and out["wait_s"]:
+        out["speedup_wait"] = REFERENCE_S[case] / out["wait_s"]
+    return out
+
+
+def summarize_dd(samples: list[dict]) -> dict:
+    out: dict[str, Any] = {}
+    for variant in DD_VARIANTS:
+        runs = [x for x in samples if x["variant"] == variant and x["rc"] == 0]
+        if runs:
+            out[variant] = {
+                "s": statistics.median(x["s"] for x in runs),
+                "samples_s": [x["s"] for x in runs],
+                "bytes": runs[0]["bytes"],
+                "disk_write_bytes": disk_median(runs, "write_bytes"),
+                "disk_busy_ms": disk_median(runs, "busy_ms"),
+                "disk_flushes": disk_median(runs, "flushes"),
+                "cpu_s": statistics.median(x["cpu_user_s"] + x["cpu_sys_s"] for x in runs),
+                "command": runs[0]["command"],
+            }
+    if out:
+        best = min(out, key=lambda v: out[v]["s"])
+        out["yardstick"] = best
+    return out
+
+
+def summarize_latency(runs: list[dict]) -> dict:
+    out: dict = {}
+    for kind in ("idle", "migrating", "endgame"):
+        rs = [r for r in runs if r["kind"] == kind and r.get("p99_us") is not None]
+        if not rs:
+            continue
+        k: dict[str, Any] = {key: median(rs, key) for key in (
+            "iops", "p50_us", "p90_us", "p99_us", "p99_9_us", "mean_us", "max_us",
+            "clat_p50_us", "clat_p99_us",
+            "migration_mb_s", "mirror_done_s", "endgame_s", "fio_started_s", "fio_ended_s",
+        )}  # fmt: skip
+        k["samples"] = len(rs)
+        k["ok"] = sum(1 for r in rs if not r["errors"])
+        k["samples_p99_us"] = [r["p99_us"] for r in rs]
+        k["samples_p50_us"] = [r["p50_us"] for r in rs]
+        k["endgame_in_fio_window"] = [r.get("endgame_in_fio_window") for r in rs]
+        k["proxy_reconnects"] = [r.get("proxy_reconnects") for r in rs]
+        names = {n for r in rs for n in r.get("cpu_s", {})}
+        k["cpu_s"] = {
+            n: statistics.median(r["cpu_s"][n] for r in rs if n in r["cpu_s"]) for n in names
+        }
+        out[kind] = k
+    if "idle" in out and "migrating" in out:
+        out["p99_ratio"] = out["migrating"]["p99_us"] / out["idle"]["p99_us"]
+        out["p50_ratio"] = out["migrating"]["p50_us"] / out["idle"]["p50_us"]
+        out["target_met"] = out["p99_ratio"] <= LATENCY_P99_LIMIT
     return out
 
 
@@ -410,125 +798,311 @@ def mib(x: float | None) -> str:
     return "-" if x is None else f"{x / MiB:,.1f}"
 
 
-def table(summary: dict) -> str:
+def count(x: float | None) -> str:
+    return "-" if x is None else f"{x:,.0f}"
+
+
+def samples_text(values: list) -> str:
+    return " / ".join(fmt(v) for v in values if v is not None)
+
+
+def migration_table(summary: dict, dd: dict) -> str:
     head = [
-        "case",
-        "runs ok",
-        "wall s (median)",
-        "wall s samples",
-        "source's own s",
-        "destination exited s",
-        "wire MiB",
-        "data MiB",
-        "wire / data",
-        "CPU s source",
-        "CPU s destination",
-        "destination allocated MiB",
-        "vs 0.5.0 (target)",
-    ]
+        "case", "runs ok", "to mirror --wait s", "to source exit s (median)",
+        "to source exit s samples", "destination exited s", "wire MiB", "data MiB",
+        "wire / data", "CPU s source / destination", "disk written MiB, busy s, flushes",
+        "vs disk (target)", "vs 0.5.0 (target)",
+    ]  # fmt: skip
+    yard = dd.get(dd["yardstick"]) if dd.get("yardstick") else None
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for case, s in summary.items():
         ratio = s["wire_bytes"] / s["data_size"] if s["wire_bytes"] else None
-        vs = f"{s['speedup']:.1f}x ({s['target_speedup']:.0f}x)" if s.get("speedup") else "-"
-        samples = " / ".join(fmt(w) for w in s["samples_wall_s"] if w is not None)
+        vs = "-"
+        if s.get("speedup"):
+            met = s["speedup"] >= s["target_speedup"]
+            vs = f"{s['speedup']:.1f}x (≥{s['target_speedup']:.0f}x: {'met' if met else 'MISSED'})"
+        vs_disk = "-"
+        if case == "dense" and yard and s["src_exit_s"]:
+            r = s["src_exit_s"] / yard["s"]
+            verdict = "met" if r <= DISK_RATIO_LIMIT else "MISSED"
+            vs_disk = f"{r:.2f}x (≤{DISK_RATIO_LIMIT}x: {verdict})"
+        if case == "sparse" and ratio:
+            ok = ratio <= SPARSE_WIRE_LIMIT
+            wire = f"{ratio:.3f} (≤{SPARSE_WIRE_LIMIT}: {'met' if ok else 'MISSED'})"
+        else:
+            wire = f"{ratio:.3f}" if ratio else "-"
+        busy = s["disk_busy_ms"] / 1000 if s["disk_busy_ms"] is not None else None
+        cells = [
+            case, f"{s['ok']}/{s['runs']}", fmt(s["wait_s"]), fmt(s["src_exit_s"]),
+            samples_text(s["samples_src_exit_s"]), fmt(s["dst_exited_s"]), mib(s["wire_bytes"]),
+            mib(s["data_size"]), wire, f"{fmt(s['src_cpu_s'])} / {fmt(s['dst_cpu_s'])}",
+            f"{mib(s['disk_write_bytes'])}, {fmt(busy)}, {count(s['disk_flushes'])}", vs_disk, vs,
+        ]  # fmt: skip
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def yardstick_table(dd: dict, raw: list[float], size: int) -> str:
+    head = [
+        "yardstick", "MiB", "s (median)", "samples s", "MiB/s",
+        "disk written MiB, busy s, flushes", "CPU s",
+    ]  # fmt: skip
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for variant in DD_VARIANTS:
+        if variant not in dd:
+            continue
+        v = dd[variant]
+        busy = v["disk_busy_ms"] / 1000 if v["disk_busy_ms"] is not None else None
+        mark = " (the yardstick: the faster)" if dd.get("yardstick") == variant else ""
         lines.append(
-            "| "
-            + " | ".join(
-                [
-                    case,
-                    f"{s['ok']}/{s['runs']}",
-                    fmt(s["wall_s"]),
-                    samples,
-                    fmt(s["src_reported_s"]),
-                    fmt(s["dst_exited_s"]),
-                    mib(s["wire_bytes"]),
-                    mib(s["data_size"]),
-                    f"{ratio:.3f}" if ratio else "-",
-                    fmt(s["src_cpu_s"]),
-                    fmt(s["dst_cpu_s"]),
-                    mib(s["dst_allocated_bytes"]),
-                    vs,
-                ]
-            )
-            + " |"
+            f"| `dd bs=8M {variant}`{mark} | {mib(v['bytes'])} | {fmt(v['s'])} | "
+            f"{samples_text(v['samples_s'])} | {fmt(v['bytes'] / MiB / v['s'])} | "
+            f"{mib(v['disk_write_bytes'])}, {fmt(busy)}, {count(v['disk_flushes'])} | "
+            f"{fmt(v['cpu_s'])} |"
         )
+    if raw:
+        med = statistics.median(raw)
+        lines.append(
+            f"| bare TCP copy (sendfile → recv_into + pwrite, no sync) | {mib(size)} | "
+            f"{fmt(med)} | {samples_text(raw)} | {fmt(size / MiB / med)} | - | - |"
+        )
+    return "\n".join(lines)
+
+
+def latency_table(lat: dict) -> str:
+    head = [
+        "fio randread 4k qd1 through flexnbd-proxy", "samples ok", "IOPS", "p50 µs", "p99 µs",
+        "p99 µs samples", "p99.9 µs", "max µs", "clat only: p50 / p99 µs", "migration MB/s",
+        "CPU s source / proxy / destination",
+    ]  # fmt: skip
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    names = {"idle": "idle (no migration)", "migrating": "during a migration",
+             "endgame": "across the endgame (check, not in the medians)"}  # fmt: skip
+    for kind, label in names.items():
+        if kind not in lat:
+            continue
+        k = lat[kind]
+        cpu = k["cpu_s"]
+        cells = [
+            label, f"{k['ok']}/{k['samples']}", fmt(k["iops"]), fmt(k["p50_us"]),
+            fmt(k["p99_us"]), samples_text(k["samples_p99_us"]), fmt(k["p99_9_us"]),
+            fmt(k["max_us"]), f"{fmt(k['clat_p50_us'])} / {fmt(k['clat_p99_us'])}",
+            fmt(k["migration_mb_s"]),
+            " / ".join(fmt(cpu.get(n)) for n in ("serve", "flexnbd-proxy", "listen")),
+        ]  # fmt: skip
+        lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
 # ---------------------------------------------------------------- main
 
-CASES = ("dense", "sparse", "writes")
+CASES = ("dense", "sparse", "writes", "latency")
+QUICK = {
+    "dense_size": "256M", "sparse_size": "1G", "sparse_data": "64M", "repeat": 1,
+    "latency_runtime": 5.0, "latency_speed": 40_000_000,
+}  # fmt: skip
+FULL = {
+    "dense_size": "1G", "sparse_size": "4G", "sparse_data": "256M", "repeat": 3,
+    "latency_runtime": 9.0, "latency_speed": 100_000_000,
+}  # fmt: skip
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--workdir", default=DEFAULT_WORKDIR, help="where the files live")
     p.add_argument("--cases", help="comma-separated subset of " + ", ".join(CASES))
-    p.add_argument("--dense-size", default="1G", help="dense and writes cases (default 1G)")
-    p.add_argument("--sparse-size", default="4G", help="sparse case file size (default 4G)")
-    p.add_argument("--sparse-data", default="256M", help="data in it (default 256M)")
-    p.add_argument("--repeat", type=int, default=3, help="runs per case (default 3)")
-    p.add_argument("--no-relay", action="store_true", help="skip the counting-relay run")
+    p.add_argument("--quick", action="store_true",
+                   help="a small run for CI: 256M dense, 1G sparse with 64M data, 1 sample, "
+                        "no relay runs, 5 s fio at 40 MB/s (well under 2 minutes)")  # fmt: skip
+    p.add_argument("--dense-size", help="dense, writes and latency cases (default 1G)")
+    p.add_argument("--sparse-size", help="sparse case file size (default 4G)")
+    p.add_argument("--sparse-data", help="data in it (default 256M)")
+    p.add_argument("--repeat", type=int, help="runs per case (default 3)")
+    p.add_argument("--latency-runtime", type=float, help="s of fio per latency sample (default 9)")
+    p.add_argument(
+        "--latency-speed",
+        type=int,
+        help="the migration's speed limit in the latency case, bytes/s (default 1e8)",
+    )
+    p.add_argument(
+        "--latency-lead",
+        type=float,
+        default=0.5,
+        help="s between the mirror request and fio's start (default 0.5)",
+    )
+    p.add_argument(
+        "--no-endgame-check", action="store_true", help="skip the latency run across the endgame"
+    )
+    p.add_argument("--no-relay", action="store_true", help="skip the counting-relay runs")
     p.add_argument("--no-raw", action="store_true", help="skip the raw TCP copy yardstick")
-    p.add_argument("--json", help="results file (default WORKDIR/results-migration.json)")
-    return p.parse_args(argv)
+    p.add_argument("--no-dd", action="store_true", help="skip the dd disk yardstick")
+    p.add_argument(
+        "--no-drop-caches",
+        action="store_true",
+        help="do not drop the page cache before each sample",
+    )
+    p.add_argument("--cli", action="store_true",
+                   help="time `flexnbd mirror --wait` (CLI start-up included) instead of "
+                        "sending the request on the control socket")  # fmt: skip
+    p.add_argument(
+        "--json",
+        help="results file (default WORKDIR/results-migration.json; "
+        "--quick: results-migration-quick.json); the tables go next to it as .md",
+    )
+    args = p.parse_args(argv)
+    for key, value in (QUICK if args.quick else FULL).items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    if args.quick:
+        args.no_relay = True
+    return args
+
+
+def flexnbd_module() -> str | None:
+    """Where the flexnbd package the servers run comes from (PYTHONPATH can point elsewhere)."""
+    out = subprocess.run(
+        [sys.executable, "-c", "import flexnbd; print(flexnbd.__file__)"],
+        capture_output=True, text=True, cwd="/",  # not the work tree: `-c` puts cwd first
+    )  # fmt: skip
+    return out.stdout.strip() or None
+
+
+def code_stamp(module: str | None) -> float | None:
+    """The newest modification time of the flexnbd package's .py and .so files."""
+    if not module:
+        return None
+    package = Path(module).parent
+    times = [p.stat().st_mtime for p in package.rglob("*") if p.suffix in (".py", ".so")]
+    return max(times, default=None)
 
 
 def main(argv: list[str] | None = None) -> int:
+    started = time.monotonic()
     args = parse_args(argv)
     cases = select(args.cases, list(CASES), {})
     if not find_flexnbd():
         raise SystemExit("flexnbd not found (run `make install`)")
-    if "writes" in cases and not shutil.which("fio"):
-        log("fio not found: skipping the 'writes' case")
-        cases.remove("writes")
+    for case in ("writes", "latency"):
+        if case in cases and not shutil.which("fio"):
+            log(f"fio not found: skipping the '{case}' case")
+            cases.remove(case)
+    if "latency" in cases:
+        from proxy import find_proxy
+
+        if not find_proxy():
+            log("flexnbd-proxy not found: skipping the 'latency' case")
+            cases.remove("latency")
+    if args.no_dd is False and not shutil.which("dd"):
+        args.no_dd = True
     workdir = Path(args.workdir)
     workdir.mkdir(parents=True, exist_ok=True)
-    json_path = Path(args.json) if args.json else workdir / "results-migration.json"
+    default_json = "results-migration-quick.json" if args.quick else "results-migration.json"
+    json_path = Path(args.json) if args.json else workdir / default_json
     dense_size = parse_size(args.dense_size)
     sparse_size, sparse_data = parse_size(args.sparse_size), parse_size(args.sparse_data)
     dense = workdir / f"data-{dense_size}.img"
     sparse = workdir / f"sparse-{sparse_size}-{sparse_data}.img"
-    if {"dense", "writes"} & set(cases):
+    if {"dense", "writes", "latency"} & set(cases):
         make_data_file(dense, dense_size)
     if "sparse" in cases:
         make_sparse_file(sparse, sparse_size, sparse_data)
+    disk = DiskStats(workdir)
     report: dict = {
-        "date": datetime.date.today().isoformat(),
+        "date": datetime.datetime.now().isoformat(timespec="seconds"),
         "machine": machine_info(),
         "git_head": git_head(),
         "flexnbd": server_version("flexnbd"),
+        "flexnbd_module": flexnbd_module(),
+        "pythonpath": os.environ.get("PYTHONPATH"),
+        "disk_device": disk.name,
+        "code_stamp_start": None,
+        "args": vars(args),
         "repeat": args.repeat,
         "loadavg_start": os.getloadavg(),
         "runs": [],
         "relay_runs": [],
         "raw_copy_s": [],
+        "dd": [],
+        "latency_runs": [],
         "errors": [],
     }
-    log(f"load average {report['loadavg_start'][0]:.2f} before starting")
+    report["code_stamp_start"] = code_stamp(report["flexnbd_module"])
+    log(f"load average {report['loadavg_start'][0]:.2f} before starting; flexnbd from "
+        f"{report['flexnbd_module']}; disk {disk.name}")  # fmt: skip
+    if not args.no_drop_caches and not drop_caches():
+        log("cannot drop the page cache (not root?): samples start with a warm cache")
+        args.no_drop_caches = True
     copy = workdir / "mig-src-writes.img"  # the writes case changes its source: a copy
     dst = workdir / "mig-dst.img"
+    dd_out = workdir / "dd-out.img"  # same file system as the destination
     plan = [(rep, case, False) for rep in range(args.repeat) for case in cases]
     if not args.no_relay:
-        plan += [(args.repeat, case, True) for case in cases]
+        plan += [(args.repeat, case, True) for case in cases if case != "latency"]
+    if "latency" in cases and not args.no_endgame_check:
+        plan.append((args.repeat, "endgame", False))
     try:
         for rep, case, relay in plan:
+            if case in ("latency", "endgame"):
+                kinds = ["endgame"] if case == "endgame" else ["idle", "migrating"]
+                if rep % 2:
+                    kinds.reverse()
+                for kind in kinds:
+                    what = "check" if kind == "endgame" else f"run {rep + 1}/{args.repeat}"
+                    log(f"latency, {kind} ({what}) ...")
+                    r = latency_once(kind, dense, dst, dense_size, workdir, args)
+                    r["loadavg"] = os.getloadavg()
+                    report["latency_runs"].append(r)
+                    log(
+                        f"  {fmt(r.get('iops'))} IOPS, p50 {fmt(r.get('p50_us'))} µs, p99 "
+                        f"{fmt(r.get('p99_us'))} µs, max {fmt(r.get('max_us'))} µs"
+                        + (
+                            f"; migration {fmt(r.get('migration_mb_s'))} MB/s, done at "
+                            f"{fmt(r.get('mirror_done_s'))} s, fio from "
+                            f"{fmt(r.get('fio_started_s'))} to {fmt(r.get('fio_ended_s'))} s, "
+                            f"endgame at {fmt(r.get('endgame_s'))} s, proxy reconnects "
+                            f"{r.get('proxy_reconnects')}"
+                            if kind != "idle"
+                            else ""
+                        )
+                    )
+                    for e in r["errors"]:
+                        log(f"  ERROR: {e}")
+                        report["errors"].append(f"latency {kind} ({what}): {e}")
+                continue
             src, size = (sparse, sparse_size) if case == "sparse" else (dense, dense_size)
             if case == "writes":
                 shutil.copyfile(dense, copy)
                 src = copy
             what = "relay run" if relay else f"run {rep + 1}/{args.repeat}"
-            if case == "dense" and not relay and not args.no_raw:
-                settle(src)
-                raw = raw_copy_s(src, dst, size)
-                report["raw_copy_s"].append(raw)
-                log(f"raw TCP copy of {mib(size)} MiB into a fresh file: {raw:.2f} s")
+            if case == "dense" and not relay:
+                # The yardsticks, in an order that rotates from run to run.
+                steps = [] if args.no_dd else list(DD_VARIANTS)
+                steps += [] if args.no_raw else ["raw"]
+                k = rep % len(steps) if steps else 0
+                for step in steps[k:] + steps[:k]:
+                    if step == "raw":
+                        if not args.no_drop_caches:
+                            drop_caches()
+                        settle(src)
+                        raw = raw_copy_s(src, dst, size)
+                        dst.unlink(missing_ok=True)
+                        report["raw_copy_s"].append(raw)
+                        log(f"raw TCP copy of {mib(size)} MiB into a fresh file: {raw:.2f} s")
+                        continue
+                    x = dd_once(step, src, dd_out, disk, not args.no_drop_caches)
+                    x["rep"] = rep
+                    report["dd"].append(x)
+                    log(f"dd {step} of {mib(x['bytes'])} MiB: {x['s']:.2f} s (exit {x['rc']})")
+                    if x["rc"] != 0 or x["bytes"] != size:
+                        report["errors"].append(f"dd {step}: exit {x['rc']}: {x['stderr']}")
             log(f"{case} ({what}) ...")
-            r = migrate_once(case, src, dst, size, workdir, relay, case == "writes")
+            r = migrate_once(case, src, dst, size, workdir, relay, case == "writes", disk, args)
             r["loadavg"] = os.getloadavg()
             (report["relay_runs"] if relay else report["runs"]).append(r)
             log(
-                f"  {fmt(r.get('wall_s'))} s, {mib(r.get('wire_bytes'))} MiB on the wire"
+                f"  mirror --wait {fmt(r.get('wait_s'))} s, source exit {fmt(r.get('src_exit_s'))}"
+                f" s, destination exit {fmt(r.get('dst_exited_s'))} s, "
+                f"{mib(r.get('wire_bytes'))} MiB on the wire"
                 + (f" (relay: {mib(r.get('relay_to_dst_bytes'))} MiB)" if relay else "")
                 + f", CPU {fmt(r.get('src_cpu_s'))} s source / {fmt(r.get('dst_cpu_s'))} s "
                 f"destination, identical: {r['identical']}"
@@ -540,50 +1114,113 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         copy.unlink(missing_ok=True)
         dst.unlink(missing_ok=True)
+        dd_out.unlink(missing_ok=True)
     report["loadavg_end"] = os.getloadavg()
+    report["code_stamp_end"] = code_stamp(report["flexnbd_module"])
+    if report["code_stamp_end"] != report["code_stamp_start"]:
+        report["errors"].append(
+            f"the flexnbd code in {report['flexnbd_module']} changed during the run: the "
+            "numbers mix two versions (run on a snapshot: PYTHONPATH=DIR)"
+        )
     data_sizes = {"dense": dense_size, "writes": dense_size, "sparse": sparse_data}
     summary = {
         case: summarize(case, [r for r in report["runs"] if r["case"] == case], data_sizes[case])
         for case in cases
+        if case != "latency"
     }
     report["summary"] = summary
+    dd = summarize_dd(report["dd"])
+    report["dd_summary"] = dd
+    lat = summarize_latency(report["latency_runs"])
+    report["latency_summary"] = lat
+    report["duration_s"] = time.monotonic() - started
 
-    print(table(summary))
-    print()
+    out: list[str] = []
+    if summary:
+        out += [migration_table(summary, dd), ""]
+        out.append(
+            "Times from the mirror request ("
+            + ("`flexnbd mirror --wait` started" if args.cli else "sent on the control socket")
+            + f"); medians of {args.repeat}. 'to mirror --wait': the source confirmed the end "
+            "(mirror_wait answered); 'to source exit': the source process exited (reaped); "
+            "'destination exited': the listen server exited."
+        )
+        out.append("")
+    if dd or report["raw_copy_s"]:
+        out += [yardstick_table(dd, report["raw_copy_s"], dense_size), ""]
+        drop = "dropped (sync; echo 3 > drop_caches)" if not args.no_drop_caches else "not dropped"
+        out.append(
+            f"Same file system as the destination ({disk.name or 'device unknown'}); page cache "
+            f"{drop} before every sample, then the input read into it (a migration's source is "
+            "in the page cache too)."
+        )
+        out.append("")
     for case, s in summary.items():
-        if s.get("speedup"):
-            met = s["speedup"] >= s["target_speedup"]
-            line = (
-                f"{case}: {s['speedup']:.1f}x faster than 0.5.0's {REFERENCE_S[case]} s "
-                f"(target {s['target_speedup']:.0f}x: {'met' if met else 'MISSED'})"
+        if not s.get("speedup"):
+            continue
+        met = s["speedup"] >= s["target_speedup"]
+        line = (
+            f"{case}: to the source's exit {fmt(s['src_exit_s'])} s, {s['speedup']:.1f}x faster "
+            f"than 0.5.0's {REFERENCE_S[case]} s (target {s['target_speedup']:.0f}x: "
+            f"{'met' if met else 'MISSED'}); to mirror --wait {fmt(s['wait_s'])} s"
+        )
+        if case == "dense" and dd.get("yardstick"):
+            y = dd[dd["yardstick"]]
+            r = s["src_exit_s"] / y["s"]
+            line += (
+                f"; {r:.2f}x the disk's durable write of the same data (`dd {dd['yardstick']}`,"
+                f" {fmt(y['s'])} s; target ≤ {DISK_RATIO_LIMIT}x: "
+                f"{'met' if r <= DISK_RATIO_LIMIT else 'MISSED'})"
             )
-            if case == "sparse" and s["wire_bytes"]:
-                ratio = s["wire_bytes"] / s["data_size"]
-                ok = ratio <= SPARSE_WIRE_LIMIT
-                line += (
-                    f"; wire/data {ratio:.3f} (target <= {SPARSE_WIRE_LIMIT}: "
-                    f"{'met' if ok else 'MISSED'})"
-                )
-            print(line)
-        if case == "writes":
-            print(
-                f"writes: fio wrote {fmt(s['writes'])} 4 KiB blocks per run (median), "
-                f"{mib(s['endgame_dirty_bytes'])} MiB dirty at the endgame"
-            )
-    if report["raw_copy_s"]:
-        raw = report["raw_copy_s"]
-        print(
-            f"yardstick: raw TCP copy (sendfile -> recv_into + pwrite) of {mib(dense_size)} MiB "
-            f"into a fresh file: median {statistics.median(raw):.2f} s "
-            f"({' / '.join(f'{x:.2f}' for x in raw)}), run before each dense migration"
+        if case == "sparse" and s["wire_bytes"]:
+            ratio = s["wire_bytes"] / s["data_size"]
+            ok = ratio <= SPARSE_WIRE_LIMIT
+            verdict = "met" if ok else "MISSED"
+            line += f"; wire/data {ratio:.3f} (target ≤ {SPARSE_WIRE_LIMIT}: {verdict})"
+        out.append(line)
+    if "writes" in summary:
+        s = summary["writes"]
+        out.append(
+            f"writes: fio wrote {fmt(s['writes'])} 4 KiB blocks per run (median), "
+            f"{mib(s['endgame_dirty_bytes'])} MiB dirty at the endgame"
         )
     for r in report["relay_runs"]:
-        print(
+        out.append(
             f"relay check, {r['case']}: the relay counted {r.get('relay_to_dst_bytes'):,} bytes "
             f"to the destination ({r.get('relay_connections')} connection(s)), the source "
-            f"logged {r.get('wire_bytes') or 0:,}; {r.get('relay_from_dst_bytes'):,} bytes "
-            f"back"
+            f"logged {r.get('wire_bytes') or 0:,}; {r.get('relay_from_dst_bytes'):,} bytes back"
         )
+    if lat:
+        out += ["", latency_table(lat), ""]
+        out.append(
+            f"fio `--rw=randread --bs=4k --iodepth=1`, {fmt(args.latency_runtime)} s, through "
+            f"flexnbd-proxy to the source ({mib(dense_size)} MiB, in the page cache); during: a "
+            f"migration of it with action `nothing` and max_bps {args.latency_speed:,} in the "
+            f"mirror request, fio started {args.latency_lead} s after the request, so its window "
+            "lies inside the transfer. Latency: fio's total latency per request (lat = slat + "
+            "clat; with the nbd engine clat alone misses the send, and is 2-3 µs for a reply "
+            "that was already there); medians over the samples of each percentile."
+        )
+        if "p99_ratio" in lat:
+            out.append(
+                f"p99 during / idle: {lat['p99_ratio']:.2f}x (target ≤ {LATENCY_P99_LIMIT}x: "
+                f"{'met' if lat['target_met'] else 'MISSED'}); p50: {lat['p50_ratio']:.2f}x"
+            )
+        if "endgame" in lat:
+            e = lat["endgame"]
+            out.append(
+                f"endgame check: fio ran across the endgame ({e['endgame_in_fio_window']}), "
+                f"{e['ok']}/{e['samples']} without error, proxy reconnects "
+                f"{e['proxy_reconnects']}, longest request {fmt(e['max_us'])} µs"
+            )
+    out.append("")
+    out.append(
+        f"{report['date']}, {report['git_head']}, flexnbd from {report['flexnbd_module']}; load "
+        f"{report['loadavg_start'][0]:.2f} → {report['loadavg_end'][0]:.2f}; "
+        f"{report['duration_s']:.0f} s in all"
+    )
+    report["markdown"] = "\n".join(out)
+    print(report["markdown"])
     return finish_report(report, json_path)
 
 
