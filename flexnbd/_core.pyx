@@ -288,6 +288,7 @@ cdef struct conn_t:
     uint64_t errors          # requests answered with an error
     int kicked               # set by kick(): end at the next request boundary
     int corked               # TCP_CORK is on: replies of a batch of requests leave together
+    int splice_all           # splice every large WRITE, even onto holes (see Connection)
     # how it ended
     int reason
     int err
@@ -954,7 +955,8 @@ cdef int do_write(conn_t *c, const request_t *r, int error) noexcept nogil:
             if n > left:
                 n = <size_t>left
             if c.pipe_r >= 0 and not fua and not error and not io_err and \
-                    (c.ex.amap == NULL or amap_all_allocated(c.ex.amap, offset, n)):
+                    (c.splice_all or c.ex.amap == NULL or
+                     amap_all_allocated(c.ex.amap, offset, n)):
                 # Onto allocated space: splice socket -> pipe -> file, one copy fewer.
                 rc = splice_to_file(c, n, offset, &io_err)
                 if rc:
@@ -1157,7 +1159,8 @@ cdef class Connection:
     cdef AllocationMap coverage
 
     def __cinit__(self, int sock, Export export, *, int stop_fd=-1, bint structured=False,
-                  bint meta_context=False, bint fast_zero=False, AllocationMap coverage=None):
+                  bint meta_context=False, bint fast_zero=False, AllocationMap coverage=None,
+                  bint splice_all=False):
         cdef int fds[2]
         # Every descriptor field is -1 before anything can fail, so __dealloc__ closes only
         # what was opened (the struct starts zeroed, and 0 is stdin).
@@ -1167,6 +1170,10 @@ cdef class Connection:
         self.c.coverage = &coverage.m if coverage is not None else NULL
         self.c.sock = sock
         self.c.stop_fd = stop_fd
+        # A migration sender that can send WRITE_ZEROES sends holes that way, so its WRITEs
+        # are data: splice them straight into the file (one copy fewer, no zero scan) instead
+        # of receiving them to look for zero blocks to skip.
+        self.c.splice_all = splice_all
         self.c.kick_fd = eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK)
         if self.c.kick_fd < 0:
             raise OSError(errno, os.strerror(errno))

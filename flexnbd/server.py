@@ -387,7 +387,8 @@ class Server:
                     sock.fileno(), self.export, stop_fd=self._stop_fd,
                     structured=agreed.structured, meta_context=agreed.meta_context,
                     fast_zero=agreed.style == "newstyle" and self.export.can_punch,
-                    coverage=coverage)
+                    coverage=coverage,
+                    splice_all=coverage is not None and agreed.style == "newstyle")
             _log.info("%s connected (%s%s)", client.name, agreed.style,
                       ", structured replies" if agreed.structured else "")
             result = client.connection.serve()
