@@ -587,23 +587,29 @@ class Server:
             limits.append(cfg.killswitch)
         interval = min(1.0, max(0.01, min(limits) / 4))
         while not self._watchdog_stop.wait(interval):
-            now = _core.monotonic_ns()
-            late: list[tuple[_Client, str]] = []
-            with self._lock:
-                for c in self._clients:
-                    if c.killed:
-                        continue
-                    if c.connection is None:
-                        if now - c.accepted_ns > handshake_ns:
-                            late.append((c, f"handshake not done in {cfg.handshake_timeout:g} s"))
-                    elif cfg.killswitch is not None and \
-                            c.connection.request_age_ns > cfg.killswitch * 1e9:
-                        late.append((c, f"killswitch: request ran over {cfg.killswitch:g} s"))
-                for client, _ in late:
-                    client.killed = True
-                    _shutdown(client.sock)
-            for client, why in late:
-                _log.warning("%s: %s; disconnected it", client.name, why)
+            # (one call per round: no reference to a client outlives the round, so a client
+            # that has gone is freed with its buffers and descriptors at once)
+            self._cut_late_clients(handshake_ns)
+
+    def _cut_late_clients(self, handshake_ns: int) -> None:
+        cfg = self.config
+        now = _core.monotonic_ns()
+        late: list[tuple[_Client, str]] = []
+        with self._lock:
+            for c in self._clients:
+                if c.killed:
+                    continue
+                if c.connection is None:
+                    if now - c.accepted_ns > handshake_ns:
+                        late.append((c, f"handshake not done in {cfg.handshake_timeout:g} s"))
+                elif cfg.killswitch is not None and \
+                        c.connection.request_age_ns > cfg.killswitch * 1e9:
+                    late.append((c, f"killswitch: request ran over {cfg.killswitch:g} s"))
+            for client, _ in late:
+                client.killed = True
+                _shutdown(client.sock)
+        for client, why in late:
+            _log.warning("%s: %s; disconnected it", client.name, why)
 
     def _report(self, client: _Client, result: _core.ServeResult) -> None:
         what = (f"{result.command} offset {result.offset} length {result.length}"
