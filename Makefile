@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
-.PHONY: install build test lint bench wheel wheels wheel-test sdist-test annotate clean
+.PHONY: install build test lint bench bench-ci wheel wheels wheel-test sdist-test annotate clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -26,12 +26,18 @@ lint: install
 	PATH=$(VENV)/bin:$$PATH cython-lint flexnbd
 	$(VENV)/bin/lint-imports
 
-# Every benchmark: throughput rows against nbdkit and qemu-nbd, map build, migration, proxy.
+# Every benchmark: throughput rows against nbdkit and qemu-nbd, map build, migration, proxy;
+# the results go to benchmarks/results/NAME.json (RESULTS.md is written from them).
 bench: install
 	$(PY) benchmarks/run.py
 	$(PY) benchmarks/sparse.py
 	$(PY) benchmarks/migration.py
 	$(PY) benchmarks/proxy.py
+
+# Every benchmark in its quick mode (~3 minutes), one JSON in benchmarks/out/bench-ci.json:
+# fails on errors (client, server, exit status, migrated data, sparse wire), never on ratios.
+bench-ci: install
+	$(PY) benchmarks/ci.py
 
 wheel: $(PY)
 	$(PY) -m pip wheel --no-deps -w dist .

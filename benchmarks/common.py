@@ -1,8 +1,8 @@
-"""Shared pieces of the benchmark scripts (run.py, sparse.py, migration.py).
+"""Shared pieces of the benchmark scripts (run.py, sparse.py, migration.py, proxy.py, ci.py).
 
 Constants, the data files, starting and stopping servers with readiness by NBD handshake,
 CPU accounting from /proc, dropping the page cache and disk counters, running clients,
-machine facts and number formatting.
+machine facts, number formatting, the ratio marker and where results go.
 Standard library only.
 """
 
@@ -27,6 +27,10 @@ GiB = 1 << 30
 HOST = "127.0.0.1"  # all traffic stays on loopback
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 DEFAULT_WORKDIR = "/var/tmp/flexnbd-bench"  # /var/tmp: real disk, and kept between runs
+HERE = Path(__file__).resolve().parent
+RESULTS_DIR = HERE / "results"  # one JSON per benchmark, from the last full run (`make bench`)
+OUT_DIR = HERE / "out"  # quick runs and CI (git-ignored)
+RATIO_MARK = 0.8  # a ratio against the best peer under this is marked "<< 0.80" (not an error)
 IHAVEOPT = b"IHAVEOPT"
 SERVER_NAMES = ("flexnbd", "nbdkit", "qemu-nbd")
 
@@ -95,7 +99,35 @@ def make_sparse_file(path: Path, size: int, data: int, piece: int = MiB, seed: i
 
 
 def allocated_bytes(path: Path) -> int:
+    """Blocks allocated to PATH, in bytes (ext4's extent-tree blocks included)."""
     return path.stat().st_blocks * 512
+
+
+def data_bytes(path: Path) -> int:
+    """Bytes of PATH in data extents, by SEEK_DATA/SEEK_HOLE (the file's size minus its
+    holes, exactly as a server that maps holes sees it; st_blocks also counts metadata)."""
+    size = path.stat().st_size
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        data = pos = 0
+        while pos < size:
+            try:
+                start = os.lseek(fd, pos, os.SEEK_DATA)
+            except OSError:  # ENXIO: only a hole is left
+                break
+            end = os.lseek(fd, start, os.SEEK_HOLE)
+            data, pos = data + end - start, end
+        return data
+    finally:
+        os.close(fd)
+
+
+def size_text(n: int) -> str:
+    """Bytes as '2 GiB', '256 MiB', '1 TiB'."""
+    for unit, name in ((1 << 40, "TiB"), (GiB, "GiB"), (MiB, "MiB")):
+        if n >= unit:
+            return f"{n / unit:g} {name}"
+    return f"{n:,} bytes"
 
 
 def settle(path: Path) -> None:
@@ -173,10 +205,20 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def find_exe(name: str) -> str | None:
+    """NAME (flexnbd, flexnbd-proxy) from $FLEXNBD_BENCH_BIN if set (a directory: e.g. another
+    build, or a wrapper that makes the server fail, to check that the scripts report it),
+    else the one next to this interpreter (the project's .venv), else from PATH."""
+    override = os.environ.get("FLEXNBD_BENCH_BIN")
+    if override:
+        path = Path(override) / name
+        return str(path) if path.exists() else None
+    beside = Path(sys.executable).parent / name
+    return str(beside) if beside.exists() else shutil.which(name)
+
+
 def find_flexnbd() -> str | None:
-    # Prefer the flexnbd next to this interpreter (the project's .venv).
-    beside = Path(sys.executable).parent / "flexnbd"
-    return str(beside) if beside.exists() else shutil.which("flexnbd")
+    return find_exe("flexnbd")
 
 
 def nbdkit_has_exit_with_parent(nbdkit: str) -> bool:
@@ -454,14 +496,20 @@ class ClientError(Exception):
 
 
 def run_client(cmd: list[str], timeout: float) -> subprocess.CompletedProcess:
-    proc = subprocess.run(
-        cmd, stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=timeout
-    )
+    """Run a client; ClientError (first line: what failed, then the command and its last
+    messages) if it exits non-zero or outlives TIMEOUT."""
+    name = Path(cmd[0]).name
+    try:
+        proc = subprocess.run(
+            cmd, stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=timeout
+        )
+    except subprocess.TimeoutExpired:
+        raise ClientError(f"{name} still running after {timeout:.0f} s\n{' '.join(cmd)}") from None
     if proc.returncode != 0:
         # Keep the messages, not fio's JSON report (it starts at a line "{").
         out = proc.stdout.split("\n{", 1)[0] if not proc.stdout.startswith("{") else ""
         lines = (proc.stderr + out).strip().splitlines()[-20:]
-        raise ClientError(f"{' '.join(cmd)}\nexit {proc.returncode}\n" + "\n".join(lines))
+        raise ClientError(f"{name} exited {proc.returncode}\n{' '.join(cmd)}\n" + "\n".join(lines))
     return proc
 
 
@@ -477,12 +525,20 @@ def machine_info() -> dict:
     return {"cpus": os.cpu_count(), "kernel": platform.release(), "cpu_model": model}
 
 
-def git_head() -> str | None:
-    """The flexnbd commit measured (plus '-dirty' if the work tree had changes)."""
-    here = Path(__file__).resolve().parent.parent
+def flexnbd_module() -> str | None:
+    """Where the flexnbd package the servers run comes from (PYTHONPATH can point elsewhere,
+    e.g. at a snapshot of a commit built in place)."""
+    out = subprocess.run(
+        [sys.executable, "-c", "import flexnbd; print(flexnbd.__file__)"],
+        capture_output=True, text=True, cwd="/",  # not the work tree: `-c` puts cwd first
+    )  # fmt: skip
+    return out.stdout.strip() or None
+
+
+def git_describe(path: Path) -> str | None:
     try:
         return subprocess.run(
-            ["git", "-C", str(here), "describe", "--always", "--dirty"],
+            ["git", "-C", str(path), "describe", "--always", "--dirty"],
             capture_output=True,
             text=True,
             check=True,
@@ -491,12 +547,42 @@ def git_head() -> str | None:
         return None
 
 
+def git_head() -> str | None:
+    """The flexnbd commit measured: `git describe --always --dirty` of the tree the flexnbd
+    package comes from (with PYTHONPATH=SNAPSHOT, the snapshot's), else of this one."""
+    module = flexnbd_module()
+    if module:
+        described = git_describe(Path(module).parent)
+        if described:
+            return described
+    return git_describe(HERE.parent)
+
+
+def default_json(name: str, quick: bool = False) -> Path:
+    """benchmarks/results/NAME.json for a full run (the committed results), or
+    benchmarks/out/NAME-quick.json for a quick one (git-ignored)."""
+    if quick:
+        OUT_DIR.mkdir(exist_ok=True)
+        return OUT_DIR / f"{name}-quick.json"
+    RESULTS_DIR.mkdir(exist_ok=True)
+    return RESULTS_DIR / f"{name}.json"
+
+
 def fmt(value: float | None) -> str:
     if value is None:
         return "-"
     if value >= 100:
         return f"{value:,.0f}"
     return f"{value:.2f}" if value < 10 else f"{value:.1f}"
+
+
+def ratio_text(ratio: float | None, mark: float = RATIO_MARK) -> str:
+    """A ratio against the best peer (above 1: flexnbd wins), with "<< 0.80" appended when
+    it is under MARK, so a regression stands out in every log (a mark, not an error: the
+    machines are noisy)."""
+    if ratio is None:
+        return "-"
+    return f"{ratio:.2f} << {mark:.2f}" if ratio < mark else f"{ratio:.2f}"
 
 
 def select(names: str | None, known: list[str], aliases: dict[str, str]) -> list[str]:
@@ -515,16 +601,25 @@ def exit_on_sigterm(signum: int, frame: object) -> None:
     sys.exit(128 + signum)  # SystemExit unwinds the with-blocks, which stop the servers
 
 
+def print_errors(errors: list[str]) -> None:
+    """Each error: its first line (which cell or case failed, and how) after "ERROR", the
+    details indented; then one line that counts them."""
+    for err in errors:
+        first, _, rest = err.partition("\n")
+        print(f"\nERROR {first}")
+        for line in rest.splitlines():
+            print(f"    {line}")
+    if errors:
+        print(f"\n{len(errors)} error(s): exit status 1")
+
+
 def finish_report(report: dict, json_path: Path) -> int:
-    """Print the errors, write the JSON results; the script's exit status."""
-    for err in report["errors"]:
-        print(f"\nERROR {err}")
+    """Print the errors, write the JSON results (the printed tables are in it as
+    'markdown', if the script keeps them); the script's exit status."""
+    print_errors(report["errors"])
+    json_path.parent.mkdir(parents=True, exist_ok=True)
     json_path.write_text(json.dumps(report, indent=2) + "\n")
     log(f"results written to {json_path}")
-    if report.get("markdown"):  # the tables as printed, ready to paste into RESULTS.md
-        md_path = json_path.with_suffix(".md")
-        md_path.write_text(report["markdown"].rstrip("\n") + "\n")
-        log(f"tables written to {md_path}")
     return 1 if report["errors"] else 0
 
 

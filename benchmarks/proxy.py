@@ -11,6 +11,10 @@ proxy while the upstream server is killed (SIGKILL, then SIGTERM) and restarted 
 same port; measured is the time from the restarted server serving to the client's first
 completed request. See benchmarks/README.md.
 
+Exit status 1 on any error (a fio failure, a server or proxy that dies or exits non-zero on
+SIGTERM, a pause client that gets an error, a disconnect or wrong data); a row under 0.8x is
+marked ("<< 0.80"), not an error. --quick: a small run for CI (`make bench-ci`).
+
 Standard library only; all traffic on 127.0.0.1.
 """
 
@@ -28,7 +32,6 @@ import socket
 import statistics
 import struct
 import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
@@ -39,9 +42,12 @@ from common import (
     IHAVEOPT,
     NBD_REQUEST_MAGIC,
     NBD_SIMPLE_REPLY_MAGIC,
+    RATIO_MARK,
     ClientError,
     GiB,
     Server,
+    default_json,
+    find_exe,
     find_flexnbd,
     finish_report,
     fmt,
@@ -51,11 +57,13 @@ from common import (
     machine_info,
     make_data_file,
     parse_size,
+    ratio_text,
     recv_exact,
     run_script,
     select,
     server_version,
     settle,
+    size_text,
 )
 from migration import CountingRelay
 from run import ROWS, children_cpu, run_fio
@@ -73,7 +81,7 @@ ROW_ALIASES = {
     "randread1": "fio rand read 4k qd1",
     "randread32": "fio rand read 4k qd32",
 }
-TARGET_RATIO = 0.8  # through the proxy, at least this fraction of the direct figure
+TARGET_RATIO = RATIO_MARK  # through the proxy, at least this fraction of the direct figure
 SIGNALS = {"SIGKILL": signal.SIGKILL, "SIGTERM": signal.SIGTERM}
 
 # A log line (SPEC §9): "<monotonic ms>:<D|I|W|E|F>:<pid> <thread> <module:line>: <message>".
@@ -82,8 +90,7 @@ LOG_LINE_RE = re.compile(r"^(\d+):[DIWEF]:\d+ ")
 
 
 def find_proxy() -> str | None:
-    beside = Path(sys.executable).parent / "flexnbd-proxy"
-    return str(beside) if beside.exists() else shutil.which("flexnbd-proxy")
+    return find_exe("flexnbd-proxy")
 
 
 def serve_cmd(port: int, path: Path) -> list[str]:
@@ -195,7 +202,11 @@ def measure_sample(
                     relay.close()
         for who in (px, server):
             if not who.alive():
-                raise ClientError(f"{who.name} died during the run:\n{who.log_tail()}")
+                assert who.proc is not None
+                raise ClientError(
+                    f"{who.name} died during the run (exit {who.proc.returncode})\n"
+                    + who.log_tail()
+                )
         sample["proxy_exit"] = px.stop()
         sample["server_exit"] = server.stop()
     sample["ratio"] = sample["proxy"]["value"] / sample["direct"]["value"]
@@ -249,7 +260,7 @@ def table(rows: dict) -> str:
         head += ["bare relay / direct (min-max)"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for row, s in rows.items():
-        ratio = f"{s['ratio']:.2f}" if s["target_met"] else f"**{s['ratio']:.2f}**"
+        ratio = ratio_text(s["ratio"], TARGET_RATIO)
         cells = [
             row, s["unit"], fmt(s["direct"]), fmt(s["proxy"]), ratio,
             f"{s['ratio_min']:.2f}-{s['ratio_max']:.2f}", fmt(s["proxy_cpu_s_per_gib"]),
@@ -470,18 +481,27 @@ def pause_table(pause: dict) -> str:
 # ---------------------------------------------------------------- main
 
 
+QUICK = {"size": "256M", "runtime": 2, "repeat": 1, "pauses": 1}
+FULL = {"size": "1G", "runtime": 5, "repeat": 3, "pauses": 3}
+
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--workdir", default=DEFAULT_WORKDIR, help="where the data file lives")
-    p.add_argument("--size", default="1G", help="data file size (default 1G)")
-    p.add_argument("--runtime", type=int, default=5, help="seconds per fio job (default 5)")
-    p.add_argument("--repeat", type=int, default=3, help="samples per row (default 3)")
+    p.add_argument(
+        "--quick",
+        action="store_true",
+        help="a small run for CI: 256M file, 2 s per fio job, 1 sample, 1 pause per signal",
+    )
+    p.add_argument("--size", help="data file size (default 1G)")
+    p.add_argument("--runtime", type=int, help="seconds per fio job (default 5)")
+    p.add_argument("--repeat", type=int, help="samples per row (default 3)")
     p.add_argument("--rows", help="comma-separated rows (aliases: " + ", ".join(ROW_ALIASES) + ")")
     p.add_argument(
         "--cache",
         help="run the proxy with --cache=BYTES for the fio rows (default: no --cache, off)",
     )
-    p.add_argument("--pauses", type=int, default=3, help="stops per signal (default 3)")
+    p.add_argument("--pauses", type=int, help="stops per signal (default 3)")
     p.add_argument("--pause-signals", default="SIGKILL,SIGTERM", help="default SIGKILL,SIGTERM")
     p.add_argument(
         "--downtime", type=float, default=1.0, help="s from stopping to restarting (default 1)"
@@ -493,8 +513,16 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--no-relay", action="store_true", help="skip the bare splice relay yardstick")
     p.add_argument("--no-fio", action="store_true", help="only the pause test")
     p.add_argument("--no-pause", action="store_true", help="only the fio rows")
-    p.add_argument("--json", help="results file (default WORKDIR/results-proxy.json)")
-    return p.parse_args(argv)
+    p.add_argument(
+        "--json",
+        help="results file (default benchmarks/results/proxy.json; --quick: "
+        "benchmarks/out/proxy-quick.json)",
+    )
+    args = p.parse_args(argv)
+    for key, value in (QUICK if args.quick else FULL).items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    return args
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -508,7 +536,7 @@ def main(argv: list[str] | None = None) -> int:
         args.no_fio = True
     workdir = Path(args.workdir)
     workdir.mkdir(parents=True, exist_ok=True)
-    json_path = Path(args.json) if args.json else workdir / "results-proxy.json"
+    json_path = Path(args.json) if args.json else default_json("proxy", args.quick)
     size = parse_size(args.size)
     data = workdir / f"data-{size}.img"
     make_data_file(data, size)
@@ -520,6 +548,7 @@ def main(argv: list[str] | None = None) -> int:
         "size": size,
         "runtime": args.runtime,
         "repeat": args.repeat,
+        "quick": args.quick,
         "proxy_cache": args.cache or "off (no --cache)",
         "commands": {
             "server": " ".join(serve_cmd(0, data)).replace("--port 0", "--port S"),
@@ -580,22 +609,34 @@ def main(argv: list[str] | None = None) -> int:
             report["errors"].append(f"pause test: {e}")
     report["loadavg_end"] = os.getloadavg()
 
+    out = [
+        f"{report['git_head']}, {size_text(size)} file, {args.runtime} s per fio job, "
+        f"{args.repeat} sample(s) per row, proxy cache {report['proxy_cache']}; load "
+        f"{report['loadavg_start'][0]:.2f} → {report['loadavg_end'][0]:.2f}",
+    ]
     if report["rows"]:
-        print(table(report["rows"]))
-        print()
+        out += ["", table(report["rows"]), ""]
         for row, s in report["rows"].items():
             if not s["target_met"]:
-                print(f"{row}: {s['ratio']:.2f}x through the proxy, below {TARGET_RATIO}x")
+                relay = (
+                    f" (the bare relay: {s['relay_ratio']:.2f}x)"
+                    if s["relay_ratio"] is not None
+                    else ""
+                )
+                out.append(
+                    f"{row}: {s['ratio']:.2f}x through the proxy << {TARGET_RATIO:.2f}{relay}"
+                )
         if all(s["target_met"] for s in report["rows"].values()):
-            print(f"every row at least {TARGET_RATIO}x through the proxy (median of ratios)")
+            out.append(f"every row at least {TARGET_RATIO}x through the proxy (median of ratios)")
     if report.get("pause", {}).get("summary"):
-        print()
-        print(pause_table(report["pause"]))
-        print(
+        out += ["", pause_table(report["pause"])]
+        out.append(
             f"\npause: from the restarted server logging ' serving ' to the first READ "
             f"completed through the proxy; stall: the client's gap between completed READs "
             f"around the event ({report['pause']['reads']:,} READs in all)"
         )
+    report["markdown"] = "\n".join(out)
+    print(report["markdown"])
     return finish_report(report, json_path)
 
 

@@ -6,6 +6,10 @@ machines have 2 cores, so anything running alongside would skew the numbers). Fo
 row we start a fresh server, run one client, and record throughput (MiB/s) or IOPS plus
 the server's CPU time per GiB moved. See benchmarks/README.md.
 
+Exit status 1 if any cell failed (a client that exits non-zero or reports an error, a server
+that dies, fails to start or exits non-zero on SIGTERM, flexnbd misreporting the sparse
+file's holes); each error names its cell. --quick: a small run for CI (`make bench-ci`).
+
 Standard library only, so it runs with any Python 3.10+.
 """
 
@@ -27,12 +31,14 @@ from pathlib import Path
 from common import (
     DEFAULT_WORKDIR,
     HOST,
+    RATIO_MARK,
     SERVER_NAMES,
     ClientError,
     GiB,
     MiB,
     Server,
-    allocated_bytes,
+    data_bytes,
+    default_json,
     finish_report,
     fmt,
     free_port,
@@ -44,12 +50,14 @@ from common import (
     nbd_read_chunks,
     nbdinfo_hole_bytes,
     parse_size,
+    ratio_text,
     run_client,
     run_script,
     select,
     server_command,
     server_version,
     settle,
+    size_text,
 )
 
 # Row name -> client settings. Reads come before writes so the read rows see the data
@@ -118,13 +126,20 @@ def fio_command(port: int, row: dict, runtime: int) -> list[str]:
 def run_fio(port: int, row: dict, runtime: int) -> tuple[float, int, list[str]]:
     """Run one fio job; returns (MiB/s or IOPS, bytes moved, command)."""
     cmd = fio_command(port, row, runtime)
-    out = run_client(cmd, timeout=runtime + 120).stdout
+    out = run_client(cmd, timeout=runtime + 60).stdout
     # The nbd engine prints "fio: connected to NBD server" before the JSON.
-    data = json.loads(out[out.index("\n{") + 1 :] if not out.startswith("{") else out)
-    job = data["jobs"][0]
+    try:
+        data = json.loads(out[out.index("\n{") + 1 :] if not out.startswith("{") else out)
+        job = data["jobs"][0]
+    except (ValueError, KeyError, IndexError) as e:
+        raise ClientError(
+            f"fio printed no JSON report ({e})\n{' '.join(cmd)}\n{out[-500:]}"
+        ) from None
     if job.get("error"):
-        raise ClientError(f"{' '.join(cmd)}\nfio job error {job['error']}")
+        raise ClientError(f"fio job error {job['error']}\n{' '.join(cmd)}")
     side = job["read" if "read" in row["rw"] else "write"]
+    if not side["io_bytes"]:
+        raise ClientError(f"fio moved no data\n{' '.join(cmd)}")
     value = side["iops"] if row["unit"] == "IOPS" else side["bw_bytes"] / MiB
     return value, side["io_bytes"], cmd
 
@@ -145,13 +160,18 @@ def measure(server: Server, row: dict, size: int, runtime: int) -> dict:
             value, moved, cmd = run_fio(server.port, row, runtime)
     except ClientError as e:
         # The server's side of the story is usually what explains a client failure.
+        assert server.proc is not None
         state = "still running" if server.alive() else f"exited {server.proc.returncode}"
         raise ClientError(
             f"{e}\n--- {server.name} ({state}), log tail:\n{server.log_tail()}"
         ) from None
     cpu, client_cpu = server.cpu_seconds() - cpu0, children_cpu() - client0
     if not server.alive():
-        raise ClientError(f"{server.name} died during the run:\n{server.log_tail()}")
+        assert server.proc is not None
+        raise ClientError(
+            f"{server.name} died during the run (exit {server.proc.returncode})\n"
+            + server.log_tail()
+        )
     return {
         "value": value,
         "unit": row["unit"],
@@ -209,11 +229,33 @@ def loopback_mib_s(path: Path, size: int, runs: int = 3) -> dict[str, float]:
     }
 
 
-def table(results: dict, servers: list[str]) -> str:
-    """Markdown: one line per row, value per server, flexnbd/best peer, CPU s/GiB."""
+def ratios(results: dict, servers: list[str]) -> list[dict]:
+    """Per row: flexnbd's figure over the best peer's (above 1: flexnbd wins)."""
     peers = [s for s in servers if s != "flexnbd"]
+    out = []
+    if "flexnbd" not in servers or not peers:
+        return out
+    for row, cells in results.items():
+        vals = {s: cells.get(s, {}).get("value") for s in servers}
+        measured = [p for p in peers if vals[p] is not None]
+        best = max(measured, key=lambda p: vals[p], default=None)
+        ratio = None
+        if best is not None and vals["flexnbd"] is not None and vals[best]:
+            ratio = vals["flexnbd"] / vals[best]
+        out.append({
+            "row": row, "unit": ROWS[row]["unit"], "flexnbd": vals["flexnbd"],
+            "best_peer": best, "best_peer_value": vals[best] if best else None,
+            "ratio": ratio, "marked": ratio is not None and ratio < RATIO_MARK,
+        })  # fmt: skip
+    return out
+
+
+def table(results: dict, servers: list[str]) -> str:
+    """Markdown: one line per row, value per server ('ERR': that cell failed), flexnbd / best
+    peer (marked '<< 0.80' under 0.8), CPU s/GiB."""
+    by_row = {r["row"]: r for r in ratios(results, servers)}
     head = ["row", "unit", *servers]
-    if "flexnbd" in servers and peers:
+    if by_row:
         head.append("flexnbd / best peer")
     head += [f"CPU s/GiB {s}" for s in servers]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
@@ -221,10 +263,8 @@ def table(results: dict, servers: list[str]) -> str:
         unit = ROWS[row]["unit"]
         vals = {s: cells.get(s, {}).get("value") for s in servers}
         line = [row, unit] + [fmt(vals[s]) if vals[s] is not None else "ERR" for s in servers]
-        if "flexnbd" in servers and peers:
-            best = max((vals[p] for p in peers if vals[p] is not None), default=None)
-            ratio = vals["flexnbd"] / best if vals["flexnbd"] is not None and best else None
-            line.append(f"{ratio:.2f}" if ratio is not None else "-")
+        if by_row:
+            line.append(ratio_text(by_row[row]["ratio"]))
         line += [fmt(cells.get(s, {}).get("cpu_s_per_gib")) for s in servers]
         lines.append("| " + " | ".join(line) + " |")
     return "\n".join(lines)
@@ -244,19 +284,21 @@ def client_table(results: dict, servers: list[str]) -> str:
 def run_row(
     name: str, row: str, data: Path, size: int, runtime: int, workdir: Path, errors: list[str]
 ) -> dict | None:
-    """One measurement on a fresh server; errors go to ERRORS (and the row is skipped)."""
+    """One measurement on a fresh server; errors go to ERRORS, first line naming the cell
+    (and the cell is left out: 'ERR' in the table)."""
     settle(data)
     try:
         with Server(name, free_port(), data, workdir / f"{name}.log") as server:
             cell = measure(server, ROWS[row], size, runtime)
             status = server.stop()
-    except (ClientError, RuntimeError, subprocess.TimeoutExpired) as e:
+    except (ClientError, RuntimeError, OSError, subprocess.TimeoutExpired) as e:
         log(f"  ERROR: {e}")
-        errors.append(f"{name} / {row}: {e}")
+        errors.append(f"cell {row} / {name}: {e}")
         return None
-    if status != 0 and name == "flexnbd":
-        # flexnbd promises exit 0 on SIGTERM; anything else is a bug.
-        errors.append(f"{name} / {row}: exit status {status} on SIGTERM")
+    if status != 0:
+        # Every server here exits 0 on SIGTERM (flexnbd promises it; nbdkit and qemu-nbd
+        # do too); anything else is a failure of that cell.
+        errors.append(f"cell {row} / {name}: {name} exited {status} on SIGTERM (want 0)")
     log(f"  {fmt(cell['value'])} {cell['unit']}, {fmt(cell['cpu_s_per_gib'])} CPU s/GiB")
     return cell
 
@@ -276,13 +318,26 @@ def check_sparse(name: str, path: Path, workdir: Path, errors: list[str]) -> dic
     try:
         with Server(name, free_port(), path, workdir / f"{name}.log") as server:
             check = {
-                "file_hole_bytes": path.stat().st_size - allocated_bytes(path),
+                "file_hole_bytes": path.stat().st_size - data_bytes(path),
                 "map_hole_bytes": nbdinfo_hole_bytes(server.port),
                 "hole_read_chunks": nbd_read_chunks(server.port, hole, hole_len),
             }
     except (OSError, RuntimeError, subprocess.TimeoutExpired) as e:
-        errors.append(f"{name} / sparse check: {e}")
+        errors.append(f"sparse check / {name}: {e}")
         return None
+    if name == "flexnbd":
+        # What flexnbd promises about holes (BLOCK_STATUS, OFFSET_HOLE): a deterministic check.
+        holes = check["map_hole_bytes"]
+        if holes is not None and holes != check["file_hole_bytes"]:
+            errors.append(
+                f"sparse check / flexnbd: nbdinfo --map shows {check['map_hole_bytes']} bytes "
+                f"of holes, the file has {check['file_hole_bytes']}"
+            )
+        if check["hole_read_chunks"] != ["OFFSET_HOLE"]:
+            errors.append(
+                "sparse check / flexnbd: a READ of a hole got "
+                f"{', '.join(check['hole_read_chunks'])}, not one OFFSET_HOLE chunk"
+            )
     log(
         f"{name}: nbdinfo --map shows {fmt((check['map_hole_bytes'] or 0) / MiB)} MiB of holes "
         f"(file: {fmt(check['file_hole_bytes'] / MiB)} MiB); a READ of a hole is answered "
@@ -304,16 +359,24 @@ def combine(cells: list[dict]) -> dict:
     return out
 
 
+QUICK = {"size": "256M", "sparse_data": "32M", "runtime": 2}
+FULL = {"size": "2G", "sparse_data": "256M", "runtime": 8}
+
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--workdir", default=DEFAULT_WORKDIR, help="where the data file lives")
-    p.add_argument("--size", default="2G", help="data file size (default 2G)")
+    p.add_argument(
+        "--quick",
+        action="store_true",
+        help="a small run for CI: 256M files (32M of data in the sparse one), 2 s per row",
+    )
+    p.add_argument("--size", help="data file size (default 2G)")
     p.add_argument(
         "--sparse-data",
-        default="256M",
         help="data in the sparse file (same size as --size, 1 MiB pieces; default 256M)",
     )
-    p.add_argument("--runtime", type=int, default=8, help="seconds per fio row (default 8)")
+    p.add_argument("--runtime", type=int, help="seconds per fio row (default 8)")
     p.add_argument(
         "--rows",
         help="comma-separated rows (names or aliases: " + ", ".join(ROW_ALIASES) + ")",
@@ -322,9 +385,17 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument(
         "--repeat", type=int, default=1, help="runs per cell; the table shows the median"
     )
-    p.add_argument("--json", help="results file (default WORKDIR/results.json)")
+    p.add_argument(
+        "--json",
+        help="results file (default benchmarks/results/run.json; --quick: "
+        "benchmarks/out/run-quick.json)",
+    )
     p.add_argument("--no-loopback", action="store_true", help="skip the raw TCP test")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    for key, value in (QUICK if args.quick else FULL).items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    return args
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -337,7 +408,7 @@ def main(argv: list[str] | None = None) -> int:
     data = workdir / f"data-{size}.img"
     sparse_data = parse_size(args.sparse_data)
     files = {"dense": data, "sparse": workdir / f"sparse-{size}-{sparse_data}.img"}
-    json_path = Path(args.json) if args.json else workdir / "results.json"
+    json_path = Path(args.json) if args.json else default_json("run", args.quick)
 
     # Skip what is not installed rather than fail half-way.
     missing_tools = [t for t in ("nbdcopy", "fio") if not shutil.which(t)]
@@ -362,6 +433,7 @@ def main(argv: list[str] | None = None) -> int:
         "sparse_data": sparse_data,
         "runtime": args.runtime,
         "repeat": args.repeat,
+        "quick": args.quick,
         "git_head": git_head(),
         "servers": {},
         "rows": {r: {} for r in rows},
@@ -405,25 +477,45 @@ def main(argv: list[str] | None = None) -> int:
         report["rows"][row][name] = combine(cells)
     report["loadavg_end"] = os.getloadavg()  # includes our own load (about 2)
 
-    print(table(report["rows"], servers))
-    print("\nClient (nbdcopy/fio) CPU s/GiB, for context:\n")
-    print(client_table(report["rows"], servers))
+    report["ratios"] = ratios(report["rows"], servers)
+    out = [
+        f"{report['git_head']}, {size_text(size)} files ({size_text(sparse_data)} of data in the "
+        f"sparse one), {args.runtime} s per fio row, {args.repeat} sample(s) per cell; load "
+        f"{report['loadavg_start'][0]:.2f} → {report['loadavg_end'][0]:.2f}",
+        "",
+        table(report["rows"], servers),
+        "",
+        "Client (nbdcopy/fio) CPU s/GiB, for context:",
+        "",
+        client_table(report["rows"], servers),
+    ]
+    marked = [r for r in report["ratios"] if r["marked"]]
+    if marked:
+        out.append("")
+        out += [
+            f"{r['row']}: flexnbd {r['ratio']:.2f}x {r['best_peer']} << {RATIO_MARK:.2f} "
+            "(a mark, not an error: check with --repeat 3 before believing it)"
+            for r in marked
+        ]
     for name, check in report.get("sparse_check", {}).items():
         if check:
-            print(
-                f"\n{name} on the sparse file: `nbdinfo --map` (BLOCK_STATUS) shows "
+            out.append("")
+            out.append(
+                f"{name} on the sparse file: `nbdinfo --map` (BLOCK_STATUS) shows "
                 f"{fmt((check['map_hole_bytes'] or 0) / MiB)} MiB of holes, the file has "
                 f"{fmt(check['file_hole_bytes'] / MiB)} MiB; a READ of a hole is answered "
                 f"with {', '.join(check['hole_read_chunks'])}"
             )
     if "loopback_mib_s" in report:
-        print()
+        out.append("")
         for recv, loop in report["loopback_mib_s"].items():
-            print(f"raw loopback TCP, {recv} reads: {loop:,.0f} MiB/s")
+            out.append(f"raw loopback TCP, {recv} reads: {loop:,.0f} MiB/s")
             for row in ("nbdcopy seq read", "fio seq read 1M qd16"):
                 cell = report["rows"].get(row, {}).get("flexnbd")
                 if cell:
-                    print(f"  flexnbd {row}: {cell['value'] / loop:.0%} of it")
+                    out.append(f"  flexnbd {row}: {cell['value'] / loop:.0%} of it")
+    report["markdown"] = "\n".join(out)
+    print(report["markdown"])
     return finish_report(report, json_path)
 
 

@@ -8,21 +8,31 @@ The file is deleted at the end. The sparse *read* rows (nbdcopy and fio against 
 servers) are in run.py ("sparse nbdcopy seq read", "sparse fio seq read 1M qd16").
 
 Run with the project's interpreter (it imports flexnbd): .venv/bin/python benchmarks/sparse.py
+Exit status 1 if a map misses or invents data, or the method asked for is not the one used.
+--quick: a small run for CI (`make bench-ci`).
 """
 
 from __future__ import annotations
 
 import argparse
 import datetime
-import json
 import os
 import random
 import statistics
-import sys
 import time
 from pathlib import Path
 
-from common import DEFAULT_WORKDIR, git_head, log, machine_info, parse_size
+from common import (
+    DEFAULT_WORKDIR,
+    default_json,
+    finish_report,
+    git_head,
+    log,
+    machine_info,
+    parse_size,
+    run_script,
+    size_text,
+)
 
 BLOCK = 4096
 
@@ -77,13 +87,30 @@ def time_build(fd: int, size: int, method: str) -> dict:
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--workdir", default=DEFAULT_WORKDIR, help="where the file is made")
-    p.add_argument("--size", default="1T", help="file size (default 1T)")
-    p.add_argument("--extents", type=int, default=10_000, help="4 KiB extents (default 10000)")
-    p.add_argument("--repeat", type=int, default=5, help="builds per method (default 5)")
+    p.add_argument(
+        "--quick",
+        action="store_true",
+        help="a small run for CI: 64 GiB file, 1000 extents, 2 builds per method",
+    )
+    p.add_argument("--size", help="file size (default 1T)")
+    p.add_argument("--extents", type=int, help="4 KiB extents (default 10000)")
+    p.add_argument("--repeat", type=int, help="builds per method (default 5)")
     p.add_argument("--seed", type=int, default=1)
-    p.add_argument("--json", help="results file (default WORKDIR/results-allocmap.json)")
+    p.add_argument(
+        "--json",
+        help="results file (default benchmarks/results/sparse.json; --quick: "
+        "benchmarks/out/sparse-quick.json)",
+    )
     p.add_argument("--keep", action="store_true", help="keep the file afterwards")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    for key, value in (QUICK if args.quick else FULL).items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    return args
+
+
+QUICK = {"size": "64G", "extents": 1_000, "repeat": 2}
+FULL = {"size": "1T", "extents": 10_000, "repeat": 5}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -98,7 +125,7 @@ def main(argv: list[str] | None = None) -> int:
     workdir = Path(args.workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     path = workdir / f"allocmap-{size}.img"
-    json_path = Path(args.json) if args.json else workdir / "results-allocmap.json"
+    json_path = Path(args.json) if args.json else default_json("sparse", args.quick)
     methods = [m for m in ("fiemap", "seek") if m in METHODS]
     report: dict = {
         "date": datetime.date.today().isoformat(),
@@ -106,11 +133,13 @@ def main(argv: list[str] | None = None) -> int:
         "git_head": git_head(),
         "size": size,
         "extents": args.extents,
+        "repeat": args.repeat,
+        "quick": args.quick,
         "loadavg_start": os.getloadavg(),
         "runs": {m: [] for m in methods},
     }
     errors = []
-    log(f"making {path}: {size / (1 << 40):g} TiB, {args.extents} extents of 4 KiB ...")
+    log(f"making {path}: {size_text(size)}, {args.extents} extents of 4 KiB ...")
     t0 = time.monotonic()
     try:
         offsets = make_file(path, size, args.extents, args.seed)
@@ -143,29 +172,32 @@ def main(argv: list[str] | None = None) -> int:
     report["loadavg_end"] = os.getloadavg()
     report["errors"] = errors
 
-    print(
-        f"Allocation map build, {size / (1 << 40):g} TiB file, {args.extents} extents of "
-        f"4 KiB, {args.repeat} builds per method:\n"
-    )
-    print("| method | median ms | min ms | max ms | extents found | allocated bytes |")
-    print("|---|---|---|---|---|---|")
+    out = [
+        f"{report['git_head']}: allocation map build, {size_text(size)} file, "
+        f"{args.extents} extents of 4 KiB, {args.repeat} builds per method; load "
+        f"{report['loadavg_start'][0]:.2f} → {report['loadavg_end'][0]:.2f}",
+        "",
+        "| method | median ms | min ms | max ms | extents found | allocated bytes |",
+        "|---|---|---|---|---|---|",
+    ]
     for method, runs in report["runs"].items():
+        if not runs:
+            continue
         ms = [r["build_ms"] for r in runs]
-        print(
+        out.append(
             f"| {method} | {statistics.median(ms):.1f} | {min(ms):.1f} | {max(ms):.1f} "
             f"| {runs[-1]['extents_found']:,} | {runs[-1]['allocated_bytes']:,} |"
         )
     alloc = [r["alloc_ms"] for runs in report["runs"].values() for r in runs]
-    print(
-        f"\n(creating the empty {size // BLOCK // 8 / (1 << 20):g} MiB bitmap, not included: "
-        f"median {statistics.median(alloc):.2f} ms)"
-    )
-    for err in errors:
-        print(f"\nERROR {err}")
-    json_path.write_text(json.dumps(report, indent=2) + "\n")
-    log(f"results written to {json_path}")
-    return 1 if errors else 0
+    if alloc:
+        out.append(
+            f"\n(creating the empty {size // BLOCK // 8 / (1 << 20):g} MiB bitmap, not "
+            f"included: median {statistics.median(alloc):.2f} ms)"
+        )
+    report["markdown"] = "\n".join(out)
+    print(report["markdown"])
+    return finish_report(report, json_path)
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run_script(main)
