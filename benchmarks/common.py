@@ -582,7 +582,12 @@ def ratio_text(ratio: float | None, mark: float = RATIO_MARK) -> str:
     machines are noisy)."""
     if ratio is None:
         return "-"
-    return f"{ratio:.2f} << {mark:.2f}" if ratio < mark else f"{ratio:.2f}"
+    if ratio >= mark:
+        return f"{ratio:.2f}"
+    text = f"{ratio:.2f}"
+    if text == f"{mark:.2f}":  # 0.797 is under 0.8: show it, not a "0.80 << 0.80"
+        text = f"{ratio:.3f}"
+    return f"{text} << {mark:.2f}"
 
 
 def select(names: str | None, known: list[str], aliases: dict[str, str]) -> list[str]:
