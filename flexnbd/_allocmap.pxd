@@ -195,7 +195,18 @@ cdef inline void amap_unlock(amap_t *m) noexcept nogil:
     pthread_rwlock_unlock(&m.lock)
 
 
-cdef class AllocationMap:
+cdef class BlockBitmap:
     cdef amap_t m
+
+
+cdef class AllocationMap(BlockBitmap):
     cdef readonly str method
     cdef readonly object extents_found
+
+
+cdef class DirtyMap(BlockBitmap):
+    pass
+
+
+cdef class CoverageMap(BlockBitmap):
+    pass

@@ -94,11 +94,17 @@ cdef int build_seek(amap_t *m, int fd, int delay_ms, uint64_t *count) noexcept n
     return 0
 
 
-cdef class AllocationMap:
-    """One bit per block for ``size`` bytes; starts empty and incomplete."""
+cdef class BlockBitmap:
+    """One bit per block (``1 << shift`` bytes) for ``size`` bytes; starts empty. Complete
+    from the start: a plain bitmap knows all it will ever know (only the AllocationMap has to
+    be built first)."""
 
-    def __cinit__(self, uint64_t size, int shift=BLOCK_SHIFT):
+    default_shift = BLOCK_SHIFT
+
+    def __cinit__(self, uint64_t size, int shift=-1, *args, **kwargs):
         cdef pthread_rwlockattr_t attr
+        if shift < 0:
+            shift = type(self).default_shift
         self.m.size = size
         self.m.shift = shift
         self.m.nblocks = (size + (<uint64_t>1 << shift) - 1) >> shift
@@ -108,38 +114,11 @@ cdef class AllocationMap:
         pthread_rwlockattr_init(&attr)
         pthread_rwlockattr_setkind_np(&attr, PTHREAD_RWLOCK_PREFER_WRITER_NONRECURSIVE_NP)
         pthread_rwlock_init(&self.m.lock, &attr)
-        self.method = "pending"
-        self.extents_found = 0
+        self.m.complete = 1
 
     def __dealloc__(self):
         pthread_rwlock_destroy(&self.m.lock)
         free(self.m.words)
-
-    def build(self, int fd, str method=None, int delay_ms=0):
-        """Build the map from the file (blocking, without the GIL). ``method`` forces a
-        method (a test knob: "seek" or "none" pretend the better ones are refused);
-        ``delay_ms`` sleeps after every window (a test knob to slow the builder down)."""
-        cdef uint64_t count = 0
-        cdef int err = ENOTSUP
-        if method not in (None,) + METHODS:
-            raise ValueError(f"unknown allocation map method {method!r}")
-        chosen = "none"
-        if method in (None, "fiemap"):
-            with nogil:
-                err = build_fiemap(&self.m, fd, delay_ms, &count)
-            if err == 0:
-                chosen = "fiemap"
-        if err and method in (None, "fiemap", "seek"):
-            with nogil:
-                err = build_seek(&self.m, fd, delay_ms, &count)
-            if err == 0:
-                chosen = "seek"
-        if err:
-            amap_mark(&self.m, 0, self.m.size)
-        self.method = chosen
-        self.extents_found = count
-        store_release(&self.m.complete, 1)
-        return chosen
 
     @property
     def complete(self):
@@ -156,7 +135,7 @@ cdef class AllocationMap:
         amap_clear(&self.m, offset, length)
 
     def is_allocated(self, uint64_t offset, uint64_t length=1):
-        """Whether any block touching the range is allocated (True until complete)."""
+        """Whether any block touching the range is set (True until complete)."""
         cdef int allocated
         cdef uint64_t n
         while length:
@@ -168,7 +147,7 @@ cdef class AllocationMap:
         return False
 
     def extents(self, uint64_t offset=0, length=None):
-        """[(offset, length, allocated)] runs covering the range, for tests and tools."""
+        """[(offset, length, set)] runs covering the range, for tests and tools."""
         cdef int allocated
         cdef uint64_t n
         cdef uint64_t left = self.m.size - offset if length is None else length
@@ -208,9 +187,53 @@ cdef class AllocationMap:
     def set_all(self):
         amap_mark(&self.m, 0, self.m.size)
 
-    def set_complete(self):
-        """For maps that need no build (dirty and coverage maps)."""
+
+cdef class AllocationMap(BlockBitmap):
+    """Which 4 KiB blocks of the export may hold data. Incomplete (answering "allocated"
+    everywhere) until ``build()`` has read the file's layout."""
+
+    def __cinit__(self, uint64_t size, *args, **kwargs):
+        self.m.complete = 0
+        self.method = "pending"
+        self.extents_found = 0
+
+    def build(self, int fd, str method=None, int delay_ms=0):
+        """Build the map from the file (blocking, without the GIL). ``method`` forces a
+        method (a test knob: "seek" or "none" pretend the better ones are refused);
+        ``delay_ms`` sleeps after every window (a test knob to slow the builder down)."""
+        cdef uint64_t count = 0
+        cdef int err = ENOTSUP
+        if method not in (None,) + METHODS:
+            raise ValueError(f"unknown allocation map method {method!r}")
+        chosen = "none"
+        if method in (None, "fiemap"):
+            with nogil:
+                err = build_fiemap(&self.m, fd, delay_ms, &count)
+            if err == 0:
+                chosen = "fiemap"
+        if err and method in (None, "fiemap", "seek"):
+            with nogil:
+                err = build_seek(&self.m, fd, delay_ms, &count)
+            if err == 0:
+                chosen = "seek"
+        if err:
+            amap_mark(&self.m, 0, self.m.size)
+        self.method = chosen
+        self.extents_found = count
         store_release(&self.m.complete, 1)
+        return chosen
 
     def allocated_bytes(self):
         return sum(n for _, n, a in self.extents() if a)
+
+
+cdef class DirtyMap(BlockBitmap):
+    """The mirror's dirty blocks (4 KiB): every write, trim and zero marks its blocks while
+    tracking is on; the mirror takes runs out of it."""
+
+
+cdef class CoverageMap(BlockBitmap):
+    """Listen mode: the 512-byte blocks one sender's session wrote entirely (export sizes are
+    multiples of 512)."""
+
+    default_shift = 9

@@ -11,7 +11,6 @@ written with pwrite (pwritev2 with RWF_DSYNC for FUA, so only that range is sync
 headers of requests that arrived together are batched into one send.
 """
 
-import errno as errno_module
 import logging
 import os
 from collections import namedtuple
@@ -142,11 +141,6 @@ cdef int nbd_error(int e) noexcept nogil:
     return NBD_EIO
 
 
-def errno_to_nbd(int e):
-    """Python view of the errno -> NBD error mapping."""
-    return nbd_error(e)
-
-
 # --------------------------------------------------------------------------------------------
 # The export: the file and what its file system can do. Shared by every connection.
 
@@ -167,7 +161,7 @@ cdef class Export:
     cdef export_t ex
     cdef readonly object path
     cdef readonly AllocationMap allocmap
-    cdef AllocationMap dirty_map    # kept for the Export's lifetime: writers may still hold it
+    cdef DirtyMap dirty_map         # kept for the Export's lifetime: writers may still hold it
 
     def __cinit__(self, int fd, uint64_t size, bint read_only, path,
                   AllocationMap allocmap=None):
@@ -192,8 +186,7 @@ cdef class Export:
         """Start (on) or stop recording every completed write, trim and zero in the dirty map,
         which is returned (the same map every time; emptied when tracking starts)."""
         if self.dirty_map is None:
-            self.dirty_map = AllocationMap(self.ex.size)
-            self.dirty_map.set_complete()
+            self.dirty_map = DirtyMap(self.ex.size)
         if on:
             self.dirty_map.reset()
             store_ptr(&self.ex.dirty, &self.dirty_map.m)
@@ -1080,15 +1073,11 @@ cdef int do_command(conn_t *c, const request_t *r) noexcept nogil:
 
 
 cdef void log_io_error(conn_t *c, const request_t *r, int e) noexcept nogil:
-    # Rare: take the GIL to log. The file's name is added by the Python side's logger context.
+    # Rare: take the GIL to log.
     with gil:
         _log.error("I/O error on %s at offset %d length %d: %s",
                    _COMMAND_NAMES.get(r.type, r.type), r.offset, r.length,
-                   os.strerror(e) + " (" + _errno_name(e) + ")")
-
-
-def _errno_name(int e):
-    return errno_module.errorcode.get(e, str(e))
+                   errors.errno_text(e))
 
 
 _COMMAND_NAMES = {
@@ -1156,10 +1145,10 @@ cdef class Connection:
 
     cdef conn_t c
     cdef Export export
-    cdef AllocationMap coverage
+    cdef CoverageMap coverage
 
     def __cinit__(self, int sock, Export export, *, int stop_fd=-1, bint structured=False,
-                  bint meta_context=False, bint fast_zero=False, AllocationMap coverage=None,
+                  bint meta_context=False, bint fast_zero=False, CoverageMap coverage=None,
                   bint splice_all=False):
         cdef int fds[2]
         # Every descriptor field is -1 before anything can fail, so __dealloc__ closes only

@@ -28,15 +28,14 @@ from flexnbd.config import (
     ServeConfig,
     TransferConfig,
 )
-from flexnbd.errors import FlexnbdError, RemoteError, UsageError
+from flexnbd.control import client
+from flexnbd.errors import FlexnbdError, RemoteError, UsageError, errno_name
 
 PROG = "flexnbd"
 PROXY_PROG = "flexnbd-proxy"
 MAX_OFFSET = 1 << 62
 MAX_SIZE = 1 << 30
 MAX_BPS = (1 << 64) - 1
-# Modes left out of `flexnbd help` until migration works (issue 5); `help MODE` still works.
-UNLISTED: tuple[str, ...] = ()
 
 
 class _Parser(argparse.ArgumentParser):
@@ -299,9 +298,7 @@ def _run_transfer(args: argparse.Namespace, writing: bool) -> int:
         print(f"{PROG}: server error: {e.errno_name}", file=sys.stderr)
         return 1
     except OSError as e:
-        import errno
-
-        name = errno.errorcode.get(e.errno or 0, "error")
+        name = errno_name(e.errno) if e.errno else "error"
         print(f"{PROG}: {name}: {e.strerror or e}", file=sys.stderr)
         return 1
     return 0
@@ -310,8 +307,6 @@ def _run_transfer(args: argparse.Namespace, writing: bool) -> int:
 def _run_control(lines: Callable[[argparse.Namespace], list[str]]) \
         -> Callable[[argparse.Namespace], int]:
     def run(args: argparse.Namespace) -> int:
-        from flexnbd.control import client
-
         request = lines(args)
         for line in request:
             if not line or "\n" in line or "\r" in line or len(line.encode()) > 256:
@@ -322,24 +317,14 @@ def _run_control(lines: Callable[[argparse.Namespace], list[str]]) \
 
 
 def _run_status(args: argparse.Namespace) -> int:
-    from flexnbd.control import client
-
     return client.run_status(args.sock, args.json)
 
 
 def _run_mirror(args: argparse.Namespace) -> int:
+    lines = client.mirror_lines(args.addr, args.port, args.unlink, args.bind)
     if not args.wait:
-        return _run_control(_mirror_lines)(args)
-    from flexnbd.control import client
-
-    return client.run_mirror_wait(args.sock, _mirror_lines(args))
-
-
-def _mirror_lines(args: argparse.Namespace) -> list[str]:
-    lines = ["mirror", args.addr, str(args.port), "unlink" if args.unlink else "exit"]
-    if args.bind is not None:
-        lines.append(args.bind)
-    return lines
+        return _run_control(lambda _: lines)(args)
+    return client.run_mirror_wait(args.sock, lines)
 
 
 MODES: dict[str, Mode] = {
@@ -349,8 +334,8 @@ MODES: dict[str, Mode] = {
                    lambda a: _run_server(a, "listen")),
     "mirror": Mode(_mirror_parser, ("addr", "port", "sock"), _run_mirror),
     "mirror-speed": Mode(_mirror_speed_parser, ("sock", "max_speed"),
-                         _run_control(lambda a: ["mirror_max_bps", str(a.max_speed)])),
-    "acl": Mode(_acl_parser, ("sock",), _run_control(lambda a: ["acl", *a.acl])),
+                         _run_control(lambda a: client.max_bps_lines(a.max_speed))),
+    "acl": Mode(_acl_parser, ("sock",), _run_control(lambda a: client.acl_lines(a.acl))),
     "break": Mode(_break_parser, ("sock",), _run_control(lambda a: ["break"])),
     "status": Mode(_status_parser, ("sock",), _run_status),
     "read": Mode(lambda: _transfer_parser("read"), ("addr", "port", "offset", "size"),
@@ -359,15 +344,11 @@ MODES: dict[str, Mode] = {
                   lambda a: _run_transfer(a, writing=True)),
 }
 
-# Kept for callers of the previous layout.
-PARSERS: dict[str, Callable[[], _Parser]] = {name: m.parser for name, m in MODES.items()}
-
 
 def _main_usage() -> str:
     lines = [f"usage: {PROG} MODE [options]", "", "modes:"]
-    for name, mode in MODES.items():
-        if name not in UNLISTED:
-            lines.append(f"  {mode.parser().usage}")
+    for mode in MODES.values():
+        lines.append(f"  {mode.parser().usage}")
     lines += [f"  {PROG} help [MODE]", "",
               "Global options: -h/--help, -v/--verbose, -q/--quiet (the last of -v/-q wins).",
               f"flexnbd {__version__}. '{PROG} help MODE' describes a mode; "

@@ -1,4 +1,20 @@
-"""The exceptions of flexnbd, raised from both the Python layers and the compiled core."""
+"""The exceptions of flexnbd, raised from both the Python layers and the compiled core, and
+the one way an errno is shown to a user."""
+
+from __future__ import annotations
+
+import errno
+import os
+
+
+def errno_name(e: int) -> str:
+    """EIO for 5 (the number as text when it has no name)."""
+    return errno.errorcode.get(e, str(e))
+
+
+def errno_text(e: int) -> str:
+    """"Input/output error (EIO)" for 5."""
+    return f"{os.strerror(e)} ({errno_name(e)})"
 
 
 class FlexnbdError(Exception):

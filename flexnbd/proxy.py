@@ -26,7 +26,7 @@ from collections.abc import Callable
 
 from flexnbd import _proxy, log, sockets, wire
 from flexnbd.config import ProxyConfig
-from flexnbd.errors import FlexnbdError
+from flexnbd.errors import FlexnbdError, errno_text
 from flexnbd.handshake import ExportInfo, ServerInfo, client_handshake, serve_handshake
 
 _log = log.get("proxy")
@@ -232,7 +232,7 @@ class Proxy:
         if problem == Problem.UP_EOF:
             return "closed the connection"
         if problem == Problem.UP_ERRNO:
-            return f"failed: {os.strerror(self.relay.err)}"
+            return f"failed: {errno_text(self.relay.err)}"
         if problem == Problem.UP_BAD_MAGIC:
             return f"sent a reply with bad magic {self.relay.bad_value:#x}"
         return f"answered a request that was not waiting (cookie {self.relay.bad_value:#x})"

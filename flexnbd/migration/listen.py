@@ -16,27 +16,27 @@ not written.
 
 from __future__ import annotations
 
-from flexnbd import _core
-from flexnbd._allocmap import AllocationMap
+from collections.abc import Callable
 
-COVERAGE_SHIFT = 9
+from flexnbd import _core, log
+from flexnbd._allocmap import CoverageMap
+
+_log = log.get("server")
 
 
-def new_coverage(size: int) -> AllocationMap:
+def new_coverage(size: int) -> CoverageMap:
     """An empty coverage map for one sender's session."""
-    coverage = AllocationMap(size, COVERAGE_SHIFT)
-    coverage.set_complete()
-    return coverage
+    return CoverageMap(size)
 
 
-def covered_bytes(coverage: AllocationMap, connection: _core.Connection) -> int:
+def covered_bytes(coverage: CoverageMap, connection: _core.Connection) -> int:
     """Bytes in blocks that the session wrote entirely: blocks one request covered (the map),
     plus blocks that several unaligned requests covered together (their pieces, counted by
     the hot path without building a Python object per piece)."""
     return coverage.count_bytes() + connection.partial_covered_bytes()
 
 
-def session_outcome(result: _core.ServeResult, coverage: AllocationMap,
+def session_outcome(result: _core.ServeResult, coverage: CoverageMap,
                     connection: _core.Connection, size: int) -> str | None:
     """None when the session completed the migration, else why it did not (for the log)."""
     covered = covered_bytes(coverage, connection)
@@ -48,3 +48,28 @@ def session_outcome(result: _core.ServeResult, coverage: AllocationMap,
     if covered < size:
         return f"the sender sent DISC after writing only {covered} of {size} bytes"
     return None
+
+
+def take_control(name: str, result: _core.ServeResult, coverage: CoverageMap,
+                 connection: _core.Connection, export: _core.Export,
+                 refuse_everyone: Callable[[], None]) -> bool | None:
+    """A sender's session ended. True when it completed the migration and this server took
+    control: every byte covered, then DISC; new clients refused; the file synced. Only then
+    may the sender's socket be closed normally (its confirmation, SPEC §6.7). None when the
+    session completed nothing (wait for the next sender); False when the final sync failed
+    (the sender is told with a reset; the listener exits 1)."""
+    why_not = session_outcome(result, coverage, connection, export.size)
+    if why_not is not None:
+        _log.warning("%s: no migration completed: %s; waiting for the next sender", name,
+                     why_not)
+        return None
+    refuse_everyone()
+    try:
+        export.sync()
+    except OSError as e:
+        _log.critical("migration received but %s could not be synced: %s; the sender is told "
+                      "with a reset and keeps its copy", export.path, e.strerror)
+        return False
+    _log.info("migration completed: %s received all %d bytes from %s", export.path,
+              export.size, name)
+    return True

@@ -39,11 +39,14 @@ import os
 import socket
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol
 
 from flexnbd import _core, log, sockets, wire
-from flexnbd._allocmap import AllocationMap
+from flexnbd._allocmap import AllocationMap, DirtyMap
+from flexnbd.control import protocol as replies
+from flexnbd.control.protocol import Reply
 from flexnbd.errors import FlexnbdError, HandshakeError, NotNbd, PeerClosed
 from flexnbd.handshake import client_handshake
 from flexnbd.migration import handoff
@@ -59,18 +62,18 @@ ENDGAME_SECONDS = 5.0
 MAX_DIRTY_PASSES = 20
 DEFAULT_REQUEST_LIMIT = 60.0
 
-# The outcomes of a connection attempt; the texts are the control replies.
-FAILED_TO_CONNECT = "Mirror failed to connect"
-REJECTED = "Mirror was rejected"
-NO_RESPONSE = "Remote server failed to respond"
-SIZE_MISMATCH = "Remote size does not match local size"
-ABANDONED = "Mirroring abandoned"
-STARTED = "Mirror started"
-# How a mirror ended (the outcome a `mirror_wait` is answered with).
-COMPLETED = "migration completed"
-UNKNOWN = "migration outcome unknown"
-STOPPED = "mirror stopped"
-SHUTTING_DOWN = "shutting down"
+# The outcomes (control replies, flexnbd.control.protocol): of the first connection attempt
+# (the `mirror` reply), and of the whole mirror (what `mirror_wait` is answered with).
+FAILED_TO_CONNECT = replies.MIRROR_FAILED_TO_CONNECT
+REJECTED = replies.MIRROR_REJECTED
+NO_RESPONSE = replies.REMOTE_NO_RESPONSE
+SIZE_MISMATCH = replies.REMOTE_SIZE_MISMATCH
+ABANDONED = replies.MIRRORING_ABANDONED
+STARTED = replies.MIRROR_STARTED
+COMPLETED = replies.MIGRATION_COMPLETED
+UNKNOWN = replies.MIGRATION_OUTCOME_UNKNOWN
+STOPPED = replies.MIRROR_STOPPED
+SHUTTING_DOWN = replies.SHUTTING_DOWN
 
 
 def request_limit_from_env() -> float:
@@ -89,7 +92,6 @@ class MirrorHost(Protocol):
     allocmap: AllocationMap
     size: int
     file: str
-    migration_lock: threading.Lock
 
     def forbid_clients(self) -> None:
         """Refuse new clients and disconnect the connected ones after their current request;
@@ -101,11 +103,6 @@ class MirrorHost(Protocol):
 
     def close_listeners(self) -> None:
         """Stop serving NBD (the migration is about to complete)."""
-        ...
-
-    def mirror_finished(self, mirror: Mirror, completed: bool) -> None:
-        """The supervisor ends: ``completed`` with action exit/unlink means the process must
-        now exit 0; ``mirror.outcome == UNKNOWN`` with exit/unlink, that it must exit 1."""
         ...
 
 
@@ -121,7 +118,7 @@ class MirrorParams:
 class AttemptFailed(FlexnbdError):
     """An attempt failed; ``reply`` is the control reply text when it failed connecting."""
 
-    def __init__(self, reply: str, message: str, final: bool = False) -> None:
+    def __init__(self, reply: Reply, message: str, final: bool = False) -> None:
         super().__init__(message)
         self.reply = reply
         self.final = final           # retrying cannot help (the peer does not speak NBD)
@@ -132,15 +129,21 @@ class Abandoned(FlexnbdError):
 
 
 class Mirror:
-    """One migration. ``start()`` returns the control reply text of the first attempt."""
+    """One migration. ``start()`` returns the control reply of the first attempt.
 
-    def __init__(self, host: MirrorHost, params: MirrorParams) -> None:
+    ``lock`` is held around the endgame (a stop or `break` waiting for it sees it finished);
+    ``on_finished(mirror)`` is called once when the supervisor ends."""
+
+    def __init__(self, host: MirrorHost, params: MirrorParams, lock: threading.Lock,
+                 on_finished: Callable[[Mirror], None]) -> None:
         self.host = host
         self.params = params
+        self.lock = lock
+        self.on_finished = on_finished
         self.max_bps = params.max_bps
         self.request_limit = request_limit_from_env()
         self._break = threading.Event()
-        self._first_outcome: str | None = None
+        self._first_outcome: Reply | None = None
         self._first_decided = threading.Event()
         self._thread: threading.Thread | None = None
         self.completed = False
@@ -154,12 +157,12 @@ class Mirror:
         self.bytes_sent = 0          # payload bytes sent in this attempt
         self.wire_bytes = 0          # bytes that crossed the wire in this attempt
         self.first_pass_left = host.size
-        self.dirty: AllocationMap | None = None
+        self.dirty: DirtyMap | None = None
         self.stream: _core.MirrorStream | None = None
 
     # -- control ---------------------------------------------------------------------------
 
-    def start(self) -> str:
+    def start(self) -> Reply:
         """Start the supervisor; wait for the first attempt's connection outcome."""
         self.running = True
         self._thread = threading.Thread(target=self._supervise, name="mirror", daemon=True)
@@ -203,7 +206,7 @@ class Mirror:
 
     # -- the supervisor --------------------------------------------------------------------
 
-    def _decide_first(self, outcome: str) -> None:
+    def _decide_first(self, outcome: Reply) -> None:
         if self._first_outcome is None:
             self._first_outcome = outcome
             self._first_decided.set()
@@ -261,13 +264,17 @@ class Mirror:
             self.completed = completed
             self._decide_first(ABANDONED)
             self.finished.set()
-            self.host.mirror_finished(self, completed)
+            self.on_finished(self)
 
     def _connect(self) -> tuple[socket.socket, bool]:
         """Connect and check the greeting. (socket, destination takes WRITE_ZEROES)."""
         p = self.params
         try:
             sock = sockets.connect(p.addr, p.port, p.bind, timeout=CONNECT_TIMEOUT)
+        except ConnectionResetError:
+            # Connected, then reset before we looked (the pending error surfaces in
+            # connect()): the peer took the connection and threw it away.
+            raise AttemptFailed(REJECTED, "the destination reset the connection") from None
         except OSError as e:
             raise AttemptFailed(FAILED_TO_CONNECT, f"cannot connect: {_describe(e)}") from None
         try:
@@ -335,7 +342,7 @@ class Mirror:
 
     def _endgame(self, sock: socket.socket) -> bool:
         assert self.stream is not None
-        with self.host.migration_lock:
+        with self.lock:
             self._check_break()
             _log.info("mirror endgame: %d bytes dirty; disconnecting clients",
                       self.dirty.count_bytes() if self.dirty else 0)

@@ -18,7 +18,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from flexnbd._allocmap import METHODS, AllocationMap
+from flexnbd._allocmap import METHODS, AllocationMap, BlockBitmap, CoverageMap, DirtyMap
 from tests.fakes.layout import block_runs, punch_fd, seek_scan
 
 BS = 4096
@@ -359,8 +359,7 @@ def map_ops(draw):
 @given(map_ops(), st.data())
 def test_mark_clear_extents_model(case, draw):
     size, ops = case
-    m = AllocationMap(size)
-    m.set_complete()
+    m = BlockBitmap(size)
     model = Model(size)
     for kind, off, n in ops:
         getattr(m, kind)(off, n)
@@ -379,8 +378,7 @@ def test_mark_clear_extents_model(case, draw):
 
 
 def test_mark_touches_partial_blocks():
-    m = AllocationMap(10 * BS)
-    m.set_complete()
+    m = BlockBitmap(10 * BS)
     m.mark(BS - 1, 2)                   # the last byte of block 0, the first of block 1
     assert m.extents() == [(0, 2 * BS, True), (2 * BS, 8 * BS, False)]
     m.mark(5 * BS + 100, 1)
@@ -394,8 +392,7 @@ def test_mark_touches_partial_blocks():
 
 
 def test_clear_only_whole_blocks():
-    m = AllocationMap(10 * BS)
-    m.set_complete()
+    m = BlockBitmap(10 * BS)
     m.mark(0, 10 * BS)
     m.clear(BS + 1, 2 * BS)             # touches blocks 1..3, contains only block 2
     assert m.extents() == [(0, 2 * BS, True), (2 * BS, BS, False), (3 * BS, 7 * BS, True)]
@@ -407,8 +404,7 @@ def test_clear_only_whole_blocks():
 
 def test_clear_reaching_the_end_clears_the_partial_last_block():
     size = 3 * BS + 1000
-    m = AllocationMap(size)
-    m.set_complete()
+    m = BlockBitmap(size)
     m.mark(0, size)
     m.clear(3 * BS, 999)                # stops short of the end: the partial block stays
     assert m.extents() == [(0, size, True)]
@@ -422,8 +418,7 @@ def test_clear_reaching_the_end_clears_the_partial_last_block():
 
 
 def test_extents_merge_and_cover_exactly():
-    m = AllocationMap(64 * BS)
-    m.set_complete()
+    m = BlockBitmap(64 * BS)
     for b in range(10, 20):
         m.mark(b * BS, BS)               # ten adjacent marks: one run
     m.mark(40 * BS, 30 * BS)             # clipped at the end of the map
@@ -440,8 +435,7 @@ def test_extents_merge_and_cover_exactly():
 def test_runs_across_many_words():
     """Runs longer than one 64-block word, starting and ending mid-word."""
     size = 1000 * BS
-    m = AllocationMap(size)
-    m.set_complete()
+    m = BlockBitmap(size)
     m.mark(37 * BS, 500 * BS)
     m.mark(700 * BS, 300 * BS)
     assert m.extents() == [(0, 37 * BS, False), (37 * BS, 500 * BS, True),
@@ -520,3 +514,16 @@ def test_file_smaller_than_a_block(workdir):
     finally:
         os.close(fd)
         os.unlink(path)
+
+
+def test_each_bitmap_is_built_in_a_state_that_cannot_lie():
+    """Only the allocation map starts incomplete (answering "allocated" everywhere until it is
+    built); the plain, dirty and coverage bitmaps know all they will ever know from the start,
+    and start empty. The coverage map has 512-byte blocks, the others 4 KiB."""
+    amap = AllocationMap(MiB)
+    assert not amap.complete and amap.is_allocated(0, MiB) and amap.method == "pending"
+    for kind, block in ((BlockBitmap, BS), (DirtyMap, BS), (CoverageMap, 512)):
+        m = kind(MiB)
+        assert m.complete and not m.is_allocated(0, MiB) and m.count_bytes() == 0, kind
+        m.mark(0, 1)
+        assert m.count_bytes() == block, kind

@@ -1,0 +1,352 @@
+"""Client admission: the NBD listeners, the accept loop, and who may stay (SPEC §2, §8, §11).
+
+One ``Admission`` per server. It accepts connections and admits a client only when the ACL
+allows it, new clients are allowed (not during a migration's endgame, nor after a listener
+took control), and the limits leave room: ``max_clients`` in all and
+``max_clients_per_address`` from one address. A connection counts from accept until its
+thread has ended, whatever its socket shows; at the limit, the sockets of clients whose peer
+has hung up are shut down so that their threads end at once (a client reconnecting at once is
+not refused). Each admitted client gets a thread running the ``serve`` function it is
+given; its socket is closed when that returns.
+
+A watchdog thread cuts clients whose whole handshake takes longer than the handshake timeout,
+and with the killswitch, clients whose current request (reply included) runs too long. When
+descriptors run out, accepting pauses (``sockets.AcceptBackoff``) instead of spinning.
+
+``cut_clients()`` is the one routine that ends every client: after its current request, or at
+once if still in the handshake, and by shutting its socket down after the grace period.
+"""
+
+from __future__ import annotations
+
+import os
+import select
+import selectors
+import socket
+import threading
+from collections.abc import Callable, Sequence
+
+from flexnbd import _core, acl, log, sockets
+from flexnbd.config import ServeConfig
+
+_log = log.get("server")
+
+# At the client limit, how long a new client may wait for the threads of clients that have
+# hung up to end (so that a client reconnecting at once is not refused).
+HANDOVER_WAIT = 2.0
+
+
+class Client:
+    """A connected client, from accept until its thread has ended."""
+
+    def __init__(self, sock: socket.socket, name: str, peer_ip: str | None) -> None:
+        self.sock = sock
+        self.name = name
+        self.peer_ip = peer_ip       # None for a Unix-socket client
+        self.connection: _core.Connection | None = None
+        self.accepted_ns = _core.monotonic_ns()
+        self.killed = False          # cut by the watchdog (killswitch or handshake deadline)
+
+    def end_soon(self) -> None:
+        """End after the current request; at once if still in the handshake."""
+        if self.connection is not None:
+            self.connection.kick()
+        else:
+            shutdown(self.sock)
+
+
+class Admission:
+    def __init__(self, config: ServeConfig, serve: Callable[[Client], None]) -> None:
+        self.config = config
+        self._serve = serve
+        # Readable once the server stops: ends the accept loop, and idle connections.
+        self.stop_fd = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
+        self.acl = acl.Acl(config.acl, config.default_deny)
+        self.clients_allowed = True
+        self.stopping = False
+        self._lock = threading.Lock()
+        self._clients: set[Client] = set()
+        self._seq = 0
+        self._listeners: list[socket.socket] = []
+        self._unix_bound = False
+        self._accept_thread: threading.Thread | None = None
+        self._backoff = sockets.AcceptBackoff(_log.warning)
+        self._watchdog: threading.Thread | None = None
+        self._watchdog_stop = threading.Event()
+
+    # -- listeners ----------------------------------------------------------------------------
+
+    def bind(self) -> None:
+        cfg = self.config
+        try:
+            if cfg.addr is not None and cfg.port is not None:
+                self._listeners.append(sockets.tcp_listener(cfg.addr, cfg.port))
+            if cfg.unix:
+                self._listeners.append(sockets.unix_listener(cfg.unix, mode=cfg.unix_mode))
+                self._unix_bound = True
+        except BaseException:
+            self._close_listeners()
+            raise
+
+    def start(self) -> None:
+        self._accept_thread = threading.Thread(target=self._accept_loop, name="accept",
+                                               daemon=True)
+        self._accept_thread.start()
+        self._watchdog = threading.Thread(target=self._watch, name="watchdog", daemon=True)
+        self._watchdog.start()
+
+    @property
+    def port(self) -> int | None:
+        """The TCP port actually bound (useful with port 0)."""
+        for sock in self._listeners:
+            if sock.family in (socket.AF_INET, socket.AF_INET6):
+                return sock.getsockname()[1]
+        return None
+
+    def close_listeners(self) -> None:
+        """Stop accepting: the accept loop ends and the listeners close."""
+        os.eventfd_write(self.stop_fd, 1)
+        if self._accept_thread:
+            self._accept_thread.join()
+        self._close_listeners()
+
+    def _close_listeners(self) -> None:
+        for sock in self._listeners:
+            sock.close()
+        self._listeners = []
+        if self.config.unix and self._unix_bound:  # never remove a live server's socket
+            self._unix_bound = False
+            try:
+                os.unlink(self.config.unix)
+            except FileNotFoundError:
+                pass
+
+    # -- who is connected ---------------------------------------------------------------------
+
+    @property
+    def num_clients(self) -> int:
+        """Clients connected right now. A client that has closed its side stops counting at
+        once, even before its thread has noticed (the limits count threads)."""
+        gone = select.POLLRDHUP | select.POLLHUP | select.POLLERR | select.POLLNVAL
+        with self._lock:
+            poller = select.poll()
+            for client in self._clients:
+                poller.register(client.sock, select.POLLRDHUP)
+            closed = sum(1 for _, events in poller.poll(0) if events & gone)
+            return len(self._clients) - closed
+
+    def attach(self, client: Client, connection: Callable[[], _core.Connection]) -> bool:
+        """The client finished its handshake: give it its connection (made under the lock,
+        so that stopping and cutting see it). False if the server is stopping."""
+        with self._lock:
+            if self.stopping:
+                return False
+            client.connection = connection()
+            return True
+
+    def forbid(self) -> None:
+        """Admit no one from now on (a migration's endgame, or a listener that took
+        control); the connected clients stay."""
+        with self._lock:
+            self.clients_allowed = False
+
+    def allow(self) -> None:
+        with self._lock:
+            self.clients_allowed = True
+
+    def set_acl(self, entries: Sequence[acl.Network]) -> None:
+        """Replace the ACL entries (default-deny stays) and end the connected clients the new
+        ACL refuses, after their current request."""
+        with self._lock:
+            self.acl = self.acl.replaced(entries)
+            refused = [c for c in self._clients if not self.acl.allows(c.peer_ip)]
+            for client in refused:
+                client.end_soon()
+        _log.info("ACL replaced: %s", self.acl)
+        for client in refused:
+            _log.warning("%s is no longer allowed by the ACL; disconnecting it", client.name)
+
+    def cut_clients(self, why: str) -> None:
+        """End every connected client after its current request; shut down the sockets of
+        those still there after the stop grace; return once all their threads have ended (or
+        5 s more have passed)."""
+        with self._lock:
+            clients = list(self._clients)
+        for client in clients:
+            client.end_soon()
+        if not self._wait_clients(self.config.stop_grace):
+            with self._lock:
+                clients = list(self._clients)
+            _log.warning("%d client(s) did not finish their request in %.0f s (%s); cutting "
+                         "them", len(clients), self.config.stop_grace, why)
+            for client in clients:
+                shutdown(client.sock)
+            self._wait_clients(5.0)
+
+    def stop(self) -> None:
+        """Stop accepting, end every client, stop the watchdog."""
+        with self._lock:
+            self.stopping = True
+        self.close_listeners()
+        self.cut_clients("stopping")
+        self._watchdog_stop.set()
+        if self._watchdog is not None:
+            self._watchdog.join()
+
+    def _wait_clients(self, timeout: float, leaving: Sequence[Client] | None = None) -> bool:
+        """Wait until no client (or none of ``leaving``) is left; False on the timeout."""
+        deadline = _core.monotonic_ns() + int(timeout * 1e9)
+        while _core.monotonic_ns() < deadline:
+            with self._lock:
+                if not (self._clients if leaving is None
+                        else [c for c in leaving if c in self._clients]):
+                    return True
+            threading.Event().wait(0.005)
+        return False
+
+    # -- accepting ----------------------------------------------------------------------------
+
+    def _accept_loop(self) -> None:
+        sel = selectors.DefaultSelector()
+        for sock in self._listeners:
+            sock.setblocking(False)
+            sel.register(sock, selectors.EVENT_READ)
+        sel.register(self.stop_fd, selectors.EVENT_READ)
+        try:
+            while True:
+                for key, _ in sel.select():
+                    if key.fileobj == self.stop_fd:
+                        return
+                    delay = self._accept_one(key.fileobj)  # type: ignore[arg-type]
+                    if delay and select.select([self.stop_fd], [], [], delay)[0]:
+                        return
+        finally:
+            sel.close()
+
+    def _accept_one(self, listener: socket.socket) -> float:
+        """Accept one connection; seconds to pause accepting (out of descriptors), or 0."""
+        try:
+            sock, _ = listener.accept()
+        except (BlockingIOError, InterruptedError):
+            return 0.0
+        except OSError as e:
+            return self._backoff.failed(e)
+        self._backoff.succeeded()
+        sock.setblocking(True)
+        name = sockets.peer_name(sock)
+        peer_ip = _peer_ip(sock)
+        refused = self._admit(sock, name, peer_ip)
+        if refused is None:
+            # Slots held by peers that have hung up: make their threads end now, look again.
+            self._wait_clients(HANDOVER_WAIT, self._cut_hung_up())
+            refused = self._admit(sock, name, peer_ip)
+        if refused is None:
+            refused = self._limit_text(peer_ip)
+        if refused:
+            _log.warning("refused %s: %s", name, refused)
+            sock.close()
+        return 0.0
+
+    def _admit(self, sock: socket.socket, name: str, peer_ip: str | None) -> str | None:
+        """Start serving the connection: "" when admitted, else why not (None: a client limit
+        is reached)."""
+        with self._lock:
+            if not self.acl.allows(peer_ip):
+                return "not allowed by the ACL"
+            if not self.clients_allowed:
+                return "new clients are not allowed now"
+            if self._limit_text(peer_ip):
+                return None
+            self._seq += 1
+            client = Client(sock, name, peer_ip)
+            self._clients.add(client)
+            threading.Thread(target=self._run, args=(client,), name=f"client-{self._seq}",
+                             daemon=True).start()
+        return ""
+
+    def _limit_text(self, peer_ip: str | None) -> str:
+        """Which client limit a new client from peer_ip would pass, or ""."""
+        cfg = self.config
+        if len(self._clients) >= cfg.max_clients:
+            return f"already {cfg.max_clients} clients"
+        if peer_ip is not None and cfg.max_clients_per_address < cfg.max_clients and \
+                sum(1 for c in self._clients if c.peer_ip == peer_ip) >= \
+                cfg.max_clients_per_address:
+            return f"already {cfg.max_clients_per_address} clients from that address"
+        return ""
+
+    def _cut_hung_up(self) -> list[Client]:
+        """Shut down the sockets of clients whose peer has hung up (they cannot be served any
+        more; their threads then end at once); those clients."""
+        gone = select.POLLRDHUP | select.POLLHUP | select.POLLERR | select.POLLNVAL
+        with self._lock:
+            clients = {c.sock.fileno(): c for c in self._clients}
+            poller = select.poll()
+            for fd in clients:
+                poller.register(fd, select.POLLRDHUP)
+            hung = [clients[fd] for fd, events in poller.poll(0) if events & gone]
+            for client in hung:
+                shutdown(client.sock)
+        return hung
+
+    def _run(self, client: Client) -> None:
+        try:
+            self._serve(client)
+        finally:
+            with self._lock:
+                self._clients.discard(client)
+            client.sock.close()       # (only now: the set holds open sockets only)
+
+    # -- the watchdog: handshake deadline and killswitch --------------------------------------
+
+    def _watch(self) -> None:
+        """Cut (shut down the socket of) each client still in its handshake after the
+        handshake timeout (one deadline for the whole handshake: a byte now and then does not
+        extend it), and with the killswitch each client whose current request, reply
+        included, has run too long. The others carry on."""
+        cfg = self.config
+        limits = [cfg.handshake_timeout]
+        if cfg.killswitch is not None:
+            limits.append(cfg.killswitch)
+        interval = min(1.0, max(0.01, min(limits) / 4))
+        while not self._watchdog_stop.wait(interval):
+            # (one call per round: no reference to a client outlives the round, so a client
+            # that has gone is freed with its buffers and descriptors at once)
+            self._cut_late_clients()
+
+    def _cut_late_clients(self) -> None:
+        cfg = self.config
+        now = _core.monotonic_ns()
+        late: list[tuple[Client, str]] = []
+        with self._lock:
+            for c in self._clients:
+                if c.killed:
+                    continue
+                if c.connection is None:
+                    if now - c.accepted_ns > cfg.handshake_timeout * 1e9:
+                        late.append((c, f"handshake not done in {cfg.handshake_timeout:g} s"))
+                elif cfg.killswitch is not None and \
+                        c.connection.request_age_ns > cfg.killswitch * 1e9:
+                    late.append((c, f"killswitch: request ran over {cfg.killswitch:g} s"))
+            for client, _ in late:
+                client.killed = True
+                shutdown(client.sock)
+        for client, why in late:
+            _log.warning("%s: %s; disconnected it", client.name, why)
+
+
+def _peer_ip(sock: socket.socket) -> str | None:
+    """The client's IP address; None for a Unix-socket client."""
+    if sock.family not in (socket.AF_INET, socket.AF_INET6):
+        return None
+    try:
+        return sock.getpeername()[0]
+    except OSError:
+        return "?"  # gone already: an address no ACL entry matches
+
+
+def shutdown(sock: socket.socket) -> None:
+    try:
+        sock.shutdown(socket.SHUT_RDWR)
+    except OSError:
+        pass
