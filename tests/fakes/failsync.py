@@ -21,11 +21,9 @@ libc symbol through the dynamic linker, so both are caught.
 from __future__ import annotations
 
 import os
-import shutil
-import subprocess
 from pathlib import Path
 
-import pytest
+from tests.fakes.shim import build_shim
 
 SOURCE = r"""
 #define _GNU_SOURCE
@@ -106,20 +104,8 @@ int fsync(int fd)
 
 
 def build(directory: Path) -> Path:
-    """Compile the shim into ``directory``; its path. Skips the test when gcc is missing."""
-    lib = directory / "failsync.so"
-    if lib.exists():
-        return lib
-    gcc = shutil.which("gcc") or shutil.which("cc")
-    if gcc is None:
-        pytest.skip("gcc is not installed (needed to build the fdatasync-failing shim)")
-    src = directory / "failsync.c"
-    src.write_text(SOURCE)
-    res = subprocess.run([gcc, "-shared", "-fPIC", "-O2", "-Wall", "-Werror", "-o", str(lib),
-                          str(src), "-ldl"], capture_output=True, timeout=120)
-    if res.returncode != 0:
-        raise RuntimeError(f"building the shim failed:\n{res.stderr.decode(errors='replace')}")
-    return lib
+    """Compile the shim into ``directory``; its path."""
+    return build_shim(directory, "failsync", SOURCE)
 
 
 def environment(lib: Path, path: Path, skip: int = 0, log: Path | None = None,

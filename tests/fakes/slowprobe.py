@@ -11,11 +11,9 @@ with the same ``--sock`` then both see a stale file, unless something (a lock) o
 from __future__ import annotations
 
 import os
-import shutil
-import subprocess
 from pathlib import Path
 
-import pytest
+from tests.fakes.shim import build_shim
 
 SOURCE = r"""
 #define _GNU_SOURCE
@@ -47,19 +45,8 @@ int connect(int fd, const struct sockaddr *addr, socklen_t len)
 
 
 def build(directory: Path) -> Path:
-    lib = directory / "slowprobe.so"
-    if lib.exists():
-        return lib
-    gcc = shutil.which("gcc") or shutil.which("cc")
-    if gcc is None:
-        pytest.skip("gcc is not installed (needed to build the slow-probe shim)")
-    src = directory / "slowprobe.c"
-    src.write_text(SOURCE)
-    res = subprocess.run([gcc, "-shared", "-fPIC", "-O2", "-Wall", "-Werror", "-o", str(lib),
-                          str(src), "-ldl"], capture_output=True, timeout=120)
-    if res.returncode != 0:
-        raise RuntimeError(f"building the shim failed:\n{res.stderr.decode(errors='replace')}")
-    return lib
+    """Compile the shim into ``directory``; its path."""
+    return build_shim(directory, "slowprobe", SOURCE)
 
 
 def environment(lib: Path, ms: int) -> dict[str, str]:

@@ -25,12 +25,10 @@ libc symbols through the dynamic linker, so both are caught.
 from __future__ import annotations
 
 import os
-import shutil
-import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 
-import pytest
+from tests.fakes.shim import build_shim
 
 RWF_DSYNC = 0x2
 RWF_SYNC = 0x4
@@ -196,20 +194,8 @@ class Call:
 
 
 def build(directory: Path) -> Path:
-    """Compile the shim into ``directory``; its path. Skips the test when gcc is missing."""
-    lib = directory / "syncspy.so"
-    if lib.exists():
-        return lib
-    gcc = shutil.which("gcc") or shutil.which("cc")
-    if gcc is None:
-        pytest.skip("gcc is not installed (needed to build the sync-spying shim)")
-    src = directory / "syncspy.c"
-    src.write_text(SOURCE)
-    res = subprocess.run([gcc, "-shared", "-fPIC", "-O2", "-Wall", "-Werror", "-o", str(lib),
-                          str(src), "-ldl"], capture_output=True, timeout=120)
-    if res.returncode != 0:
-        raise RuntimeError(f"building the shim failed:\n{res.stderr.decode(errors='replace')}")
-    return lib
+    """Compile the shim into ``directory``; its path."""
+    return build_shim(directory, "syncspy", SOURCE)
 
 
 def environment(lib: Path, path: Path, log: Path | None = None,
