@@ -23,7 +23,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from tests.fakes.shim import build_shim
+from tests.support.shim import build_shim
 
 SOURCE = r"""
 #define _GNU_SOURCE

@@ -28,7 +28,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from tests.fakes.shim import build_shim
+from tests.support.shim import build_shim
 
 RWF_DSYNC = 0x2
 RWF_SYNC = 0x4

@@ -9,8 +9,9 @@ import time
 
 import pytest
 
-from tests.fakes.rawclient import RawClient, wait_until
-from tests.integration import _control_util as cu
+from tests.support import control as cu
+from tests.support.rawclient import RawClient
+from tests.support.waiting import wait_until
 
 start_server = cu.start_server
 

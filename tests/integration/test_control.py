@@ -18,8 +18,9 @@ import pytest
 
 from flexnbd import wire
 from tests.conftest import free_port, wait_for_port
-from tests.fakes.rawclient import RawClient, wait_until
-from tests.integration import _control_util as cu
+from tests.support import control as cu
+from tests.support.rawclient import RawClient
+from tests.support.waiting import wait_until
 
 start_server = cu.start_server
 

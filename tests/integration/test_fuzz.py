@@ -2,7 +2,7 @@
 
 Valid and invalid commands, flags, offsets and lengths (huge ones too), WRITEs with their
 payloads, sent several at a time. Every request must be answered, in order, with its cookie,
-with the error tests/fakes/nbdmodel.py predicts; READ data must equal the model of the file;
+with the error tests/support/nbdmodel.py predicts; READ data must equal the model of the file;
 the server must never die. Some streams end with a bad magic, a DISC, or a WRITE too long to
 drain, after which the connection must close.
 
@@ -24,7 +24,7 @@ from hypothesis import strategies as st
 
 from flexnbd import wire
 from tests.conftest import Server
-from tests.fakes.nbdmodel import (
+from tests.support.nbdmodel import (
     BS,
     CACHE,
     DISC,
@@ -36,7 +36,7 @@ from tests.fakes.nbdmodel import (
     DiskModel,
     expected_error,
 )
-from tests.fakes.rawclient import RawClient, connect_and_handshake
+from tests.support.rawclient import RawClient, connect_and_handshake
 
 EXPORT_SIZE = 256 * 1024
 FILE_SIZE = EXPORT_SIZE + 300          # rounded down to EXPORT_SIZE by the server

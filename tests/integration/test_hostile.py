@@ -44,9 +44,19 @@ import pytest
 from flexnbd import wire
 from tests.conftest import FLEXNBD, FlexnbdProcess, free_port
 from tests.fakes import slowprobe, syncspy
-from tests.fakes.rawclient import RawClient, ServerClosed
-from tests.integration import _control_util as cu
-from tests.integration.test_migration import mirror_request, pair, wait_exit
+from tests.support import control as cu
+from tests.support.hostile import (
+    fd_count,
+    half_closed_reader,
+    map_built,
+    raw_connect,
+    rss_kib,
+    settled_count,
+    task_count,
+)
+from tests.support.migration import mirror_request, pair, wait_exit
+from tests.support.rawclient import RawClient, ServerClosed
+from tests.support.waiting import wait_until as wait_for
 
 start_server = cu.start_server
 __all__ = ["pair", "start_server"]
@@ -73,22 +83,6 @@ def content(path: Path, offset: int, length: int) -> bytes:
         return f.read(length)
 
 
-def raw_connect(port: int, bind: str | None = None, timeout: float = 15.0,
-                rcvbuf: int | None = None) -> RawClient:
-    """A TCP connection to 127.0.0.1:port from ``bind`` (a loopback address), not yet greeted."""
-    s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    try:
-        if rcvbuf is not None:
-            s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
-        if bind is not None:
-            s.bind((bind, 0))
-        s.settimeout(timeout)
-        s.connect(("127.0.0.1", port))
-        s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-    except BaseException:
-        s.close()
-        raise
-    return RawClient(s, timeout)
 
 
 def admitted(port: int, bind: str | None = None, timeout: float = 15.0, rcvbuf: int | None = None,
@@ -121,37 +115,12 @@ def refused(port: int, bind: str | None = None, timeout: float = 10.0) -> bool:
         return cu.closed_without_a_byte(c.sock, timeout)
 
 
-def half_closed_reader(port: int, bind: str, reads: int = 4, length: int = 32 * MiB,
-                       **handshake: object) -> RawClient:
-    """A client that does the handshake, pipelines ``reads`` big READs, shuts down its sending
-    side and never reads a byte of the replies (a tiny receive buffer, so the server's send
-    blocks at once)."""
-    c = raw_connect(port, bind, rcvbuf=4096)
-    try:
-        c.handshake(**handshake)  # type: ignore[arg-type]
-        c.send(b"".join(c.pack(READ, (i * length) % (c.size - length + 1), length, cookie=i + 1)
-                        for i in range(reads)))
-        c.sock.shutdown(socket.SHUT_WR)
-    except BaseException:
-        c.close()
-        raise
-    return c
 
 
-def task_count(pid: int) -> int:
-    return len(os.listdir(f"/proc/{pid}/task"))
 
 
-def fd_count(pid: int) -> int:
-    return len(os.listdir(f"/proc/{pid}/fd"))
 
 
-def rss_kib(pid: int) -> int:
-    with open(f"/proc/{pid}/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1])
-    raise AssertionError("no VmRSS")
 
 
 def cpu_seconds(pid: int) -> float:
@@ -161,28 +130,8 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-def settled_count(counter, pid: int, timeout: float = 10.0, quiet: float = 0.5) -> int:
-    """The value of counter(pid) once it has not changed for ``quiet`` seconds."""
-    deadline = time.monotonic() + timeout
-    value, since = counter(pid), time.monotonic()
-    while time.monotonic() < deadline:
-        time.sleep(0.05)
-        now = counter(pid)
-        if now != value:
-            value, since = now, time.monotonic()
-        elif time.monotonic() - since >= quiet:
-            break
-    return value
 
 
-def wait_for(predicate, timeout: float, interval: float = 0.05) -> bool:
-    deadline = time.monotonic() + timeout
-    while True:
-        if predicate():
-            return True
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(interval)
 
 
 LOG_LINE = re.compile(r"^\d+:[DIWEF]:\d+ \S+ \S+:\d+: (.*)$")
@@ -205,9 +154,6 @@ def log_count(server, text: str) -> int:
     return len(log_lines(server, text))
 
 
-def map_built(server) -> None:
-    """Wait until the allocation map is built (its thread gone, holes known)."""
-    server.wait_for_log("allocation map: built", timeout=30)
 
 
 def close_all(clients) -> None:

@@ -6,7 +6,7 @@ client writes racing the migration (the destination must equal the source byte f
 speed limit, and wire interop with flexnbd 0.5.0 (an oldstyle listener that only knows
 READ/WRITE/DISC, and a 0.5.0-like sender into `listen --oldstyle`).
 
-The helpers here are shared with test_migration_faults.py and test_migration_races.py.
+The helpers shared with the other migration tests are in tests/support/migration.py.
 """
 
 from __future__ import annotations
@@ -17,22 +17,37 @@ import shutil
 import struct
 import subprocess
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
 from flexnbd import wire
-from tests.conftest import FLEXNBD, require_python_nbd, require_tool
+from tests.conftest import require_python_nbd, require_tool
 from tests.fakes.fakedest import FakeDest
 from tests.fakes.oldsender import send_disk
 from tests.fakes.relay import Relay
-from tests.integration import _control_util as cu
+from tests.support import control as cu
+from tests.support.migration import (
+    KiB,
+    MiB,
+    Pair,
+    allocated,
+    assert_completed,
+    logs,
+    mirror_cli,
+    mirror_request,
+    out,
+    raw_client,
+    running,
+    same_files,
+    sparse_file,
+    status_or_none,
+    wait_exit,
+)
+from tests.support.waiting import wait_until
 
 start_server = cu.start_server
 
-KiB = 1 << 10
-MiB = 1 << 20
 BS = 4096
 STATUS_KEYS = ["pid", "size", "is_mirroring", "clients_allowed", "num_clients", "has_control"]
 MIGRATION_KEYS = ["migration_speed", "migration_duration", "migration_seconds_left",
@@ -42,155 +57,34 @@ MIGRATION_KEYS = ["migration_speed", "migration_duration", "migration_seconds_le
 # --------------------------------------------------------------------------------------------
 # helpers (shared with the other migration test files)
 
-def wait_until(predicate, timeout: float = 30.0, interval: float = 0.02) -> bool:
-    deadline = time.monotonic() + timeout
-    while True:
-        if predicate():
-            return True
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(interval)
 
 
-def wait_exit(proc, timeout: float = 60.0) -> int:
-    """The exit status of a flexnbd process; fails the test (with its log) on a timeout."""
-    try:
-        return proc.proc.wait(timeout)
-    except subprocess.TimeoutExpired:
-        pytest.fail(f"{' '.join(proc.args[:1])} did not exit in {timeout} s:\n{proc.log()}")
 
 
-def running(proc) -> bool:
-    return proc.proc.poll() is None
 
 
-def same_files(a: Path, b: Path, length: int | None = None) -> bool:
-    """Byte for byte (the first ``length`` bytes when given)."""
-    with open(a, "rb") as fa, open(b, "rb") as fb:
-        left = length
-        while True:
-            n = 4 * MiB if left is None else min(4 * MiB, left)
-            if n == 0:
-                return True
-            x, y = fa.read(n), fb.read(n)
-            if x != y:
-                return False
-            if not x:
-                return True
-            if left is not None:
-                left -= len(x)
 
 
-def first_difference(a: Path, b: Path) -> int | None:
-    with open(a, "rb") as fa, open(b, "rb") as fb:
-        pos = 0
-        while True:
-            x, y = fa.read(MiB), fb.read(MiB)
-            if x != y:
-                for i, (p, q) in enumerate(zip(x, y, strict=False)):
-                    if p != q:
-                        return pos + i
-                return pos + min(len(x), len(y))
-            if not x:
-                return None
-            pos += len(x)
 
 
-def allocated(path: Path) -> int:
-    return os.stat(path).st_blocks * 512
 
 
-def sparse_file(path: Path, size: int, pieces: int, piece: int, seed: int = 1) -> int:
-    """A sparse file of ``size`` bytes with ``pieces`` random runs of ``piece`` bytes at
-    random 4 KiB-aligned, non-overlapping places; the data size."""
-    rng = random.Random(seed)
-    slots = rng.sample(range(size // piece), pieces)
-    with open(path, "wb") as f:
-        f.truncate(size)
-        for slot in slots:
-            f.seek(slot * piece)
-            f.write(rng.randbytes(piece))
-    return pieces * piece
 
 
-def mirror_request(src, port: int, action: str | None = None, bind: str | None = None,
-                   max_bps: int | None = None, host: str = "127.0.0.1",
-                   timeout: float = 60.0) -> str:
-    """The raw control request; the reply line."""
-    lines = ["mirror", host, str(port)]
-    if action is not None or bind is not None or max_bps is not None:
-        lines.append(action or "exit")
-    if bind is not None or max_bps is not None:
-        lines.append(bind or "127.0.0.1")
-    if max_bps is not None:
-        lines.append(str(max_bps))
-    return cu.control(src.sock, *lines, timeout=timeout)
 
 
-def mirror_cli(src, port: int, *extra: str, host: str = "127.0.0.1", timeout: float = 60.0,
-               env: dict | None = None) -> subprocess.CompletedProcess:
-    full_env = dict(os.environ)
-    full_env.update(env or {})
-    return subprocess.run(FLEXNBD + ["mirror", "--sock", str(src.sock), "--addr", host,
-                                     "--port", str(port), *extra],
-                          capture_output=True, timeout=timeout, env=full_env)
 
 
-def out(res: subprocess.CompletedProcess) -> str:
-    return (f"rc={res.returncode} stdout={res.stdout.decode(errors='replace')!r} "
-            f"stderr={res.stderr.decode(errors='replace')!r}")
 
 
-def status_or_none(proc) -> dict[str, str] | None:
-    """The status, or None when the server is gone or going: a source that completed its
-    migration closes its control socket, possibly on a request it had already accepted."""
-    try:
-        reply = cu.control(proc.sock, "status")
-    except OSError:
-        return None
-    if not reply:
-        return None
-    assert reply.startswith("0: ") and reply.endswith(" \n"), repr(reply)
-    return dict(pair.split("=", 1) for pair in reply[3:].split())
 
 
-def logs(*procs) -> str:
-    return "\n".join(f"--- {p.args[0]} (pid {p.pid}) ---\n{p.log()}" for p in procs)
 
 
-@dataclass
-class Pair:
-    src: cu.Proc
-    dst: cu.Proc
-    src_file: Path
-    dst_file: Path
 
 
-@pytest.fixture
-def pair(start_server, tmp_path):
-    """pair(src_file, dst_file=None, src_args=(), dst_args=(), src_env=None) -> Pair: a serve
-    source and a listen destination (a fresh sparse file of the same size unless given), both
-    with control sockets; killed at the end of the test."""
-    def make(src_file: Path, dst_file: Path | None = None, src_args=(), dst_args=(),
-             src_env: dict | None = None, dst_env: dict | None = None) -> Pair:
-        if dst_file is None:
-            dst_file = tmp_path / (src_file.name + ".dst")
-            with open(dst_file, "wb") as f:
-                f.truncate(os.path.getsize(src_file))
-        dst = start_server(dst_file, *dst_args, mode="listen", env=dst_env)
-        src = start_server(src_file, *src_args, env=src_env)
-        return Pair(src, dst, src_file, dst_file)
-    return make
 
 
-def assert_completed(p: Pair, timeout: float = 60.0, length: int | None = None) -> None:
-    """Both ends exit 0 and the files are identical."""
-    src_rc = wait_exit(p.src, timeout)
-    dst_rc = wait_exit(p.dst, timeout)
-    assert (src_rc, dst_rc) == (0, 0), logs(p.src, p.dst)
-    if p.src_file.exists():
-        assert same_files(p.src_file, p.dst_file, length), \
-            f"first difference at {first_difference(p.src_file, p.dst_file)}"
 
 
 # --------------------------------------------------------------------------------------------
@@ -569,17 +463,6 @@ def test_qemu_io_writes_during_a_slow_first_pass(pair, make_file):
     assert_completed(p)
 
 
-def raw_client(port: int):
-    """A connected client in transmission (newstyle handshake done by hand)."""
-    from flexnbd.handshake import client_handshake
-
-    s = cu.connect("127.0.0.1", port)
-    try:
-        client_handshake(s)
-    except BaseException:
-        s.close()
-        raise
-    return s
 
 
 def test_client_vanishing_mid_payload_during_the_migration(pair, make_file):

@@ -25,10 +25,16 @@ from flexnbd.handshake import client_handshake
 from tests.conftest import require_tool
 from tests.fakes.fakedest import FakeDest, Script
 from tests.fakes.relay import Fault, Relay
-from tests.integration import _control_util as cu
-from tests.integration.test_migration import (
+from tests.support import control as cu
+from tests.support.migration import (
+    COOKIE,
     KiB,
     MiB,
+    _disc,
+    _recv_exact,
+    _request,
+    _sender,
+    _write_all,
     assert_completed,
     logs,
     mirror_cli,
@@ -39,13 +45,12 @@ from tests.integration.test_migration import (
     same_files,
     sparse_file,
     wait_exit,
-    wait_until,
 )
+from tests.support.waiting import wait_until
 
 start_server = cu.start_server
 __all__ = ["pair", "start_server"]
 
-COOKIE = int.from_bytes(wire.MIRROR_COOKIE, "big")
 SHORT_LIMIT = {"FLEXNBD_MS_REQUEST_LIMIT_SECS": "2"}
 OLD_GREETING = wire.OLDSTYLE_GREETING_SIZE          # 152 bytes down before the first reply
 REPLY = wire.SIMPLE_REPLY_SIZE
@@ -294,52 +299,14 @@ def test_sigterm_while_retrying_exits_1(pair, make_file):
 SIZE = 2 * MiB
 
 
-def _sender(port: int, timeout: float = 15.0):
-    s = socket.create_connection(("127.0.0.1", port), timeout=timeout)
-    try:
-        info = client_handshake(s)
-    except BaseException:
-        s.close()
-        raise
-    return s, info
 
 
-def _recv_exact(s: socket.socket, n: int) -> bytes:
-    data = b""
-    while len(data) < n:
-        chunk = s.recv(n - len(data))
-        if not chunk:
-            raise ConnectionError("closed")
-        data += chunk
-    return data
 
 
-def _request(s: socket.socket, cmd: int, offset: int = 0, length: int = 0, payload: bytes = b"",
-             magic: int = wire.REQUEST_MAGIC) -> int:
-    s.sendall(wire.pack_request(cmd, offset, length, COOKIE, magic=magic) + payload)
-    reply = wire.unpack_simple_reply(_recv_exact(s, REPLY))
-    assert reply.magic == wire.SIMPLE_REPLY_MAGIC and reply.cookie == COOKIE
-    return reply.error
 
 
-def _write_all(s: socket.socket, data: bytes, upto: int | None = None, step: int = MiB) -> None:
-    end = len(data) if upto is None else upto
-    for off in range(0, end, step):
-        n = min(step, end - off)
-        assert _request(s, wire.CMD_WRITE, off, n, data[off:off + n]) == 0
 
 
-def _disc(s: socket.socket) -> str:
-    """Send DISC; how the listener then ended the connection: "closed" (an orderly close,
-    which it may do only once it took control, SPEC §6.7) or "reset"."""
-    s.sendall(wire.pack_request(wire.CMD_DISC, cookie=COOKIE))
-    s.settimeout(15)
-    try:
-        while s.recv(4096):
-            pass
-    except ConnectionResetError:
-        return "reset"
-    return "closed"
 
 
 def fault_close_after_greeting(port, data):

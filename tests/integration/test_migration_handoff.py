@@ -41,9 +41,12 @@ from tests.conftest import FLEXNBD
 from tests.fakes import failsync
 from tests.fakes.fakedest import ConnRecord, FakeDest, Req, Script
 from tests.fakes.relay import Fault, Relay
-from tests.integration import _control_util as cu
-from tests.integration.test_migration import (
+from tests.support import control as cu
+from tests.support.migration import (
     MiB,
+    _request,
+    _sender,
+    _write_all,
     logs,
     mirror_cli,
     mirror_request,
@@ -52,9 +55,8 @@ from tests.integration.test_migration import (
     running,
     same_files,
     wait_exit,
-    wait_until,
 )
-from tests.integration.test_migration_faults import _request, _sender, _write_all
+from tests.support.waiting import wait_until
 
 start_server = cu.start_server
 __all__ = ["pair", "start_server"]

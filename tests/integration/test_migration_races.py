@@ -20,8 +20,8 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import FlexnbdProcess, free_port, require_tool
-from tests.integration import _control_util as cu
-from tests.integration.test_migration import (
+from tests.support import control as cu
+from tests.support.migration import (
     MiB,
     assert_completed,
     mirror_cli,
@@ -31,8 +31,8 @@ from tests.integration.test_migration import (
     running,
     same_files,
     wait_exit,
-    wait_until,
 )
+from tests.support.waiting import wait_until
 
 start_server = cu.start_server
 __all__ = ["pair", "start_server"]
@@ -200,7 +200,7 @@ def test_endgame_with_a_stuck_client_and_a_break_meanwhile(pair, make_file):
     size = 4 * MiB
     p = pair(make_file(size))
     from flexnbd import wire
-    from tests.integration.test_migration import raw_client
+    from tests.support.migration import raw_client
 
     stuck = raw_client(p.src.port)
     try:
@@ -236,7 +236,7 @@ def test_break_racing_the_finish(start_server, make_file, tmp_path):
     answer may be `1: mirror completed`, never `0: mirror stopped` with a destination that
     completed."""
     from flexnbd import wire
-    from tests.integration.test_migration import raw_client
+    from tests.support.migration import raw_client
 
     size = 4 * MiB
     src_file = make_file(size)
@@ -274,7 +274,7 @@ def test_sigterm_during_the_endgame(pair, make_file, action):
     a WRITE) waits for it: the migration completes and the source exits 0 (SPEC 6.6), for
     action `nothing` too (the data moved)."""
     from flexnbd import wire
-    from tests.integration.test_migration import raw_client
+    from tests.support.migration import raw_client
 
     for n in range(4):
         p = pair(make_file(4 * MiB))

@@ -1,85 +1,42 @@
-"""A real `flexnbd serve` against scripted misbehaving clients (tests/fakes/rawclient.py).
+"""A real `flexnbd serve` against scripted misbehaving clients (tests/support/rawclient.py).
 
-SPEC sections 2, 3, 9 and 10: errors keep the stream in sync, bad clients end only their own
-connection, the server never dies, limits, signals, and the log format.
+SPEC sections 2, 3 and 10: errors keep the stream in sync, bad clients end only their own
+connection, the server never dies, and the client limit. (Commands, read-only, signals and
+the log format have files of their own.)
 """
 
 from __future__ import annotations
 
-import os
-import re
-import signal
-import socket
 import struct
-import time
 
 import pytest
 
 from flexnbd import wire
-from tests.fakes.rawclient import RawClient, ServerClosed, connect_and_handshake, wait_until
-
-MiB = 1 << 20
-MAX = wire.MAX_PAYLOAD
-READ, WRITE, DISC, FLUSH, TRIM, CACHE, WZ, BS = (
-    wire.CMD_READ, wire.CMD_WRITE, wire.CMD_DISC, wire.CMD_FLUSH, wire.CMD_TRIM, wire.CMD_CACHE,
-    wire.CMD_WRITE_ZEROES, wire.CMD_BLOCK_STATUS)
-EPERM, EINVAL, ENOSPC, EBADMSG = wire.NBD_EPERM, wire.NBD_EINVAL, wire.NBD_ENOSPC, wire.NBD_EBADMSG
-
-STYLES = [pytest.param([], id="newstyle"), pytest.param(["--oldstyle"], id="oldstyle")]
-
-LOG_LINE = re.compile(r"^\d+:[DIWEF]:\d+ \S+ \S+:\d+: .+$")
-
-
-# -- helpers ---------------------------------------------------------------------------------
-
-def big_file(make_file, size: int, head: int = MiB):
-    """A sparse file of ``size`` bytes whose first ``head`` bytes are random."""
-    path = make_file(data=os.urandom(head))
-    os.truncate(path, size)
-    return path
-
-
-def content(path, offset: int = 0, length: int | None = None) -> bytes:
-    with open(path, "rb") as f:
-        f.seek(offset)
-        return f.read(-1 if length is None else length)
-
-
-def client(server, **kwargs) -> RawClient:
-    return connect_and_handshake(server.port, **kwargs)
-
-
-def assert_serves(server, path, offset: int = 0, length: int = 4096) -> None:
-    """A new client connects and reads the file's content: the server is alive and well."""
-    assert server.proc.poll() is None, f"the server died:\n{server.log()}"
-    with client(server) as c:
-        assert c.read(offset, length) == content(path, offset, length)
-        c.disconnect()
-
-
-def assert_closed_after(c: RawClient, expected: bytes = b"") -> None:
-    """The server sends ``expected`` (nothing by default) and closes the connection."""
-    assert c.read_until_closed() == expected
-
-
-def rss_kib(pid: int) -> int:
-    with open(f"/proc/{pid}/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1])
-    raise AssertionError("no VmRSS")
-
-
-def log_lines(server) -> list[str]:
-    return [line for line in server.log().splitlines() if line.strip()]
-
-
-def problem_lines_about(server, name: str) -> list[str]:
-    """Warning/error/fatal lines that mention ``name`` (a client's address:port)."""
-    return [line for line in log_lines(server)
-            if re.search(rf"(?<![\d.]){re.escape(name)}(?!\d)", line)
-            and re.match(r"^\d+:[WEF]:", line)]
-
+from tests.support.hostile import rss_kib
+from tests.support.rawclient import RawClient, ServerClosed
+from tests.support.serving import (
+    BS,
+    CACHE,
+    EBADMSG,
+    EINVAL,
+    ENOSPC,
+    FLUSH,
+    MAX,
+    READ,
+    STYLES,
+    TRIM,
+    WRITE,
+    WZ,
+    MiB,
+    assert_closed_after,
+    assert_serves,
+    big_file,
+    client,
+    content,
+    problem_lines_about,
+    wait_for_problem_line,
+)
+from tests.support.waiting import wait_until
 
 # -- bad magic ---------------------------------------------------------------------------------
 
@@ -314,31 +271,8 @@ def test_unknown_commands_and_flags_are_einval(serve, make_file, style):
 
 # -- read-only ---------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("style", STYLES)
-def test_read_only(serve, make_file, style):
-    path = make_file(MiB)
-    before = content(path)
-    server = serve(path, "--read-only", *style)
-    with client(server) as c:
-        if not style:
-            assert c.flags & wire.FLAG_READ_ONLY
-        assert c.write(0, b"\xff" * 4096) == EPERM
-        assert c.write(0, b"\xff" * 4096, flags=wire.CMD_FLAG_FUA) == EPERM
-        assert c.request(TRIM, 0, 4096).error == EPERM
-        assert c.request(WZ, 0, 4096).error == EPERM
-        assert c.request(WZ, 0, 4096, flags=wire.CMD_FLAG_NO_HOLE).error == EPERM
-        assert c.read(0, 8192) == before[:8192]
-        assert c.request(FLUSH).error == 0
-        assert c.request(CACHE, 0, 4096).error == 0
-    assert content(path) == before
-
 
 # -- clients that vanish mid-request ------------------------------------------------------------
-
-def wait_for_problem_line(server, name: str) -> list[str]:
-    lines = wait_until(lambda: problem_lines_about(server, name))
-    assert lines, f"no warning about {name} in the log:\n{server.log()}"
-    return lines
 
 
 def test_client_vanishing_mid_read(serve, make_file):
@@ -437,204 +371,9 @@ def test_sixteen_clients_and_the_seventeenth(serve, make_file, style):
 
 # -- signals -----------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("style", STYLES)
-@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT, signal.SIGQUIT])
-def test_stop_signals_exit_0_with_idle_clients(serve, make_file, style, sig):
-    path = make_file(MiB)
-    server = serve(path, *style)
-    idle = client(server)                      # idle in the transmission phase
-    assert idle.read(0, 512) == content(path, 0, 512)
-    fresh = RawClient.connect(server.port)     # idle in (or before) the handshake
-    fresh.read_greeting()
-    try:
-        assert server.stop(sig) == 0, server.log()
-        assert idle.read_until_closed() == b""
-        assert fresh.read_until_closed() == b""
-    finally:
-        idle.close()
-        fresh.close()
-    with pytest.raises(OSError):
-        socket.create_connection(("127.0.0.1", server.port), timeout=5).close()
-    assert "Traceback" not in server.log()
-
-
-def test_stop_while_a_client_reads_a_lot(serve, make_file):
-    path = big_file(make_file, 40 * MiB)
-    server = serve(path)
-    with client(server) as c:
-        c.send_request(READ, 0, MAX)
-        c.recv_exact(16 + 4096)
-        server.signal(signal.SIGTERM)
-        # The current request is finished (or the client cut), then the server exits 0.
-        try:
-            c.recv_exact(MAX - 4096)
-        except ServerClosed:
-            pass
-        assert server.proc.wait(30) == 0
-
-
-@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
-def test_repeated_stop_signals_exit_0(serve, make_file, sig):
-    """A supervisor (or an impatient user) that signals again while the server is stopping
-    still gets exit status 0, not a death by signal."""
-    path = make_file(MiB)
-    server = serve(path)
-    with client(server) as c:
-        assert c.read(0, 4096) == content(path, 0, 4096)
-        sent = 0
-        while server.proc.poll() is None and sent < 5000:
-            server.signal(sig)
-            sent += 1
-            time.sleep(0.002)
-        assert server.proc.wait(30) == 0, server.log()
-
 
 # -- commands ----------------------------------------------------------------------------------
-
-@pytest.mark.parametrize("style", STYLES)
-def test_fua_write_flush_and_read_back(serve, make_file, style):
-    path = make_file(MiB)
-    server = serve(path, *style)
-    data = os.urandom(8192)
-    with client(server) as c:
-        assert c.write(4096, data, flags=wire.CMD_FLAG_FUA) == 0
-        assert c.read(4096, 8192) == data
-        assert content(path, 4096, 8192) == data
-        more = os.urandom(1000)
-        assert c.write(MiB - 1000, more) == 0
-        assert c.request(FLUSH).error == 0
-        assert c.request(FLUSH, flags=wire.CMD_FLAG_FUA).error == 0
-        assert content(path, MiB - 1000) == more
-        assert c.read(MiB - 1000, 1000) == more
-        assert c.write(0, b"") == 0
-        c.disconnect()
-        assert_closed_after(c)
-    assert os.path.getsize(path) == MiB
-
-
-def test_disc_closes_without_a_reply(serve, make_file):
-    server = serve(make_file(MiB))
-    with client(server) as c:
-        c.disconnect()
-        assert_closed_after(c)
-
-
-@pytest.mark.parametrize("structured", [False, True])
-def test_trim_and_write_zeroes(serve, make_file, structured):
-    path = make_file(4 * MiB)
-    before = content(path)
-    server = serve(path)
-    with client(server, structured=structured) as c:
-        assert c.flags & wire.FLAG_SEND_TRIM and c.flags & wire.FLAG_SEND_WRITE_ZEROES
-        # WRITE_ZEROES (punches a hole), aligned
-        assert c.request(WZ, MiB, 256 * 1024).error == 0
-        assert c.read(MiB, 256 * 1024) == bytes(256 * 1024)
-        # ... and unaligned, with FUA
-        assert c.request(WZ, 100, 5000, flags=wire.CMD_FLAG_FUA).error == 0
-        assert c.read(0, 8192) == before[:100] + bytes(5000) + before[5100:8192]
-        # NO_HOLE: zeroes written or allocated
-        for offset, length in [(2 * MiB, 128 * 1024), (3 * MiB + 17, 999)]:
-            assert c.request(WZ, offset, length, flags=wire.CMD_FLAG_NO_HOLE).error == 0
-            assert c.read(offset, length) == bytes(length)
-        if c.flags & wire.FLAG_SEND_FAST_ZERO:
-            reply = c.request(WZ, 1536 * 1024, 64 * 1024, flags=wire.CMD_FLAG_FAST_ZERO)
-            assert reply.error == 0
-            assert c.read(1536 * 1024, 64 * 1024) == bytes(64 * 1024)
-        assert c.request(WZ, 0, 0).error == 0
-        # TRIM: answered; the data around it is intact
-        assert c.request(TRIM, 2 * MiB + 512 * 1024, 256 * 1024).error == 0
-        assert c.request(TRIM, 0, 0).error == 0
-        assert c.request(CACHE, 0, MiB).error == 0
-        assert c.request(FLUSH).error == 0
-        assert c.read(3 * MiB + 1024 * 64, 4096) == before[3 * MiB + 65536:3 * MiB + 69632]
-        c.disconnect()
-    after = content(path)
-    assert len(after) == 4 * MiB
-    assert after[MiB:MiB + 256 * 1024] == bytes(256 * 1024)
-    assert after[2 * MiB:2 * MiB + 128 * 1024] == bytes(128 * 1024)
-    assert after[:100] == before[:100] and after[5100:MiB] == before[5100:MiB]
-    # WRITE_ZEROES without NO_HOLE punches a hole: the aligned range is no longer allocated.
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        assert os.lseek(fd, MiB, os.SEEK_HOLE) == MiB
-    finally:
-        os.close(fd)
-
-
-@pytest.mark.parametrize("style", STYLES)
-def test_fast_zero_only_when_advertised(serve, make_file, style):
-    path = make_file(MiB)
-    before = content(path)
-    server = serve(path, *style)
-    with client(server) as c:
-        reply = c.request(WZ, 0, 64 * 1024, flags=wire.CMD_FLAG_FAST_ZERO)
-        if c.flags & wire.FLAG_SEND_FAST_ZERO:
-            assert reply.error in (0, wire.NBD_ENOTSUP)
-        else:
-            # Not advertised (oldstyle never advertises it): the flag is not valid here.
-            assert reply.error == EINVAL
-            assert c.read(0, 64 * 1024) == before[:64 * 1024]
-
-
-@pytest.mark.parametrize("style", STYLES)
-def test_export_size_is_rounded_down_to_512(serve, make_file, style):
-    path = make_file(1535)
-    server = serve(path, *style)
-    with client(server) as c:
-        assert c.size == 1024
-        assert c.read(0, 1024) == content(path, 0, 1024)
-        assert c.read(1023, 1) == content(path, 1023, 1)
-        assert c.request(READ, 1024, 1).error == EINVAL
-        assert c.request(READ, 1000, 100).error == EINVAL
-        assert c.write(1024, b"x") == ENOSPC
-        assert c.write(1023, b"y") == 0
-        assert c.read(1016, 8) == content(path, 1016, 7) + b"y"
-    assert os.path.getsize(path) == 1535
-
-
-def test_structured_read(serve, make_file):
-    path = make_file(MiB)
-    server = serve(path)
-    with client(server, structured=True) as c:
-        assert c.flags & wire.FLAG_SEND_DF
-        reply = c.request(READ, 4096, 65536)
-        assert reply.structured and reply.error == 0
-        assert reply.data == content(path, 4096, 65536)
-        assert c.read(0, 4096, flags=wire.CMD_FLAG_DF) == content(path, 0, 4096)
-        reply = c.request(READ, MiB, 1)
-        assert reply.structured and reply.error == EINVAL
-        assert c.request(READ, 0, 0).error == 0
-        assert c.read(MiB - 1, 1) == content(path, MiB - 1, 1)
 
 
 # -- logging -----------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("debug", [False, True])
-def test_log_format(serve, make_file, debug):
-    path = make_file(MiB)
-    server = serve(path, env={"FLEXNBD_DEBUG": "1"} if debug else {"FLEXNBD_DEBUG": "0"})
-    with client(server) as c:                      # a good client
-        c.read(0, 4096)
-        c.disconnect()
-    with client(server) as c:                      # a bad magic
-        c.send_request(READ, 0, 512, magic=0)
-        c.read_until_closed()
-    with RawClient.connect(server.port) as c:      # a bad handshake
-        c.read_greeting()
-        c.send(b"\xff" * 4)
-        c.read_until_closed()
-    c = client(server)                             # one that vanishes mid-write
-    name = c.local_name
-    c.send_request(WRITE, 0, MiB, payload=b"\0" * 1000)
-    c.reset()
-    wait_for_problem_line(server, name)
-    assert server.stop() == 0
-    lines = server.log().splitlines()
-    assert len(lines) >= 5, lines
-    for line in lines:
-        assert LOG_LINE.match(line), f"bad log line: {line!r}"
-        assert line.split(":")[2].split(" ")[0] == str(server.pid), line
-    levels = {line.split(":")[1] for line in lines}
-    assert {"I", "W"} <= levels
-    if not debug:
-        assert "D" not in levels   # -v is info and up; debug only with FLEXNBD_DEBUG=1

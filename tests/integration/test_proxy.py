@@ -32,10 +32,10 @@ from tests.conftest import (
     require_tool,
 )
 from tests.fakes.fakedest import FakeDest, Script
-from tests.fakes.nbdmodel import DiskModel
-from tests.fakes.rawclient import RawClient
 from tests.integration.scripts.patterns import pattern
-from tests.integration.test_clients import ZEROING_SCRIPT, check, qemu_io, run, zeroing_done
+from tests.support.clients import ZEROING_SCRIPT, check, qemu_io, run, zeroing_done
+from tests.support.nbdmodel import DiskModel
+from tests.support.rawclient import RawClient
 
 SCRIPTS = Path(__file__).with_name("scripts")
 LIBNBD_CHECK = SCRIPTS / "libnbd_check.py"

@@ -3,7 +3,7 @@ flight (reads, writes, the middle of a WRITE payload), an upstream back with ano
 read-ahead cache that a reconnect empties, error replies passed on once, an upstream that stops
 answering, clients that vanish mid-request, and clients that send oversized requests or garbage.
 
-The client is tests/fakes/pipeline.py (raw NBD, many requests in flight, every READ checked and
+The client is tests/support/pipeline.py (raw NBD, many requests in flight, every READ checked and
 every acknowledged WRITE applied to a model of the export); faults are placed exactly with
 tests/fakes/relay.py between the proxy and its upstream, or by killing the upstream from inside
 the client's sender while a known part of a WRITE payload is out.
@@ -29,10 +29,11 @@ import pytest
 from flexnbd import wire
 from tests.conftest import require_python_nbd
 from tests.fakes.fakedest import FakeDest, Script
-from tests.fakes.nbdmodel import DiskModel
-from tests.fakes.pipeline import Op, Pipeline
-from tests.fakes.rawclient import RawClient, ServerClosed, wait_until
 from tests.fakes.relay import Fault, Relay
+from tests.support.nbdmodel import DiskModel
+from tests.support.pipeline import Op, Pipeline
+from tests.support.rawclient import RawClient, ServerClosed
+from tests.support.waiting import wait_until
 
 KiB = 1 << 10
 MiB = 1 << 20

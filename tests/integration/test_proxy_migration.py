@@ -46,9 +46,9 @@ from tests.conftest import (
     require_python_nbd,
     require_tool,
 )
-from tests.integration import _control_util as cu
 from tests.integration.scripts.pipelined_client import BS, block_data
-from tests.integration.test_migration import logs, sparse_file, wait_exit
+from tests.support import control as cu
+from tests.support.migration import logs, sparse_file, wait_exit
 
 MiB = 1 << 20
 SIZE = 32 * MiB

@@ -33,8 +33,7 @@ from collections import Counter
 
 from flexnbd import wire
 from tests.conftest import require_tool
-from tests.fakes.rawclient import RawClient, ServerClosed
-from tests.integration.test_hostile import (
+from tests.support.hostile import (
     fd_count,
     half_closed_reader,
     map_built,
@@ -42,8 +41,9 @@ from tests.integration.test_hostile import (
     rss_kib,
     settled_count,
     task_count,
-    wait_for,
 )
+from tests.support.rawclient import RawClient, ServerClosed
+from tests.support.waiting import wait_until as wait_for
 
 MiB = 1 << 20
 SIZE = 64 * MiB

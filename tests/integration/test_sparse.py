@@ -27,7 +27,7 @@ import pytest
 
 from flexnbd import wire
 from tests.conftest import require_python_nbd, require_tool
-from tests.fakes import layout
+from tests.support import layout
 
 BS = 4096
 KiB = 1 << 10

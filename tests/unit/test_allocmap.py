@@ -19,7 +19,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from flexnbd._allocmap import METHODS, AllocationMap, BlockBitmap, CoverageMap, DirtyMap
-from tests.fakes.layout import block_runs, punch_fd, seek_scan
+from tests.support.layout import block_runs, punch_fd, seek_scan
 
 BS = 4096
 MiB = 1 << 20

@@ -11,7 +11,7 @@ from hypothesis import assume, example, given, settings
 from hypothesis import strategies as st
 
 from flexnbd import _core, wire
-from tests.fakes.nbdmodel import expected_error
+from tests.support.nbdmodel import expected_error
 
 EPERM, EINVAL, ENOSPC, EBADMSG = wire.NBD_EPERM, wire.NBD_EINVAL, wire.NBD_ENOSPC, wire.NBD_EBADMSG
 MAX = wire.MAX_PAYLOAD
@@ -265,7 +265,7 @@ def test_read_only_read_errors_are_unchanged():
     assert err(READ, offset=0, length=MAX + 1, size=1 << 40, read_only=True) == EINVAL
 
 
-# -- the rules as a Python reference (tests/fakes/nbdmodel.py), compared on random requests --
+# -- the rules as a Python reference (tests/support/nbdmodel.py), compared on random requests --
 
 def _near(values):
     """Values and their close neighbours (the interesting edges)."""

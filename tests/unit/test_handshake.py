@@ -1,5 +1,5 @@
 """The handshake, both sides, over a socketpair: ``serve_handshake`` in a thread against a
-hand-written client (tests/fakes/rawclient.py), and ``client_handshake`` against it."""
+hand-written client (tests/support/rawclient.py), and ``client_handshake`` against it."""
 
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ from flexnbd.handshake import (
     client_handshake,
     serve_handshake,
 )
-from tests.fakes.rawclient import RawClient
+from tests.support.rawclient import RawClient
 
 SIZE = 1 << 20
 TIMEOUT = 10.0

@@ -30,8 +30,8 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 from flexnbd import wire
-from tests.fakes.nbdmodel import DiskModel
-from tests.fakes.rawclient import RawClient
+from tests.support.nbdmodel import DiskModel
+from tests.support.rawclient import RawClient
 
 PIECE = 1 << 20
 WRITE_TYPES = (wire.CMD_WRITE, wire.CMD_WRITE_ZEROES, wire.CMD_TRIM)

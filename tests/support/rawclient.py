@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import socket
 import struct
-import time
 from dataclasses import dataclass, field
 
 from flexnbd import wire
@@ -358,11 +357,3 @@ def connect_and_handshake(port: int, **kwargs: object) -> RawClient:
     return client
 
 
-def wait_until(predicate, timeout: float = 15.0, interval: float = 0.02) -> bool:
-    """Poll ``predicate`` until it is true or ``timeout`` passes; its last value."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value or time.monotonic() >= deadline:
-            return value
-        time.sleep(interval)
