@@ -841,15 +841,22 @@ CONTROL_CLIENT = ("import socket, sys\n"
                   "sys.stdout.write(repr(data))\n")
 
 
-def _project_root() -> str:
+def _readable_copy(parent: Path) -> str:
+    """A copy of the built flexnbd package in a directory every user may read, for
+    PYTHONPATH: the clone itself may live where other users cannot enter (under /root)."""
     import flexnbd
-    return str(Path(flexnbd.__file__).resolve().parent.parent)
+    root = parent / "pythonpath"
+    shutil.copytree(Path(flexnbd.__file__).resolve().parent, root / "flexnbd",
+                    ignore=shutil.ignore_patterns("__pycache__", "*.c", "*.html"))
+    for path in [root, *root.rglob("*")]:
+        path.chmod(0o755 if path.is_dir() else 0o644)
+    return str(root)
 
 
-def _python_usable_by(uid: int) -> str | None:
+def _python_usable_by(uid: int, pythonpath: str) -> str | None:
     """An interpreter that ``uid`` may run and that imports this flexnbd (the test's own may
     live under a home directory other users cannot enter)."""
-    env = dict(os.environ, PYTHONPATH=_project_root())
+    env = dict(os.environ, PYTHONPATH=pythonpath)
     for candidate in (sys.executable, "/usr/bin/python3"):
         if not os.path.exists(candidate):
             continue
@@ -875,13 +882,15 @@ def test_control_socket_refuses_other_uids(tmp_path, make_file):
     if os.getuid() != 0:
         pytest.skip("needs root to run the server and a client under other uids")
     nobody = 65534
-    python = _python_usable_by(nobody)
-    if python is None:
-        pytest.skip("no Python interpreter that uid 65534 may run imports flexnbd")
     home = Path(tempfile.mkdtemp(prefix="flexnbd-owner-"))
+    os.chmod(home, 0o755)
+    pythonpath = _readable_copy(home)
+    python = _python_usable_by(nobody, pythonpath)
+    if python is None:
+        shutil.rmtree(home, ignore_errors=True)
+        pytest.skip("no Python interpreter of this version that uid 65534 may run")
     server = None
     try:
-        os.chmod(home, 0o755)
         os.chown(home, nobody, nobody)
         disk = home / "disk.img"
         disk.write_bytes(os.urandom(MiB))
@@ -891,7 +900,7 @@ def test_control_socket_refuses_other_uids(tmp_path, make_file):
         server = FlexnbdProcess([str(nobody), python, "-m", "flexnbd", "serve", "--addr",
                                  "127.0.0.1", "--port", str(port), "--file", str(disk),
                                  "--sock", str(sock), "--sock-mode", "0666", "-v"],
-                                tmp_path / "nobody.log", env={"PYTHONPATH": _project_root()},
+                                tmp_path / "nobody.log", env={"PYTHONPATH": pythonpath},
                                 command=[sys.executable, "-c", AS_USER])
         cu.wait_for_path(sock, server)
         assert cu.status(sock)["pid"] == str(server.pid)       # root is answered

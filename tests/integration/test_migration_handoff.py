@@ -462,12 +462,9 @@ def test_action_nothing_completed_status(start_server, make_file, tmp_path):
 # --------------------------------------------------------------------------------------------
 # a real listener whose sync fails (LD_PRELOAD shim)
 
-def test_real_listener_sync_fails_after_disc(pair, make_file, tmp_path):
-    """The listener's syncs of its file: the 1st is the FLUSH (it passes), the 2nd is its own
-    sync at DISC, when it takes control (it fails, EIO). The listener must then reset the
-    sender's socket and exit 1, and the source, which had sent DISC, must treat the reset as
-    an unknown outcome: exit 1 by itself, FILE kept. (This covers the path after DISC; the
-    next test covers a FLUSH that fails.)"""
+def _listener_failing_syncs(pair, make_file, tmp_path, skip: int):
+    """A source and a real listener whose syncs of its file fail with EIO after the first
+    ``skip`` (tests/fakes/failsync.py); (pair, source file, a copy of it, the sync log)."""
     lib = failsync.build(tmp_path)
     src_file = make_file(SIZE)
     copy = tmp_path / "copy.img"
@@ -477,7 +474,17 @@ def test_real_listener_sync_fails_after_disc(pair, make_file, tmp_path):
         f.truncate(SIZE)
     synclog = tmp_path / "sync.log"
     p = pair(src_file, dst_file, src_env=SHORT,
-             dst_env=failsync.environment(lib, dst_file, skip=1, log=synclog))
+             dst_env=failsync.environment(lib, dst_file, skip=skip, log=synclog))
+    return p, src_file, copy, synclog
+
+
+def test_real_listener_sync_fails_after_disc(pair, make_file, tmp_path):
+    """The listener's syncs of its file: the 1st is the FLUSH (it passes), the 2nd is its own
+    sync at DISC, when it takes control (it fails, EIO). The listener must then reset the
+    sender's socket and exit 1, and the source, which had sent DISC, must treat the reset as
+    an unknown outcome: exit 1 by itself, FILE kept. (This covers the path after DISC; the
+    next test covers a FLUSH that fails.)"""
+    p, src_file, copy, synclog = _listener_failing_syncs(pair, make_file, tmp_path, skip=1)
     rc, stdout, stderr = finish(mirror_wait_bg(p.src, p.dst.port, "--unlink"))
     assert (rc, UNKNOWN in stderr) == (1, True), (rc, stdout, stderr, logs(p.src, p.dst))
     assert wait_exit(p.dst) == 1, p.dst.log()
@@ -492,16 +499,7 @@ def test_real_listener_flush_fails(pair, make_file, tmp_path):
     """Every sync of the listener's file fails, so every FLUSH of the source is answered with
     an error: each attempt fails before DISC and is retried; nothing completes anywhere, FILE
     stays, and `break` stops the mirror; both ends serve on."""
-    lib = failsync.build(tmp_path)
-    src_file = make_file(SIZE)
-    copy = tmp_path / "copy.img"
-    shutil.copyfile(src_file, copy)
-    dst_file = tmp_path / "dst.img"
-    with open(dst_file, "wb") as f:
-        f.truncate(SIZE)
-    synclog = tmp_path / "sync.log"
-    p = pair(src_file, dst_file, src_env=SHORT,
-             dst_env=failsync.environment(lib, dst_file, skip=0, log=synclog))
+    p, src_file, copy, synclog = _listener_failing_syncs(pair, make_file, tmp_path, skip=0)
     res = mirror_cli(p.src, p.dst.port, "--unlink")
     assert (res.returncode, res.stdout) == (0, b"Mirror started\n"), out(res)
     assert wait_until(lambda: p.src.log().count(ATTEMPT_FAILED) >= 2, 30), logs(p.src, p.dst)
