@@ -5,32 +5,9 @@
 
 from libc.stdint cimport uint64_t
 
-from flexnbd._sys cimport pthread_rwlock_t, pthread_rwlock_rdlock, pthread_rwlock_unlock, \
-    pthread_rwlock_wrlock
-
-cdef extern from *:
-    """
-    static inline void flexnbd_or64(unsigned long long *p, unsigned long long v)
-    { __atomic_fetch_or(p, v, __ATOMIC_RELAXED); }
-    static inline void flexnbd_and64(unsigned long long *p, unsigned long long v)
-    { __atomic_fetch_and(p, v, __ATOMIC_RELAXED); }
-    static inline unsigned long long flexnbd_load64(const unsigned long long *p)
-    { return __atomic_load_n(p, __ATOMIC_RELAXED); }
-    static inline int flexnbd_load_acquire(const int *p)
-    { return __atomic_load_n(p, __ATOMIC_ACQUIRE); }
-    static inline void flexnbd_store_release(int *p, int v)
-    { __atomic_store_n(p, v, __ATOMIC_RELEASE); }
-    static inline unsigned long long flexnbd_xchg64(unsigned long long *p, unsigned long long v)
-    { return __atomic_exchange_n(p, v, __ATOMIC_ACQ_REL); }
-    """
-    void atomic_or64 "flexnbd_or64"(unsigned long long *p, unsigned long long v) nogil
-    void atomic_and64 "flexnbd_and64"(unsigned long long *p, unsigned long long v) nogil
-    unsigned long long atomic_load64 "flexnbd_load64"(const unsigned long long *p) nogil
-    int load_acquire "flexnbd_load_acquire"(const int *p) nogil
-    void store_release "flexnbd_store_release"(int *p, int v) nogil
-    unsigned long long atomic_xchg64 "flexnbd_xchg64"(unsigned long long *p,
-                                                      unsigned long long v) nogil
-    int popcount64 "__builtin_popcountll"(unsigned long long v) nogil
+from flexnbd._sys cimport atomic_and64, atomic_load64, atomic_or64, atomic_xchg64, \
+    load_acquire, popcount64, pthread_rwlock_rdlock, pthread_rwlock_t, pthread_rwlock_unlock, \
+    pthread_rwlock_wrlock, store_release
 
 cdef enum:
     BLOCK_SHIFT = 12

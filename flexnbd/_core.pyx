@@ -18,6 +18,7 @@ from collections import namedtuple
 from libc.stdint cimport int64_t, uint16_t, uint32_t, uint64_t
 
 from flexnbd._allocmap cimport *
+from flexnbd._nbdio cimport *
 from flexnbd._sys cimport *
 from flexnbd._wire cimport *
 
@@ -25,17 +26,6 @@ from flexnbd import errors, wire
 
 _log = logging.getLogger("flexnbd.core")
 
-cdef extern from *:
-    """
-    static inline void *flexnbd_load_ptr(void **p)
-    { return __atomic_load_n(p, __ATOMIC_ACQUIRE); }
-    static inline void flexnbd_store_ptr(void **p, void *v)
-    { __atomic_store_n(p, v, __ATOMIC_RELEASE); }
-    """
-    void *load_ptr "flexnbd_load_ptr"(void **p) nogil
-    void store_ptr "flexnbd_store_ptr"(void **p, void *v) nogil
-
-DEF INBUF_SIZE = 256 * 1024      # request headers and small payloads, read in bulk
 DEF BUF_SIZE = 1024 * 1024       # large payload chunks, zero-fill
 DEF OUTBUF_SIZE = 256 * 1024     # batched replies (headers, and the data of small reads)
 # READs up to this size are copied into the reply batch (pread) instead of sent with sendfile:
@@ -55,11 +45,6 @@ cdef struct limits_t:
     int structured           # structured replies negotiated (DF is valid)
     int meta_context         # base:allocation selected (BLOCK_STATUS is valid)
     int fast_zero            # SEND_FAST_ZERO advertised
-
-
-cdef inline bint in_range(uint64_t offset, uint64_t length, uint64_t size) noexcept nogil:
-    """offset+length <= size, computed so that it cannot overflow."""
-    return offset <= size and length <= size - offset
 
 
 # Which command flags each command accepts (FUA is valid on every command, as the NBD spec says).
@@ -90,7 +75,7 @@ cdef int validate(const request_t *r, const limits_t *lim) noexcept nogil:
         return 0
     if lim.read_only and (cmd == CMD_WRITE or cmd == CMD_TRIM or cmd == CMD_WRITE_ZEROES):
         return NBD_EPERM
-    if (cmd == CMD_READ or cmd == CMD_WRITE) and r.length > MAX_PAYLOAD:
+    if payload_too_big(r):
         return NBD_EINVAL
     if cmd == CMD_BLOCK_STATUS and (not lim.meta_context or r.length == 0):
         return NBD_EINVAL
@@ -261,14 +246,12 @@ ServeResult = namedtuple("ServeResult", "reason errno command offset length requ
 
 
 cdef struct conn_t:
-    int sock
+    transport_t tp
     int stop_fd              # server-wide: readable once the server stops
     int kick_fd              # this connection only: readable once it must go
     export_t *ex
     limits_t lim
-    char *inbuf
-    size_t in_pos
-    size_t in_len
+    inbuf_t inb              # request headers and small payloads
     char *buf
     char *outbuf
     size_t out_len
@@ -293,29 +276,13 @@ cdef struct conn_t:
     int64_t request_started_ns
 
 
-cdef int send_all(conn_t *c, const char *p, size_t n, int more) noexcept nogil:
-    """Send n bytes; 0 on success, -1 (errno set) if the client is gone."""
-    cdef ssize_t k
-    cdef int flags = MSG_NOSIGNAL
-    if more:
-        flags |= MSG_MORE
-    while n > 0:
-        k = send(c.sock, p, n, flags)
-        if k < 0:
-            if errno == EINTR:
-                continue
-            return -1
-        p += k
-        n -= k
-    return 0
-
-
 cdef int flush_out(conn_t *c, int more) noexcept nogil:
+    """Send the reply batch (held back with MSG_MORE if ``more``). 0, or -1 with errno set."""
     cdef int rc = 0
     if c.out_len:
-        rc = send_all(c, c.outbuf, c.out_len, more)
+        rc = tp_send_all(&c.tp, c.outbuf, c.out_len, MSG_MORE if more else 0)
         c.out_len = 0
-    return rc
+    return -1 if rc else 0
 
 
 cdef int queue_out(conn_t *c, const void *p, size_t n) noexcept nogil:
@@ -334,7 +301,7 @@ cdef int set_cork(conn_t *c, int on) noexcept nogil:
     if c.corked == on:
         return 0
     c.corked = on
-    return setsockopt(c.sock, IPPROTO_TCP, TCP_CORK, &on, sizeof(int))
+    return setsockopt(c.tp.fd, IPPROTO_TCP, TCP_CORK, &on, sizeof(int))
 
 
 cdef int wait_readable(conn_t *c, int idle) noexcept nogil:
@@ -348,7 +315,7 @@ cdef int wait_readable(conn_t *c, int idle) noexcept nogil:
         return -1
     if idle:
         c.request_started_ns = 0         # every reply is out: the killswitch has no request
-    fds[0].fd = c.sock
+    fds[0].fd = c.tp.fd
     fds[0].events = POLLIN
     if idle and c.stop_fd >= 0:
         fds[nfds].fd = c.stop_fd
@@ -377,61 +344,38 @@ cdef int fill_inbuf(conn_t *c, size_t need, int idle) noexcept nogil:
     REASON_VANISHED if it closed with part of a request pending, REASON_STOPPED.
     """
     cdef ssize_t k
-    cdef size_t have = c.in_len - c.in_pos
     cdef int w
-    if have >= need:
-        return 0
-    if c.in_pos:
-        if have:
-            memmove(c.inbuf, c.inbuf + c.in_pos, have)
-        c.in_pos = 0
-        c.in_len = have
-    while c.in_len < need:
+    while ib_unread(&c.inb) < need:
         w = wait_readable(c, idle)
         if w == 1:
             return REASON_STOPPED
         if w < 0:
             c.err = errno
             return REASON_SOCKET_ERROR
-        k = recv(c.sock, c.inbuf + c.in_len, INBUF_SIZE - c.in_len, 0)
-        if k < 0:
-            if errno == EINTR or errno == EAGAIN:
-                continue
-            c.err = errno
-            # A reset between requests is a client that closed abruptly, not a lost request.
-            return REASON_CLOSED if (idle and c.in_len == 0) else REASON_VANISHED
-        if k == 0:
-            return REASON_CLOSED if (idle and c.in_len == 0) else REASON_VANISHED
-        c.in_len += k
+        k = ib_recv(&c.tp, &c.inb, INBUF_SIZE, 0)
+        if k < 0 and (errno == EINTR or errno == EAGAIN):
+            continue
+        if k <= 0:
+            if k < 0:
+                c.err = errno
+            # A close (or a reset) between requests is a client that left, not a lost request.
+            return REASON_CLOSED if (idle and ib_unread(&c.inb) == 0) else REASON_VANISHED
     return 0
 
 
 cdef int recv_exact(conn_t *c, char *dst, size_t n) noexcept nogil:
     """Receive exactly n bytes straight into dst (after what inbuf holds). 0 or a Reason."""
-    cdef ssize_t k
-    cdef size_t have = c.in_len - c.in_pos
-    if have:
-        if have > n:
-            have = n
-        memcpy(dst, c.inbuf + c.in_pos, have)
-        c.in_pos += have
-        dst += have
-        n -= have
-    if n and flush_out(c, 0) < 0:
+    cdef size_t have = ib_take(&c.inb, dst, n)
+    cdef int rc
+    if have == n:
+        return 0
+    if flush_out(c, 0) < 0:
         c.err = errno
         return REASON_VANISHED
-    while n > 0:
-        k = recv(c.sock, dst, n, MSG_WAITALL)
-        if k < 0:
-            if errno == EINTR:
-                continue
-            c.err = errno
-            return REASON_VANISHED
-        if k == 0:
-            return REASON_VANISHED
-        dst += k
-        n -= k
-    return 0
+    rc = tp_recv_all(&c.tp, dst + have, n - have)
+    if rc < 0:
+        c.err = -rc
+    return REASON_VANISHED if rc else 0
 
 
 # --------------------------------------------------------------------------------------------
@@ -445,21 +389,6 @@ cdef int reply_simple(conn_t *c, const request_t *r, uint32_t error) noexcept no
     return queue_out(c, h, SIMPLE_REPLY_SIZE)
 
 
-cdef void chunk_header(char *h, const request_t *r, uint16_t flags, uint16_t type,
-                       uint32_t length) noexcept nogil:
-    cdef uint32_t u32
-    cdef uint16_t u16
-    u32 = htobe32(STRUCTURED_REPLY_MAGIC)
-    memcpy(h, &u32, 4)
-    u16 = htobe16(flags)
-    memcpy(h + 4, &u16, 2)
-    u16 = htobe16(type)
-    memcpy(h + 6, &u16, 2)
-    memcpy(h + 8, r.cookie, 8)
-    u32 = htobe32(length)
-    memcpy(h + 16, &u32, 4)
-
-
 cdef int reply_error(conn_t *c, const request_t *r, uint32_t error) noexcept nogil:
     """An error reply: a structured ERROR chunk for a READ when structured replies are on."""
     cdef char h[CHUNK_HEADER_SIZE + 6]
@@ -467,7 +396,7 @@ cdef int reply_error(conn_t *c, const request_t *r, uint32_t error) noexcept nog
     if not (c.lim.structured and r.type == CMD_READ):
         return reply_simple(c, r, error)
     c.errors += 1
-    chunk_header(h, r, REPLY_FLAG_DONE, REPLY_TYPE_ERROR, 6)
+    make_chunk_header(h, r.cookie, REPLY_FLAG_DONE, REPLY_TYPE_ERROR, 6)
     u32 = htobe32(error)
     memcpy(h + CHUNK_HEADER_SIZE, &u32, 4)
     memset(h + CHUNK_HEADER_SIZE + 4, 0, 2)   # no message
@@ -485,7 +414,7 @@ cdef int read_small(conn_t *c, const request_t *r) noexcept nogil:
     cdef ssize_t k
     if c.out_len + r.length > OUTBUF_SIZE:
         # Make room: send everything queued but this header, then move the header down.
-        if send_all(c, c.outbuf, c.out_len - header_len, MSG_MORE) < 0:
+        if tp_send_all(&c.tp, c.outbuf, c.out_len - header_len, MSG_MORE) < 0:
             c.err = errno
             return REASON_VANISHED
         memmove(c.outbuf, c.outbuf + c.out_len - header_len, header_len)
@@ -507,26 +436,17 @@ cdef int read_small(conn_t *c, const request_t *r) noexcept nogil:
 cdef int send_file_range(conn_t *c, uint64_t offset, size_t left) noexcept nogil:
     """Send what is queued (held back with MSG_MORE), then the file range with sendfile.
     0, or a Reason ending the connection."""
-    cdef off_t off = <off_t>offset
-    cdef ssize_t k
+    cdef int rc
     if flush_out(c, 1) < 0:
         c.err = errno
         return REASON_VANISHED
-    while left > 0:
-        k = sendfile(c.sock, c.ex.fd, &off, left)
-        if k < 0:
-            if errno == EINTR:
-                continue
-            c.err = errno
-            if errno == EPIPE or errno == ECONNRESET or errno == ETIMEDOUT or errno == EAGAIN:
-                return REASON_VANISHED     # (EAGAIN: no progress within the send timeout)
-            return REASON_IO_FATAL
-        if k == 0:
-            # The file shrank under us: the promised bytes cannot be sent.
-            c.err = EIO
-            return REASON_IO_FATAL
-        left -= k
-    return 0
+    rc = tp_sendfile_all(&c.tp, c.ex.fd, offset, left)
+    if rc == 0:
+        return 0
+    c.err = -rc       # (EIO also when the file shrank under us: the bytes promised are gone)
+    if c.err == EPIPE or c.err == ECONNRESET or c.err == ETIMEDOUT or c.err == EAGAIN:
+        return REASON_VANISHED     # (EAGAIN: no progress within the send timeout)
+    return REASON_IO_FATAL
 
 
 cdef int has_hole(conn_t *c, const request_t *r) noexcept nogil:
@@ -540,11 +460,11 @@ cdef int do_read(conn_t *c, const request_t *r) noexcept nogil:
     cdef uint64_t u64
     if c.lim.structured:
         if r.length == 0:
-            chunk_header(h, r, REPLY_FLAG_DONE, REPLY_TYPE_NONE, 0)
+            make_chunk_header(h, r.cookie, REPLY_FLAG_DONE, REPLY_TYPE_NONE, 0)
             return 0 if queue_out(c, h, CHUNK_HEADER_SIZE) == 0 else REASON_VANISHED
         if not (r.flags & CMD_FLAG_DF) and has_hole(c, r):
             return read_chunked(c, r)
-        chunk_header(h, r, REPLY_FLAG_DONE, REPLY_TYPE_OFFSET_DATA, r.length + 8)
+        make_chunk_header(h, r.cookie, REPLY_FLAG_DONE, REPLY_TYPE_OFFSET_DATA, r.length + 8)
         u64 = htobe64(r.offset)
         memcpy(h + CHUNK_HEADER_SIZE, &u64, 8)
         if queue_out(c, h, CHUNK_HEADER_SIZE + 8) < 0:
@@ -577,7 +497,8 @@ cdef int read_chunked(conn_t *c, const request_t *r) noexcept nogil:
             n = left
         u64 = htobe64(offset)
         if not allocated:
-            chunk_header(h, r, REPLY_FLAG_DONE if n == left else 0, REPLY_TYPE_OFFSET_HOLE, 12)
+            make_chunk_header(h, r.cookie, REPLY_FLAG_DONE if n == left else 0,
+                              REPLY_TYPE_OFFSET_HOLE, 12)
             memcpy(h + CHUNK_HEADER_SIZE, &u64, 8)
             u32 = htobe32(<uint32_t>n)
             memcpy(h + CHUNK_HEADER_SIZE + 8, &u32, 4)
@@ -585,8 +506,8 @@ cdef int read_chunked(conn_t *c, const request_t *r) noexcept nogil:
                 c.err = errno
                 return REASON_VANISHED
         else:
-            chunk_header(h, r, REPLY_FLAG_DONE if n == left else 0, REPLY_TYPE_OFFSET_DATA,
-                         <uint32_t>(n + 8))
+            make_chunk_header(h, r.cookie, REPLY_FLAG_DONE if n == left else 0,
+                              REPLY_TYPE_OFFSET_DATA, <uint32_t>(n + 8))
             memcpy(h + CHUNK_HEADER_SIZE, &u64, 8)
             if queue_out(c, h, CHUNK_HEADER_SIZE + 8) < 0:
                 c.err = errno
@@ -650,7 +571,8 @@ cdef int do_block_status(conn_t *c, const request_t *r) noexcept nogil:
         left -= n
         if r.flags & CMD_FLAG_REQ_ONE:
             break
-    chunk_header(c.outbuf + start, r, REPLY_FLAG_DONE, REPLY_TYPE_BLOCK_STATUS, 4 + 8 * count)
+    make_chunk_header(c.outbuf + start, r.cookie, REPLY_FLAG_DONE, REPLY_TYPE_BLOCK_STATUS,
+                      4 + 8 * count)
     ext[0] = htobe32(BASE_ALLOCATION_ID)
     memcpy(c.outbuf + start + CHUNK_HEADER_SIZE, ext, 4)
     return 0
@@ -750,7 +672,7 @@ cdef int splice_to_file(conn_t *c, size_t n, uint64_t offset, int *io_err) noexc
         c.err = errno
         return REASON_VANISHED
     while n > 0:
-        k = splice(c.sock, NULL, c.pipe_w, NULL, n, SPLICE_F_MOVE | SPLICE_F_MORE)
+        k = tp_splice_in(&c.tp, c.pipe_w, n)
         if k < 0:
             if errno == EINTR or errno == EAGAIN:
                 continue
@@ -932,16 +854,16 @@ cdef int do_write(conn_t *c, const request_t *r, int error) noexcept nogil:
                                        REASON_VANISHED if rc == REASON_CLOSED else rc)
             n = <size_t>left
             if not error and not io_err:
-                io_err = write_data(c, c.inbuf + c.in_pos, n, offset, fua)
-            c.in_pos += n
-        elif c.in_pos < c.in_len:
+                io_err = write_data(c, c.inb.data + c.inb.pos, n, offset, fua)
+            c.inb.pos += n
+        elif ib_unread(&c.inb):
             # Large, and its first bytes came in with the header: write those from inbuf.
-            n = c.in_len - c.in_pos
+            n = ib_unread(&c.inb)
             if n > left:
                 n = <size_t>left
             if not error and not io_err:
-                io_err = write_data(c, c.inbuf + c.in_pos, n, offset, fua)
-            c.in_pos += n
+                io_err = write_data(c, c.inb.data + c.inb.pos, n, offset, fua)
+            c.inb.pos += n
         else:
             # Large: in chunks that end on block boundaries, so zero blocks can be seen whole.
             n = BUF_SIZE - (offset & (BLOCK_SIZE - 1))
@@ -1104,9 +1026,9 @@ cdef int serve_loop(conn_t *c) noexcept nogil:
         if rc:
             return rc
         c.request_started_ns = now_ns()
-        decode_header(c.inbuf + c.in_pos, &r)
-        c.in_pos += REQUEST_SIZE
-        if c.in_len - c.in_pos >= REQUEST_SIZE + (r.length if r.type == CMD_WRITE else 0):
+        decode_header(c.inb.data + c.inb.pos, &r)
+        c.inb.pos += REQUEST_SIZE
+        if ib_unread(&c.inb) >= REQUEST_SIZE + (r.length if r.type == CMD_WRITE else 0):
             set_cork(c, 1)
         c.requests += 1
         c.cmd = r.type
@@ -1157,7 +1079,7 @@ cdef class Connection:
         self.export = export
         self.coverage = coverage
         self.c.coverage = &coverage.m if coverage is not None else NULL
-        self.c.sock = sock
+        self.c.tp.fd = sock
         self.c.stop_fd = stop_fd
         # A migration sender that can send WRITE_ZEROES sends holes that way, so its WRITEs
         # are data: splice them straight into the file (one copy fewer, no zero scan) instead
@@ -1175,15 +1097,16 @@ cdef class Connection:
         self.c.lim.structured = structured
         self.c.lim.meta_context = meta_context
         self.c.lim.fast_zero = fast_zero and export.ex.can_punch
-        self.c.inbuf = <char *>malloc(INBUF_SIZE)
+        self.c.inb.data = <char *>malloc(INBUF_SIZE)
+        self.c.inb.cap = INBUF_SIZE
         self.c.buf = <char *>malloc(BUF_SIZE)
         self.c.outbuf = <char *>malloc(OUTBUF_SIZE)
-        if not self.c.inbuf or not self.c.buf or not self.c.outbuf:
+        if not self.c.inb.data or not self.c.buf or not self.c.outbuf:
             raise MemoryError()
 
     def __dealloc__(self):
         free(self.c.partial)
-        free(self.c.inbuf)
+        free(self.c.inb.data)
         free(self.c.buf)
         free(self.c.outbuf)
         if self.c.kick_fd >= 0:
@@ -1246,35 +1169,6 @@ def monotonic_ns():
 # --------------------------------------------------------------------------------------------
 # Client side: simple-reply READ and WRITE over a connected socket (after the handshake).
 
-cdef int sock_send_all(int sock, const char *p, size_t n, int flags) noexcept nogil:
-    cdef ssize_t k
-    while n > 0:
-        k = send(sock, p, n, flags | MSG_NOSIGNAL)
-        if k < 0:
-            if errno == EINTR:
-                continue
-            return -errno
-        p += k
-        n -= k
-    return 0
-
-
-cdef int sock_recv_all(int sock, char *p, size_t n) noexcept nogil:
-    """0, -errno, or 1 when the peer closed first."""
-    cdef ssize_t k
-    while n > 0:
-        k = recv(sock, p, n, MSG_WAITALL)
-        if k < 0:
-            if errno == EINTR:
-                continue
-            return -errno
-        if k == 0:
-            return 1
-        p += k
-        n -= k
-    return 0
-
-
 cdef int fd_write_all(int fd, const char *p, size_t n) noexcept nogil:
     cdef ssize_t k
     while n > 0:
@@ -1288,8 +1182,7 @@ cdef int fd_write_all(int fd, const char *p, size_t n) noexcept nogil:
     return 0
 
 
-# Client outcomes (negative values are -errno of a socket/file error).
-DEF C_OK = 0
+# Client outcomes: C_OK, these, or -errno of a socket or file error.
 DEF C_CLOSED = 1         # the server closed the connection
 DEF C_BAD_MAGIC = 2      # a reply with a bad magic
 DEF C_BAD_COOKIE = 3     # a reply for a request we did not send
@@ -1297,23 +1190,21 @@ DEF C_REMOTE_ERROR = 4   # the server answered with an NBD error (in *remote)
 DEF C_SHORT_INPUT = 5    # the input ended before SIZE bytes
 
 
-cdef int read_reply(int sock, uint64_t cookie, uint32_t *remote) noexcept nogil:
+cdef int read_reply(transport_t *tp, uint64_t cookie, uint32_t *remote) noexcept nogil:
+    """Receive the simple reply to the request sent with ``cookie``; its error in *remote."""
     cdef char h[SIMPLE_REPLY_SIZE]
-    cdef uint32_t u32
-    cdef int rc = sock_recv_all(sock, h, SIMPLE_REPLY_SIZE)
+    cdef uint64_t got
+    cdef int rc = tp_recv_all(tp, h, SIMPLE_REPLY_SIZE)
     if rc:
         return C_CLOSED if rc == 1 else rc
-    memcpy(&u32, h, 4)
-    if be32toh(u32) != SIMPLE_REPLY_MAGIC:
+    if decode_simple_reply(h, remote, &got) != SIMPLE_REPLY_MAGIC:
         return C_BAD_MAGIC
-    if memcmp(h + 8, &cookie, 8) != 0:
+    if got != cookie:
         return C_BAD_COOKIE
-    memcpy(&u32, h + 4, 4)
-    remote[0] = be32toh(u32)
     return C_REMOTE_ERROR if remote[0] else C_OK
 
 
-cdef int client_transfer(int sock, int fd, uint64_t offset, uint64_t size, int writing,
+cdef int client_transfer(transport_t *tp, int fd, uint64_t offset, uint64_t size, int writing,
                          char *buf, uint32_t *remote) noexcept nogil:
     """READ [offset, offset+size) to fd, or WRITE it from fd, in requests of <= MAX_PAYLOAD."""
     cdef char h[REQUEST_SIZE]
@@ -1337,23 +1228,23 @@ cdef int client_transfer(int sock, int fd, uint64_t offset, uint64_t size, int w
                     return C_SHORT_INPUT
                 got += k
             make_request(h, CMD_WRITE, 0, cookie, offset, n)
-            rc = sock_send_all(sock, h, REQUEST_SIZE, MSG_MORE)
+            rc = tp_send_all(tp, h, REQUEST_SIZE, MSG_MORE)
             if rc == 0:
-                rc = sock_send_all(sock, buf, n, 0)
+                rc = tp_send_all(tp, buf, n, 0)
             if rc:
                 return rc
-            rc = read_reply(sock, cookie, remote)
+            rc = read_reply(tp, cookie, remote)
             if rc:
                 return rc
         else:
             make_request(h, CMD_READ, 0, cookie, offset, n)
-            rc = sock_send_all(sock, h, REQUEST_SIZE, 0)
+            rc = tp_send_all(tp, h, REQUEST_SIZE, 0)
             if rc:
                 return rc
-            rc = read_reply(sock, cookie, remote)
+            rc = read_reply(tp, cookie, remote)
             if rc:
                 return rc
-            rc = sock_recv_all(sock, buf, n)
+            rc = tp_recv_all(tp, buf, n)
             if rc:
                 return C_CLOSED if rc == 1 else rc
             rc = fd_write_all(fd, buf, n)
@@ -1372,12 +1263,14 @@ def client_copy(int sock, int fd, uint64_t offset, uint64_t size, bint writing):
     """
     cdef uint32_t remote = 0
     cdef int rc
+    cdef transport_t tp
     cdef char *buf = <char *>malloc(MAX_PAYLOAD)
     if not buf:
         raise MemoryError()
+    tp.fd = sock
     try:
         with nogil:
-            rc = client_transfer(sock, fd, offset, size, writing, buf, &remote)
+            rc = client_transfer(&tp, fd, offset, size, writing, buf, &remote)
     finally:
         free(buf)
     if rc == C_OK:
@@ -1404,29 +1297,14 @@ DEF MIRROR_MAX_REQUEST = 8 * 1024 * 1024
 DEF ZERO_BUF_SIZE = 256 * 1024
 
 
-cdef int send_zero_payload(int sock, const char *zeroes, uint64_t n) noexcept nogil:
+cdef int send_zero_payload(transport_t *tp, const char *zeroes, uint64_t n) noexcept nogil:
     cdef size_t k
     cdef int rc
     while n > 0:
         k = ZERO_BUF_SIZE if n > ZERO_BUF_SIZE else <size_t>n
-        rc = sock_send_all(sock, zeroes, k, MSG_MORE if n > k else 0)
+        rc = tp_send_all(tp, zeroes, k, MSG_MORE if n > k else 0)
         if rc:
             return rc
-        n -= k
-    return 0
-
-
-cdef int send_file_payload(int sock, int fd, uint64_t offset, uint64_t n) noexcept nogil:
-    cdef off_t off = <off_t>offset
-    cdef ssize_t k
-    while n > 0:
-        k = sendfile(sock, fd, &off, <size_t>n)
-        if k < 0:
-            if errno == EINTR:
-                continue
-            return -errno
-        if k == 0:
-            return -EIO
         n -= k
     return 0
 
@@ -1438,7 +1316,7 @@ DEF MAX_IN_FLIGHT_BYTES = 32 * 1024 * 1024
 
 
 cdef struct mstream_t:
-    int sock
+    transport_t tp
     export_t *ex
     int zeroes               # the destination takes WRITE_ZEROES
     uint64_t cookie
@@ -1452,7 +1330,7 @@ cdef struct mstream_t:
 
 cdef int ms_collect(mstream_t *s) noexcept nogil:
     """Read and check the reply to the oldest request in flight. 0 or a client outcome."""
-    cdef int rc = read_reply(s.sock, s.cookie, &s.remote)
+    cdef int rc = read_reply(&s.tp, s.cookie, &s.remote)
     s.wire_bytes += SIMPLE_REPLY_SIZE
     if rc:
         return rc
@@ -1486,15 +1364,15 @@ cdef int ms_send(mstream_t *s, uint64_t offset, uint64_t length, const char *zbu
                 return rc
         if payload:
             make_request(h, CMD_WRITE, 0, s.cookie, offset, <uint32_t>n)
-            rc = sock_send_all(s.sock, h, REQUEST_SIZE, MSG_MORE)
+            rc = tp_send_all(&s.tp, h, REQUEST_SIZE, MSG_MORE)
             if rc == 0:
                 if allocated:
-                    rc = send_file_payload(s.sock, s.ex.fd, offset, n)
+                    rc = tp_sendfile_all(&s.tp, s.ex.fd, offset, n)
                 else:
-                    rc = send_zero_payload(s.sock, zbuf, n)
+                    rc = send_zero_payload(&s.tp, zbuf, n)
         else:
             make_request(h, CMD_WRITE_ZEROES, 0, s.cookie, offset, <uint32_t>n)
-            rc = sock_send_all(s.sock, h, REQUEST_SIZE, 0)
+            rc = tp_send_all(&s.tp, h, REQUEST_SIZE, 0)
         s.wire_bytes += REQUEST_SIZE + payload
         if rc:
             return rc
@@ -1522,14 +1400,14 @@ cdef class MirrorStream:
 
     def __cinit__(self, int sock, Export export, bint zeroes):
         self.export = export
-        self.s.sock = sock
+        self.s.tp.fd = sock
         self.s.ex = &export.ex
         self.s.zeroes = zeroes
-        memcpy(&self.s.cookie, b".MIRROR.", 8)
+        self.s.cookie = htobe64(MIRROR_COOKIE)    # (sent as its bytes are in memory)
 
     def send(self, uint64_t offset, uint64_t length):
         cdef int rc
-        if offset > self.s.ex.size or length > self.s.ex.size - offset:
+        if not in_range(offset, length, self.s.ex.size):
             raise ValueError("range beyond the export")
         with nogil:
             rc = ms_send(&self.s, offset, length, _zero_buffer)

@@ -24,12 +24,11 @@ read-ahead that a write could have overtaken is not kept.
 
 from libc.stdint cimport int64_t, uint16_t, uint32_t, uint64_t
 
+from flexnbd._nbdio cimport *
 from flexnbd._sys cimport *
 from flexnbd._wire cimport *
 
 DEF NSLOTS = 256                          # requests in flight (a power of two)
-DEF INBUF_SIZE = 256 * 1024               # client requests (and small payloads), read in bulk
-DEF UPBUF_SIZE = 256 * 1024               # upstream replies (and small READ data)
 DEF DIRECT_MIN = 64 * 1024                # at least this much payload left: recv into the slot
 # Slots keep their buffers for the next request while they hold this much in all (allocating a
 # big buffer per request costs page faults and zeroing on every request).
@@ -65,7 +64,6 @@ cdef enum:
     QUEUED = 2                # waiting to go upstream
     SENT = 3                  # upstream has it; waiting for the reply
     DONE = 4                  # answered; the reply waits to go to the client
-    C_OK = 0
 
 
 cdef struct slot_t:
@@ -90,8 +88,8 @@ cdef struct slot_t:
 
 
 cdef struct relay_t:
-    int down
-    int up
+    transport_t down          # the client
+    transport_t up            # the server
     int stop_fd
     uint64_t size
     uint16_t up_flags
@@ -106,16 +104,12 @@ cdef struct relay_t:
     int up_blocked            # the last send would have blocked
     int64_t up_progress_ns
     # receiving from the client
-    char *inbuf
-    size_t in_pos
-    size_t in_len
+    inbuf_t down_in
     int payload_slot          # the slot receiving a WRITE payload, or -1
     int big_writes            # the last request was a big WRITE
     size_t payload_got
     # receiving from upstream
-    char *upbuf
-    size_t up_pos
-    size_t up_len
+    inbuf_t up_in
     int data_slot             # the slot receiving READ data, or -1
     int big_reads             # the last reply brought big READ data
     size_t data_got
@@ -300,7 +294,7 @@ cdef void admit(relay_t *r, const char *p) noexcept nogil:
     if q.type == CMD_DISC:
         start_closing(r, END_DISC, 0)
         return
-    if (q.type == CMD_READ or q.type == CMD_WRITE) and q.length > MAX_PAYLOAD:
+    if payload_too_big(&q):
         start_closing(r, END_TOO_BIG, q.length)
         return
     r.big_writes = q.type == CMD_WRITE and q.length >= DIRECT_MIN
@@ -313,8 +307,7 @@ cdef void admit(relay_t *r, const char *p) noexcept nogil:
         elif q.type == CMD_READ:
             want = q.length
             if q.length and q.length <= r.cache_cap and not cache_hit(r, &q) \
-                    and r.writes_in_flight == 0 and q.offset <= r.size \
-                    and q.length <= r.size - q.offset:
+                    and r.writes_in_flight == 0 and in_range(q.offset, q.length, r.size):
                 want = <uint32_t>min(<uint64_t>q.length * 2, r.size - q.offset)
                 s.readahead = want > q.length
         if ensure_buffer(r, s, want) < 0:
@@ -360,23 +353,20 @@ cdef void admit(relay_t *r, const char *p) noexcept nogil:
 cdef void parse_requests(relay_t *r) noexcept nogil:
     """Take whole requests, and the WRITE payload bytes already read, from the input buffer."""
     cdef slot_t *s
-    cdef size_t n
     while True:
         if r.payload_slot >= 0:
             s = &r.slots[r.payload_slot]
-            n = min(r.in_len - r.in_pos, s.length - r.payload_got)
-            memcpy(s.data + r.payload_got, r.inbuf + r.in_pos, n)
-            r.in_pos += n
-            r.payload_got += n
+            r.payload_got += ib_take(&r.down_in, s.data + r.payload_got,
+                                     s.length - r.payload_got)
             if r.payload_got < s.length:
                 return
             r.payload_slot = -1
             queue_upstream(r, s)
             continue
-        if not can_admit(r) or r.in_len - r.in_pos < REQUEST_SIZE:
+        if not can_admit(r) or ib_unread(&r.down_in) < REQUEST_SIZE:
             return
-        admit(r, r.inbuf + r.in_pos)
-        r.in_pos += REQUEST_SIZE
+        admit(r, r.down_in.data + r.down_in.pos)
+        r.down_in.pos += REQUEST_SIZE
 
 
 cdef inline int wants_client_input(relay_t *r) noexcept nogil:
@@ -384,37 +374,28 @@ cdef inline int wants_client_input(relay_t *r) noexcept nogil:
         return 0
     if r.payload_slot >= 0:
         return 1
-    return can_admit(r) and (r.in_len - r.in_pos < REQUEST_SIZE)
+    return can_admit(r) and ib_unread(&r.down_in) < REQUEST_SIZE
 
 
-cdef ssize_t recv_some(int fd, char *buf, size_t *pos, size_t *length, size_t cap,
-                       char *direct, size_t direct_want, size_t *direct_got,
-                       size_t header, size_t *asked) noexcept nogil:
-    """One recv from fd: straight to ``direct`` (a payload or READ data, counted in
+cdef ssize_t recv_some(transport_t *t, inbuf_t *b, char *direct, size_t direct_want,
+                       size_t *direct_got, size_t header, size_t *asked) noexcept nogil:
+    """One non-blocking receive: straight to ``direct`` (a payload or READ data, counted in
     *direct_got) when the buffer holds nothing and at least DIRECT_MIN bytes are wanted there,
-    else into the buffer, compacted first: as much as fits, or, when ``header`` is given
-    because big data is likely to follow, just the rest of one header (the data then goes
-    straight to its slot instead of through the buffer). *asked says how much was asked for."""
+    else into the buffer: as much as fits, or, when ``header`` is given because big data is
+    likely to follow, just the rest of one header (the data then goes straight to its slot
+    instead of through the buffer). *asked says how much was asked for."""
     cdef ssize_t k
-    if direct != NULL and pos[0] == length[0] and direct_want >= DIRECT_MIN:
+    if direct != NULL and ib_unread(b) == 0 and direct_want >= DIRECT_MIN:
         asked[0] = direct_want
-        k = recv(fd, direct, direct_want, MSG_DONTWAIT)
+        k = tp_recv(t, direct, direct_want, MSG_DONTWAIT)
         if k > 0:
             direct_got[0] += k
         return k
-    if pos[0] == length[0]:
-        pos[0] = length[0] = 0
-    elif pos[0] > 0:
-        memmove(buf, buf + pos[0], length[0] - pos[0])
-        length[0] -= pos[0]
-        pos[0] = 0
-    asked[0] = cap - length[0]
-    if direct == NULL and header > length[0]:
-        asked[0] = header - length[0]
-    k = recv(fd, buf + length[0], asked[0], MSG_DONTWAIT)
-    if k > 0:
-        length[0] += k
-    return k
+    ib_compact(b)
+    asked[0] = b.cap - b.len
+    if direct == NULL and header > b.len:
+        asked[0] = header - b.len
+    return ib_recv(t, b, asked[0], MSG_DONTWAIT)
 
 
 cdef void read_client(relay_t *r) noexcept nogil:
@@ -433,8 +414,8 @@ cdef void read_client(relay_t *r) noexcept nogil:
             s = &r.slots[r.payload_slot]
             direct = s.data + r.payload_got
             want = s.length - r.payload_got
-        k = recv_some(r.down, r.inbuf, &r.in_pos, &r.in_len, INBUF_SIZE, direct, want,
-                      &r.payload_got, REQUEST_SIZE if r.big_writes else 0, &asked)
+        k = recv_some(&r.down, &r.down_in, direct, want, &r.payload_got,
+                      REQUEST_SIZE if r.big_writes else 0, &asked)
         if k > 0:
             if <size_t>k < asked:
                 break           # the socket is drained: no need for a recv that says so
@@ -502,7 +483,7 @@ cdef int send_upstream(relay_t *r) noexcept nogil:
         memset(&msg, 0, sizeof(msg))
         msg.msg_iov = iov
         msg.msg_iovlen = n
-        k = sendmsg(r.up, &msg, MSG_NOSIGNAL | MSG_DONTWAIT)
+        k = tp_sendmsg(&r.up, &msg, MSG_DONTWAIT)
         if k < 0:
             if errno == EINTR:
                 continue
@@ -559,36 +540,29 @@ cdef void replied(relay_t *r, slot_t *s, uint32_t error) noexcept nogil:
 cdef int parse_replies(relay_t *r) noexcept nogil:
     """Take whole replies, and the READ data already read, from the upstream buffer."""
     cdef slot_t *s
-    cdef size_t n
-    cdef uint32_t u32, error
+    cdef uint32_t magic, error
     cdef uint64_t cookie
     while True:
         if r.data_slot >= 0:
             s = &r.slots[r.data_slot]
-            n = min(r.up_len - r.up_pos, s.up_length - r.data_got)
-            memcpy(s.data + r.data_got, r.upbuf + r.up_pos, n)
-            r.up_pos += n
-            r.data_got += n
+            r.data_got += ib_take(&r.up_in, s.data + r.data_got, s.up_length - r.data_got)
             if r.data_got < s.up_length:
                 return C_OK
             r.data_slot = -1
             replied(r, s, 0)
             continue
-        if r.up_len - r.up_pos < SIMPLE_REPLY_SIZE:
+        if ib_unread(&r.up_in) < SIMPLE_REPLY_SIZE:
             return C_OK
-        memcpy(&u32, r.upbuf + r.up_pos, 4)
-        if be32toh(u32) != SIMPLE_REPLY_MAGIC:
+        magic = decode_simple_reply(r.up_in.data + r.up_in.pos, &error, &cookie)
+        if magic != SIMPLE_REPLY_MAGIC:
             r.problem = UP_BAD_MAGIC
-            r.bad_value = be32toh(u32)
+            r.bad_value = magic
             return END_UPSTREAM_LOST
-        memcpy(&u32, r.upbuf + r.up_pos + 4, 4)
-        error = be32toh(u32)
-        memcpy(&cookie, r.upbuf + r.up_pos + 8, 8)
         if state_of(r, cookie) != SENT:
             r.problem = UP_BAD_COOKIE
             r.bad_value = cookie
             return END_UPSTREAM_LOST
-        r.up_pos += SIMPLE_REPLY_SIZE
+        r.up_in.pos += SIMPLE_REPLY_SIZE
         s = slot_of(r, cookie)
         r.big_reads = s.type == CMD_READ and error == 0 and s.up_length >= DIRECT_MIN
         if s.type == CMD_READ and error == 0 and s.up_length:
@@ -614,8 +588,8 @@ cdef int read_upstream(relay_t *r) noexcept nogil:
             s = &r.slots[r.data_slot]
             direct = s.data + r.data_got
             want = s.up_length - r.data_got
-        k = recv_some(r.up, r.upbuf, &r.up_pos, &r.up_len, UPBUF_SIZE, direct, want,
-                      &r.data_got, SIMPLE_REPLY_SIZE if r.big_reads else 0, &asked)
+        k = recv_some(&r.up, &r.up_in, direct, want, &r.data_got,
+                      SIMPLE_REPLY_SIZE if r.big_reads else 0, &asked)
         if k > 0:
             r.up_progress_ns = now_ns()
             if <size_t>k < asked:
@@ -668,7 +642,7 @@ cdef void send_client(relay_t *r) noexcept nogil:
         memset(&msg, 0, sizeof(msg))
         msg.msg_iov = iov
         msg.msg_iovlen = n
-        k = sendmsg(r.down, &msg, MSG_NOSIGNAL | MSG_DONTWAIT)
+        k = tp_sendmsg(&r.down, &msg, MSG_DONTWAIT)
         if k < 0:
             if errno == EINTR:
                 continue
@@ -734,9 +708,9 @@ cdef int relay_loop(relay_t *r) noexcept nogil:
         timeout_ms = -1 if deadline < 0 else <int>((deadline - now) // 1000000 + 1)
         fds[0].fd = r.stop_fd
         fds[0].events = POLLIN
-        fds[1].fd = r.up
+        fds[1].fd = r.up.fd
         fds[1].events = POLLIN | (POLLOUT if r.up_blocked else 0)
-        fds[2].fd = -1 if r.client_dead else r.down
+        fds[2].fd = -1 if r.client_dead else r.down.fd
         fds[2].events = ((POLLIN if wants_client_input(r) else 0)
                          | (POLLOUT if r.down_blocked and r.done_count else 0))
         fds[0].revents = fds[1].revents = fds[2].revents = 0
@@ -775,8 +749,8 @@ cdef class Relay:
     def __cinit__(self, int upstream, uint64_t size, uint16_t upstream_flags, int stop_fd,
                   uint32_t cache_bytes, double timeout):
         cdef int i
-        self.r.up = upstream
-        self.r.down = -1
+        self.r.up.fd = upstream
+        self.r.down.fd = -1
         self.r.stop_fd = stop_fd
         self.r.size = size
         self.r.up_flags = upstream_flags
@@ -788,10 +762,12 @@ cdef class Relay:
         self.r.client_dead = 1      # until a client is attached
         self.r.slots = <slot_t *>calloc(NSLOTS, sizeof(slot_t))
         self.r.done_q = <int *>calloc(NSLOTS, sizeof(int))
-        self.r.inbuf = <char *>malloc(INBUF_SIZE)
-        self.r.upbuf = <char *>malloc(UPBUF_SIZE)
+        self.r.down_in.data = <char *>malloc(INBUF_SIZE)
+        self.r.down_in.cap = INBUF_SIZE
+        self.r.up_in.data = <char *>malloc(INBUF_SIZE)
+        self.r.up_in.cap = INBUF_SIZE
         self.r.cache = <char *>malloc(self.r.cache_cap + 1)
-        if not (self.r.slots and self.r.done_q and self.r.inbuf and self.r.upbuf
+        if not (self.r.slots and self.r.done_q and self.r.down_in.data and self.r.up_in.data
                 and self.r.cache):
             raise MemoryError()
         for i in range(NSLOTS):
@@ -804,16 +780,16 @@ cdef class Relay:
                 free(self.r.slots[i].data)
         free(self.r.slots)
         free(self.r.done_q)
-        free(self.r.inbuf)
-        free(self.r.upbuf)
+        free(self.r.down_in.data)
+        free(self.r.up_in.data)
         free(self.r.cache)
 
     def attach(self, int client):
         """Start a client's session. The previous one must have ended (nothing in flight)."""
         if self.r.busy:
             raise RuntimeError("requests of the previous client are still in flight")
-        self.r.down = client
-        self.r.in_pos = self.r.in_len = 0
+        self.r.down.fd = client
+        self.r.down_in.pos = self.r.down_in.len = 0
         self.r.payload_slot = -1
         self.r.done_head = self.r.done_count = self.r.done_sent = 0
         self.r.down_blocked = 0
@@ -832,9 +808,9 @@ cdef class Relay:
         cdef int state
         cdef uint64_t count = 0
         cdef slot_t *s
-        self.r.up = upstream
+        self.r.up.fd = upstream
         self.r.up_flags = upstream_flags
-        self.r.up_pos = self.r.up_len = 0
+        self.r.up_in.pos = self.r.up_in.len = 0
         self.r.data_slot = -1
         self.r.data_got = 0
         self.r.up_blocked = 0

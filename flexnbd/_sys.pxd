@@ -1,4 +1,5 @@
-# The system calls the compiled core uses, declared once, all callable without the GIL.
+# The system calls and atomics the compiled code uses, declared once, all callable without the
+# GIL.
 
 from libc.stdint cimport int64_t, uint16_t, uint32_t, uint64_t
 
@@ -211,3 +212,37 @@ cdef extern from "<pthread.h>" nogil:
 
 cdef extern from "<unistd.h>" nogil:
     int usleep(unsigned int usec)
+
+
+# --------------------------------------------------------------------------------------------
+# Atomics (GCC builtins): flags and pointers shared between threads, and the bitmaps' words.
+
+cdef extern from *:
+    """
+    static inline int flexnbd_load_acquire(const int *p)
+    { return __atomic_load_n(p, __ATOMIC_ACQUIRE); }
+    static inline void flexnbd_store_release(int *p, int v)
+    { __atomic_store_n(p, v, __ATOMIC_RELEASE); }
+    static inline void *flexnbd_load_ptr(void **p)
+    { return __atomic_load_n(p, __ATOMIC_ACQUIRE); }
+    static inline void flexnbd_store_ptr(void **p, void *v)
+    { __atomic_store_n(p, v, __ATOMIC_RELEASE); }
+    static inline void flexnbd_or64(unsigned long long *p, unsigned long long v)
+    { __atomic_fetch_or(p, v, __ATOMIC_RELAXED); }
+    static inline void flexnbd_and64(unsigned long long *p, unsigned long long v)
+    { __atomic_fetch_and(p, v, __ATOMIC_RELAXED); }
+    static inline unsigned long long flexnbd_load64(const unsigned long long *p)
+    { return __atomic_load_n(p, __ATOMIC_RELAXED); }
+    static inline unsigned long long flexnbd_xchg64(unsigned long long *p, unsigned long long v)
+    { return __atomic_exchange_n(p, v, __ATOMIC_ACQ_REL); }
+    """
+    int load_acquire "flexnbd_load_acquire"(const int *p) nogil
+    void store_release "flexnbd_store_release"(int *p, int v) nogil
+    void *load_ptr "flexnbd_load_ptr"(void **p) nogil
+    void store_ptr "flexnbd_store_ptr"(void **p, void *v) nogil
+    void atomic_or64 "flexnbd_or64"(unsigned long long *p, unsigned long long v) nogil
+    void atomic_and64 "flexnbd_and64"(unsigned long long *p, unsigned long long v) nogil
+    unsigned long long atomic_load64 "flexnbd_load64"(const unsigned long long *p) nogil
+    unsigned long long atomic_xchg64 "flexnbd_xchg64"(unsigned long long *p,
+                                                      unsigned long long v) nogil
+    int popcount64 "__builtin_popcountll"(unsigned long long v) nogil

@@ -12,11 +12,14 @@ cdef extern from *:
     #define FLEXNBD_OLDSTYLE_MAGIC      0x0000420281861253ULL
     #define FLEXNBD_IHAVEOPT            0x49484156454F5054ULL
     #define FLEXNBD_OPTION_REPLY_MAGIC  0x0003e889045565a9ULL
+    #define FLEXNBD_MIRROR_COOKIE       0x2e4d4952524f522eULL
     """
     const uint64_t NBDMAGIC "FLEXNBD_NBDMAGIC"
     const uint64_t OLDSTYLE_MAGIC "FLEXNBD_OLDSTYLE_MAGIC"
     const uint64_t IHAVEOPT "FLEXNBD_IHAVEOPT"
     const uint64_t OPTION_REPLY_MAGIC "FLEXNBD_OPTION_REPLY_MAGIC"
+    # The cookie of every migration request, ".MIRROR." (as 0.5.0 sends it), big-endian.
+    const uint64_t MIRROR_COOKIE "FLEXNBD_MIRROR_COOKIE"
 
 cdef enum:
     REQUEST_MAGIC = 0x25609513
@@ -180,3 +183,30 @@ cdef inline void make_simple_reply(char *h, uint32_t error, const char *cookie) 
     u32 = htobe32(error)
     memcpy(h + 4, &u32, 4)
     memcpy(h + 8, cookie, 8)
+
+
+cdef inline uint32_t decode_simple_reply(const char *p, uint32_t *error,
+                                         uint64_t *cookie) noexcept nogil:
+    """A simple reply's error and cookie (its bytes as they came); returns its magic."""
+    cdef uint32_t u32
+    memcpy(&u32, p + 4, 4)
+    error[0] = be32toh(u32)
+    memcpy(cookie, p + 8, 8)
+    memcpy(&u32, p, 4)
+    return be32toh(u32)
+
+
+cdef inline void make_chunk_header(char *h, const char *cookie, uint16_t flags, uint16_t type,
+                                   uint32_t length) noexcept nogil:
+    """A structured reply chunk's header; ``length`` bytes of payload follow it."""
+    cdef uint32_t u32
+    cdef uint16_t u16
+    u32 = htobe32(STRUCTURED_REPLY_MAGIC)
+    memcpy(h, &u32, 4)
+    u16 = htobe16(flags)
+    memcpy(h + 4, &u16, 2)
+    u16 = htobe16(type)
+    memcpy(h + 6, &u16, 2)
+    memcpy(h + 8, cookie, 8)
+    u32 = htobe32(length)
+    memcpy(h + 16, &u32, 4)

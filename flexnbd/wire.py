@@ -131,8 +131,8 @@ BLOCK_SIZE_MIN = 1
 BLOCK_SIZE_PREFERRED = 4096
 BLOCK_SIZE_MAX = MAX_PAYLOAD
 
-# The cookie of mirror requests, as 0.5.0 sends it.
-MIRROR_COOKIE = b".MIRROR."
+# The cookie of mirror requests, as 0.5.0 sends it: the bytes ".MIRROR.", read big-endian.
+MIRROR_COOKIE = 0x2E4D4952524F522E
 
 _REQUEST = struct.Struct(">IHHQQI")
 _SIMPLE_REPLY = struct.Struct(">IIQ")

@@ -27,7 +27,6 @@ import time
 from flexnbd import wire
 from flexnbd.errors import FlexnbdError, PeerClosed, ProtocolError, RemoteError
 
-_COOKIE = int.from_bytes(wire.MIRROR_COOKIE, "big")
 _GONE = select.POLLRDHUP | select.POLLHUP | select.POLLERR | select.POLLNVAL
 
 
@@ -39,7 +38,7 @@ def flush(sock: socket.socket, limit: float) -> None:
     """FLUSH and wait (up to ``limit`` seconds) for its reply with error 0."""
     deadline = time.monotonic() + limit       # one deadline, however the reply trickles in
     sock.settimeout(limit)
-    sock.sendall(wire.pack_request(wire.CMD_FLUSH, cookie=_COOKIE))
+    sock.sendall(wire.pack_request(wire.CMD_FLUSH, cookie=wire.MIRROR_COOKIE))
     data = bytearray()
     while len(data) < wire.SIMPLE_REPLY_SIZE:
         left = deadline - time.monotonic()
@@ -53,7 +52,7 @@ def flush(sock: socket.socket, limit: float) -> None:
     reply = wire.unpack_simple_reply(bytes(data))
     if reply.magic != wire.SIMPLE_REPLY_MAGIC:
         raise ProtocolError("the destination answered FLUSH with a bad magic")
-    if reply.cookie != _COOKIE:
+    if reply.cookie != wire.MIRROR_COOKIE:
         raise ProtocolError("the destination answered FLUSH with a bad cookie")
     if reply.error:
         name = wire.ERROR_NAMES.get(reply.error, f"error {reply.error}")
@@ -74,7 +73,7 @@ def check_open(sock: socket.socket) -> None:
 def send_disc(sock: socket.socket) -> None:
     """Send DISC. An error here means it never left (the attempt failed); a partial send
     means it may have: unknown."""
-    request = wire.pack_request(wire.CMD_DISC, cookie=_COOKIE)
+    request = wire.pack_request(wire.CMD_DISC, cookie=wire.MIRROR_COOKIE)
     sent = sock.send(request)
     if sent != len(request):
         raise OutcomeUnknown(f"only {sent} of the {len(request)} bytes of DISC were sent")

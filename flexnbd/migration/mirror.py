@@ -443,9 +443,6 @@ class Mirror:
             raise Abandoned("break")
 
 
-_MIRROR_COOKIE = int.from_bytes(wire.MIRROR_COOKIE, "big")
-
-
 def _describe(e: BaseException) -> str:
     if isinstance(e, OSError) and e.strerror:
         return e.strerror

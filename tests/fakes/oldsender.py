@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 from flexnbd import wire
 
-COOKIE = int.from_bytes(wire.MIRROR_COOKIE, "big")
+COOKIE = wire.MIRROR_COOKIE
 CHUNK = 1 << 20          # 0.5.0 sent the disk in pieces of about this size
 
 

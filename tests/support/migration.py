@@ -178,7 +178,7 @@ def raw_client(port: int):
     return s
 
 
-COOKIE = int.from_bytes(wire.MIRROR_COOKIE, "big")
+COOKIE = wire.MIRROR_COOKIE
 
 
 def _sender(port: int, timeout: float = 15.0):

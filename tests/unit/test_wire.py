@@ -161,7 +161,7 @@ def test_derived_constants():
     assert wire.OLDSTYLE_FLAGS == 13
     assert (wire.BLOCK_SIZE_MIN, wire.BLOCK_SIZE_PREFERRED, wire.BLOCK_SIZE_MAX) == (
         1, 4096, 32 << 20)
-    assert wire.MIRROR_COOKIE == b".MIRROR." and len(wire.MIRROR_COOKIE) == 8
+    assert wire.MIRROR_COOKIE.to_bytes(8, "big") == b".MIRROR."
     assert wire.OPTION_HEADER_SIZE == 16
     assert wire.OPTION_REPLY_HEADER_SIZE == 20
     assert wire.NEWSTYLE_GREETING_SIZE == 18

@@ -1,0 +1,156 @@
+# NBD I/O shared by the server (_core.pyx) and the proxy (_proxy.pyx): the transport, the
+# receive buffer, and the checks both make on a request. One home each; inline, no GIL.
+#
+# The transport is the one seam between NBD code and a peer's bytes: every send and receive on
+# a peer's socket goes through a tp_* call. It is a plain socket today. An encrypted transport
+# (TLS) is added here, in one place: tp_send/tp_recv/tp_sendmsg then encrypt and decrypt, and
+# tp_sendfile/tp_splice_in (which move bytes between the file and the socket inside the kernel)
+# become a read or write through a buffer, since such bytes must be encrypted on the way.
+
+from libc.stdint cimport uint64_t
+
+from flexnbd._sys cimport EIO, EINTR, MSG_NOSIGNAL, MSG_WAITALL, SPLICE_F_MORE, SPLICE_F_MOVE, \
+    errno, memcpy, memmove, msghdr, off_t, recv, send, sendfile, sendmsg, splice, ssize_t
+from flexnbd._wire cimport CMD_READ, CMD_WRITE, MAX_PAYLOAD, request_t
+
+cdef enum:
+    # Request headers and small payloads (or, upstream of the proxy, replies and small READ
+    # data) are received in bulk into a buffer of this size.
+    INBUF_SIZE = 256 * 1024
+    # The success value of the I/O helpers (their failures: a reason, an end or -errno).
+    C_OK = 0
+
+
+# --------------------------------------------------------------------------------------------
+# Checks on a request
+
+cdef inline bint in_range(uint64_t offset, uint64_t length, uint64_t size) noexcept nogil:
+    """offset+length <= size, computed so that it cannot overflow."""
+    return offset <= size and length <= size - offset
+
+
+cdef inline bint payload_too_big(const request_t *r) noexcept nogil:
+    """A READ or WRITE longer than the largest payload we take (and advertise)."""
+    return (r.type == CMD_READ or r.type == CMD_WRITE) and r.length > MAX_PAYLOAD
+
+
+# --------------------------------------------------------------------------------------------
+# The transport
+
+cdef struct transport_t:
+    int fd                    # the connected socket (poll it for readiness); not owned
+
+
+cdef inline ssize_t tp_send(transport_t *t, const void *p, size_t n, int flags) noexcept nogil:
+    return send(t.fd, p, n, flags | MSG_NOSIGNAL)
+
+
+cdef inline ssize_t tp_sendmsg(transport_t *t, const msghdr *msg, int flags) noexcept nogil:
+    return sendmsg(t.fd, msg, flags | MSG_NOSIGNAL)
+
+
+cdef inline ssize_t tp_recv(transport_t *t, void *p, size_t n, int flags) noexcept nogil:
+    return recv(t.fd, p, n, flags)
+
+
+cdef inline ssize_t tp_sendfile(transport_t *t, int fd, off_t *offset, size_t n) noexcept nogil:
+    """Up to n bytes of file fd from *offset (advanced) to the peer."""
+    return sendfile(t.fd, fd, offset, n)
+
+
+cdef inline ssize_t tp_splice_in(transport_t *t, int pipe_w, size_t n) noexcept nogil:
+    """Up to n bytes from the peer into a pipe (on their way to the file)."""
+    return splice(t.fd, NULL, pipe_w, NULL, n, SPLICE_F_MOVE | SPLICE_F_MORE)
+
+
+cdef inline int tp_send_all(transport_t *t, const char *p, size_t n, int flags) noexcept nogil:
+    """Send n bytes (flags: MSG_MORE, ...). 0, or -errno (errno still set)."""
+    cdef ssize_t k
+    while n > 0:
+        k = tp_send(t, p, n, flags)
+        if k < 0:
+            if errno == EINTR:
+                continue
+            return -errno
+        p += k
+        n -= k
+    return 0
+
+
+cdef inline int tp_recv_all(transport_t *t, char *p, size_t n) noexcept nogil:
+    """Receive exactly n bytes. 0, -errno, or 1 when the peer closed first."""
+    cdef ssize_t k
+    while n > 0:
+        k = tp_recv(t, p, n, MSG_WAITALL)
+        if k < 0:
+            if errno == EINTR:
+                continue
+            return -errno
+        if k == 0:
+            return 1
+        p += k
+        n -= k
+    return 0
+
+
+cdef inline int tp_sendfile_all(transport_t *t, int fd, uint64_t offset,
+                                uint64_t n) noexcept nogil:
+    """Send n bytes of file fd from offset. 0, or -errno (-EIO: the file ended first)."""
+    cdef off_t off = <off_t>offset
+    cdef ssize_t k
+    while n > 0:
+        k = tp_sendfile(t, fd, &off, <size_t>n)
+        if k < 0:
+            if errno == EINTR:
+                continue
+            return -errno
+        if k == 0:
+            return -EIO
+        n -= k
+    return 0
+
+
+# --------------------------------------------------------------------------------------------
+# The receive buffer: bytes received in bulk, consumed from the front.
+
+cdef struct inbuf_t:
+    char *data
+    size_t cap
+    size_t pos                # the first byte not yet consumed
+    size_t len                # the end of what was received
+
+
+cdef inline size_t ib_unread(const inbuf_t *b) noexcept nogil:
+    return b.len - b.pos
+
+
+cdef inline void ib_compact(inbuf_t *b) noexcept nogil:
+    """Move what is not consumed yet to the front, so that the room left is at the end."""
+    if b.pos == 0:
+        return
+    if b.len > b.pos:
+        memmove(b.data, b.data + b.pos, b.len - b.pos)
+    b.len -= b.pos
+    b.pos = 0
+
+
+cdef inline size_t ib_take(inbuf_t *b, char *dst, size_t n) noexcept nogil:
+    """Consume up to n bytes into dst; how many there were."""
+    if n > b.len - b.pos:
+        n = b.len - b.pos
+    memcpy(dst, b.data + b.pos, n)
+    b.pos += n
+    return n
+
+
+cdef inline ssize_t ib_recv(transport_t *t, inbuf_t *b, size_t most, int flags) noexcept nogil:
+    """Compact, then receive once, at most ``most`` bytes (and the room left), appended.
+    Bytes received; 0 when the peer closed; -1 with errno set."""
+    cdef ssize_t k
+    ib_compact(b)
+    if most > b.cap - b.len:
+        most = b.cap - b.len
+    k = tp_recv(t, b.data + b.len, most, flags)
+    if k > 0:
+        b.len += <size_t>k
+    return k
