@@ -45,7 +45,7 @@ HERE = Path(__file__).resolve().parent
 SCRIPTS = ["run", "sparse", "migration", "proxy"]
 # Seconds each script may take before it is stopped (and counted as failed): about 3x what
 # it takes on the 2-core reference machine, so only a hang trips it.
-TIME_LIMIT = {"run": 360, "sparse": 120, "migration": 300, "proxy": 240}
+TIME_LIMIT = {"run": 600, "sparse": 120, "migration": 300, "proxy": 240}
 DEFAULT_WORKDIR = "/var/tmp/flexnbd-bench-ci"  # apart from the full runs' files and logs
 
 
@@ -157,7 +157,8 @@ def ratio_lines(results: dict) -> list[str]:
     ]
     run = (results.get("run") or {}).get("report")
     if run and run.get("ratios"):
-        lines.append("run.py, flexnbd / best peer (nbdkit, qemu-nbd):")
+        peers = ", ".join(name for name in run["servers"] if name != "flexnbd")
+        lines.append(f"run.py, flexnbd / best peer ({peers}):")
         for r in run["ratios"]:
             detail = (
                 f"flexnbd {fmt(r['flexnbd'])}, {r['best_peer']} {fmt(r['best_peer_value'])} "
@@ -165,14 +166,14 @@ def ratio_lines(results: dict) -> list[str]:
                 if r["ratio"] is not None
                 else "not measured"
             )
-            lines.append(f"  {r['row']:<28} {ratio_text(r['ratio']):<14} ({detail})")
+            lines.append(f"  {r['row']:<31} {ratio_text(r['ratio']):<14} ({detail})")
     proxy = (results.get("proxy") or {}).get("report")
     if proxy and proxy.get("rows"):
         lines.append("proxy.py, through flexnbd-proxy / direct to flexnbd (bare relay / direct):")
         for row, s in proxy["rows"].items():
             relay = f"relay {s['relay_ratio']:.2f}" if s.get("relay_ratio") is not None else ""
             lines.append(
-                f"  {row:<28} {ratio_text(s['ratio']):<14} (direct {fmt(s['direct'])}, proxy "
+                f"  {row:<31} {ratio_text(s['ratio']):<14} (direct {fmt(s['direct'])}, proxy "
                 f"{fmt(s['proxy'])} {s['unit']}; {relay})"
             )
     mig = (results.get("migration") or {}).get("report")

@@ -8,6 +8,7 @@ Standard library only.
 
 from __future__ import annotations
 
+import ctypes
 import json
 import os
 import platform
@@ -21,6 +22,7 @@ import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import IO
 
 MiB = 1 << 20
 GiB = 1 << 30
@@ -32,7 +34,12 @@ RESULTS_DIR = HERE / "results"  # one JSON per benchmark, from the last full run
 OUT_DIR = HERE / "out"  # quick runs and CI (git-ignored)
 RATIO_MARK = 0.8  # a ratio against the best peer under this is marked "<< 0.80" (not an error)
 IHAVEOPT = b"IHAVEOPT"
-SERVER_NAMES = ("flexnbd", "nbdkit", "qemu-nbd")
+SERVER_NAMES = ("flexnbd", "nbdkit", "qemu-nbd", "nbd-server")
+# The export every client asks for. nbd-server has no default export (it refuses the empty
+# name that `nbd://HOST:PORT/` asks for) and qemu-nbd serves only the name given with -x;
+# flexnbd and nbdkit's file plugin serve the file under any name. So one name for all four.
+EXPORT = "bench"
+PR_SET_CHILD_SUBREAPER = 36  # from <linux/prctl.h>
 
 
 def log(msg: str) -> None:
@@ -226,6 +233,27 @@ def nbdkit_has_exit_with_parent(nbdkit: str) -> bool:
     return "--exit-with-parent" in out
 
 
+def nbd_uri(port: int | str) -> str:
+    return f"nbd://{HOST}:{port}/{EXPORT}"
+
+
+def nbd_server_files(path: Path) -> tuple[Path, Path]:
+    """nbd-server's config file and PID file: beside the data file, i.e. in the workdir,
+    next to the servers' logs."""
+    return path.with_name("nbd-server.conf"), path.with_name("nbd-server.pid")
+
+
+def nbd_server_config(port: int, path: Path) -> str:
+    """Serve PATH as EXPORT on HOST:PORT. Defaults (max_threads 4, no splice, no sync, no
+    fua, no trim) but for flush = true: without it nbd-server does not offer NBD_CMD_FLUSH,
+    and the fsync rows (fio's fsync is a FLUSH) could not run against it; the rows that do
+    not flush never see the difference."""
+    return (
+        f"[generic]\nlistenaddr = {HOST}\nport = {port}\n"
+        f"[{EXPORT}]\nexportname = {path.resolve()}\nflush = true\n"
+    )
+
+
 def server_command(name: str, port: int | str, path: Path) -> list[str] | None:
     """The command line that serves PATH on HOST:PORT, or None if NAME is not installed."""
     if name == "flexnbd":
@@ -245,9 +273,18 @@ def server_command(name: str, port: int | str, path: Path) -> list[str] | None:
         exe = shutil.which("qemu-nbd")
         if not exe:
             return None
-        # -t: keep serving after a client leaves (our port probe is a client too).
-        # Defaults otherwise: --cache=writeback, --aio=threads, --shared=1.
-        return [exe, "-f", "raw", "-b", HOST, "-p", str(port), "-t", str(path)]
+        # -t: keep serving after a client leaves (our port probe is a client too); -x: the
+        # export's name (see EXPORT). Defaults otherwise: --cache=writeback, --aio=threads,
+        # --shared=1.
+        return [exe, "-f", "raw", "-b", HOST, "-p", str(port), "-t", "-x", EXPORT, str(path)]
+    if name == "nbd-server":
+        exe = shutil.which("nbd-server")
+        if not exe:
+            return None
+        # -C: only our config (nbd_server_config; not /etc/nbd-server/config), -p: where the
+        # daemon writes its PID (it always forks into the background: see start_daemon).
+        config, pidfile = nbd_server_files(path)
+        return [exe, "-C", str(config), "-p", str(pidfile)]
     raise ValueError(name)
 
 
@@ -276,17 +313,22 @@ class Server:
         socket, or `flexnbd listen`); it must serve NBD on HOST:PORT."""
         cmd = cmd or server_command(name, port, path)
         assert cmd is not None
-        self.name, self.port, self.cmd, self.logpath = name, port, cmd, logpath
-        self.proc: subprocess.Popen | None = None
+        self.name, self.port, self.path, self.cmd, self.logpath = name, port, path, cmd, logpath
+        self.proc: subprocess.Popen | AdoptedProcess | None = None
         self.rusage: os.struct_rusage | None = None  # set when wait_exit() reaps it
 
     def __enter__(self) -> Server:
         self.logfile = open(self.logpath, "ab")
         self.logfile.write(f"\n=== {' '.join(self.cmd)}\n".encode())
         self.logfile.flush()
-        self.proc = subprocess.Popen(
-            self.cmd, stdin=subprocess.DEVNULL, stdout=self.logfile, stderr=subprocess.STDOUT
-        )
+        if self.name == "nbd-server":
+            config, pidfile = nbd_server_files(self.path)
+            config.write_text(nbd_server_config(self.port, self.path))
+            self.proc = start_daemon(self.cmd, pidfile, self.logfile)
+        else:
+            self.proc = subprocess.Popen(
+                self.cmd, stdin=subprocess.DEVNULL, stdout=self.logfile, stderr=subprocess.STDOUT
+            )
         try:
             self.wait_ready()
         except BaseException:  # __exit__ does not run if __enter__ fails (Ctrl-C too)
@@ -312,8 +354,9 @@ class Server:
                     raise RuntimeError(f"{self.name} not ready after {timeout} s: {e}") from e
             time.sleep(0.05)
         # qemu-nbd serves one client at a time (--shared=1): give it a moment to notice
-        # that the probe left before the real client connects.
-        time.sleep(0.3)
+        # that the probe left before the real client connects. The others serve many.
+        if self.name == "qemu-nbd":
+            time.sleep(0.3)
 
     def alive(self) -> bool:
         return self.proc is not None and self.proc.poll() is None
@@ -369,6 +412,62 @@ class Server:
         return "\n".join(text[starts[-1] + 1 if starts else 0 :][-lines:])
 
 
+class AdoptedProcess:
+    """A child of ours that Popen did not start (a daemon adopted by start_daemon), by PID:
+    the part of Popen's interface that Server uses."""
+
+    def __init__(self, pid: int):
+        self.pid = pid
+        self.returncode: int | None = None
+
+    def poll(self) -> int | None:
+        if self.returncode is None:
+            pid, status = os.waitpid(self.pid, os.WNOHANG)
+            if pid:
+                self.returncode = os.waitstatus_to_exitcode(status)
+        return self.returncode
+
+    def wait(self, timeout: float | None = None) -> int:
+        deadline = time.monotonic() + (timeout if timeout is not None else float("inf"))
+        while (status := self.poll()) is None:
+            if time.monotonic() > deadline:
+                raise subprocess.TimeoutExpired(str(self.pid), timeout or 0)
+            time.sleep(0.01)
+        return status
+
+    def send_signal(self, sig: int) -> None:
+        os.kill(self.pid, sig)
+
+    def kill(self) -> None:
+        self.send_signal(signal.SIGKILL)
+
+
+def start_daemon(cmd: list[str], pidfile: Path, logfile: IO[bytes]) -> AdoptedProcess:
+    """Run CMD, a server that forks into the background and writes its PID to PIDFILE, and
+    adopt the daemon. nbd-server has no foreground mode that serves more than one client
+    (-d serves one session, then exits); as a child subreaper this process becomes the
+    daemon's parent when the launcher exits, so it can signal the daemon, reap it and read
+    its exit status like any child's (and the daemon is not left, a zombie, to an init
+    that may not reap it)."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) != 0:
+        raise OSError(ctypes.get_errno(), "prctl(PR_SET_CHILD_SUBREAPER)")
+    pidfile.unlink(missing_ok=True)  # a stale one, from a server that was killed
+    launcher = subprocess.Popen(
+        cmd, stdin=subprocess.DEVNULL, stdout=logfile, stderr=subprocess.STDOUT
+    )
+    if launcher.wait(10) != 0:
+        raise RuntimeError(f"{Path(cmd[0]).name} exited with {launcher.returncode} at start")
+    deadline = time.monotonic() + 10
+    while True:
+        text = pidfile.read_text() if pidfile.exists() else ""
+        if text.endswith("\n"):  # written in full
+            return AdoptedProcess(int(text))
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"{Path(cmd[0]).name} wrote no PID to {pidfile} in 10 s")
+        time.sleep(0.01)
+
+
 def recv_exact(sock: socket.socket, n: int) -> bytes:
     data = b""
     while len(data) < n:
@@ -389,7 +488,10 @@ def nbd_probe(port: int) -> None:
         (server_flags,) = struct.unpack(">H", greeting[16:])
         s.sendall(struct.pack(">I", 1 | (server_flags & 2)))  # C_FIXED_NEWSTYLE [NO_ZEROES]
         s.sendall(IHAVEOPT + struct.pack(">II", 2, 0))  # NBD_OPT_ABORT, no data
-        recv_exact(s, 20)  # the ACK (magic, option, type, length 0)
+        try:
+            recv_exact(s, 20)  # the ACK (magic, option, type, length 0)
+        except ConnectionError:  # nbd-server closes without one, as the protocol allows
+            pass
 
 
 NBD_REQUEST_MAGIC = 0x25609513
@@ -419,7 +521,8 @@ def nbd_read_chunks(port: int, offset: int, length: int) -> list[str]:
                     return rtype
 
         structured = option(8) == 1  # NBD_OPT_STRUCTURED_REPLY -> NBD_REP_ACK?
-        if option(7, struct.pack(">IH", 0, 0)) != 1:  # NBD_OPT_GO, default export
+        name = EXPORT.encode()  # NBD_OPT_GO of EXPORT, no information requests
+        if option(7, struct.pack(">I", len(name)) + name + struct.pack(">H", 0)) != 1:
             raise ConnectionError("NBD_OPT_GO refused")
         s.sendall(struct.pack(">IHHQQI", NBD_REQUEST_MAGIC, 0, 0, 1, offset, length))
         types = []
@@ -443,7 +546,7 @@ def nbdinfo_hole_bytes(port: int) -> int | None:
     if not shutil.which("nbdinfo"):
         return None
     out = subprocess.run(
-        ["nbdinfo", "--map", f"nbd://{HOST}:{port}"], capture_output=True, text=True, timeout=60
+        ["nbdinfo", "--map", nbd_uri(port)], capture_output=True, text=True, timeout=60
     )
     if out.returncode != 0:
         return None

@@ -66,7 +66,7 @@ from common import (
     size_text,
 )
 from migration import CountingRelay
-from run import ROWS, children_cpu, run_fio
+from run import ROWS, WARMUP_SHARE, children_cpu, run_fio
 
 # The rows of run.py measured here (same fio jobs), in this order.
 PROXY_ROWS = [
@@ -152,33 +152,35 @@ class LoggedServer(Server):
 # ---------------------------------------------------------------- throughput
 
 
-def run_side(server: Server, proxy: Server, port: int, row: dict, runtime: int) -> dict:
+def run_side(server: Server, proxy: Server, port: int, row: dict, runtime: float) -> dict:
     """One fio job against PORT (the server's, the proxy's or the relay's); value and CPU
     per GiB (relay: this process, whose threads run the relay while fio runs)."""
     cpu_server, cpu_proxy, cpu_client = server.cpu_seconds(), proxy.cpu_seconds(), children_cpu()
     cpu_relay = time.process_time()
-    value, moved, cmd = run_fio(port, row, runtime)
-    gib = moved / GiB if moved else None
+    result = run_fio(port, row, runtime)
+    gib = result["bytes"] / GiB
 
     def per_gib(seconds: float) -> float | None:
         return seconds / gib if gib else None
 
     return {
-        "value": value,
-        "bytes": moved,
+        "value": result["value"],
+        "bytes": result["bytes"],
         "server_cpu_s_per_gib": per_gib(server.cpu_seconds() - cpu_server),
         "proxy_cpu_s_per_gib": per_gib(proxy.cpu_seconds() - cpu_proxy),
         "client_cpu_s_per_gib": per_gib(children_cpu() - cpu_client),
         "relay_cpu_s_per_gib": per_gib(time.process_time() - cpu_relay),
-        "command": " ".join(cmd),
+        "command": result["command"],
     }
 
 
 def measure_sample(
     row: str, order: list[str], data: Path, args: argparse.Namespace, workdir: Path
 ) -> dict:
-    """A fresh server and proxy; fio direct, through the proxy and (if in ORDER) through a
-    bare splice relay to the same server, in ORDER."""
+    """A fresh server and proxy, warmed up as run.py warms its servers up (the row's fio job
+    for WARMUP_SHARE of the runtime, thrown away; through the proxy, which passes it on to
+    the server); then fio direct, through the proxy and (if in ORDER) through a bare splice
+    relay to the same server, in ORDER."""
     settle(data)
     sport, pport = free_port(), free_port()
     slog, plog = workdir / "proxy-bench-server.log", workdir / "proxy-bench-proxy.log"
@@ -187,11 +189,15 @@ def measure_sample(
         LoggedServer("flexnbd", sport, data, slog, serve_cmd(sport, data)) as server,
         LoggedServer("flexnbd-proxy", pport, data, plog, proxy_cmd(pport, sport, args.cache)) as px,
     ):
-        for how in order:
+        ports = {"warm-up": px.port, "direct": server.port, "proxy": px.port}
+        for how in ["warm-up", *order]:
             relay = CountingRelay(server.port) if how == "relay" else None
-            port = {"direct": server.port, "proxy": px.port}.get(how) or relay.port
+            port = relay.port if relay else ports[how]
+            runtime = args.runtime * (WARMUP_SHARE if how == "warm-up" else 1)
             try:
-                sample[how] = run_side(server, px, port, ROWS[row], args.runtime)
+                result = run_side(server, px, port, ROWS[row], runtime)
+                if how != "warm-up":  # the warm-up is thrown away
+                    sample[how] = result
             except ClientError as e:
                 raise ClientError(
                     f"{how}: {e}\n--- flexnbd-proxy log tail:\n{px.log_tail()}"

@@ -1,10 +1,11 @@
 #!/usr/bin/env python3
-"""Benchmark flexnbd against nbdkit and qemu-nbd with nbdcopy and fio.
+"""Benchmark flexnbd against nbdkit, qemu-nbd and nbd-server with nbdcopy and fio.
 
 Each server serves the same scratch file on 127.0.0.1, one server at a time (the target
 machines have 2 cores, so anything running alongside would skew the numbers). For every
-row we start a fresh server, run one client, and record throughput (MiB/s) or IOPS plus
-the server's CPU time per GiB moved. See benchmarks/README.md.
+row we start a fresh server, warm it up with a short run of the row's client, run the
+client, and record throughput (MiB/s) or IOPS plus the server's CPU time per GiB moved,
+and for the qd1 rows the p50 and p99 latency. See benchmarks/README.md.
 
 Exit status 1 if any cell failed (a client that exits non-zero or reports an error, a server
 that dies, fails to start or exits non-zero on SIGTERM, flexnbd misreporting the sparse
@@ -48,6 +49,7 @@ from common import (
     make_data_file,
     make_sparse_file,
     nbd_read_chunks,
+    nbd_uri,
     nbdinfo_hole_bytes,
     parse_size,
     ratio_text,
@@ -60,15 +62,43 @@ from common import (
     size_text,
 )
 
-# Row name -> client settings. Reads come before writes so the read rows see the data
-# file as generated; every row starts from a synced, warm page cache.
+# Row name -> client settings ("options": extra client options). Reads come before writes
+# so the read rows see the data file as generated; every row starts from a synced, warm page
+# cache.
 ROWS: dict[str, dict] = {
     "nbdcopy seq read": {"client": "nbdcopy", "unit": "MiB/s"},
+    # nbdcopy opens one connection per core (up to 4) to a server that offers multi-conn
+    # (flexnbd, nbdkit, nbd-server), one to qemu-nbd: this row gives each server one.
+    "nbdcopy seq read 1 conn": {
+        "client": "nbdcopy",
+        "unit": "MiB/s",
+        "options": ["--connections=1"],
+    },
     "fio seq read 1M qd16": {"rw": "read", "bs": "1M", "iodepth": 16, "unit": "MiB/s"},
+    "fio seq read 1M qd1": {"rw": "read", "bs": "1M", "iodepth": 1, "unit": "MiB/s"},
     "fio rand read 4k qd1": {"rw": "randread", "bs": "4k", "iodepth": 1, "unit": "IOPS"},
     "fio rand read 4k qd32": {"rw": "randread", "bs": "4k", "iodepth": 32, "unit": "IOPS"},
     "fio seq write 1M qd16": {"rw": "write", "bs": "1M", "iodepth": 16, "unit": "MiB/s"},
+    # One FLUSH at the end. fio counts it in the job's time, so its MiB/s (bw_bytes:
+    # io_bytes over a runtime that includes the final fsync) is what it took to get the data
+    # to the disk; checked with strace delaying the server's fdatasync by 1 s.
+    "fio seq write 1M qd16 end_fsync": {
+        "rw": "write",
+        "bs": "1M",
+        "iodepth": 16,
+        "unit": "MiB/s",
+        "options": ["--end_fsync=1"],
+    },
+    "fio seq write 1M qd1": {"rw": "write", "bs": "1M", "iodepth": 1, "unit": "MiB/s"},
     "fio rand write 4k qd1": {"rw": "randwrite", "bs": "4k", "iodepth": 1, "unit": "IOPS"},
+    # A FLUSH after every write: IOPS counts the writes, each with its FLUSH.
+    "fio rand write 4k qd1 fsync": {
+        "rw": "randwrite",
+        "bs": "4k",
+        "iodepth": 1,
+        "unit": "IOPS",
+        "options": ["--fsync=1"],
+    },
     "fio rand write 4k qd32": {"rw": "randwrite", "bs": "4k", "iodepth": 32, "unit": "IOPS"},
     # The same reads on the sparse file (same size, --sparse-data of it data, the rest
     # holes): MiB/s here is effective, file size / time, holes included.
@@ -84,15 +114,29 @@ ROWS: dict[str, dict] = {
 # Short aliases for --rows.
 ROW_ALIASES = {
     "nbdcopy": "nbdcopy seq read",
+    "nbdcopy1": "nbdcopy seq read 1 conn",
     "seqread": "fio seq read 1M qd16",
+    "seqread1": "fio seq read 1M qd1",
     "randread1": "fio rand read 4k qd1",
     "randread32": "fio rand read 4k qd32",
     "seqwrite": "fio seq write 1M qd16",
+    "seqwrite-endfsync": "fio seq write 1M qd16 end_fsync",
+    "seqwrite1": "fio seq write 1M qd1",
     "randwrite1": "fio rand write 4k qd1",
+    "randwrite1-fsync": "fio rand write 4k qd1 fsync",
     "randwrite32": "fio rand write 4k qd32",
     "sparse-nbdcopy": "sparse nbdcopy seq read",
     "sparse-seqread": "sparse fio seq read 1M qd16",
 }
+# Before it is measured, each fresh server gets this share of the row's runtime of the
+# same client (1 s by default, 0.25 s on --quick), thrown away: a server's first run can be
+# much slower than the next (nbdkit's first fio run read at ~0.9 GiB/s, later ones at 2+),
+# and the rows compare servers at work.
+WARMUP_SHARE = 1 / 8
+# The qd1 rows' latency figures, in µs: per request, p50 and p99 of fio's total latency
+# (lat = slat + clat; with the nbd engine the request, a write's payload included, is sent
+# while fio submits it, so clat alone leaves that out), and of the FLUSHes' where there are.
+LATENCY_KEYS = ("p50_us", "p99_us", "sync_p50_us", "sync_p99_us")
 
 
 @functools.cache
@@ -102,29 +146,40 @@ def nbdcopy_destination() -> str:
     return "null:" if "null:" in out.stdout + out.stderr else "/dev/null"
 
 
-def run_nbdcopy(port: int, size: int, runtime: int) -> tuple[float, int, list[str]]:
+def run_nbdcopy(port: int, row: dict, size: int, runtime: float) -> dict:
     """Copy the whole export, again and again until RUNTIME seconds have passed (one
-    2 GiB copy takes about a second, too short to time alone); returns (MiB/s, bytes,
-    command)."""
-    cmd = ["nbdcopy", f"nbd://{HOST}:{port}", nbdcopy_destination()]
+    2 GiB copy takes about a second, too short to time alone)."""
+    cmd = ["nbdcopy", *row.get("options", []), nbd_uri(port), nbdcopy_destination()]
     moved, start = 0, time.monotonic()
     while moved == 0 or time.monotonic() - start < runtime:
         run_client(cmd, timeout=600)
         moved += size
-    return moved / MiB / (time.monotonic() - start), moved, cmd
+    return {
+        "value": moved / MiB / (time.monotonic() - start),
+        "bytes": moved,
+        "command": " ".join(cmd),
+    }
 
 
-def fio_command(port: int, row: dict, runtime: int) -> list[str]:
+def fio_command(port: int, row: dict, runtime: float) -> list[str]:
     return [
-        "fio", "--name=bench", "--ioengine=nbd", f"--uri=nbd://{HOST}:{port}/",
+        "fio", "--name=bench", "--ioengine=nbd", f"--uri={nbd_uri(port)}",
         f"--rw={row['rw']}", f"--bs={row['bs']}", f"--iodepth={row['iodepth']}",
-        "--time_based", f"--runtime={runtime}", "--norandommap", "--randrepeat=0",
-        "--output-format=json",
+        *row.get("options", []),
+        "--time_based", f"--runtime={runtime * 1000:.0f}ms", "--norandommap", "--randrepeat=0",
+        "--lat_percentiles=1", "--output-format=json",
     ]  # fmt: skip
 
 
-def run_fio(port: int, row: dict, runtime: int) -> tuple[float, int, list[str]]:
-    """Run one fio job; returns (MiB/s or IOPS, bytes moved, command)."""
+def percentiles_us(lat_ns: dict, prefix: str = "") -> dict:
+    """p50 and p99 of one of fio's latency reports, in µs (keys PREFIX + p50_us, p99_us)."""
+    pct = lat_ns["percentile"]
+    return {f"{prefix}p50_us": pct["50.000000"] / 1000, f"{prefix}p99_us": pct["99.000000"] / 1000}
+
+
+def run_fio(port: int, row: dict, runtime: float) -> dict:
+    """Run one fio job: MiB/s or IOPS, bytes moved and command; for a qd1 row also the
+    latency percentiles (LATENCY_KEYS)."""
     cmd = fio_command(port, row, runtime)
     out = run_client(cmd, timeout=runtime + 60).stdout
     # The nbd engine prints "fio: connected to NBD server" before the JSON.
@@ -140,8 +195,22 @@ def run_fio(port: int, row: dict, runtime: int) -> tuple[float, int, list[str]]:
     side = job["read" if "read" in row["rw"] else "write"]
     if not side["io_bytes"]:
         raise ClientError(f"fio moved no data\n{' '.join(cmd)}")
-    value = side["iops"] if row["unit"] == "IOPS" else side["bw_bytes"] / MiB
-    return value, side["io_bytes"], cmd
+    result = {
+        "value": side["iops"] if row["unit"] == "IOPS" else side["bw_bytes"] / MiB,
+        "bytes": side["io_bytes"],
+        "command": " ".join(cmd),
+    }
+    if row["iodepth"] == 1:
+        result.update(percentiles_us(side["lat_ns"]))
+        if job["sync"]["total_ios"]:  # --fsync=1 (end_fsync's one FLUSH is not counted)
+            result.update(percentiles_us(job["sync"]["lat_ns"], "sync_"))
+    return result
+
+
+def run_row_client(port: int, row: dict, size: int, runtime: float) -> dict:
+    if row.get("client") == "nbdcopy":
+        return run_nbdcopy(port, row, size, runtime)
+    return run_fio(port, row, runtime)
 
 
 def children_cpu() -> float:
@@ -151,13 +220,12 @@ def children_cpu() -> float:
 
 
 def measure(server: Server, row: dict, size: int, runtime: int) -> dict:
-    """Run one row's client against a running server and measure it."""
-    cpu0, client0 = server.cpu_seconds(), children_cpu()
+    """Warm a fresh server up with the row's client (WARMUP_SHARE of RUNTIME), then measure
+    the row."""
     try:
-        if row.get("client") == "nbdcopy":
-            value, moved, cmd = run_nbdcopy(server.port, size, runtime)
-        else:
-            value, moved, cmd = run_fio(server.port, row, runtime)
+        run_row_client(server.port, row, size, runtime * WARMUP_SHARE)
+        cpu0, client0 = server.cpu_seconds(), children_cpu()
+        result = run_row_client(server.port, row, size, runtime)
     except ClientError as e:
         # The server's side of the story is usually what explains a client failure.
         assert server.proc is not None
@@ -172,15 +240,14 @@ def measure(server: Server, row: dict, size: int, runtime: int) -> dict:
             f"{server.name} died during the run (exit {server.proc.returncode})\n"
             + server.log_tail()
         )
+    gib = result["bytes"] / GiB
     return {
-        "value": value,
+        **result,
         "unit": row["unit"],
-        "bytes": moved,
         "server_cpu_s": cpu,
-        "cpu_s_per_gib": cpu / (moved / GiB) if moved else None,
+        "cpu_s_per_gib": cpu / gib if gib else None,
         # The client's CPU too: on 2 cores, client and server compete for the same CPUs.
-        "client_cpu_s_per_gib": client_cpu / (moved / GiB) if moved else None,
-        "command": " ".join(cmd),
+        "client_cpu_s_per_gib": client_cpu / gib if gib else None,
     }
 
 
@@ -270,6 +337,27 @@ def table(results: dict, servers: list[str]) -> str:
     return "\n".join(lines)
 
 
+def latency_text(cell: dict | None, prefix: str = "") -> str:
+    """'p50 / p99' in µs; 'ERR' for a failed cell."""
+    if cell is None:
+        return "ERR"
+    return f"{fmt(cell.get(prefix + 'p50_us'))} / {fmt(cell.get(prefix + 'p99_us'))}"
+
+
+def latency_table(results: dict, servers: list[str]) -> str:
+    """Markdown: per qd1 row, p50 / p99 latency per server; the fsync row gets a second
+    line for its FLUSHes."""
+    lines = ["| row | " + " | ".join(servers) + " |", "|" + "---|" * (len(servers) + 1)]
+    for row, cells in results.items():
+        if ROWS[row].get("iodepth") != 1:
+            continue
+        lines.append(f"| {row} | " + " | ".join(latency_text(cells.get(s)) for s in servers) + " |")
+        if any("sync_p50_us" in cell for cell in cells.values()):
+            texts = [latency_text(cells.get(s), "sync_") for s in servers]
+            lines.append(f"| {row}: its FLUSHes | " + " | ".join(texts) + " |")
+    return "\n".join(lines)
+
+
 def client_table(results: dict, servers: list[str]) -> str:
     lines = ["| row | " + " | ".join(servers) + " |", "|" + "---|" * (len(servers) + 1)]
     for row, cells in results.items():
@@ -296,8 +384,8 @@ def run_row(
         errors.append(f"cell {row} / {name}: {e}")
         return None
     if status != 0:
-        # Every server here exits 0 on SIGTERM (flexnbd promises it; nbdkit and qemu-nbd
-        # do too); anything else is a failure of that cell.
+        # Every server here exits 0 on SIGTERM (flexnbd promises it; nbdkit, qemu-nbd and
+        # nbd-server do too); anything else is a failure of that cell.
         errors.append(f"cell {row} / {name}: {name} exited {status} on SIGTERM (want 0)")
     log(f"  {fmt(cell['value'])} {cell['unit']}, {fmt(cell['cpu_s_per_gib'])} CPU s/GiB")
     return cell
@@ -338,12 +426,20 @@ def check_sparse(name: str, path: Path, workdir: Path, errors: list[str]) -> dic
                 "sparse check / flexnbd: a READ of a hole got "
                 f"{', '.join(check['hole_read_chunks'])}, not one OFFSET_HOLE chunk"
             )
-    log(
-        f"{name}: nbdinfo --map shows {fmt((check['map_hole_bytes'] or 0) / MiB)} MiB of holes "
-        f"(file: {fmt(check['file_hole_bytes'] / MiB)} MiB); a READ of a hole is answered "
-        f"with {', '.join(check['hole_read_chunks'])}"
-    )
+    log(f"{name}: {sparse_text(check)}")
     return check
+
+
+def sparse_text(check: dict) -> str:
+    """What check_sparse found, in words."""
+    holes, chunks = check["map_hole_bytes"], check["hole_read_chunks"]
+    shown = "gives no map" if holes is None else f"shows {fmt(holes / MiB)} MiB of holes"
+    answer = "a simple reply" if chunks == ["simple"] else ", ".join(chunks)
+    return (
+        f"`nbdinfo --map` (BLOCK_STATUS) {shown}, the file has "
+        f"{fmt(check['file_hole_bytes'] / MiB)} MiB of holes; a READ of a hole is answered "
+        f"with {answer}"
+    )
 
 
 def combine(cells: list[dict]) -> dict:
@@ -351,9 +447,10 @@ def combine(cells: list[dict]) -> dict:
     if len(cells) == 1:
         return cells[0]
     out = dict(cells[0])
-    for key in ("value", "server_cpu_s", "cpu_s_per_gib", "client_cpu_s_per_gib"):
-        values = [c[key] for c in cells if c[key] is not None]
-        out[key] = statistics.median(values) if values else None
+    for key in ("value", "server_cpu_s", "cpu_s_per_gib", "client_cpu_s_per_gib", *LATENCY_KEYS):
+        values = [c[key] for c in cells if c.get(key) is not None]
+        if key in out:  # the latency keys are on the qd1 rows only
+            out[key] = statistics.median(values) if values else None
     out["bytes"] = sum(c["bytes"] for c in cells)
     out["samples"] = [c["value"] for c in cells]
     return out
@@ -484,6 +581,16 @@ def main(argv: list[str] | None = None) -> int:
         f"{report['loadavg_start'][0]:.2f} → {report['loadavg_end'][0]:.2f}",
         "",
         table(report["rows"], servers),
+    ]
+    if any(ROWS[r].get("iodepth") == 1 for r in rows):
+        out += [
+            "",
+            "Latency of the qd1 rows, µs, p50 / p99 per request (fio's total latency: "
+            "submission and completion; the fsync row also gives its FLUSHes'):",
+            "",
+            latency_table(report["rows"], servers),
+        ]
+    out += [
         "",
         "Client (nbdcopy/fio) CPU s/GiB, for context:",
         "",
@@ -500,12 +607,7 @@ def main(argv: list[str] | None = None) -> int:
     for name, check in report.get("sparse_check", {}).items():
         if check:
             out.append("")
-            out.append(
-                f"{name} on the sparse file: `nbdinfo --map` (BLOCK_STATUS) shows "
-                f"{fmt((check['map_hole_bytes'] or 0) / MiB)} MiB of holes, the file has "
-                f"{fmt(check['file_hole_bytes'] / MiB)} MiB; a READ of a hole is answered "
-                f"with {', '.join(check['hole_read_chunks'])}"
-            )
+            out.append(f"{name} on the sparse file: {sparse_text(check)}")
     if "loopback_mib_s" in report:
         out.append("")
         for recv, loop in report["loopback_mib_s"].items():
