@@ -27,10 +27,13 @@ from flexnbd import errors, wire
 _log = logging.getLogger("flexnbd.core")
 
 DEF BUF_SIZE = 1024 * 1024       # large payload chunks, zero-fill
-DEF OUTBUF_SIZE = 256 * 1024     # batched replies (headers, and the data of small reads)
+# Batched replies: headers, and the data of small (or copied) reads with their header.
+DEF OUTBUF_SIZE = 256 * 1024 + 4096
 # READs up to this size are copied into the reply batch (pread) instead of sent with sendfile:
 # a batch of small replies then leaves in one send instead of two syscalls per request.
 DEF SMALL_READ = 16 * 1024
+# With copy_reads, READs up to this size are copied so too (see Connection.copy_reads).
+DEF COPY_READ_MAX = 256 * 1024
 # A WRITE longer than MAX_PAYLOAD is drained (and answered EINVAL) up to this length;
 # beyond it the client is disconnected rather than have us read gigabytes of garbage.
 DEF DRAIN_LIMIT = 128 * 1024 * 1024
@@ -264,7 +267,9 @@ cdef struct conn_t:
     uint64_t errors          # requests answered with an error
     int kicked               # set by kick(): end at the next request boundary
     int corked               # TCP_CORK is on: replies of a batch of requests leave together
+    int no_cork              # the socket has no TCP_CORK (a Unix socket)
     int splice_all           # splice every large WRITE, even onto holes (see Connection)
+    int copy_reads           # READs up to COPY_READ_MAX: pread + send, not sendfile (atomic)
     # how it ended
     int reason
     int err
@@ -298,10 +303,16 @@ cdef int queue_out(conn_t *c, const void *p, size_t n) noexcept nogil:
 cdef int set_cork(conn_t *c, int on) noexcept nogil:
     """Cork while more requests are already waiting, so that their replies (headers and
     sendfile data alike) leave in as few segments as possible; uncork (push) before blocking."""
-    if c.corked == on:
+    if c.corked == on or c.no_cork:
         return 0
     c.corked = on
-    return setsockopt(c.tp.fd, IPPROTO_TCP, TCP_CORK, &on, sizeof(int))
+    if setsockopt(c.tp.fd, IPPROTO_TCP, TCP_CORK, &on, sizeof(int)) == 0:
+        return 0
+    if errno == EOPNOTSUPP or errno == ENOPROTOOPT or errno == EINVAL:
+        c.no_cork = 1        # not TCP (a Unix socket): nothing to cork, each send goes as is
+        c.corked = 0
+        return 0
+    return -1
 
 
 cdef int wait_readable(conn_t *c, int idle) noexcept nogil:
@@ -475,7 +486,7 @@ cdef int do_read(conn_t *c, const request_t *r) noexcept nogil:
         return REASON_VANISHED
     if r.length == 0:
         return 0
-    if r.length <= SMALL_READ:
+    if r.length <= SMALL_READ or (r.length <= COPY_READ_MAX and load_acquire(&c.copy_reads)):
         return read_small(c, r)
     return send_file_range(c, r.offset, r.length)
 
@@ -512,7 +523,8 @@ cdef int read_chunked(conn_t *c, const request_t *r) noexcept nogil:
             if queue_out(c, h, CHUNK_HEADER_SIZE + 8) < 0:
                 c.err = errno
                 return REASON_VANISHED
-            if n <= SMALL_READ and c.out_len + n <= OUTBUF_SIZE:
+            if c.out_len + n <= OUTBUF_SIZE and \
+                    (n <= SMALL_READ or (n <= COPY_READ_MAX and load_acquire(&c.copy_reads))):
                 got = 0
                 while got < n:
                     k = pread(c.ex.fd, c.outbuf + c.out_len + got, n - got,
@@ -1130,6 +1142,22 @@ cdef class Connection:
         cdef uint64_t one = 1
         store_release(&self.c.kicked, 1)
         write(self.c.kick_fd, &one, 8)
+
+    @property
+    def copy_reads(self):
+        """Whether READs up to 256 KiB are copied out of the page cache here (pread into the
+        reply batch, then one send) instead of sent with sendfile.
+
+        sendfile costs this thread the least, but a client on this host then copies the data
+        out of cold page-cache pages itself; a copy here leaves it hot socket buffers. Worth
+        it where the client is the bottleneck (several connections from one local client:
+        their threads share our CPUs with it), not where this thread is. Settable from any
+        thread; heeded from the next READ."""
+        return bool(load_acquire(&self.c.copy_reads))
+
+    @copy_reads.setter
+    def copy_reads(self, bint on):
+        store_release(&self.c.copy_reads, on)
 
     @property
     def request_age_ns(self):

@@ -25,6 +25,7 @@ cdef extern from "<errno.h>" nogil:
         EDQUOT
         EROFS
         ENOMEM
+        ENOPROTOOPT
 
 cdef extern from "<string.h>" nogil:
     void *memcpy(void *dst, const void *src, size_t n)

@@ -19,6 +19,7 @@ once if still in the handshake, and by shutting its socket down after the grace 
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import select
 import selectors
@@ -43,6 +44,7 @@ class Client:
         self.sock = sock
         self.name = name
         self.peer_ip = peer_ip       # None for a Unix-socket client
+        self.local = _on_this_host(sock, peer_ip)
         self.connection: _core.Connection | None = None
         self.accepted_ns = _core.monotonic_ns()
         self.killed = False          # cut by the watchdog (killswitch or handshake deadline)
@@ -142,6 +144,7 @@ class Admission:
             if self.stopping:
                 return False
             client.connection = connection()
+            self._choose_read_path(client)
             return True
 
     def forbid(self) -> None:
@@ -295,7 +298,21 @@ class Admission:
         finally:
             with self._lock:
                 self._clients.discard(client)
+                self._choose_read_path(client)
             client.sock.close()       # (only now: the set holds open sockets only)
+
+    def _choose_read_path(self, changed: Client) -> None:
+        """A client on this host came or went: its connections (those of its address) copy
+        reads out of the page cache while it has more than one, and use sendfile while it has
+        one (measured: several connections leave the client the bottleneck, and the copy
+        here spares it the cold page-cache copy; one leaves our thread the bottleneck).
+        Remote clients always get sendfile. Called with the lock held."""
+        if not changed.local:
+            return
+        peers = [c.connection for c in self._clients
+                 if c.local and c.peer_ip == changed.peer_ip and c.connection is not None]
+        for connection in peers:
+            connection.copy_reads = len(peers) > 1
 
     # -- the watchdog: handshake deadline and killswitch --------------------------------------
 
@@ -343,6 +360,18 @@ def _peer_ip(sock: socket.socket) -> str | None:
         return sock.getpeername()[0]
     except OSError:
         return "?"  # gone already: an address no ACL entry matches
+
+
+def _on_this_host(sock: socket.socket, peer_ip: str | None) -> bool:
+    """The client runs on this host: a Unix socket, a loopback address or our own address."""
+    if peer_ip is None:
+        return True
+    try:
+        address = ipaddress.ip_address(peer_ip.split("%")[0])
+        mapped = getattr(address, "ipv4_mapped", None)      # ::ffff:127.0.0.1
+        return (mapped or address).is_loopback or sock.getsockname()[0] == peer_ip
+    except (ValueError, OSError):
+        return False
 
 
 def shutdown(sock: socket.socket) -> None:

@@ -244,6 +244,21 @@ def test_nbdcopy_to_server(serve, make_file, tmp_path, style):
     alive(server)
 
 
+def test_nbdcopy_over_a_unix_socket(serve, make_file, tmp_path):
+    # nbdcopy keeps many requests in flight: replies of requests that arrived together are
+    # corked on TCP, and a Unix socket, which has no cork, must serve them just the same.
+    nbdcopy = require_tool("nbdcopy")
+    path = make_file(9 * MiB + 512)
+    unix = tmp_path / "nbd.sock"
+    server = serve(path, "--unix", str(unix))
+    out = tmp_path / "out.img"
+    check([nbdcopy, "--requests=64", f"nbd+unix:///?socket={unix}", str(out)])
+    assert out.read_bytes() == path.read_bytes()
+    check([nbdcopy, str(out), f"nbd+unix:///?socket={unix}"])
+    assert "socket error" not in server.log()
+    alive(server)
+
+
 # --------------------------------------------------------------------------------------------
 # libnbd's Python binding (module nbd, system python)
 
