@@ -213,6 +213,9 @@ cdef extern from "<pthread.h>" nogil:
 
 cdef extern from "<unistd.h>" nogil:
     int usleep(unsigned int usec)
+    long sysconf(int name)
+    enum:
+        _SC_NPROCESSORS_ONLN
 
 
 # --------------------------------------------------------------------------------------------
@@ -224,6 +227,8 @@ cdef extern from *:
     { return __atomic_load_n(p, __ATOMIC_ACQUIRE); }
     static inline void flexnbd_store_release(int *p, int v)
     { __atomic_store_n(p, v, __ATOMIC_RELEASE); }
+    static inline int flexnbd_add(int *p, int v)
+    { return __atomic_add_fetch(p, v, __ATOMIC_ACQ_REL); }
     static inline void *flexnbd_load_ptr(void **p)
     { return __atomic_load_n(p, __ATOMIC_ACQUIRE); }
     static inline void flexnbd_store_ptr(void **p, void *v)
@@ -239,6 +244,7 @@ cdef extern from *:
     """
     int load_acquire "flexnbd_load_acquire"(const int *p) nogil
     void store_release "flexnbd_store_release"(int *p, int v) nogil
+    int atomic_add "flexnbd_add"(int *p, int v) nogil
     void *load_ptr "flexnbd_load_ptr"(void **p) nogil
     void store_ptr "flexnbd_store_ptr"(void **p, void *v) nogil
     void atomic_or64 "flexnbd_or64"(unsigned long long *p, unsigned long long v) nogil

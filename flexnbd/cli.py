@@ -19,6 +19,7 @@ from flexnbd import __version__, acl, log, sockets, wire
 from flexnbd.config import (
     CACHE_BYTES_DEFAULT,
     HANDSHAKE_SECS,
+    IDLE_SPIN_SECS,
     KILLSWITCH_SECS,
     MAX_CLIENTS_LISTEN,
     MAX_CLIENTS_SERVE,
@@ -243,6 +244,17 @@ def _env_seconds(name: str, default: float) -> float:
     return value
 
 
+def _idle_spin() -> float:
+    """FLEXNBD_IDLE_SPIN_US in seconds (microseconds in the variable; 0 turns spinning off)."""
+    text = os.environ.get("FLEXNBD_IDLE_SPIN_US")
+    if not text:
+        return IDLE_SPIN_SECS
+    if not text.isdigit() or int(text) > 1_000_000:
+        raise UsageError(f"FLEXNBD_IDLE_SPIN_US={text!r} is not a number of microseconds "
+                         "from 0 to 1000000")
+    return int(text) / 1e6
+
+
 def _server_config(args: argparse.Namespace, mode: str) -> ServeConfig:
     if args.addr is None and args.unix is None:
         raise UsageError("missing --addr and --port (or --unix PATH)")
@@ -274,6 +286,7 @@ def _server_config(args: argparse.Namespace, mode: str) -> ServeConfig:
                        killswitch=killswitch,
                        handshake_timeout=_env_seconds("FLEXNBD_HANDSHAKE_TIMEOUT", HANDSHAKE_SECS),
                        send_timeout=_env_seconds("FLEXNBD_SEND_TIMEOUT", SEND_TIMEOUT_SECS),
+                       idle_spin=_idle_spin(),
                        control_timeout=_env_seconds("FLEXNBD_CONTROL_TIMEOUT_SECS", 10.0),
                        sock_mode=args.sock_mode, unix_mode=args.unix_mode)
 

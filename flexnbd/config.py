@@ -11,6 +11,9 @@ MAX_CLIENTS_LISTEN = 1
 # A request taking longer than this disconnects its client when --killswitch is on
 # (FLEXNBD_KILLSWITCH_SECS overrides it, for tests).
 KILLSWITCH_SECS = 120.0
+# How long a client that works one request at a time may take to send its next one and still
+# be waited for with a spin (FLEXNBD_IDLE_SPIN_US overrides it; 0 turns the spin off).
+IDLE_SPIN_SECS = 40e-6
 # The whole handshake, and a reply that makes no progress (FLEXNBD_HANDSHAKE_TIMEOUT and
 # FLEXNBD_SEND_TIMEOUT override them).
 HANDSHAKE_SECS = 30.0
@@ -42,6 +45,9 @@ class ServeConfig:
     handshake_timeout: float = HANDSHAKE_SECS
     # A reply that makes no progress this long drops its client (FLEXNBD_SEND_TIMEOUT).
     send_timeout: float = SEND_TIMEOUT_SECS
+    # A client that sends its next request within this many seconds of a reply, one request
+    # at a time, is waited for with a spin, not a sleep (FLEXNBD_IDLE_SPIN_US; 0: never).
+    idle_spin: float = IDLE_SPIN_SECS
     # On stop, how long connected clients get to finish their current request.
     stop_grace: float = 10.0
     mode: str = "serve"              # serve | listen

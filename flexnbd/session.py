@@ -54,7 +54,8 @@ def serve(client: Client, admission: Admission, export: _core.Export, info: Expo
                 structured=agreed.structured, meta_context=agreed.meta_context,
                 fast_zero=newstyle and export.can_punch, coverage=coverage,
                 # a migration sender that has WRITE_ZEROES sends holes that way
-                splice_all=coverage is not None and newstyle)
+                splice_all=coverage is not None and newstyle,
+                idle_spin=admission.config.idle_spin)
         if not admission.attach(client, connection):
             return None
         assert client.connection is not None

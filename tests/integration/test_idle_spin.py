@@ -1,0 +1,70 @@
+"""The idle spin: a client that sends one request at a time, each soon after the last reply,
+is waited for with a spin instead of a sleep (FLEXNBD_IDLE_SPIN_US, 40 µs by default); after
+a FLUSH or FUA request the server sleeps again for a while, and 0 turns the spin off.
+
+Seen from outside as the serving thread's voluntary context switches (one per sleep). The
+spin is set to a whole second here, so that a Python client always counts as quick.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from flexnbd import wire
+from tests.support.serving import MiB, client
+
+REQUESTS = 200
+
+
+def sleeps(pid: int) -> int:
+    """Voluntary context switches of all the server's threads so far."""
+    total = 0
+    for status in Path(f"/proc/{pid}/task").glob("*/status"):
+        try:
+            text = status.read_text()
+        except OSError:          # a thread that just ended
+            continue
+        for line in text.splitlines():
+            if line.startswith("voluntary_ctxt_switches:"):
+                total += int(line.split()[1])
+    return total
+
+
+def sleeps_during_reads(server, c, flags: int = 0) -> int:
+    for i in range(8):                         # the server sees the pattern first
+        c.read(i * 4096, 4096)
+    before = sleeps(server.pid)
+    for i in range(REQUESTS):
+        c.read(i * 4096, 4096, flags=flags)
+    return sleeps(server.pid) - before
+
+
+def test_one_request_at_a_time_is_waited_for_with_a_spin(serve, make_file):
+    server = serve(make_file(MiB), env={"FLEXNBD_IDLE_SPIN_US": "1000000"})
+    with client(server) as c:
+        assert sleeps_during_reads(server, c) < REQUESTS // 2
+
+
+def test_no_spin_when_turned_off(serve, make_file):
+    server = serve(make_file(MiB), env={"FLEXNBD_IDLE_SPIN_US": "0"})
+    with client(server) as c:
+        assert sleeps_during_reads(server, c) >= REQUESTS * 3 // 4
+
+
+def test_no_spin_while_the_client_syncs(serve, make_file):
+    server = serve(make_file(MiB), env={"FLEXNBD_IDLE_SPIN_US": "1000000"})
+    with client(server) as c:
+        assert sleeps_during_reads(server, c, flags=wire.CMD_FLAG_FUA) >= REQUESTS * 3 // 4
+
+
+@pytest.mark.parametrize("value", ["abc", "-1", "1.5", "2000000"])
+def test_a_bad_value_is_a_usage_error(run_flexnbd, make_file, value):
+    from tests.conftest import free_port
+
+    res = run_flexnbd("serve", "--addr", "127.0.0.1", "--port", str(free_port()), "--file",
+                      str(make_file(MiB)), env={"FLEXNBD_IDLE_SPIN_US": value}, timeout=30)
+    assert res.returncode == 1
+    assert b"Traceback" not in res.stderr
+    assert b"FLEXNBD_IDLE_SPIN_US" in res.stderr
