@@ -312,13 +312,7 @@ cdef int set_cork(conn_t *c, int on) noexcept nogil:
     if c.corked == on or c.no_cork:
         return 0
     c.corked = on
-    if setsockopt(c.tp.fd, IPPROTO_TCP, TCP_CORK, &on, sizeof(int)) == 0:
-        return 0
-    if errno == EOPNOTSUPP or errno == ENOPROTOOPT or errno == EINVAL:
-        c.no_cork = 1        # not TCP (a Unix socket): nothing to cork, each send goes as is
-        c.corked = 0
-        return 0
-    return -1
+    return setsockopt(c.tp.fd, IPPROTO_TCP, TCP_CORK, &on, sizeof(int))
 
 
 # Threads spinning in wait_readable at once, and the most allowed: half the CPUs (at least
@@ -1141,6 +1135,8 @@ cdef class Connection:
                   bint meta_context=False, bint fast_zero=False, CoverageMap coverage=None,
                   bint splice_all=False, double idle_spin=0):
         cdef int fds[2]
+        cdef int cork = 0
+        cdef unsigned int cork_len = sizeof(int)
         # Every descriptor field is -1 before anything can fail, so __dealloc__ closes only
         # what was opened (the struct starts zeroed, and 0 is stdin).
         self.c.kick_fd = self.c.pipe_r = self.c.pipe_w = -1
@@ -1148,6 +1144,8 @@ cdef class Connection:
         self.coverage = coverage
         self.c.coverage = &coverage.m if coverage is not None else NULL
         self.c.tp.fd = sock
+        # Only TCP has TCP_CORK; a Unix socket sends each reply batch as it is.
+        self.c.no_cork = getsockopt(sock, IPPROTO_TCP, TCP_CORK, &cork, &cork_len) != 0
         self.c.stop_fd = stop_fd
         # A migration sender that can send WRITE_ZEROES sends holes that way, so its WRITEs
         # are data: splice them straight into the file (one copy fewer, no zero scan) instead

@@ -25,7 +25,6 @@ cdef extern from "<errno.h>" nogil:
         EDQUOT
         EROFS
         ENOMEM
-        ENOPROTOOPT
 
 cdef extern from "<string.h>" nogil:
     void *memcpy(void *dst, const void *src, size_t n)
@@ -98,6 +97,7 @@ cdef extern from "<sys/socket.h>" nogil:
     ssize_t send(int fd, const void *buf, size_t n, int flags)
     ssize_t recv(int fd, void *buf, size_t n, int flags)
     int setsockopt(int fd, int level, int name, const void *value, unsigned int length)
+    int getsockopt(int fd, int level, int name, void *value, unsigned int *length)
     int shutdown(int fd, int how)
     enum:
         MSG_NOSIGNAL
