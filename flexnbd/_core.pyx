@@ -266,8 +266,6 @@ cdef struct conn_t:
     size_t partial_cap
     uint64_t errors          # requests answered with an error
     int kicked               # set by kick(): end at the next request boundary
-    int corked               # TCP_CORK is on: replies of a batch of requests leave together
-    int no_cork              # the socket has no TCP_CORK (a Unix socket)
     int splice_all           # splice every large WRITE, even onto holes (see Connection)
     int copy_reads           # READs up to COPY_READ_MAX: pread + send, not sendfile (atomic)
     # how it ended
@@ -304,15 +302,6 @@ cdef int queue_out(conn_t *c, const void *p, size_t n) noexcept nogil:
     memcpy(c.outbuf + c.out_len, p, n)
     c.out_len += n
     return 0
-
-
-cdef int set_cork(conn_t *c, int on) noexcept nogil:
-    """Cork while more requests are already waiting, so that their replies (headers and
-    sendfile data alike) leave in as few segments as possible; uncork (push) before blocking."""
-    if c.corked == on or c.no_cork:
-        return 0
-    c.corked = on
-    return setsockopt(c.tp.fd, IPPROTO_TCP, TCP_CORK, &on, sizeof(int))
 
 
 # Threads spinning in wait_readable at once, and the most allowed: half the CPUs (at least
@@ -358,7 +347,7 @@ cdef int wait_readable(conn_t *c, int idle) noexcept nogil:
     cdef int nfds = 1
     cdef int rc = 0
     cdef int64_t idle_since = 0
-    if flush_out(c, 0) < 0 or set_cork(c, 0) < 0:
+    if flush_out(c, 0) < 0:
         return -1
     if idle:
         c.request_started_ns = 0         # every reply is out: the killswitch has no request
@@ -1088,8 +1077,6 @@ cdef int serve_loop(conn_t *c) noexcept nogil:
         c.request_started_ns = now_ns()
         decode_header(c.inb.data + c.inb.pos, &r)
         c.inb.pos += REQUEST_SIZE
-        if ib_unread(&c.inb) >= REQUEST_SIZE + (r.length if r.type == CMD_WRITE else 0):
-            set_cork(c, 1)
         c.requests += 1
         if r.type == CMD_FLUSH or (r.flags & CMD_FLAG_FUA):
             c.last_sync = c.requests
@@ -1135,8 +1122,6 @@ cdef class Connection:
                   bint meta_context=False, bint fast_zero=False, CoverageMap coverage=None,
                   bint splice_all=False, double idle_spin=0):
         cdef int fds[2]
-        cdef int cork = 0
-        cdef unsigned int cork_len = sizeof(int)
         # Every descriptor field is -1 before anything can fail, so __dealloc__ closes only
         # what was opened (the struct starts zeroed, and 0 is stdin).
         self.c.kick_fd = self.c.pipe_r = self.c.pipe_w = -1
@@ -1144,8 +1129,6 @@ cdef class Connection:
         self.coverage = coverage
         self.c.coverage = &coverage.m if coverage is not None else NULL
         self.c.tp.fd = sock
-        # Only TCP has TCP_CORK; a Unix socket sends each reply batch as it is.
-        self.c.no_cork = getsockopt(sock, IPPROTO_TCP, TCP_CORK, &cork, &cork_len) != 0
         self.c.stop_fd = stop_fd
         # A migration sender that can send WRITE_ZEROES sends holes that way, so its WRITEs
         # are data: splice them straight into the file (one copy fewer, no zero scan) instead

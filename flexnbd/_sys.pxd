@@ -96,8 +96,6 @@ cdef extern from "<sys/socket.h>" nogil:
     ssize_t sendmsg(int fd, const msghdr *msg, int flags)
     ssize_t send(int fd, const void *buf, size_t n, int flags)
     ssize_t recv(int fd, void *buf, size_t n, int flags)
-    int setsockopt(int fd, int level, int name, const void *value, unsigned int length)
-    int getsockopt(int fd, int level, int name, void *value, unsigned int *length)
     int shutdown(int fd, int how)
     enum:
         MSG_NOSIGNAL
@@ -107,14 +105,6 @@ cdef extern from "<sys/socket.h>" nogil:
         SOL_SOCKET
         SHUT_RDWR
         SHUT_RD
-
-cdef extern from "<netinet/in.h>" nogil:
-    enum:
-        IPPROTO_TCP
-
-cdef extern from "<netinet/tcp.h>" nogil:
-    enum:
-        TCP_CORK
 
 cdef extern from "<poll.h>" nogil:
     struct pollfd:

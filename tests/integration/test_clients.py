@@ -245,8 +245,8 @@ def test_nbdcopy_to_server(serve, make_file, tmp_path, style):
 
 
 def test_nbdcopy_over_a_unix_socket(serve, make_file, tmp_path):
-    # nbdcopy keeps many requests in flight: replies of requests that arrived together are
-    # corked on TCP, and a Unix socket, which has no cork, must serve them just the same.
+    # nbdcopy keeps many requests in flight, and their replies leave in batches: a Unix
+    # socket must take them just as TCP does (it was once disconnected by a TCP-only option).
     nbdcopy = require_tool("nbdcopy")
     path = make_file(9 * MiB + 512)
     unix = tmp_path / "nbd.sock"
