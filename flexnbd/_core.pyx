@@ -283,6 +283,9 @@ cdef struct conn_t:
     uint64_t requests_at_idle
     int streak               # idle times in a row after one request, answered soon after
     uint64_t last_sync       # c.requests when the last FLUSH (or FUA request) came
+    # following the client (see follow_client)
+    int follow_cpu           # the one CPU this thread is held on (-1: its own CPUs)
+    cpu_set_t home           # the thread's own CPUs, saved when it starts following
 
 
 cdef int flush_out(conn_t *c, int more) noexcept nogil:
@@ -334,6 +337,35 @@ cdef int spin_poll(conn_t *c, pollfd *fds, int nfds) noexcept nogil:
     return rc
 
 
+cdef void follow_client(conn_t *c, int on) noexcept nogil:
+    """Hold this thread on the CPU that takes the client's packets (SO_INCOMING_CPU: on
+    loopback, the client's own CPU) while ``on``; back to its own CPUs when not.
+
+    For a client that sends one request at a time and syncs (a FLUSH or FUA request lately:
+    the one-at-a-time clients that get no spin), each request otherwise wakes this thread on
+    the other CPU, where the disk's completion left it (measured, 4K write + FLUSH at depth
+    1 on 2 CPUs: 4,300 -> 4,900 IOPS, the write's p50 95 -> 56 us). Never a CPU outside the
+    thread's own set (taskset, cpusets); a failure just leaves the thread where it is."""
+    cdef int cpu = -1
+    cdef unsigned int n = sizeof(int)
+    cdef cpu_set_t one
+    if on and getsockopt(c.tp.fd, SOL_SOCKET, SO_INCOMING_CPU, &cpu, &n) == 0 and \
+            0 <= cpu < CPU_SETSIZE:
+        if cpu == c.follow_cpu:
+            return
+        if c.follow_cpu < 0 and sched_getaffinity(0, sizeof(cpu_set_t), &c.home) < 0:
+            return
+        if CPU_ISSET(cpu, &c.home):
+            CPU_ZERO(&one)
+            CPU_SET(cpu, &one)
+            if sched_setaffinity(0, sizeof(cpu_set_t), &one) == 0:
+                c.follow_cpu = cpu
+            return
+    if c.follow_cpu >= 0:
+        sched_setaffinity(0, sizeof(cpu_set_t), &c.home)
+        c.follow_cpu = -1
+
+
 cdef int wait_readable(conn_t *c, int idle) noexcept nogil:
     """Block until the client sent something. 0 when readable, 1 when the server stops or the
     connection is kicked (heeded only when ``idle``, between requests: a request that has
@@ -368,8 +400,10 @@ cdef int wait_readable(conn_t *c, int idle) noexcept nogil:
             c.streak += 1
         else:
             c.streak = 0
+        # A one-request-at-a-time client gets a spin, or, if it syncs, this thread on its CPU.
         if c.streak >= SPIN_AFTER and c.requests - c.last_sync > NO_SPIN_AFTER_SYNC:
             rc = spin_poll(c, fds, nfds)
+        follow_client(c, c.streak >= SPIN_AFTER and c.requests - c.last_sync <= NO_SPIN_AFTER_SYNC)
         c.requests_at_idle = c.requests
     while rc == 0:
         rc = poll(fds, nfds, -1)
@@ -1124,7 +1158,7 @@ cdef class Connection:
         cdef int fds[2]
         # Every descriptor field is -1 before anything can fail, so __dealloc__ closes only
         # what was opened (the struct starts zeroed, and 0 is stdin).
-        self.c.kick_fd = self.c.pipe_r = self.c.pipe_w = -1
+        self.c.kick_fd = self.c.pipe_r = self.c.pipe_w = self.c.follow_cpu = -1
         self.export = export
         self.coverage = coverage
         self.c.coverage = &coverage.m if coverage is not None else NULL
@@ -1171,6 +1205,7 @@ cdef class Connection:
         cdef int reason
         with nogil:
             reason = serve_loop(&self.c)
+            follow_client(&self.c, 0)
         self.c.request_started_ns = 0
         return ServeResult(Reason(reason), self.c.err,
                            _COMMAND_NAMES.get(self.c.cmd, self.c.cmd),

@@ -97,7 +97,9 @@ cdef extern from "<sys/socket.h>" nogil:
     ssize_t send(int fd, const void *buf, size_t n, int flags)
     ssize_t recv(int fd, void *buf, size_t n, int flags)
     int shutdown(int fd, int how)
+    int getsockopt(int fd, int level, int name, void *value, unsigned int *length)
     enum:
+        SO_INCOMING_CPU
         MSG_NOSIGNAL
         MSG_MORE
         MSG_WAITALL
@@ -105,6 +107,17 @@ cdef extern from "<sys/socket.h>" nogil:
         SOL_SOCKET
         SHUT_RDWR
         SHUT_RD
+
+cdef extern from "<sched.h>" nogil:
+    ctypedef struct cpu_set_t:
+        pass
+    int sched_getaffinity(int pid, size_t size, cpu_set_t *mask)
+    int sched_setaffinity(int pid, size_t size, const cpu_set_t *mask)
+    void CPU_ZERO(cpu_set_t *mask)
+    void CPU_SET(int cpu, cpu_set_t *mask)
+    int CPU_ISSET(int cpu, const cpu_set_t *mask)
+    enum:
+        CPU_SETSIZE
 
 cdef extern from "<poll.h>" nogil:
     struct pollfd:
