@@ -86,6 +86,8 @@ class Admission:
             if cfg.unix:
                 self._listeners.append(sockets.unix_listener(cfg.unix, mode=cfg.unix_mode))
                 self._unix_bound = True
+            # systemd's sockets (socket activation): admitted like the ones above, by family
+            self._listeners.extend(cfg.inherited)
         except BaseException:
             self._close_listeners()
             raise

@@ -15,7 +15,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import NoReturn
 
-from flexnbd import __version__, acl, log, sockets, wire
+from flexnbd import __version__, acl, activation, log, sockets, wire
 from flexnbd.config import (
     CACHE_BYTES_DEFAULT,
     HANDSHAKE_SECS,
@@ -147,6 +147,7 @@ def _server_parser(mode: str) -> _Parser:
                    help="file mode of the --unix socket, octal (default 0660)")
     _acl_entries(p, "allowed client addresses, IPv4 or IPv6 with an optional /prefix "
                     "(none: everyone, unless --default-deny)")
+    p.epilog = activation.HELP.format(options="--addr, --port and --unix")
     _global_options(p)
     return p
 
@@ -256,7 +257,11 @@ def _idle_spin() -> float:
 
 
 def _server_config(args: argparse.Namespace, mode: str) -> ServeConfig:
-    if args.addr is None and args.unix is None:
+    # systemd socket activation: its listening sockets instead of --addr/--port/--unix
+    inherited = activation.inherited_sockets(
+        [o for o, v in (("--addr", args.addr), ("--port", args.port), ("--unix", args.unix))
+         if v is not None])
+    if args.addr is None and args.unix is None and not inherited:
         raise UsageError("missing --addr and --port (or --unix PATH)")
     if (args.addr is None) != (args.port is None):
         raise UsageError("--addr and --port go together")
@@ -270,7 +275,8 @@ def _server_config(args: argparse.Namespace, mode: str) -> ServeConfig:
     except acl.BadEntry as e:
         raise UsageError(f"bad ACL entry {e.entry!r} (an IPv4 or IPv6 address with an "
                          "optional /prefix)") from None
-    if args.addr is None and (args.default_deny or entries):
+    if args.addr is None and not any(activation.is_tcp(s) for s in inherited) and \
+            (args.default_deny or entries):
         raise UsageError("the ACL (and --default-deny) applies to TCP clients only, and there is "
                          "no --addr/--port: Unix-socket clients are governed by the socket's "
                          "file mode (--unix-mode)")
@@ -288,7 +294,8 @@ def _server_config(args: argparse.Namespace, mode: str) -> ServeConfig:
                        send_timeout=_env_seconds("FLEXNBD_SEND_TIMEOUT", SEND_TIMEOUT_SECS),
                        idle_spin=_idle_spin(),
                        control_timeout=_env_seconds("FLEXNBD_CONTROL_TIMEOUT_SECS", 10.0),
-                       sock_mode=args.sock_mode, unix_mode=args.unix_mode)
+                       sock_mode=args.sock_mode, unix_mode=args.unix_mode,
+                       inherited=inherited)
 
 
 def _run_server(args: argparse.Namespace, mode: str) -> int:
@@ -443,6 +450,7 @@ def _proxy_parser() -> _Parser:
                 "sees a pause, not an error.",
                 usage=f"{PROXY_PROG} --addr ADDR [--port PORT] --conn-addr ADDR --conn-port PORT "
                       "[--bind ADDR] [--cache[=BYTES]] [--oldstyle] [-v|-q]")
+    p.epilog = activation.HELP.format(options="--addr and --port")
     p.add_argument("-l", "--addr", type=_listen_address,
                    help="address to listen on (0 for any), or a Unix socket path (/...)")
     p.add_argument("-p", "--port", type=_port, help="TCP port to listen on")
@@ -461,17 +469,22 @@ def _proxy_parser() -> _Parser:
 
 
 def _proxy_config(args: argparse.Namespace) -> ProxyConfig:
+    # systemd socket activation: its listening sockets instead of --addr/--port
+    inherited = activation.inherited_sockets(
+        [o for o, v in (("--addr", args.addr), ("--port", args.port)) if v is not None])
     missing = [name for name, value in (("--addr", args.addr), ("--conn-addr", args.conn_addr),
-                                        ("--conn-port", args.conn_port)) if value is None]
+                                        ("--conn-port", args.conn_port))
+               if value is None and not (inherited and name == "--addr")]
     if missing:
         raise UsageError(f"missing {', '.join(missing)}")
-    unix = args.addr if args.addr.startswith("/") else None
-    if unix is None and args.port is None:
+    unix = args.addr if args.addr is not None and args.addr.startswith("/") else None
+    if unix is None and args.port is None and not inherited:
         raise UsageError("missing --port (or give --addr a Unix socket path)")
     if unix is not None and args.port is not None:
         raise UsageError("--port goes with an IP address, not a Unix socket path")
     return ProxyConfig(conn_addr=args.conn_addr, conn_port=args.conn_port,
                        addr=None if unix else args.addr, port=args.port, unix=unix,
+                       inherited=inherited,
                        bind=args.bind, cache_bytes=args.cache, oldstyle=args.oldstyle,
                        upstream_timeout=_env_seconds("FLEXNBD_UPSTREAM_TIMEOUT",
                                                      UPSTREAM_TIMEOUT_SECS))

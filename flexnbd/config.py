@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ipaddress
+import socket
 from dataclasses import dataclass, field
 from typing import Union
 
@@ -58,6 +59,10 @@ class ServeConfig:
     control_timeout: float = 10.0    # seconds a control client gets to send its request
     sock_mode: int = 0o600           # file mode of the control socket
     unix_mode: int = 0o660           # file mode of the NBD --unix socket
+    # Listening sockets passed by systemd (socket activation, flexnbd.activation), served
+    # instead of addr/port/unix: TCP ones like --addr's (the ACL applies), Unix ones like
+    # --unix's (never unlinked: systemd owns them).
+    inherited: list[socket.socket] = field(default_factory=list)
 
 
 @dataclass
@@ -80,6 +85,8 @@ class ProxyConfig:
     addr: str | None = None          # listen on TCP ...
     port: int | None = None
     unix: str | None = None          # ... or on a Unix socket
+    # ... or on the listening sockets systemd passed (socket activation)
+    inherited: list[socket.socket] = field(default_factory=list)
     bind: str | None = None          # connect upstream from this address
     cache_bytes: int = 0             # read-ahead cache: 0 is off
     oldstyle: bool = False           # offer the client the oldstyle handshake

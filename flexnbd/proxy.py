@@ -24,7 +24,7 @@ import threading
 import time
 from collections.abc import Callable
 
-from flexnbd import _proxy, log, sockets, wire
+from flexnbd import _proxy, activation, log, sockets, wire
 from flexnbd.config import ProxyConfig
 from flexnbd.errors import FlexnbdError, errno_text
 from flexnbd.handshake import ExportInfo, ServerInfo, client_handshake, serve_handshake
@@ -88,7 +88,7 @@ class Proxy:
                               config.conn_addr else f"{config.conn_addr}:{config.conn_port}")
         self._stop_fd = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
         self._stopping = threading.Event()
-        self._listener: socket.socket | None = None
+        self._listeners: list[socket.socket] = []
         self._upstream: socket.socket | None = None
         self.upstream_info: ServerInfo | None = None
         self.relay: _proxy.Relay | None = None
@@ -109,19 +109,23 @@ class Proxy:
         self.relay = _proxy.Relay(self._upstream.fileno(), info.size, info.flags, self._stop_fd,
                                   cfg.cache_bytes, cfg.upstream_timeout)
         try:
-            if cfg.unix is not None:
-                self._listener = sockets.unix_listener(cfg.unix, backlog=8, mode=0o660)
+            if cfg.inherited:       # systemd's sockets (socket activation)
+                self._listeners = list(cfg.inherited)
+            elif cfg.unix is not None:
+                self._listeners = [sockets.unix_listener(cfg.unix, backlog=8, mode=0o660)]
             else:
                 assert cfg.addr is not None and cfg.port is not None
-                self._listener = sockets.tcp_listener(cfg.addr, cfg.port, backlog=8)
+                self._listeners = [sockets.tcp_listener(cfg.addr, cfg.port, backlog=8)]
         except BaseException:
             _close(self._upstream)
             raise
-        self._listener.setblocking(False)
+        for listener in self._listeners:
+            listener.setblocking(False)
         thread = threading.Thread(target=self._sessions, name="session", daemon=True)
         thread.start()
         self._threads.append(thread)
-        where = cfg.unix if cfg.unix is not None else f"{cfg.addr} port {cfg.port}"
+        where = " and ".join(activation.served(s) for s in cfg.inherited) or \
+            (cfg.unix if cfg.unix is not None else f"{cfg.addr} port {cfg.port}")
         _log.info("serving %s (%s handshake) for upstream %s: %d bytes, flags %#x, %s; "
                   "read-ahead %s", where, "oldstyle" if cfg.oldstyle else "newstyle",
                   self.upstream_name, info.size, info.flags, info.style,
@@ -144,13 +148,13 @@ class Proxy:
         for thread in self._threads:
             thread.join(5.0)
             alive = alive or thread.is_alive()
-        if self._listener is not None:
-            self._listener.close()
-            if self.config.unix is not None:
-                try:
-                    os.unlink(self.config.unix)
-                except FileNotFoundError:
-                    pass
+        for listener in self._listeners:
+            listener.close()
+        if self._listeners and self.config.unix is not None:
+            try:
+                os.unlink(self.config.unix)
+            except FileNotFoundError:
+                pass
         if not alive:               # (else the relay may still use the descriptors)
             _close(self._upstream)
             _close(client)
@@ -256,16 +260,19 @@ class Proxy:
                 _close(sock)
 
     def _next_client(self) -> socket.socket | None:
-        """Wait for and accept the next client; None once the proxy stops."""
-        assert self._listener is not None
+        """Wait for and accept the next client (from any listener); None once the proxy
+        stops."""
+        listeners = {listener.fileno(): listener for listener in self._listeners}
         poller = select.poll()
-        poller.register(self._listener, select.POLLIN)
+        for fd in listeners:
+            poller.register(fd, select.POLLIN)
         poller.register(self._stop_fd, select.POLLIN)
         while not self._stopping.is_set():
-            if any(fd == self._stop_fd for fd, _ in poller.poll()):
+            ready = [fd for fd, _ in poller.poll()]
+            if self._stop_fd in ready:
                 return None
             try:
-                sock, _ = self._listener.accept()
+                sock, _ = listeners[ready[0]].accept()
             except (BlockingIOError, InterruptedError):
                 continue
             except OSError as e:

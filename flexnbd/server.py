@@ -18,7 +18,7 @@ import os
 import threading
 from collections.abc import Callable, Sequence
 
-from flexnbd import _allocmap, _core, acl, log, session, sockets
+from flexnbd import _allocmap, _core, acl, activation, log, session, sockets
 from flexnbd.admission import Admission, Client
 from flexnbd.config import ServeConfig
 from flexnbd.control import protocol
@@ -82,6 +82,7 @@ class Server:
         self._start_allocmap_builder()
         where = [f"{cfg.addr} port {cfg.port}"] if cfg.addr is not None else []
         where += [cfg.unix] if cfg.unix else []
+        where += [activation.served(sock) for sock in cfg.inherited]
         _log.info("serving %s (%d bytes%s, %s handshake) on %s", cfg.file, self.size,
                   ", read-only" if cfg.read_only else "",
                   "oldstyle" if cfg.oldstyle else "newstyle", " and ".join(where))
