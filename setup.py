@@ -16,14 +16,19 @@ if DEBUG:
     macros.append(("CYTHON_TRACE_NOGIL", "1"))
     cflags = ["-O1", "-g", "-UNDEBUG"]
 
+# The modules whose code calls OpenSSL (the transport in _nbdio.pxd is inlined into _core
+# and _proxy) link the system libssl; the wheels bundle it.
+TLS_USERS = {"_core", "_proxy", "_tls"}
+
 extensions = [
     Extension(
         f"flexnbd.{name}",
         [f"flexnbd/{name}.pyx"],
         define_macros=macros,
         extra_compile_args=cflags,
+        libraries=["ssl", "crypto"] if name in TLS_USERS else [],
     )
-    for name in ("_allocmap", "_core", "_proxy")
+    for name in ("_allocmap", "_core", "_proxy", "_tls")
 ]
 
 setup(

@@ -20,6 +20,7 @@ from libc.stdint cimport int64_t, uint16_t, uint32_t, uint64_t
 from flexnbd._allocmap cimport *
 from flexnbd._nbdio cimport *
 from flexnbd._sys cimport *
+from flexnbd._tls cimport TlsSession
 from flexnbd._wire cimport *
 
 from flexnbd import errors, wire
@@ -381,6 +382,8 @@ cdef int wait_readable(conn_t *c, int idle) noexcept nogil:
     cdef int64_t idle_since = 0
     if flush_out(c, 0) < 0:
         return -1
+    if tp_pending(&c.tp):
+        return 0                         # TLS: a request is decrypted already, or on its way
     if idle:
         c.request_started_ns = 0         # every reply is out: the killswitch has no request
     fds[0].fd = c.tp.fd
@@ -1151,10 +1154,11 @@ cdef class Connection:
     cdef conn_t c
     cdef Export export
     cdef CoverageMap coverage
+    cdef TlsSession tls
 
     def __cinit__(self, int sock, Export export, *, int stop_fd=-1, bint structured=False,
                   bint meta_context=False, bint fast_zero=False, CoverageMap coverage=None,
-                  bint splice_all=False, double idle_spin=0):
+                  bint splice_all=False, double idle_spin=0, TlsSession tls=None):
         cdef int fds[2]
         # Every descriptor field is -1 before anything can fail, so __dealloc__ closes only
         # what was opened (the struct starts zeroed, and 0 is stdin).
@@ -1173,7 +1177,8 @@ cdef class Connection:
         self.c.kick_fd = eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK)
         if self.c.kick_fd < 0:
             raise OSError(errno, os.strerror(errno))
-        if pipe2(fds, O_CLOEXEC) == 0:
+        # (TLS: WRITE payloads must be decrypted, so they are never spliced.)
+        if tls is None and pipe2(fds, O_CLOEXEC) == 0:
             self.c.pipe_r, self.c.pipe_w = fds[0], fds[1]
             fcntl(self.c.pipe_w, F_SETPIPE_SZ, <int>BUF_SIZE)
         self.c.ex = &export.ex
@@ -1188,6 +1193,12 @@ cdef class Connection:
         self.c.outbuf = <char *>malloc(OUTBUF_SIZE)
         if not self.c.inb.data or not self.c.buf or not self.c.outbuf:
             raise MemoryError()
+        if tls is not None:
+            # READ data is pread into buf (free while a READ is answered) and encrypted.
+            self.tls = tls
+            self.c.tp.ssl = tls.ssl
+            self.c.tp.bounce = self.c.buf
+            self.c.tp.bounce_size = BUF_SIZE
 
     def __dealloc__(self):
         free(self.c.partial)
@@ -1369,6 +1380,7 @@ def client_copy(int sock, int fd, uint64_t offset, uint64_t size, bint writing):
     cdef char *buf = <char *>malloc(MAX_PAYLOAD)
     if not buf:
         raise MemoryError()
+    memset(&tp, 0, sizeof(tp))       # plaintext: no TLS session
     tp.fd = sock
     try:
         with nogil:
@@ -1499,13 +1511,25 @@ cdef class MirrorStream:
 
     cdef mstream_t s
     cdef Export export
+    cdef TlsSession tls
 
-    def __cinit__(self, int sock, Export export, bint zeroes):
+    def __cinit__(self, int sock, Export export, bint zeroes, TlsSession tls=None):
         self.export = export
         self.s.tp.fd = sock
         self.s.ex = &export.ex
         self.s.zeroes = zeroes
         self.s.cookie = htobe64(MIRROR_COOKIE)    # (sent as its bytes are in memory)
+        if tls is not None:
+            # The data is pread into this buffer and encrypted (no sendfile under TLS).
+            self.tls = tls
+            self.s.tp.ssl = tls.ssl
+            self.s.tp.bounce = <char *>malloc(BUF_SIZE)
+            self.s.tp.bounce_size = BUF_SIZE
+            if not self.s.tp.bounce:
+                raise MemoryError()
+
+    def __dealloc__(self):
+        free(self.s.tp.bounce)
 
     def send(self, uint64_t offset, uint64_t length):
         cdef int rc

@@ -2,15 +2,21 @@
 # receive buffer, and the checks both make on a request. One home each; inline, no GIL.
 #
 # The transport is the one seam between NBD code and a peer's bytes: every send and receive on
-# a peer's socket goes through a tp_* call. It is a plain socket today. An encrypted transport
-# (TLS) is added here, in one place: tp_send/tp_recv/tp_sendmsg then encrypt and decrypt, and
-# tp_sendfile/tp_splice_in (which move bytes between the file and the socket inside the kernel)
-# become a read or write through a buffer, since such bytes must be encrypted on the way.
+# a peer's socket goes through a tp_* call. It is a plain socket, or a TLS session on it
+# (tp.ssl): tp_send/tp_recv/tp_sendmsg then encrypt and decrypt, tp_sendfile becomes a pread
+# into the transport's bounce buffer and an encrypted write (file bytes must be encrypted on
+# the way), and tp_splice_in is not available (callers use a receive instead).
 
 from libc.stdint cimport uint64_t
 
-from flexnbd._sys cimport EIO, EINTR, MSG_NOSIGNAL, MSG_WAITALL, SPLICE_F_MORE, SPLICE_F_MOVE, \
-    errno, memcpy, memmove, msghdr, off_t, recv, send, sendfile, sendmsg, splice, ssize_t
+from flexnbd._openssl cimport (
+    SSL, SSL_ERROR_SYSCALL, SSL_ERROR_WANT_READ, SSL_ERROR_WANT_WRITE, SSL_ERROR_ZERO_RETURN,
+    ERR_clear_error, SSL_get_error, SSL_has_pending, SSL_read_ex, SSL_write_ex,
+)
+from flexnbd._sys cimport EAGAIN, EIO, EINTR, EOPNOTSUPP, EPIPE, EPROTO, MSG_DONTWAIT, \
+    MSG_NOSIGNAL, MSG_WAITALL, POLLIN, SPLICE_F_MORE, SPLICE_F_MOVE, errno, iovec, memcpy, \
+    memmove, msghdr, off_t, poll, pollfd, pread, recv, send, sendfile, sendmsg, set_errno, \
+    splice, ssize_t
 from flexnbd._wire cimport CMD_READ, CMD_WRITE, MAX_PAYLOAD, request_t
 
 cdef enum:
@@ -39,27 +45,117 @@ cdef inline bint payload_too_big(const request_t *r) noexcept nogil:
 
 cdef struct transport_t:
     int fd                    # the connected socket (poll it for readiness); not owned
+    SSL *ssl                  # NULL: plaintext; else the TLS session on fd (not owned)
+    char *bounce              # TLS: file data on its way to be encrypted (not owned)
+    size_t bounce_size
+
+
+cdef inline ssize_t tls_outcome(SSL *ssl, int ok, size_t n, int reading) noexcept nogil:
+    """An SSL_read_ex/SSL_write_ex outcome as recv/send would give it: n; 0 when the peer
+    closed (reading); -1 with errno: EAGAIN (not ready: a timeout on a blocking socket),
+    EPIPE (the peer went away mid-session), EPROTO (a TLS error: bad record, failed MAC), or
+    the socket's own errno."""
+    cdef int e
+    if ok == 1:
+        return <ssize_t>n
+    e = SSL_get_error(ssl, 0)
+    if e == SSL_ERROR_ZERO_RETURN:
+        if reading:
+            return 0
+        set_errno(EPIPE)
+    elif e == SSL_ERROR_WANT_READ or e == SSL_ERROR_WANT_WRITE:
+        set_errno(EAGAIN)
+    elif e == SSL_ERROR_SYSCALL:
+        if errno == 0:             # the socket ended without a TLS close_notify
+            if reading:
+                return 0
+            set_errno(EPIPE)
+    else:
+        set_errno(EPROTO)
+    return -1
+
+
+cdef inline ssize_t tls_send(transport_t *t, const void *p, size_t n) noexcept nogil:
+    cdef size_t done = 0
+    cdef int ok
+    ERR_clear_error()
+    set_errno(0)
+    ok = SSL_write_ex(t.ssl, p, n, &done)
+    return tls_outcome(t.ssl, ok, done, 0)
+
+
+cdef inline ssize_t tls_recv(transport_t *t, void *p, size_t n, int flags) noexcept nogil:
+    """One decrypted read. MSG_DONTWAIT: EAGAIN unless decrypted bytes are waiting or the
+    socket is readable. (MSG_WAITALL: callers loop, as they do for recv.)"""
+    cdef size_t got = 0
+    cdef int ok
+    cdef pollfd pfd
+    if flags & MSG_DONTWAIT and not SSL_has_pending(t.ssl):
+        pfd.fd = t.fd
+        pfd.events = POLLIN
+        pfd.revents = 0
+        if poll(&pfd, 1, 0) <= 0:
+            set_errno(EAGAIN)
+            return -1
+    ERR_clear_error()
+    set_errno(0)
+    ok = SSL_read_ex(t.ssl, p, n, &got)
+    return tls_outcome(t.ssl, ok, got, 1)
+
+
+cdef inline bint tp_pending(const transport_t *t) noexcept nogil:
+    """Bytes already received and decrypted (or a record buffered) that poll cannot see."""
+    return t.ssl != NULL and SSL_has_pending(t.ssl)
 
 
 cdef inline ssize_t tp_send(transport_t *t, const void *p, size_t n, int flags) noexcept nogil:
+    if t.ssl != NULL:
+        return tls_send(t, p, n)
     return send(t.fd, p, n, flags | MSG_NOSIGNAL)
 
 
 cdef inline ssize_t tp_sendmsg(transport_t *t, const msghdr *msg, int flags) noexcept nogil:
-    return sendmsg(t.fd, msg, flags | MSG_NOSIGNAL)
+    cdef size_t i
+    cdef ssize_t k, total = 0
+    if t.ssl == NULL:
+        return sendmsg(t.fd, msg, flags | MSG_NOSIGNAL)
+    for i in range(msg.msg_iovlen):      # one record per piece; each piece whole
+        if msg.msg_iov[i].iov_len == 0:
+            continue
+        k = tls_send(t, msg.msg_iov[i].iov_base, msg.msg_iov[i].iov_len)
+        if k < 0:
+            return k if total == 0 else total
+        total += k
+    return total
 
 
 cdef inline ssize_t tp_recv(transport_t *t, void *p, size_t n, int flags) noexcept nogil:
+    if t.ssl != NULL:
+        return tls_recv(t, p, n, flags)
     return recv(t.fd, p, n, flags)
 
 
 cdef inline ssize_t tp_sendfile(transport_t *t, int fd, off_t *offset, size_t n) noexcept nogil:
     """Up to n bytes of file fd from *offset (advanced) to the peer."""
-    return sendfile(t.fd, fd, offset, n)
+    cdef ssize_t k, w
+    if t.ssl == NULL:
+        return sendfile(t.fd, fd, offset, n)
+    if n > t.bounce_size:
+        n = t.bounce_size
+    k = pread(fd, t.bounce, n, offset[0])
+    if k <= 0:
+        return k
+    w = tls_send(t, t.bounce, <size_t>k)
+    if w > 0:
+        offset[0] += w
+    return w
 
 
 cdef inline ssize_t tp_splice_in(transport_t *t, int pipe_w, size_t n) noexcept nogil:
-    """Up to n bytes from the peer into a pipe (on their way to the file)."""
+    """Up to n bytes from the peer into a pipe (on their way to the file). Plaintext only."""
+    if t.ssl != NULL:
+        set_errno(EOPNOTSUPP)
+        return -1
     return splice(t.fd, NULL, pipe_w, NULL, n, SPLICE_F_MOVE | SPLICE_F_MORE)
 
 

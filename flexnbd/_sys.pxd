@@ -25,6 +25,7 @@ cdef extern from "<errno.h>" nogil:
         EDQUOT
         EROFS
         ENOMEM
+        EPROTO
 
 cdef extern from "<string.h>" nogil:
     void *memcpy(void *dst, const void *src, size_t n)
@@ -213,6 +214,13 @@ cdef extern from "<pthread.h>" nogil:
     int pthread_rwlockattr_setkind_np(pthread_rwlockattr_t *attr, int pref)
     enum:
         PTHREAD_RWLOCK_PREFER_WRITER_NONRECURSIVE_NP
+
+cdef extern from *:
+    """
+    #include <errno.h>
+    static inline void flexnbd_set_errno(int e) { errno = e; }
+    """
+    void set_errno "flexnbd_set_errno"(int e) nogil
 
 cdef extern from "<unistd.h>" nogil:
     int usleep(unsigned int usec)

@@ -27,6 +27,7 @@ from flexnbd.config import (
     UPSTREAM_TIMEOUT_SECS,
     ProxyConfig,
     ServeConfig,
+    TlsSettings,
     TransferConfig,
 )
 from flexnbd.control import client
@@ -119,7 +120,8 @@ def _server_parser(mode: str) -> _Parser:
     p = _parser(mode, description,
                 f"--addr ADDR --port PORT --file FILE [--sock SOCK] [--default-deny]{extra} "
                 "[--unix PATH] [--oldstyle] [--max-clients-per-address N] [--sock-mode MODE] "
-                "[--unix-mode MODE] [ACL ...]")
+                "[--unix-mode MODE] [--tls on|require --tls-certificates DIR | --tls-psk FILE "
+                "[--tls-verify-peer]] [ACL ...]")
     p.add_argument("-l", "--addr", type=_address, help="address to listen on (0 for any)")
     p.add_argument("-p", "--port", type=_port, help="TCP port to listen on")
     p.add_argument("-f", "--file", help="the file to serve (must exist)")
@@ -135,6 +137,7 @@ def _server_parser(mode: str) -> _Parser:
                         "file mode says who may connect)")
     p.add_argument("-o", "--oldstyle", action="store_true",
                    help="offer the oldstyle handshake (flexnbd 0.5.0 peers)")
+    _tls_options(p)
     limit = MAX_CLIENTS_LISTEN if listen else MAX_CLIENTS_SERVE
     p.add_argument("--max-clients-per-address", metavar="N", type=_count(limit),
                    default=max(1, limit // 2),
@@ -286,6 +289,7 @@ def _server_config(args: argparse.Namespace, mode: str) -> ServeConfig:
         killswitch = _env_seconds("FLEXNBD_KILLSWITCH_SECS", KILLSWITCH_SECS)
     return ServeConfig(file=args.file, addr=args.addr, port=args.port, unix=args.unix,
                        read_only=False if listen else args.read_only, oldstyle=args.oldstyle,
+                       tls=_tls_settings(args),
                        max_clients=MAX_CLIENTS_LISTEN if listen else MAX_CLIENTS_SERVE,
                        max_clients_per_address=args.max_clients_per_address,
                        mode=mode, sock=args.sock, acl=entries, default_deny=args.default_deny,
@@ -296,6 +300,40 @@ def _server_config(args: argparse.Namespace, mode: str) -> ServeConfig:
                        control_timeout=_env_seconds("FLEXNBD_CONTROL_TIMEOUT_SECS", 10.0),
                        sock_mode=args.sock_mode, unix_mode=args.unix_mode,
                        inherited=inherited)
+
+
+def _tls_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--tls", choices=("off", "on", "require"), default="off",
+                   help="NBD over TLS: off (default), on (offered), require (clients without "
+                        "TLS are refused)")
+    p.add_argument("--tls-certificates", metavar="DIR",
+                   help="X.509 credentials: DIR/ca-cert.pem, server-cert.pem, server-key.pem")
+    p.add_argument("--tls-psk", metavar="FILE",
+                   help="pre-shared keys, one 'identity:hexkey' per line (psktool's format)")
+    p.add_argument("--tls-verify-peer", action="store_true",
+                   help="with --tls-certificates: clients must show a certificate signed by "
+                        "DIR/ca-cert.pem")
+
+
+def _tls_settings(args: argparse.Namespace) -> TlsSettings | None:
+    """The TLS options, checked together; None for --tls=off. The credentials themselves are
+    loaded (and checked) when the server starts."""
+    creds = args.tls_certificates is not None or args.tls_psk is not None
+    if args.tls == "off":
+        if creds or args.tls_verify_peer:
+            raise UsageError("TLS credentials were given with --tls=off: add --tls=on or "
+                             "--tls=require")
+        return None
+    if (args.tls_certificates is None) == (args.tls_psk is None):
+        raise UsageError(f"--tls={args.tls} needs exactly one of --tls-certificates DIR and "
+                         "--tls-psk FILE")
+    if args.tls_verify_peer and args.tls_certificates is None:
+        raise UsageError("--tls-verify-peer checks client certificates: it needs "
+                         "--tls-certificates")
+    if args.oldstyle:
+        raise UsageError("the oldstyle handshake has no TLS: drop --oldstyle or --tls")
+    return TlsSettings(mode=args.tls, certificates=args.tls_certificates, psk=args.tls_psk,
+                       verify_peer=args.tls_verify_peer)
 
 
 def _run_server(args: argparse.Namespace, mode: str) -> int:

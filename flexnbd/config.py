@@ -28,6 +28,19 @@ AclEntry = Union[ipaddress.IPv4Network, ipaddress.IPv6Network]
 
 
 @dataclass
+class TlsSettings:
+    """NBD over TLS (STARTTLS), as nbdkit's options have it: ``mode`` "on" offers TLS,
+    "require" refuses every client that does not use it. Credentials: an X.509 directory
+    (``certificates``) or a psktool file (``psk``); ``verify_peer``: ask for and check client
+    certificates (X.509)."""
+
+    mode: str = "on"                 # on | require
+    certificates: str | None = None
+    psk: str | None = None
+    verify_peer: bool = False
+
+
+@dataclass
 class ServeConfig:
     """serve and listen modes."""
 
@@ -37,6 +50,7 @@ class ServeConfig:
     unix: str | None = None          # NBD on a Unix socket
     read_only: bool = False
     oldstyle: bool = False
+    tls: TlsSettings | None = None   # None: no TLS (--tls=off)
     max_clients: int = MAX_CLIENTS_SERVE
     # Connections one address may hold at once (half the slots by default: one misbehaving
     # host cannot lock the others out).

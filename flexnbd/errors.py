@@ -33,6 +33,11 @@ class HandshakeError(ProtocolError):
     """The NBD handshake failed."""
 
 
+class TlsError(HandshakeError):
+    """TLS failed: bad credentials (ours), or a handshake the peer failed (a wrong key, an
+    untrusted certificate, not TLS at all). Final: retrying with the same keys cannot help."""
+
+
 class NotNbd(HandshakeError):
     """The peer's greeting is not NBD at all (an unknown magic): retrying will not help."""
 

@@ -1,8 +1,9 @@
 """The NBD handshake, both sides, in Python (it happens once per connection, off the hot path).
 
 Server side: ``serve_handshake`` speaks oldstyle (the 152-byte greeting 0.5.0 sent) or fixed
-newstyle (EXPORT_NAME, GO, INFO, LIST, ABORT, STRUCTURED_REPLY; anything else ERR_UNSUP) and
-returns what was agreed, or None if the client left without entering transmission.
+newstyle (EXPORT_NAME, GO, INFO, LIST, ABORT, STRUCTURED_REPLY, the meta contexts, and
+STARTTLS when the server has TLS credentials; anything else ERR_UNSUP) and returns what was
+agreed, or None if the client left without entering transmission.
 
 Client side: ``client_handshake`` detects the server's style from its greeting and enters
 transmission (GO, falling back to EXPORT_NAME), returning the export size and flags.
@@ -16,7 +17,8 @@ import time
 from dataclasses import dataclass
 
 from flexnbd import wire
-from flexnbd.errors import HandshakeError, NotNbd, PeerClosed
+from flexnbd._tls import TlsContext, TlsSession
+from flexnbd.errors import HandshakeError, NotNbd, PeerClosed, TlsError
 
 # Option data longer than this is not read: the client is disconnected instead.
 MAX_OPTION_LENGTH = 64 * 1024
@@ -24,7 +26,7 @@ MAX_OPTION_LENGTH = 64 * 1024
 MAX_OPTIONS = 1024
 
 
-def recv_exact(sock: socket.socket, n: int,
+def recv_exact(sock: socket.socket | TlsSession, n: int,
                closed: str = "the peer closed the connection during the handshake") -> bytes:
     """Exactly n bytes (the socket's timeout applies to each recv); PeerClosed(closed) if
     the peer closes first."""
@@ -81,12 +83,24 @@ class Agreed:
     meta_context: bool = False
     export_name: bytes = b""
     style: str = "newstyle"
+    tls: TlsSession | None = None     # the session everything after STARTTLS went through
 
 
-def serve_handshake(sock: socket.socket, export: ExportInfo, oldstyle: bool) -> Agreed | None:
+@dataclass
+class TlsPolicy:
+    """A server's TLS: its credentials, and whether a client must use them (``require``:
+    every option but STARTTLS and ABORT is refused with ERR_TLS_REQD before TLS)."""
+
+    context: TlsContext
+    require: bool = False
+
+
+def serve_handshake(sock: socket.socket, export: ExportInfo, oldstyle: bool,
+                    tls: TlsPolicy | None = None) -> Agreed | None:
     """Run the server side of the handshake. None if the client aborted or left cleanly.
 
-    Raises HandshakeError for a client that broke the protocol, PeerClosed if it vanished.
+    Raises HandshakeError for a client that broke the protocol (TlsError for a failed TLS
+    handshake), PeerClosed if it vanished.
     """
     if oldstyle:
         sock.sendall(wire.pack_oldstyle_greeting(export.size, export.oldstyle_flags()))
@@ -100,16 +114,18 @@ def serve_handshake(sock: socket.socket, export: ExportInfo, oldstyle: bool) -> 
     if client_flags & ~known:
         raise HandshakeError(f"client sent unknown handshake flags {client_flags:#x}")
     no_zeroes = bool(client_flags & wire.FLAG_C_NO_ZEROES)
-    return _Options(sock, export, no_zeroes).run()
+    return _Options(sock, export, no_zeroes, tls).run()
 
 
 class _Options:
     """The option haggling phase of fixed newstyle."""
 
-    def __init__(self, sock: socket.socket, export: ExportInfo, no_zeroes: bool) -> None:
-        self.sock = sock
+    def __init__(self, sock: socket.socket, export: ExportInfo, no_zeroes: bool,
+                 tls: TlsPolicy | None = None) -> None:
+        self.sock: socket.socket | TlsSession = sock
         self.export = export
         self.no_zeroes = no_zeroes
+        self.tls = tls
         self.agreed = Agreed()
 
     def reply(self, option: int, reply_type: int, data: bytes = b"") -> None:
@@ -127,6 +143,14 @@ class _Options:
             if length > MAX_OPTION_LENGTH:
                 raise HandshakeError(f"option {option} with {length} bytes of data is too long")
             data = recv_exact(self.sock, length)
+            if option == wire.OPT_STARTTLS:
+                self.starttls(data)
+                continue
+            if self.tls_required() and option != wire.OPT_ABORT:
+                if option == wire.OPT_EXPORT_NAME:   # it has no error reply: hang up
+                    raise HandshakeError("EXPORT_NAME before TLS, which this server requires")
+                self.error(option, wire.REP_ERR_TLS_REQD, "this server requires TLS")
+                continue
             if option == wire.OPT_EXPORT_NAME:
                 self.agreed.export_name = data
                 flags = self.export.transmission_flags(self.agreed.structured)
@@ -161,6 +185,26 @@ class _Options:
             else:
                 self.error(option, wire.REP_ERR_UNSUP, f"option {option} is not supported")
         raise HandshakeError(f"more than {MAX_OPTIONS} options")
+
+    def tls_required(self) -> bool:
+        return self.tls is not None and self.tls.require and self.agreed.tls is None
+
+    def starttls(self, data: bytes) -> None:
+        """STARTTLS: ACK, the TLS handshake, then the options start again inside TLS, from a
+        clean state. TlsError when the handshake fails (the connection then ends)."""
+        if self.tls is None:
+            self.error(wire.OPT_STARTTLS, wire.REP_ERR_UNSUP, "TLS is not offered")
+        elif self.agreed.tls is not None:
+            self.error(wire.OPT_STARTTLS, wire.REP_ERR_INVALID, "TLS is already on")
+        elif data:
+            self.error(wire.OPT_STARTTLS, wire.REP_ERR_INVALID, "STARTTLS takes no data")
+        else:
+            self.reply(wire.OPT_STARTTLS, wire.REP_ACK)
+            assert isinstance(self.sock, socket.socket)     # (TLS is not on yet)
+            session = self.tls.context.session(self.sock)
+            session.handshake()
+            self.sock = session
+            self.agreed = Agreed(tls=session)
 
     def meta_context(self, option: int, data: bytes) -> None:
         """LIST_META_CONTEXT / SET_META_CONTEXT: base:allocation is the only context."""
@@ -252,19 +296,27 @@ class ServerInfo:
     style: str     # "oldstyle" or "newstyle"
     size: int
     flags: int
+    tls: TlsSession | None = None    # the session the transmission phase must go through
 
     def has(self, flag: int) -> bool:
         return bool(self.flags & flag)
 
 
-def client_handshake(sock: socket.socket, export_name: bytes = b"") -> ServerInfo:
-    """Detect the server's handshake style and enter transmission (simple replies only)."""
+def client_handshake(sock: socket.socket, export_name: bytes = b"",
+                     tls: TlsContext | None = None,
+                     server_hostname: str | None = None) -> ServerInfo:
+    """Detect the server's handshake style and enter transmission (simple replies only).
+    With ``tls``: STARTTLS first (the server's X.509 certificate must name
+    ``server_hostname``); TlsError, which is final, when the server has no TLS or the TLS
+    handshake fails, and also without ``tls`` when the server requires TLS."""
     head = recv_exact(sock, 16)
     magic, second = struct.unpack(">QQ", head)
     if magic != wire.NBDMAGIC or second not in (wire.OLDSTYLE_MAGIC, wire.IHAVEOPT):
         _read_rest_of_greeting(sock, len(head))
         raise NotNbd("the server's greeting has a bad magic")
     if second == wire.OLDSTYLE_MAGIC:
+        if tls is not None:
+            raise TlsError("the server speaks the oldstyle handshake, which has no TLS")
         size, flags = struct.unpack(">QI", recv_exact(sock, 12))
         recv_exact(sock, 124)
         return ServerInfo("oldstyle", size, flags & 0xFFFF)
@@ -276,15 +328,43 @@ def client_handshake(sock: socket.socket, export_name: bytes = b"") -> ServerInf
     if no_zeroes:
         cflags |= wire.FLAG_C_NO_ZEROES
     sock.sendall(struct.pack(">I", cflags))
-    info = _client_go(sock, export_name)
-    if info is not None:
-        return info
-    # The server does not know GO: fall back to EXPORT_NAME.
-    sock.sendall(wire.pack_option(wire.OPT_EXPORT_NAME, export_name))
-    size, flags = struct.unpack(">QH", recv_exact(sock, 10))
-    if not no_zeroes:
-        recv_exact(sock, 124)
-    return ServerInfo("newstyle", size, flags)
+    channel: socket.socket | TlsSession = sock
+    session = None
+    if tls is not None:
+        session = _client_starttls(sock, tls, server_hostname)
+        channel = session
+    info = _client_go(channel, export_name)
+    if info is None:
+        # The server does not know GO: fall back to EXPORT_NAME.
+        channel.sendall(wire.pack_option(wire.OPT_EXPORT_NAME, export_name))
+        size, flags = struct.unpack(">QH", recv_exact(channel, 10))
+        if not no_zeroes:
+            recv_exact(channel, 124)
+        info = ServerInfo("newstyle", size, flags)
+    info.tls = session
+    return info
+
+
+def _recv_option_reply(sock: socket.socket | TlsSession, option: int) -> tuple[int, bytes]:
+    """One option reply to ``option``: (reply type, data)."""
+    magic, replied, reply_type, length = wire.unpack_option_reply_header(
+        recv_exact(sock, wire.OPTION_REPLY_HEADER_SIZE))
+    if magic != wire.OPTION_REPLY_MAGIC or replied != option:
+        raise HandshakeError("the server sent a malformed option reply")
+    if length > MAX_OPTION_LENGTH:
+        raise HandshakeError("the server sent an oversized option reply")
+    return reply_type, recv_exact(sock, length)
+
+
+def _client_starttls(sock: socket.socket, tls: TlsContext,
+                     server_hostname: str | None) -> TlsSession:
+    sock.sendall(wire.pack_option(wire.OPT_STARTTLS))
+    reply_type, _ = _recv_option_reply(sock, wire.OPT_STARTTLS)
+    if reply_type != wire.REP_ACK:
+        raise TlsError(f"the server does not offer TLS ({wire.option_reply_name(reply_type)})")
+    session = tls.session(sock, server_hostname)
+    session.handshake()
+    return session
 
 
 # How long a peer with an unknown greeting gets to finish writing it before we close.
@@ -313,20 +393,16 @@ def _read_rest_of_greeting(sock: socket.socket, have: int) -> None:
         sock.settimeout(timeout)
 
 
-def _client_go(sock: socket.socket, export_name: bytes) -> ServerInfo | None:
+def _client_go(sock: socket.socket | TlsSession, export_name: bytes) -> ServerInfo | None:
     request = struct.pack(">I", len(export_name)) + export_name + struct.pack(">H", 0)
     sock.sendall(wire.pack_option(wire.OPT_GO, request))
     size = flags = None
     while True:
-        magic, option, reply_type, length = wire.unpack_option_reply_header(
-            recv_exact(sock, wire.OPTION_REPLY_HEADER_SIZE))
-        if magic != wire.OPTION_REPLY_MAGIC or option != wire.OPT_GO:
-            raise HandshakeError("the server sent a malformed option reply")
-        if length > MAX_OPTION_LENGTH:
-            raise HandshakeError("the server sent an oversized option reply")
-        data = recv_exact(sock, length)
+        reply_type, data = _recv_option_reply(sock, wire.OPT_GO)
         if reply_type == wire.REP_ERR_UNSUP:
             return None
+        if reply_type == wire.REP_ERR_TLS_REQD:
+            raise TlsError("the server requires TLS (give this side TLS credentials)")
         if wire.is_error_reply(reply_type):
             text = data.decode("utf-8", "replace")
             raise HandshakeError(f"the server refused the export ({reply_type:#x}) {text}".strip())

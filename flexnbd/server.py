@@ -19,12 +19,13 @@ import threading
 from collections.abc import Callable, Sequence
 
 from flexnbd import _allocmap, _core, acl, activation, log, session, sockets
+from flexnbd._tls import TlsContext
 from flexnbd.admission import Admission, Client
-from flexnbd.config import ServeConfig
+from flexnbd.config import ServeConfig, TlsSettings
 from flexnbd.control import protocol
 from flexnbd.control.server import ControlServer
 from flexnbd.errors import FlexnbdError
-from flexnbd.handshake import ExportInfo
+from flexnbd.handshake import ExportInfo, TlsPolicy
 from flexnbd.migration import listen
 from flexnbd.migration.source import MirrorControl
 from flexnbd.status import Status
@@ -43,6 +44,15 @@ def open_export(path: str, read_only: bool) -> tuple[int, int]:
     return fd, size - size % 512
 
 
+def tls_policy(settings: TlsSettings | None) -> TlsPolicy | None:
+    """The server's TLS credentials, loaded now so that bad ones stop the start (TlsError)."""
+    if settings is None:
+        return None
+    context = TlsContext(server=True, certificates=settings.certificates,
+                         psk_file=settings.psk, verify_peer=settings.verify_peer)
+    return TlsPolicy(context, require=settings.mode == "require")
+
+
 class Server:
     """Serves one file to up to ``config.max_clients`` clients at once."""
 
@@ -54,6 +64,8 @@ class Server:
         self.export = _core.Export(self.fd, self.size, config.read_only, config.file,
                                    self.allocmap)
         self.export_info = ExportInfo(self.size, config.read_only, self.export.can_punch)
+        self.tls = tls_policy(config.tls)
+        self._tls_client: TlsContext | None = None
         self.admission = Admission(config, self._serve_client)
         self.mirrors = MirrorControl(self)
         # serve mode owns its data; listen mode only once a migration into it completed
@@ -63,6 +75,19 @@ class Server:
                         if config.sock else None)
         # How the server asks its process to stop (set by flexnbd.lifecycle.run).
         self.request_stop: Callable[[str], None] = lambda reason: None
+
+    @property
+    def tls_client(self) -> TlsContext | None:
+        """The server's TLS credentials as a client, for its mirrors; made on first use, so
+        that credentials fit only for serving (no ca-cert.pem) fail the mirror, not the start
+        (TlsError)."""
+        settings = self.config.tls
+        if settings is None:
+            return None
+        if self._tls_client is None:
+            self._tls_client = TlsContext(server=False, certificates=settings.certificates,
+                                          psk_file=settings.psk)
+        return self._tls_client
 
     # -- lifecycle -------------------------------------------------------------------------
 
@@ -144,6 +169,7 @@ class Server:
     def _serve_client(self, client: Client) -> None:
         listening = self.config.mode == "listen"
         took_control = False
+        served = None
         try:
             if listening:
                 # Should this process die before it took control, the kernel must end the
@@ -153,7 +179,7 @@ class Server:
             coverage = listen.new_coverage(self.size) if listening else None
             served = session.serve(client, self.admission, self.export, self.export_info,
                                    self.config.oldstyle, self.config.handshake_timeout,
-                                   self.config.send_timeout, coverage)
+                                   self.config.send_timeout, coverage, self.tls)
             if served is not None and coverage is not None:
                 outcome = listen.take_control(client.name, served.result, coverage,
                                               served.connection, self.export,
@@ -166,6 +192,10 @@ class Server:
             if took_control:
                 # The one normal close a sender may see: it reads it as "the destination took
                 # control" (SPEC §6.7). Every other listen-mode session ends with a reset.
+                # Under TLS the close is authenticated: a close_notify, which no one on the
+                # path can forge (a sender requires it).
+                if served is not None and served.tls is not None:
+                    served.tls.close_notify()
                 sockets.close_normally(client.sock)
 
     # -- what a mirror needs (flexnbd.migration.source.SourceHost) ---------------------------

@@ -12,9 +12,10 @@ import socket
 from dataclasses import dataclass
 
 from flexnbd import _allocmap, _core, log, sockets
+from flexnbd._tls import TlsSession
 from flexnbd.admission import Admission, Client
-from flexnbd.errors import HandshakeError, PeerClosed, errno_text
-from flexnbd.handshake import ExportInfo, serve_handshake
+from flexnbd.errors import HandshakeError, PeerClosed, TlsError, errno_text
+from flexnbd.handshake import ExportInfo, TlsPolicy, serve_handshake
 
 _log = log.get("server")
 
@@ -27,18 +28,21 @@ class Served:
 
     result: _core.ServeResult
     connection: _core.Connection
+    tls: TlsSession | None = None
 
 
 def serve(client: Client, admission: Admission, export: _core.Export, info: ExportInfo,
           oldstyle: bool, handshake_timeout: float, send_timeout: float,
-          coverage: _allocmap.CoverageMap | None = None) -> Served | None:
+          coverage: _allocmap.CoverageMap | None = None,
+          tls: TlsPolicy | None = None) -> Served | None:
     """Run the session; how the transmission phase ended, or None if it never began.
-    ``coverage``: listen mode, the map of what this sender wrote."""
+    ``coverage``: listen mode, the map of what this sender wrote. ``tls``: the server's TLS
+    (STARTTLS offered or required)."""
     sock = client.sock
     try:
         sockets.set_client_options(sock)
         sock.settimeout(handshake_timeout)
-        agreed = serve_handshake(sock, info, oldstyle)
+        agreed = serve_handshake(sock, info, oldstyle, tls)
         if agreed is None:
             _log.info("%s left during the handshake", client.name)
             return None
@@ -55,15 +59,22 @@ def serve(client: Client, admission: Admission, export: _core.Export, info: Expo
                 fast_zero=newstyle and export.can_punch, coverage=coverage,
                 # a migration sender that has WRITE_ZEROES sends holes that way
                 splice_all=coverage is not None and newstyle,
-                idle_spin=admission.config.idle_spin)
+                idle_spin=admission.config.idle_spin, tls=agreed.tls)
         if not admission.attach(client, connection):
             return None
         assert client.connection is not None
-        _log.info("%s connected (%s%s)", client.name, agreed.style,
-                  ", structured replies" if agreed.structured else "")
+        _log.info("%s connected (%s%s%s)", client.name, agreed.style,
+                  ", structured replies" if agreed.structured else "",
+                  f", {agreed.tls.version}" if agreed.tls is not None else "")
         result = client.connection.serve()
+        if agreed.tls is not None and result.reason == Reason.REASON_DISC and coverage is None:
+            # (Not in listen mode: there the sender reads our close as "taken", which only
+            # the migration's outcome may decide.)
+            agreed.tls.close_notify()
         report(client.name, result, export.path, send_timeout)
-        return Served(result, client.connection)
+        return Served(result, client.connection, agreed.tls)
+    except TlsError as e:
+        _log.warning("%s: %s", client.name, e)
     except HandshakeError as e:
         _log.warning("%s: bad handshake: %s", client.name, e)
     except (PeerClosed, ConnectionResetError, BrokenPipeError):

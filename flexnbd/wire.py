@@ -226,3 +226,14 @@ def pack_newstyle_greeting(handshake_flags: int) -> bytes:
 
 def is_error_reply(reply_type: int) -> bool:
     return bool(reply_type & 0x80000000)
+
+
+_REPLY_NAMES = {REP_ACK: "ACK", REP_ERR_UNSUP: "ERR_UNSUP", REP_ERR_POLICY: "ERR_POLICY",
+                REP_ERR_INVALID: "ERR_INVALID", REP_ERR_PLATFORM: "ERR_PLATFORM",
+                REP_ERR_TLS_REQD: "ERR_TLS_REQD", REP_ERR_UNKNOWN: "ERR_UNKNOWN",
+                REP_ERR_SHUTDOWN: "ERR_SHUTDOWN"}
+
+
+def option_reply_name(reply_type: int) -> str:
+    """ERR_UNSUP for 0x80000001 (the number in hex when it has no name)."""
+    return _REPLY_NAMES.get(reply_type, f"{reply_type:#x}")

@@ -6,11 +6,13 @@ For the oldest and the newest CPython that scripts/wheels.py finds: a fresh venv
 no source tree involved), then, from a temporary directory with nothing of this tree on
 sys.path:
 
-1. ``flexnbd serve`` on a random file: ``nbdinfo`` sees its size, ``nbdcopy`` reads it back
-   byte for byte and writes other data into it;
+1. ``flexnbd serve --tls=on`` on a random file: ``nbdinfo`` sees its size, in plaintext and
+   over TLS (PSK: the OpenSSL the wheel bundles), ``nbdcopy`` reads it back byte for byte and
+   writes other data into it;
 2. ``flexnbd status --json``: one JSON object with the documented keys;
 3. ``flexnbd-proxy`` in front of the server: ``nbdcopy`` through it reads the same bytes;
-4. ``flexnbd listen`` + ``flexnbd mirror --wait``: exit 0 on both sides, identical files.
+4. ``flexnbd listen --tls=require`` + ``flexnbd mirror --wait`` (over TLS): exit 0 on both
+   sides, identical files.
 
 Exits 1 at the first difference, with what differed. All traffic on 127.0.0.1.
 
@@ -109,16 +111,22 @@ def exercise(bin_dir: Path, work: Path) -> None:
     data = os.urandom(SIZE)
     disk = work / "disk.img"
     disk.write_bytes(data)
+    keys = work / "keys.psk"                      # TLS: the OpenSSL bundled in the wheel
+    keys.write_text(f"alice:{os.urandom(32).hex()}\n")
     procs = Procs(work)
     try:
         # 1. serve, nbdinfo, nbdcopy both ways
         port, ctl = free_port(), work / "serve.ctl"
         server = procs.start(flexnbd, "serve", "--addr", "127.0.0.1", "--port", str(port),
-                             "--file", str(disk), "--sock", str(ctl))
+                             "--file", str(disk), "--sock", str(ctl),
+                             "--tls=on", "--tls-psk", str(keys))
         wait_for(lambda: ctl.exists() and port_open(port), "flexnbd serve", server)
         uri = f"nbd://127.0.0.1:{port}"
         info = json.loads(run(nbdinfo, "--json", uri, cwd=work).stdout)
         check(info["exports"][0]["export-size"] == SIZE, f"nbdinfo size: {info}")
+        tls_uri = f"nbds://alice@127.0.0.1:{port}/?tls-psk-file={keys}"
+        info = json.loads(run(nbdinfo, "--json", tls_uri, cwd=work).stdout)
+        check(info["exports"][0]["export-size"] == SIZE, f"nbdinfo over TLS: {info}")
         run(nbdcopy, uri, str(work / "copy.img"), cwd=work)
         check((work / "copy.img").read_bytes() == data, "nbdcopy read different bytes")
         data = os.urandom(SIZE)
@@ -137,12 +145,13 @@ def exercise(bin_dir: Path, work: Path) -> None:
         check((work / "via-proxy.img").read_bytes() == data, "nbdcopy through the proxy")
         relay.terminate()
         check(relay.wait(10) == 0, "flexnbd-proxy did not exit 0 on SIGTERM")
-        # 4. listen + mirror --wait
+        # 4. listen + mirror --wait, over TLS
         dest, dport, dctl = work / "dest.img", free_port(), work / "listen.ctl"
         with open(dest, "wb") as f:
             f.truncate(SIZE)
         listener = procs.start(flexnbd, "listen", "--addr", "127.0.0.1", "--port", str(dport),
-                               "--file", str(dest), "--sock", str(dctl))
+                               "--file", str(dest), "--sock", str(dctl),
+                               "--tls=require", "--tls-psk", str(keys))
         wait_for(lambda: dctl.exists() and port_open(dport), "flexnbd listen", listener)
         res = run(flexnbd, "mirror", "--sock", str(ctl), "--addr", "127.0.0.1", "--port",
                   str(dport), "--wait", cwd=work)

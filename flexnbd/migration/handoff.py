@@ -25,7 +25,12 @@ import socket
 import time
 
 from flexnbd import wire
+from flexnbd._tls import TlsSession
 from flexnbd.errors import FlexnbdError, PeerClosed, ProtocolError, RemoteError
+
+# The destination's connection: the socket, or the TLS session on it (which gives the same
+# calls, decrypting; an orderly close is then a close_notify or a FIN, as the peer sends it).
+Channel = socket.socket | TlsSession
 
 _GONE = select.POLLRDHUP | select.POLLHUP | select.POLLERR | select.POLLNVAL
 
@@ -34,7 +39,7 @@ class OutcomeUnknown(FlexnbdError):
     """DISC was sent but the destination did not confirm with an orderly close."""
 
 
-def flush(sock: socket.socket, limit: float) -> None:
+def flush(sock: Channel, limit: float) -> None:
     """FLUSH and wait (up to ``limit`` seconds) for its reply with error 0."""
     deadline = time.monotonic() + limit       # one deadline, however the reply trickles in
     sock.settimeout(limit)
@@ -59,8 +64,16 @@ def flush(sock: socket.socket, limit: float) -> None:
         raise RemoteError(reply.error, name, f"the destination answered FLUSH with {name}")
 
 
-def check_open(sock: socket.socket) -> None:
+def check_open(sock: Channel) -> None:
     """Fail unless the connection is still open with nothing unasked waiting on it."""
+    if isinstance(sock, TlsSession):
+        # Readable may be a TLS record without data (a session ticket): decrypt to know.
+        data = sock.recv_nowait(1)
+        if data == b"":
+            raise PeerClosed("the destination closed the connection before DISC")
+        if data:
+            raise ProtocolError("the destination sent bytes nobody asked for before DISC")
+        return
     poller = select.poll()
     poller.register(sock, select.POLLIN | select.POLLRDHUP)
     for _, events in poller.poll(0):
@@ -70,7 +83,7 @@ def check_open(sock: socket.socket) -> None:
             raise ProtocolError("the destination sent bytes nobody asked for before DISC")
 
 
-def send_disc(sock: socket.socket) -> None:
+def send_disc(sock: Channel) -> None:
     """Send DISC. An error here means it never left (the attempt failed); a partial send
     means it may have: unknown."""
     request = wire.pack_request(wire.CMD_DISC, cookie=wire.MIRROR_COOKIE)
@@ -79,7 +92,7 @@ def send_disc(sock: socket.socket) -> None:
         raise OutcomeUnknown(f"only {sent} of the {len(request)} bytes of DISC were sent")
 
 
-def await_close(sock: socket.socket, limit: float) -> None:
+def await_close(sock: Channel, limit: float) -> None:
     """Wait up to ``limit`` seconds for the destination's orderly close; OutcomeUnknown
     unless it came."""
     sock.settimeout(limit)

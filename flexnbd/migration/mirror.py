@@ -45,9 +45,10 @@ from typing import Protocol
 
 from flexnbd import _core, log, sockets, wire
 from flexnbd._allocmap import AllocationMap, DirtyMap
+from flexnbd._tls import TlsContext, TlsSession
 from flexnbd.control import protocol as replies
 from flexnbd.control.protocol import Reply
-from flexnbd.errors import FlexnbdError, HandshakeError, NotNbd, PeerClosed
+from flexnbd.errors import FlexnbdError, HandshakeError, NotNbd, PeerClosed, TlsError
 from flexnbd.handshake import client_handshake
 from flexnbd.migration import handoff
 from flexnbd.migration.handoff import OutcomeUnknown
@@ -92,6 +93,11 @@ class MirrorHost(Protocol):
     allocmap: AllocationMap
     size: int
     file: str
+
+    @property
+    def tls_client(self) -> TlsContext | None:
+        """The server's TLS credentials, for its mirrors too (TlsError if unusable)."""
+        ...
 
     def forbid_clients(self) -> None:
         """Refuse new clients and disconnect the connected ones after their current request;
@@ -158,6 +164,7 @@ class Mirror:
         self.wire_bytes = 0          # bytes that crossed the wire in this attempt
         self.first_pass_left = host.size
         self.dirty: DirtyMap | None = None
+        self.session: TlsSession | None = None   # the current attempt's TLS, if any
         self.stream: _core.MirrorStream | None = None
 
     # -- control ---------------------------------------------------------------------------
@@ -280,9 +287,14 @@ class Mirror:
         try:
             sock.settimeout(GREETING_TIMEOUT)
             try:
-                info = client_handshake(sock)
+                info = client_handshake(sock, tls=self.host.tls_client, server_hostname=p.addr)
             except TimeoutError:
                 raise AttemptFailed(NO_RESPONSE, "no greeting from the destination") from None
+            except TlsError as e:
+                # A wrong key or certificate stays wrong: final, never a retry loop. (TLS is
+                # new, so its reply may say why: "Mirror was rejected: TLS handshake ...".)
+                raise AttemptFailed(Reply(REJECTED.code, f"{REJECTED.text}: {e}"), str(e),
+                                    final=True) from None
             except NotNbd as e:
                 raise AttemptFailed(REJECTED, f"the destination is not an NBD server: {e}",
                                     final=True) from None
@@ -296,8 +308,10 @@ class Mirror:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, limit)
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, limit)
             zeroes = info.style == "newstyle" and info.has(wire.FLAG_SEND_WRITE_ZEROES)
-            _log.info("mirror connected to %s port %d (%s%s)", p.addr, p.port, info.style,
-                      ", WRITE_ZEROES" if zeroes else "")
+            self.session = info.tls
+            _log.info("mirror connected to %s port %d (%s%s%s)", p.addr, p.port, info.style,
+                      ", WRITE_ZEROES" if zeroes else "",
+                      f", {info.tls.version}" if info.tls is not None else "")
             return sock, zeroes
         except BaseException:
             sock.close()
@@ -312,7 +326,8 @@ class Mirror:
             if self._break.wait(0.05):
                 raise Abandoned("break")
         self.dirty = self.host.export.track_dirty(True)
-        self.stream = _core.MirrorStream(sock.fileno(), self.host.export, zeroes)
+        self.stream = _core.MirrorStream(sock.fileno(), self.host.export, zeroes,
+                                         tls=self.session)
         offset = 0
         while offset < self.host.size:
             self._check_break()
@@ -342,6 +357,7 @@ class Mirror:
 
     def _endgame(self, sock: socket.socket) -> bool:
         assert self.stream is not None
+        channel = sock if self.session is None else self.session   # (TLS: through it)
         with self.lock:
             self._check_break()
             _log.info("mirror endgame: %d bytes dirty; disconnecting clients",
@@ -350,10 +366,10 @@ class Mirror:
             self._drain(throttle=False, until_empty=True)
             self.stream.flush()                 # every request answered, without error
             self._check_break()
-            handoff.flush(sock, self.request_limit)   # durable at the destination
-            handoff.check_open(sock)
+            handoff.flush(channel, self.request_limit)   # durable at the destination
+            handoff.check_open(channel)
             try:
-                handoff.send_disc(sock)      # (an OSError here: it never left; retry)
+                handoff.send_disc(channel)   # (an OSError here: it never left; retry)
             except OutcomeUnknown:
                 self.outcome_unknown = True
                 raise
@@ -362,7 +378,7 @@ class Mirror:
             try:
                 if finishing:
                     self.host.close_listeners()
-                handoff.await_close(sock, self.request_limit)
+                handoff.await_close(channel, self.request_limit)
             except Exception as e:  # noqa: BLE001 - after DISC every failure is "unknown"
                 # (decided under the lock, where `break` and stop signals look)
                 self.outcome_unknown = True

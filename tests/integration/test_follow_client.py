@@ -9,10 +9,10 @@ second, so that a Python client always counts as quick.
 from __future__ import annotations
 
 import os
-from pathlib import Path
 
 import pytest
 
+from tests.support.procstat import thread_status
 from tests.support.serving import FLUSH, MiB, client
 from tests.support.waiting import wait_until
 
@@ -24,16 +24,7 @@ pytestmark = pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2,
 
 def thread_cpus(pid: int) -> list[str]:
     """Cpus_allowed_list of each of the server's threads."""
-    found = []
-    for status in Path(f"/proc/{pid}/task").glob("*/status"):
-        try:
-            text = status.read_text()
-        except OSError:          # a thread that just ended
-            continue
-        for line in text.splitlines():
-            if line.startswith("Cpus_allowed_list:"):
-                found.append(line.split()[1])
-    return found
+    return thread_status(pid, "Cpus_allowed_list")
 
 
 def held(pid: int) -> list[str]:

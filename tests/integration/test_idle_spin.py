@@ -8,11 +8,10 @@ spin is set to a whole second here, so that a Python client always counts as qui
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 
 from flexnbd import wire
+from tests.support.procstat import thread_status
 from tests.support.serving import MiB, client
 
 REQUESTS = 200
@@ -20,16 +19,7 @@ REQUESTS = 200
 
 def sleeps(pid: int) -> int:
     """Voluntary context switches of all the server's threads so far."""
-    total = 0
-    for status in Path(f"/proc/{pid}/task").glob("*/status"):
-        try:
-            text = status.read_text()
-        except OSError:          # a thread that just ended
-            continue
-        for line in text.splitlines():
-            if line.startswith("voluntary_ctxt_switches:"):
-                total += int(line.split()[1])
-    return total
+    return sum(int(v) for v in thread_status(pid, "voluntary_ctxt_switches"))
 
 
 def sleeps_during_reads(server, c, flags: int = 0) -> int:

@@ -1,0 +1,396 @@
+# cython: language_level=3
+"""TLS for NBD (STARTTLS), with OpenSSL.
+
+``TlsContext`` holds the credentials as nbdkit, qemu and libnbd take them: an X.509 directory
+(``ca-cert.pem``, ``server-cert.pem``/``server-key.pem``, ``client-cert.pem``/``client-key.pem``)
+or a PSK file of ``identity:hexkey`` lines (psktool's format). ``TlsSession`` runs on one
+connected socket: the TLS handshake, under the socket's timeout, and ``sendall``/``recv`` for
+the rest of the NBD handshake, which stays in Python. The transmission phase then encrypts and
+decrypts in C, without the GIL, through the session's SSL (``_nbdio.pxd``'s transport).
+
+TLS 1.3 only: no renegotiation (it does not exist in 1.3), no compression, no session tickets.
+"""
+
+import os
+import re
+
+from libc.stdlib cimport calloc, free
+from libc.string cimport memcpy, strcmp, strlen
+
+from flexnbd._openssl cimport *
+from libc.stdint cimport int64_t
+
+from flexnbd._sys cimport EAGAIN, EINTR, POLLIN, POLLOUT, errno, now_ns, poll, pollfd, set_errno
+
+from flexnbd.errors import TlsError
+
+# The Unix-domain and TCP sockets we run on are the caller's; a session never closes them.
+
+cdef int ex_index = SSL_CTX_get_ex_new_index(0, NULL, NULL, NULL, NULL)
+
+MAX_PSK_ENTRIES = 1024
+_PSK_LINE = re.compile(r"^([^:\s]{1,128}):([0-9a-fA-F]+)$")
+
+
+def read_psk_file(path):
+    """[(identity, key bytes)] from a psktool file; TlsError naming the file and line."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            lines = f.read().splitlines()
+    except (OSError, UnicodeDecodeError) as e:
+        raise TlsError(f"cannot read the PSK file {path}: {getattr(e, 'strerror', None) or e}")
+    entries = []
+    for number, line in enumerate(lines, 1):
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        m = _PSK_LINE.match(line)
+        if not m or len(m.group(2)) % 2:
+            raise TlsError(f"{path}, line {number}: not 'identity:hexkey'")
+        key = bytes.fromhex(m.group(2))
+        if not 16 <= len(key) <= 64:
+            raise TlsError(f"{path}, line {number}: the key must be 16 to 64 bytes, "
+                           f"not {len(key)}")
+        entries.append((m.group(1), key))
+    if not entries:
+        raise TlsError(f"the PSK file {path} has no 'identity:hexkey' line")
+    if len(entries) > MAX_PSK_ENTRIES:
+        raise TlsError(f"the PSK file {path} has more than {MAX_PSK_ENTRIES} entries")
+    return entries
+
+
+cdef str openssl_error(str default):
+    """The last OpenSSL error as text (the queue is emptied), or ``default``."""
+    cdef char buf[256]
+    cdef unsigned long e = ERR_peek_last_error()
+    ERR_clear_error()
+    if e == 0:
+        return default
+    ERR_error_string_n(e, buf, sizeof(buf))
+    text = buf.decode("utf-8", "replace")
+    # "error:0A000086:SSL routines::certificate verify failed" -> the reason alone
+    return text.rpartition(":")[2] or text
+
+
+cdef unsigned int psk_server(SSL *ssl, const char *identity, unsigned char *psk,
+                             unsigned int max_len) noexcept nogil:
+    """The key of ``identity`` from the PSK file; 0 (refused) for an unknown identity."""
+    cdef creds_t *c = <creds_t *>SSL_CTX_get_ex_data(SSL_get_SSL_CTX(ssl), ex_index)
+    cdef size_t i
+    if c == NULL or identity == NULL:
+        return 0
+    for i in range(c.npsk):
+        if strcmp(c.psk[i].identity, identity) == 0 and c.psk[i].key_len <= max_len:
+            memcpy(psk, c.psk[i].key, c.psk[i].key_len)
+            return c.psk[i].key_len
+    return 0
+
+
+cdef unsigned int psk_client(SSL *ssl, const char *hint, char *identity,
+                             unsigned int max_identity_len, unsigned char *psk,
+                             unsigned int max_len) noexcept nogil:
+    """Our identity and key: the PSK file's first entry."""
+    cdef creds_t *c = <creds_t *>SSL_CTX_get_ex_data(SSL_get_SSL_CTX(ssl), ex_index)
+    cdef size_t n
+    if c == NULL or c.npsk == 0:
+        return 0
+    n = strlen(c.psk[0].identity)
+    if n + 1 > max_identity_len or c.psk[0].key_len > max_len:
+        return 0
+    memcpy(identity, c.psk[0].identity, n + 1)
+    memcpy(psk, c.psk[0].key, c.psk[0].key_len)
+    return c.psk[0].key_len
+
+
+cdef class TlsContext:
+    """Credentials for one side (server or client). Exactly one of ``certificates`` (an X.509
+    directory) and ``psk_file``. ``verify_peer``: a server asks for, and checks, a client
+    certificate (X.509 only). TlsError for missing or bad credentials."""
+
+    def __cinit__(self, *, bint server, certificates=None, psk_file=None,
+                  bint verify_peer=False):
+        self.server = server
+        self.certificates = certificates
+        self.psk_file = psk_file
+        if (certificates is None) == (psk_file is None):
+            raise TlsError("give TLS credentials as either a certificates directory or a "
+                           "PSK file")
+        self.ctx = SSL_CTX_new(TLS_server_method() if server else TLS_client_method())
+        if self.ctx == NULL:
+            raise TlsError("cannot create a TLS context: " + openssl_error("out of memory"))
+        SSL_CTX_set_min_proto_version(self.ctx, TLS1_3_VERSION)
+        SSL_CTX_set_options(self.ctx, SSL_OP_NO_COMPRESSION | SSL_OP_NO_RENEGOTIATION
+                            | SSL_OP_NO_TICKET)
+        SSL_CTX_set_mode(self.ctx, SSL_MODE_ACCEPT_MOVING_WRITE_BUFFER)
+        SSL_CTX_set_num_tickets(self.ctx, 0)      # no resumption: nothing unasked on the wire
+        if server:
+            # A client that just closes (no close_notify) has closed, as in plaintext: NBD's
+            # framing shows a cut request. A client side keeps OpenSSL's strict default, so
+            # that a mirror reads only a close_notify as the destination's "taken".
+            SSL_CTX_set_options(self.ctx, SSL_OP_IGNORE_UNEXPECTED_EOF)
+        SSL_CTX_set_ex_data(self.ctx, ex_index, &self.creds)
+        if psk_file is not None:
+            self.kind = "psk"
+            self._load_psk(os.fsdecode(psk_file))
+        else:
+            self.kind = "x509"
+            self._load_x509(os.fsdecode(certificates), verify_peer)
+
+    def __dealloc__(self):
+        if self.ctx != NULL:
+            SSL_CTX_free(self.ctx)
+        free(self.creds.psk)
+
+    def _load_psk(self, str path):
+        entries = read_psk_file(path)
+        self.creds.psk = <psk_t *>calloc(len(entries), sizeof(psk_t))
+        if self.creds.psk == NULL:
+            raise MemoryError()
+        for i, (identity, key) in enumerate(entries):
+            ident = identity.encode()
+            memcpy(self.creds.psk[i].identity, <const char *>ident, len(ident))
+            memcpy(self.creds.psk[i].key, <const unsigned char *>key, len(key))
+            self.creds.psk[i].key_len = len(key)
+        self.creds.npsk = len(entries)
+        if self.server:
+            SSL_CTX_set_psk_server_callback(self.ctx, psk_server)
+        else:
+            SSL_CTX_set_psk_client_callback(self.ctx, psk_client)
+
+    def _load_x509(self, str directory, bint verify_peer):
+        if not os.path.isdir(directory):
+            raise TlsError(f"the TLS certificates directory {directory} does not exist")
+        ca = os.path.join(directory, "ca-cert.pem")
+        me = "server" if self.server else "client"
+        cert = os.path.join(directory, f"{me}-cert.pem")
+        key = os.path.join(directory, f"{me}-key.pem")
+        if self.server or os.path.exists(cert):
+            for needed in (cert, key):
+                if not os.path.exists(needed):
+                    raise TlsError(f"{needed} is missing")
+            if SSL_CTX_use_certificate_chain_file(self.ctx, os.fsencode(cert)) != 1:
+                raise TlsError(f"{cert}: " + openssl_error("not a certificate"))
+            if SSL_CTX_use_PrivateKey_file(self.ctx, os.fsencode(key), SSL_FILETYPE_PEM) != 1:
+                raise TlsError(f"{key}: " + openssl_error("not a private key"))
+            if SSL_CTX_check_private_key(self.ctx) != 1:
+                raise TlsError(f"{key} does not match {cert}")
+        if not self.server or verify_peer:
+            if not os.path.exists(ca):
+                raise TlsError(f"{ca} is missing (it is needed to check the peer)")
+            if SSL_CTX_load_verify_locations(self.ctx, os.fsencode(ca), NULL) != 1:
+                raise TlsError(f"{ca}: " + openssl_error("not a certificate"))
+            SSL_CTX_set_verify(self.ctx, SSL_VERIFY_PEER | SSL_VERIFY_FAIL_IF_NO_PEER_CERT,
+                               NULL)
+
+    def session(self, sock, server_hostname=None):
+        """A TlsSession on the connected ``sock`` (not yet shaken hands)."""
+        return TlsSession(self, sock, server_hostname)
+
+
+cdef int wait_ready(int fd, int want_write, int64_t deadline_ns) noexcept nogil:
+    """Wait until fd is ready (deadline_ns < 0: no deadline). 0, or -1 with errno (EAGAIN:
+    the deadline passed)."""
+    cdef pollfd p
+    cdef int64_t left
+    cdef int rc
+    p.fd = fd
+    p.events = POLLOUT if want_write else POLLIN
+    while True:
+        if deadline_ns < 0:
+            rc = poll(&p, 1, -1)
+        else:
+            left = deadline_ns - now_ns()
+            if left <= 0:
+                set_errno(EAGAIN)
+                return -1
+            rc = poll(&p, 1, <int>((left + 999999) // 1000000))
+        if rc > 0:
+            return 0
+        if rc < 0 and errno != EINTR:
+            return -1
+
+
+# tls_io's deadline for "do not wait": return the SSL error that asks for readiness.
+cdef int64_t NO_WAIT = -2
+
+
+cdef int tls_io(SSL *ssl, int fd, int writing, void *p, size_t n, size_t *done,
+                int64_t deadline, int *err) noexcept nogil:
+    """One SSL_write_ex/SSL_read_ex: SSL_ERROR_NONE (``done`` bytes), or its SSL error after
+    waiting (until ``deadline``; -1: none) for what it wants; -1 if that wait failed. The
+    errno that goes with it in ``err``."""
+    cdef int ok, e
+    ERR_clear_error()
+    set_errno(0)
+    done[0] = 0
+    ok = SSL_write_ex(ssl, p, n, done) if writing else SSL_read_ex(ssl, p, n, done)
+    e = SSL_ERROR_NONE if ok == 1 else SSL_get_error(ssl, ok)
+    err[0] = errno
+    if (e == SSL_ERROR_WANT_READ or e == SSL_ERROR_WANT_WRITE) and deadline != NO_WAIT:
+        if wait_ready(fd, e == SSL_ERROR_WANT_WRITE, deadline) < 0:
+            err[0] = errno
+            return -1
+    return e
+
+
+cdef class TlsSession:
+    """TLS on one connected socket. The socket's timeout (settimeout) is the deadline of each
+    call, the handshake included; TimeoutError when it passes, TlsError when TLS fails,
+    ConnectionResetError/PeerClosed-style OSErrors when the peer goes."""
+
+    def __cinit__(self, TlsContext context, sock, server_hostname=None):
+        self.context = context
+        self.sock = sock
+        self.ssl = SSL_new(context.ctx)
+        if self.ssl == NULL or SSL_set_fd(self.ssl, sock.fileno()) != 1:
+            raise TlsError("cannot create a TLS session: " + openssl_error("out of memory"))
+        if context.server:
+            SSL_set_accept_state(self.ssl)
+        else:
+            SSL_set_connect_state(self.ssl)
+            if server_hostname and context.kind == "x509":
+                # The server's certificate must name the host (or IP address) we dialled.
+                SSL_set1_host(self.ssl, server_hostname.encode())
+
+    def __dealloc__(self):
+        if self.ssl != NULL:
+            SSL_free(self.ssl)
+
+    def _deadline(self):
+        timeout = self.sock.gettimeout()
+        return -1 if timeout is None else now_ns() + <int64_t>(timeout * 1e9)
+
+    def handshake(self):
+        """Run the TLS handshake. TlsError (final: wrong key, untrusted certificate, not TLS),
+        TimeoutError, or the socket's OSError."""
+        cdef int rc, e, err
+        cdef int64_t deadline = self._deadline()
+        cdef int fd = self.sock.fileno()
+        while True:
+            with nogil:
+                ERR_clear_error()
+                set_errno(0)
+                rc = SSL_do_handshake(self.ssl)
+                e = SSL_get_error(self.ssl, rc) if rc != 1 else SSL_ERROR_NONE
+                err = errno
+                if e == SSL_ERROR_WANT_READ or e == SSL_ERROR_WANT_WRITE:
+                    if wait_ready(fd, e == SSL_ERROR_WANT_WRITE, deadline) < 0:
+                        err = errno
+                        e = -1
+            if e == SSL_ERROR_NONE:
+                return
+            if e == SSL_ERROR_WANT_READ or e == SSL_ERROR_WANT_WRITE:
+                continue
+            if e == -1:
+                if err == EAGAIN:
+                    raise TimeoutError("the TLS handshake timed out")
+                raise OSError(err, os.strerror(err))
+            if e == SSL_ERROR_SYSCALL and err:
+                raise OSError(err, "TLS handshake: " + os.strerror(err))
+            if e == SSL_ERROR_SYSCALL or e == SSL_ERROR_ZERO_RETURN:
+                raise TlsError("TLS handshake failed: the peer closed the connection "
+                               "(wrong key or certificate?)")
+            verify = SSL_get_verify_result(self.ssl)
+            reason = openssl_error("protocol error")
+            if verify != X509_V_OK:
+                reason = X509_verify_cert_error_string(verify).decode("utf-8", "replace")
+            raise TlsError(f"TLS handshake failed: {reason}")
+
+    def sendall(self, data):
+        """Encrypt and send all of ``data``."""
+        cdef const unsigned char[:] view = memoryview(data).cast("B")
+        cdef size_t pos = 0, n = len(view), done
+        cdef int e, err
+        cdef int64_t deadline = self._deadline()
+        cdef int fd = self.sock.fileno()
+        while pos < n:
+            with nogil:
+                e = tls_io(self.ssl, fd, 1, <void *>&view[pos], n - pos, &done, deadline, &err)
+            if e == SSL_ERROR_NONE:
+                pos += done
+            elif e != SSL_ERROR_WANT_READ and e != SSL_ERROR_WANT_WRITE:
+                self._fail(e, err, "send")
+
+    def send(self, data):
+        """Encrypt and send all of ``data`` (a TLS record is all or nothing); its length."""
+        self.sendall(data)
+        return len(data)
+
+    def recv(self, size_t n):
+        """Up to n decrypted bytes; b"" when the peer closed."""
+        while True:
+            data = self._recv_once(n, self._deadline())
+            if data is not None:
+                return data
+
+    def recv_nowait(self, size_t n):
+        """Up to n decrypted bytes if some are ready now; None if none are (a TLS record that
+        carries no data, such as a session ticket, is consumed); b"" when the peer closed."""
+        timeout = self.sock.gettimeout()
+        self.sock.setblocking(False)
+        try:
+            return self._recv_once(n, NO_WAIT)
+        finally:
+            self.sock.settimeout(timeout)
+
+    def _recv_once(self, size_t n, int64_t deadline):
+        """One read: bytes, b"" (closed), or None (nothing yet: a record without data, or,
+        with NO_WAIT, nothing ready)."""
+        cdef bytearray buf = bytearray(max(n, 1))
+        cdef unsigned char[:] view = buf
+        cdef size_t got = 0
+        cdef int e, err
+        cdef int fd = self.sock.fileno()
+        if n == 0:
+            return b""
+        with nogil:
+            e = tls_io(self.ssl, fd, 0, &view[0], n, &got, deadline, &err)
+        if e == SSL_ERROR_NONE:
+            return bytes(buf[:got])
+        if e == SSL_ERROR_ZERO_RETURN or (e == SSL_ERROR_SYSCALL and err == 0):
+            return b""
+        if e == SSL_ERROR_WANT_READ or e == SSL_ERROR_WANT_WRITE:
+            return None
+        self._fail(e, err, "receive")
+
+    def _fail(self, int e, int err, str what):
+        if e == -1 and err == EAGAIN:
+            raise TimeoutError(f"TLS {what} timed out")
+        if e == SSL_ERROR_ZERO_RETURN:
+            raise BrokenPipeError("the peer ended the TLS session")
+        if e == -1 or (e == SSL_ERROR_SYSCALL and err):
+            raise OSError(err, os.strerror(err))
+        if e == SSL_ERROR_SYSCALL:
+            raise BrokenPipeError("the peer closed the connection")
+        raise TlsError(f"TLS {what} failed: " + openssl_error("protocol error"))
+
+    def close_notify(self):
+        """Tell the peer the session ends (best effort, once; the socket stays open)."""
+        if not self.shut:
+            self.shut = True
+            with nogil:
+                ERR_clear_error()
+                SSL_shutdown(self.ssl)
+            ERR_clear_error()
+
+    def settimeout(self, timeout):
+        self.sock.settimeout(timeout)
+
+    def gettimeout(self):
+        return self.sock.gettimeout()
+
+    def setsockopt(self, *args):
+        self.sock.setsockopt(*args)
+
+    def fileno(self):
+        return self.sock.fileno()
+
+    @property
+    def family(self):
+        return self.sock.family
+
+    @property
+    def version(self):
+        """"TLSv1.3 TLS_AES_256_GCM_SHA384", for the logs."""
+        return (SSL_get_version(self.ssl).decode() + " "
+                + (SSL_get_cipher_name(self.ssl) or b"").decode())

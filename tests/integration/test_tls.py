@@ -1,0 +1,361 @@
+"""NBD over TLS on the server side (serve): STARTTLS with PSK and X.509 credentials made in
+the test, against real clients (nbdinfo and nbdcopy with nbds:// URIs, qemu-img with
+tls-creds objects) and a raw client (Python's ssl over the raw protocol) for what the real
+clients never do: plaintext options against --tls=require, a second STARTTLS, garbage or
+silence instead of a TLS handshake, a wrong key, an untrusted certificate.
+"""
+
+from __future__ import annotations
+
+import os
+import ssl
+from pathlib import Path
+
+import pytest
+
+from flexnbd import wire
+from tests.conftest import require_tool
+from tests.support.clients import check, run
+from tests.support.layout import punch_fd
+from tests.support.rawclient import RawClient
+from tests.support.serving import MiB, assert_serves
+from tests.support.tlscreds import PSK_IDENTITY, make_ca, make_psk, make_x509, sign
+
+SIZE = 9 * MiB + 4096
+
+
+@pytest.fixture
+def psk(tmp_path) -> Path:
+    return make_psk(tmp_path / "psk")
+
+
+@pytest.fixture
+def x509(tmp_path) -> tuple[Path, Path]:
+    return make_x509(tmp_path / "x509")
+
+
+def psk_uri(server, keys: Path) -> str:
+    # (the URI's user is libnbd's TLS username; 1.14 has no tls-username parameter)
+    return f"nbds://{PSK_IDENTITY}@127.0.0.1:{server.port}/?tls-psk-file={keys}"
+
+
+def x509_uri(server, client_dir: Path) -> str:
+    return f"nbds://127.0.0.1:{server.port}/?tls-certificates={client_dir}"
+
+
+def tls_server(serve, path, kind, creds, *extra, mode="require", env=None):
+    """A server with TLS (``kind`` psk or x509) and the URI a libnbd client uses."""
+    if kind == "psk":
+        server = serve(path, f"--tls={mode}", "--tls-psk", str(creds), *extra, env=env)
+        return server, psk_uri(server, creds)
+    server_dir, client_dir = creds
+    server = serve(path, f"--tls={mode}", "--tls-certificates", str(server_dir), *extra,
+                   env=env)
+    return server, x509_uri(server, client_dir)
+
+
+@pytest.fixture(params=["psk", "x509"])
+def kind(request) -> str:
+    return request.param
+
+
+@pytest.fixture
+def creds(kind, psk, x509):
+    return psk if kind == "psk" else x509
+
+
+def with_holes(make_file) -> Path:
+    path = make_file(SIZE)
+    with open(path, "r+b") as f:
+        punch_fd(f.fileno(), 1 * MiB, 2 * MiB)     # a hole: OFFSET_HOLE chunks over TLS
+        punch_fd(f.fileno(), 8 * MiB, MiB)
+    return path
+
+
+# --------------------------------------------------------------------------------------------
+# Real clients
+
+
+def test_nbdinfo_sees_the_export_over_tls(serve, make_file, kind, creds):
+    nbdinfo = require_tool("nbdinfo")
+    server, uri = tls_server(serve, make_file(SIZE), kind, creds)
+    out = check([nbdinfo, "--size", uri])
+    assert int(out.strip()) == SIZE
+    assert "TLSv1.3" in server.log()
+
+
+def test_nbdcopy_both_ways_over_tls(serve, make_file, tmp_path, kind, creds):
+    nbdcopy = require_tool("nbdcopy")
+    path = with_holes(make_file)
+    server, uri = tls_server(serve, path, kind, creds)
+    out = tmp_path / "out.img"
+    check([nbdcopy, uri, str(out)], timeout=120)
+    assert out.read_bytes() == path.read_bytes()
+    # And new bytes back in, through WRITEs decrypted by the serve loop.
+    new = os.urandom(SIZE)
+    src = tmp_path / "new.img"
+    src.write_bytes(new)
+    check([nbdcopy, str(src), uri], timeout=120)
+    assert path.read_bytes() == new
+    assert "went away" not in server.log()
+
+
+def qemu_object(kind: str, creds) -> str:
+    if kind == "psk":
+        return (f"tls-creds-psk,id=tls0,endpoint=client,dir={creds.parent},"
+                f"username={PSK_IDENTITY}")
+    return f"tls-creds-x509,id=tls0,endpoint=client,dir={creds[1]}"
+
+
+def test_qemu_img_over_tls(serve, make_file, tmp_path, kind, creds):
+    qemu_img = require_tool("qemu-img")
+    path = with_holes(make_file)
+    server, _ = tls_server(serve, path, kind, creds)
+    image = f"driver=nbd,host=127.0.0.1,port={server.port},tls-creds=tls0"
+    out = tmp_path / "out.img"
+    check([qemu_img, "convert", "--object", qemu_object(kind, creds), "--image-opts", image,
+           "-O", "raw", str(out)], timeout=120)
+    assert out.read_bytes() == path.read_bytes()
+
+
+# --------------------------------------------------------------------------------------------
+# The protocol, with a raw client
+
+
+def newstyle(server) -> RawClient:
+    c = RawClient.connect(server.port)
+    assert c.read_greeting().style == "newstyle"
+    c.send_client_flags(wire.FLAG_C_FIXED_NEWSTYLE | wire.FLAG_C_NO_ZEROES)
+    return c
+
+
+def starttls(c: RawClient, client_dir: Path, cert: bool = False) -> None:
+    """STARTTLS, then Python's ssl (OpenSSL, as a client) on the raw client's socket."""
+    replies = c.option(wire.OPT_STARTTLS)
+    assert replies[-1].type == wire.REP_ACK
+    context = ssl.create_default_context(cafile=str(client_dir / "ca-cert.pem"))
+    if cert:
+        context.load_cert_chain(str(client_dir / "client-cert.pem"),
+                                str(client_dir / "client-key.pem"))
+    c.sock = context.wrap_socket(c.sock, server_hostname="127.0.0.1")
+
+
+@pytest.mark.parametrize("option", [wire.OPT_LIST, wire.OPT_INFO, wire.OPT_GO,
+                                    wire.OPT_STRUCTURED_REPLY, wire.OPT_LIST_META_CONTEXT])
+def test_require_refuses_options_before_tls(serve, make_file, psk, option):
+    server = serve(make_file(SIZE), "--tls=require", "--tls-psk", str(psk))
+    with newstyle(server) as c:
+        data = RawClient.info_request() if option in (wire.OPT_INFO, wire.OPT_GO) else b""
+        reply = c.option(option, data)
+        assert [r.type for r in reply] == [wire.REP_ERR_TLS_REQD]   # no size, no name
+        assert c.option(wire.OPT_ABORT)[-1].type == wire.REP_ACK
+        assert c.is_closed_by_server()
+    assert_serves_tls(server, psk)
+
+
+def test_require_hangs_up_on_export_name(serve, make_file, psk):
+    server = serve(make_file(SIZE), "--tls=require", "--tls-psk", str(psk))
+    with newstyle(server) as c:
+        c.send_option(wire.OPT_EXPORT_NAME, b"")
+        assert c.read_until_closed() == b""        # EXPORT_NAME has no error reply
+    assert_serves_tls(server, psk)
+
+
+def assert_serves_tls(server, keys: Path) -> None:
+    out = check([require_tool("nbdinfo"), "--size", psk_uri(server, keys)])
+    assert int(out.strip()) == SIZE
+
+
+def test_tls_on_serves_plaintext_and_tls_clients(serve, make_file, psk):
+    path = make_file(SIZE)
+    server = serve(path, "--tls=on", "--tls-psk", str(psk))
+    assert_serves(server, path)
+    assert_serves_tls(server, psk)
+
+
+def test_starttls_without_tls_is_unsupported(serve, make_file):
+    path = make_file(SIZE)
+    server = serve(path)
+    with newstyle(server) as c:
+        assert c.option(wire.OPT_STARTTLS)[-1].type == wire.REP_ERR_UNSUP
+        c.go()                                   # and the client may go on in plaintext
+        assert c.read(0, 4096) == path.read_bytes()[:4096]
+
+
+def test_options_start_again_inside_tls(serve, make_file, x509):
+    path = make_file(SIZE)
+    server_dir, client_dir = x509
+    server = serve(path, "--tls=on", "--tls-certificates", str(server_dir))
+    with newstyle(server) as c:
+        # Structured replies agreed in plaintext are forgotten by STARTTLS.
+        assert c.option(wire.OPT_STRUCTURED_REPLY)[-1].type == wire.REP_ACK
+        starttls(c, client_dir)
+        assert c.option(wire.OPT_STARTTLS)[-1].type == wire.REP_ERR_INVALID   # a second one
+        c.go()
+        c.structured = False
+        assert c.read(0, 65536) == path.read_bytes()[:65536]   # a simple reply
+        big = c.read(MiB, 2 * MiB)                           # past the bounce buffer's size
+        assert big == path.read_bytes()[MiB:3 * MiB]
+        assert c.write(4096, b"z" * 8192) == 0
+        assert path.read_bytes()[4096:12288] == b"z" * 8192
+
+
+def test_starttls_with_data_is_invalid(serve, make_file, psk):
+    server = serve(make_file(SIZE), "--tls=require", "--tls-psk", str(psk))
+    with newstyle(server) as c:
+        assert c.option(wire.OPT_STARTTLS, b"x")[-1].type == wire.REP_ERR_INVALID
+
+
+# --------------------------------------------------------------------------------------------
+# Failures cost only their own connection
+
+
+def test_a_wrong_key_fails_and_the_server_carries_on(serve, make_file, tmp_path, psk):
+    nbdinfo = require_tool("nbdinfo")
+    server = serve(make_file(SIZE), "--tls=require", "--tls-psk", str(psk))
+    wrong = make_psk(tmp_path / "wrong")
+    res = run([nbdinfo, "--size", psk_uri(server, wrong)])
+    assert res.returncode != 0
+    assert "TLS handshake failed" in server.log()
+    assert_serves_tls(server, psk)
+
+
+def test_an_untrusted_certificate_fails(serve, make_file, tmp_path, x509):
+    nbdinfo = require_tool("nbdinfo")
+    server_dir, _ = x509
+    server = serve(make_file(SIZE), "--tls=require", "--tls-certificates", str(server_dir))
+    stranger = make_ca(tmp_path / "other-ca")       # a client that trusts another CA
+    res = run([nbdinfo, "--size", x509_uri(server, stranger)])
+    assert res.returncode != 0
+    assert server.proc.poll() is None
+
+
+def test_verify_peer_wants_a_client_certificate(serve, make_file, tmp_path, x509):
+    path = make_file(SIZE)
+    server_dir, client_dir = x509
+    server = serve(path, "--tls=require", "--tls-certificates", str(server_dir),
+                   "--tls-verify-peer")
+    with newstyle(server) as c:                      # a certificate from our CA: in
+        starttls(c, client_dir, cert=True)
+        c.go()
+        assert c.read(0, 4096) == path.read_bytes()[:4096]
+    with newstyle(server) as c:                      # none: out
+        with pytest.raises((ssl.SSLError, ConnectionError, OSError)):
+            starttls(c, client_dir, cert=False)
+            c.go()
+    # A certificate signed by another CA: out too.
+    other = make_ca(tmp_path / "other")
+    sign(other, tmp_path / "intruder", "client", "clientAuth", ("intruder",))
+    (tmp_path / "intruder" / "ca-cert.pem").write_bytes((client_dir / "ca-cert.pem").read_bytes())
+    with newstyle(server) as c:
+        with pytest.raises((ssl.SSLError, ConnectionError, OSError)):
+            starttls(c, tmp_path / "intruder", cert=True)
+            c.go()
+    assert "TLS handshake failed" in server.log()
+    with newstyle(server) as c:
+        starttls(c, client_dir, cert=True)
+        c.go()
+        assert c.read(0, 4096) == path.read_bytes()[:4096]
+
+
+def test_garbage_instead_of_a_tls_handshake(serve, make_file, psk):
+    server = serve(make_file(SIZE), "--tls=require", "--tls-psk", str(psk))
+    with newstyle(server) as c:
+        assert c.option(wire.OPT_STARTTLS)[-1].type == wire.REP_ACK
+        c.send(b"\x16\x03\x01\x00\x05hello" + os.urandom(3000))
+        c.read_until_closed()
+    assert "TLS handshake failed" in server.log()
+    assert_serves_tls(server, psk)
+
+
+def test_silence_instead_of_a_tls_handshake_times_out(serve, make_file, psk):
+    server = serve(make_file(SIZE), "--tls=require", "--tls-psk", str(psk),
+                   env={"FLEXNBD_HANDSHAKE_TIMEOUT": "1"})
+    with newstyle(server) as c:
+        assert c.option(wire.OPT_STARTTLS)[-1].type == wire.REP_ACK
+        c.send(b"\x16\x03\x01")                      # the start of a record, then nothing
+        assert c.is_closed_by_server(timeout=20)
+    assert_serves_tls(server, psk)
+
+
+def tls_client(server, client_dir: Path) -> RawClient:
+    """A raw client in transmission over TLS (X.509)."""
+    c = newstyle(server)
+    starttls(c, client_dir)
+    c.go()
+    return c
+
+
+def test_a_garbage_record_mid_transmission_ends_that_client_only(serve, make_file, x509):
+    path = make_file(SIZE)
+    server_dir, client_dir = x509
+    server = serve(path, "--tls=require", "--tls-certificates", str(server_dir))
+    with tls_client(server, client_dir) as good, tls_client(server, client_dir) as bad:
+        # A forged record straight onto the TCP stream, under the TLS layer.
+        os.write(bad.sock.fileno(), b"\x17\x03\x03\x00\x20" + os.urandom(32))
+        assert good.read(0, 4096) == path.read_bytes()[:4096]
+        with pytest.raises((ssl.SSLError, ConnectionError, OSError, AssertionError)):
+            bad.read(0, 4096)
+        assert good.read(4096, 4096) == path.read_bytes()[4096:8192]
+
+
+def test_a_client_stalled_mid_record_holds_only_itself(serve, make_file, x509):
+    path = make_file(SIZE)
+    server_dir, client_dir = x509
+    server = serve(path, "--tls=require", "--tls-certificates", str(server_dir))
+    with tls_client(server, client_dir) as stalled:
+        # The first bytes of a record header, then nothing: the server waits for the rest.
+        os.write(stalled.sock.fileno(), b"\x17\x03")
+        good = tls_client(server, client_dir)
+        for i in range(8):
+            assert good.read(i * MiB, 4096) == path.read_bytes()[i * MiB:i * MiB + 4096]
+        good.close()
+        # And a stop is not held up by it for longer than the stop grace.
+        assert server.stop(timeout=30) == 0
+
+
+# --------------------------------------------------------------------------------------------
+# Bad options
+
+
+@pytest.mark.parametrize("args, words", [
+    (["--tls=on"], "needs exactly one of"),
+    (["--tls-psk", "PSK"], "--tls=off"),
+    (["--tls=require", "--oldstyle", "--tls-psk", "PSK"], "oldstyle"),
+    (["--tls=on", "--tls-psk", "PSK", "--tls-certificates", "DIR"], "exactly one"),
+    (["--tls=on", "--tls-psk", "PSK", "--tls-verify-peer"], "--tls-certificates"),
+    (["--tls=on", "--tls-psk", "BADPSK"], "identity:hexkey"),
+    (["--tls=on", "--tls-psk", "MISSING"], "cannot read the PSK file"),
+    (["--tls=on", "--tls-certificates", "MISSING"], "does not exist"),
+    (["--tls=on", "--tls-certificates", "EMPTY"], "server-cert.pem is missing"),
+    (["--tls=maybe"], "invalid choice"),
+])
+def test_bad_tls_options(run_flexnbd, make_file, tmp_path, psk, args, words):
+    from tests.conftest import free_port
+
+    bad = tmp_path / "bad.psk"
+    bad.write_text("alice=0011\n")
+    (tmp_path / "empty").mkdir()
+    subst = {"PSK": str(psk), "BADPSK": str(bad), "MISSING": str(tmp_path / "nope"),
+             "DIR": str(tmp_path), "EMPTY": str(tmp_path / "empty")}
+    args = [subst.get(a, a) for a in args]
+    res = run_flexnbd("serve", "--addr", "127.0.0.1", "--port", str(free_port()), "--file",
+                      str(make_file(MiB)), *args, timeout=30)
+    assert res.returncode != 0
+    assert b"Traceback" not in res.stderr
+    assert words.encode() in res.stderr, res.stderr
+
+
+def test_psk_file_format(tmp_path):
+    from flexnbd._tls import read_psk_file
+    from flexnbd.errors import TlsError
+
+    good = tmp_path / "good.psk"
+    good.write_text(f"# keys\n\nalice:{'ab' * 32}\nbob:{'01' * 16}\n")
+    assert read_psk_file(good) == [("alice", b"\xab" * 32), ("bob", b"\x01" * 16)]
+    for text in ("alice:abc\n", "alice:" + "ab" * 8 + "\n", ":" + "ab" * 32 + "\n",
+                 "al ice:" + "ab" * 32 + "\n", "", "alice:" + "ab" * 65 + "\n"):
+        bad = tmp_path / "bad.psk"
+        bad.write_text(text)
+        with pytest.raises(TlsError):
+            read_psk_file(bad)
