@@ -1368,10 +1368,12 @@ cdef int client_transfer(transport_t *tp, int fd, uint64_t offset, uint64_t size
     return C_OK
 
 
-def client_copy(int sock, int fd, uint64_t offset, uint64_t size, bint writing):
+def client_copy(int sock, int fd, uint64_t offset, uint64_t size, bint writing,
+                TlsSession tls=None):
     """Copy between an NBD server (simple replies) and a local fd without the GIL.
 
     ``writing``: WRITE size bytes read from fd at ``offset``; else READ them into fd.
+    ``tls``: the session the handshake started on ``sock`` (everything goes through it).
     Raises the errors of ``flexnbd.errors``; OSError for a local or socket failure.
     """
     cdef uint32_t remote = 0
@@ -1380,8 +1382,10 @@ def client_copy(int sock, int fd, uint64_t offset, uint64_t size, bint writing):
     cdef char *buf = <char *>malloc(MAX_PAYLOAD)
     if not buf:
         raise MemoryError()
-    memset(&tp, 0, sizeof(tp))       # plaintext: no TLS session
+    memset(&tp, 0, sizeof(tp))
     tp.fd = sock
+    if tls is not None:
+        tp.ssl = tls.ssl             # (no sendfile here: no bounce buffer needed)
     try:
         with nogil:
             rc = client_transfer(&tp, fd, offset, size, writing, buf, &remote)

@@ -159,13 +159,19 @@ def _transfer_parser(mode: str) -> _Parser:
     what = "print SIZE bytes from OFFSET to stdout" if mode == "read" else \
         "write SIZE bytes from stdin at OFFSET"
     p = _parser(mode, f"Connect to an NBD server and {what}.",
-                "--addr ADDR --port PORT --from OFFSET --size SIZE [--bind BIND_ADDR]")
+                "--addr ADDR --port PORT --from OFFSET --size SIZE [--bind BIND_ADDR] "
+                "[--tls-certificates DIR | --tls-psk FILE]")
     p.add_argument("-l", "--addr", type=_address, help="the server's address")
     p.add_argument("-p", "--port", type=_port, help="the server's port")
     p.add_argument("-F", "--from", dest="offset", type=_number(MAX_OFFSET, "offset"),
                    help="byte offset")
     p.add_argument("-S", "--size", type=_number(MAX_SIZE, "size"), help="byte count")
     p.add_argument("-b", "--bind", type=_address, help="local address to connect from")
+    p.add_argument("--tls-certificates", metavar="DIR",
+                   help="use TLS: trust DIR/ca-cert.pem (and show DIR/client-cert.pem, "
+                        "client-key.pem if there); the server's certificate must name ADDR")
+    p.add_argument("--tls-psk", metavar="FILE",
+                   help="use TLS with the first 'identity:hexkey' of FILE")
     _global_options(p)
     return p
 
@@ -348,8 +354,13 @@ def _run_server(args: argparse.Namespace, mode: str) -> int:
 def _run_transfer(args: argparse.Namespace, writing: bool) -> int:
     from flexnbd.client import transfer
 
+    if args.tls_certificates is not None and args.tls_psk is not None:
+        raise UsageError("give --tls-certificates or --tls-psk, not both")
+    tls = None
+    if args.tls_certificates is not None or args.tls_psk is not None:
+        tls = TlsSettings(mode="require", certificates=args.tls_certificates, psk=args.tls_psk)
     cfg = TransferConfig(addr=args.addr, port=args.port, offset=args.offset, size=args.size,
-                         bind=args.bind)
+                         bind=args.bind, tls=tls)
     try:
         transfer(cfg, writing)
     except RemoteError as e:

@@ -2,33 +2,43 @@
 
 from __future__ import annotations
 
+import socket
 import sys
 
 from flexnbd import _core, sockets, wire
+from flexnbd._tls import TlsContext, TlsSession
 from flexnbd.config import TransferConfig
+from flexnbd.errors import FlexnbdError
 from flexnbd.handshake import client_handshake
 
 
 def transfer(cfg: TransferConfig, writing: bool) -> None:
     """READ [offset, offset+size) to stdout, or WRITE it from stdin. Raises flexnbd errors
     (RemoteError carries the server's errno name) or OSError."""
+    tls = None
+    if cfg.tls is not None:
+        tls = TlsContext(server=False, certificates=cfg.tls.certificates, psk_file=cfg.tls.psk)
     sock = sockets.connect(cfg.addr, cfg.port, cfg.bind)
     try:
         sock.settimeout(15.0)
-        client_handshake(sock)
+        info = client_handshake(sock, tls=tls, server_hostname=cfg.addr)
         sock.settimeout(None)
         if writing:
-            _core.client_copy(sock.fileno(), sys.stdin.fileno(), cfg.offset, cfg.size, True)
+            _core.client_copy(sock.fileno(), sys.stdin.fileno(), cfg.offset, cfg.size, True,
+                              tls=info.tls)
         else:
             sys.stdout.flush()
-            _core.client_copy(sock.fileno(), sys.stdout.fileno(), cfg.offset, cfg.size, False)
-        _disconnect(sock)
+            _core.client_copy(sock.fileno(), sys.stdout.fileno(), cfg.offset, cfg.size, False,
+                              tls=info.tls)
+        _disconnect(sock if info.tls is None else info.tls)
     finally:
         sock.close()
 
 
-def _disconnect(sock) -> None:
+def _disconnect(channel: socket.socket | TlsSession) -> None:
     try:
-        sock.sendall(wire.pack_request(wire.CMD_DISC))
-    except OSError:
+        channel.sendall(wire.pack_request(wire.CMD_DISC))
+        if isinstance(channel, TlsSession):
+            channel.close_notify()
+    except (OSError, FlexnbdError):
         pass

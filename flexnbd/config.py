@@ -88,6 +88,7 @@ class TransferConfig:
     offset: int
     size: int
     bind: str | None = None
+    tls: TlsSettings | None = None   # STARTTLS with these credentials (mode "require")
 
 
 @dataclass

@@ -9,12 +9,13 @@ from __future__ import annotations
 
 import os
 import ssl
+import subprocess
 from pathlib import Path
 
 import pytest
 
 from flexnbd import wire
-from tests.conftest import require_tool
+from tests.conftest import free_port, require_tool, wait_for_port
 from tests.support.clients import check, run
 from tests.support.layout import punch_fd
 from tests.support.rawclient import RawClient
@@ -116,6 +117,79 @@ def test_qemu_img_over_tls(serve, make_file, tmp_path, kind, creds):
     check([qemu_img, "convert", "--object", qemu_object(kind, creds), "--image-opts", image,
            "-O", "raw", str(out)], timeout=120)
     assert out.read_bytes() == path.read_bytes()
+
+
+def client_tls_args(kind: str, creds) -> list[str]:
+    """Our client side's options for the credentials of ``kind``."""
+    return ["--tls-psk", str(creds)] if kind == "psk" else ["--tls-certificates", str(creds[1])]
+
+
+def test_read_and_write_over_tls(serve, run_flexnbd, make_file, kind, creds):
+    path = make_file(SIZE)
+    server, _ = tls_server(serve, path, kind, creds)
+    where = ["--addr", "127.0.0.1", "--port", str(server.port)]
+    new = os.urandom(3 * MiB)
+    res = run_flexnbd("write", *where, "--from", str(MiB), "--size", str(len(new)),
+                      *client_tls_args(kind, creds), input=new)
+    assert res.returncode == 0, res.stderr
+    assert path.read_bytes()[MiB:4 * MiB] == new
+    res = run_flexnbd("read", *where, "--from", "0", "--size", str(SIZE),
+                      *client_tls_args(kind, creds))
+    assert res.returncode == 0, res.stderr
+    assert res.stdout == path.read_bytes()
+
+
+@pytest.fixture
+def nbdkit_tls(tmp_path):
+    """nbdkit_tls(path, *tls_args) -> port: nbdkit serving PATH with TLS required."""
+    procs = []
+
+    def start(path: Path, *tls_args: str) -> int:
+        port = free_port()
+        proc = subprocess.Popen([require_tool("nbdkit"), "-f", "-i", "127.0.0.1", "-p",
+                                 str(port), "--tls=require", *tls_args, "file", str(path)],
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        procs.append(proc)
+        wait_for_port(port, proc)
+        return port
+    yield start
+    for proc in procs:
+        proc.kill()
+        proc.wait()
+
+
+def test_our_client_side_against_nbdkit_tls(nbdkit_tls, run_flexnbd, make_file, kind, creds):
+    path = make_file(SIZE)
+    if kind == "psk":
+        port = nbdkit_tls(path, f"--tls-psk={creds}")
+    else:
+        port = nbdkit_tls(path, f"--tls-certificates={creds[0]}")
+    where = ["--addr", "127.0.0.1", "--port", str(port)]
+    res = run_flexnbd("read", *where, "--from", "4096", "--size", str(2 * MiB),
+                      *client_tls_args(kind, creds))
+    assert res.returncode == 0, res.stderr
+    assert res.stdout == path.read_bytes()[4096:4096 + 2 * MiB]
+    new = os.urandom(MiB)
+    res = run_flexnbd("write", *where, "--from", "0", "--size", str(MiB),
+                      *client_tls_args(kind, creds), input=new)
+    assert res.returncode == 0, res.stderr
+    assert path.read_bytes()[:MiB] == new
+
+
+def test_our_client_with_a_wrong_key_or_no_tls(serve, run_flexnbd, make_file, tmp_path, psk):
+    server = serve(make_file(SIZE), "--tls=require", "--tls-psk", str(psk))
+    where = ["--addr", "127.0.0.1", "--port", str(server.port), "--from", "0", "--size", "512"]
+    res = run_flexnbd("read", *where, "--tls-psk", str(make_psk(tmp_path / "wrong")))
+    assert res.returncode == 1
+    assert b"TLS handshake failed" in res.stderr and b"Traceback" not in res.stderr
+    res = run_flexnbd("read", *where)
+    assert res.returncode == 1
+    assert b"requires TLS" in res.stderr and b"Traceback" not in res.stderr
+    plain = serve(make_file(SIZE))
+    res = run_flexnbd("read", "--addr", "127.0.0.1", "--port", str(plain.port), "--from", "0",
+                      "--size", "512", "--tls-psk", str(psk))
+    assert res.returncode == 1
+    assert b"does not offer TLS" in res.stderr and b"Traceback" not in res.stderr
 
 
 # --------------------------------------------------------------------------------------------
