@@ -33,6 +33,7 @@ bench: install
 	$(PY) benchmarks/sparse.py
 	$(PY) benchmarks/migration.py
 	$(PY) benchmarks/proxy.py
+	$(PY) benchmarks/tls.py
 
 # Every benchmark in its quick mode (~4 minutes), one JSON in benchmarks/out/bench-ci.json:
 # fails on errors (client, server, exit status, migrated data, sparse wire), never on ratios.

@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """`make bench-ci`: every benchmark script in its quick mode, one JSON file, one verdict.
 
-Runs run.py, sparse.py, migration.py and proxy.py with --quick, one after the other (never
+Runs run.py, sparse.py, migration.py, proxy.py and tls.py with --quick, one after the other (never
 two at once: 2 cores), each printing its usual tables straight into the log; then prints
 every throughput ratio against the best peer, marked "<< 0.80" where it is under 0.8, and
 writes all the scripts' results into one JSON file (default benchmarks/out/bench-ci.json).
@@ -42,10 +42,10 @@ from common import (
 )
 
 HERE = Path(__file__).resolve().parent
-SCRIPTS = ["run", "sparse", "migration", "proxy"]
+SCRIPTS = ["run", "sparse", "migration", "proxy", "tls"]
 # Seconds each script may take before it is stopped (and counted as failed): about 3x what
 # it takes on the 2-core reference machine, so only a hang trips it.
-TIME_LIMIT = {"run": 600, "sparse": 120, "migration": 300, "proxy": 240}
+TIME_LIMIT = {"run": 600, "sparse": 120, "migration": 300, "proxy": 240, "tls": 240}
 DEFAULT_WORKDIR = "/var/tmp/flexnbd-bench-ci"  # apart from the full runs' files and logs
 
 
@@ -114,6 +114,16 @@ def expected_missing(name: str, report: dict) -> list[str]:
         for kind in ("idle", "migrating", "endgame"):
             if kind not in report.get("latency_summary", {}):
                 missing.append(f"latency {kind}")
+    elif name == "tls":
+        from tls import COLUMNS, ROWS
+
+        for row in ROWS:
+            for column in COLUMNS:
+                if column not in report.get("rows", {}).get(row, {}):
+                    missing.append(f"cell {row} / {column}")
+        for kind, runs in report.get("migration", {"migration": None}).items():
+            if not runs or not runs.get("seconds"):
+                missing.append(f"migration {kind}")
     elif name == "proxy":
         from proxy import PROXY_ROWS
 

@@ -1,0 +1,299 @@
+#!/usr/bin/env python3
+"""NBD over TLS: flexnbd against nbdkit and qemu-nbd, all with TLS required, and against
+flexnbd in plaintext; and a migration over TLS against one in plaintext.
+
+Rows (fio's nbd engine, one fresh server per cell, warmed up, servers interleaved, medians
+of --repeat samples): seq read 1M qd16, seq write 1M qd16, rand read 4k qd32. Credentials:
+X.509 (an ECDSA P-256 CA and server certificate made with the openssl command), because
+fio's nbd engine cannot load a PSK file (libnbd refuses local files in URIs unless the
+program allows them, and fio does not); libnbd finds the client's `ca-cert.pem` in
+$HOME/.pki/libnbd, so the clients run with HOME pointing at a directory made here.
+
+Migration: `flexnbd serve` mirrors a dense file into `flexnbd listen`, both with
+`--tls=require --tls-psk` (the same PSK file), against both in plaintext; the time from the
+mirror command to both servers' exit 0 and identical files.
+
+Standard library only. See benchmarks/README.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import time
+from pathlib import Path
+
+from common import (
+    DEFAULT_WORKDIR,
+    EXPORT,
+    HOST,
+    ClientError,
+    GiB,
+    MiB,
+    Server,
+    default_json,
+    find_flexnbd,
+    finish_report,
+    fmt,
+    free_port,
+    git_head,
+    log,
+    machine_info,
+    make_data_file,
+    nbdkit_has_exit_with_parent,
+    parse_size,
+    ratio_text,
+    run_client,
+    run_script,
+    server_version,
+)
+
+ROWS = {
+    "TLS fio seq read 1M qd16": {"rw": "read", "bs": "1M", "iodepth": 16, "unit": "MiB/s"},
+    "TLS fio seq write 1M qd16": {"rw": "write", "bs": "1M", "iodepth": 16, "unit": "MiB/s"},
+    "TLS fio rand read 4k qd32": {"rw": "randread", "bs": "4k", "iodepth": 32, "unit": "IOPS"},
+}
+# Column -> (server, TLS?). The plaintext flexnbd column is the yardstick of what TLS costs.
+COLUMNS = {
+    "flexnbd": ("flexnbd", True),
+    "nbdkit": ("nbdkit", True),
+    "qemu-nbd": ("qemu-nbd", True),
+    "flexnbd plaintext": ("flexnbd", False),
+}
+PEERS = ("nbdkit", "qemu-nbd")
+FULL = {"size": "1G", "runtime": 5, "repeat": 3, "migration_size": "1G"}
+QUICK = {"size": "256M", "runtime": 1, "repeat": 1, "migration_size": "128M"}
+WARMUP_SHARE = 1 / 8
+
+
+def openssl(*args: str, cwd: Path) -> None:
+    subprocess.run(["openssl", *args], cwd=cwd, check=True, capture_output=True)
+
+
+def make_credentials(root: Path) -> dict[str, Path]:
+    """An X.509 CA and a server certificate for HOST; a HOME whose .pki/libnbd has the CA
+    (libnbd's default client credentials); a PSK file. Made afresh each run."""
+    shutil.rmtree(root, ignore_errors=True)
+    server, home = root / "server", root / "home"
+    server.mkdir(parents=True)
+    ec = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes"]
+    openssl("req", "-x509", *ec, "-keyout", "ca-key.pem", "-out", "ca-cert.pem", "-days", "2",
+            "-subj", "/CN=bench CA", "-addext", "basicConstraints=critical,CA:TRUE",
+            "-addext", "keyUsage=critical,keyCertSign", cwd=server)
+    openssl("req", "-new", *ec, "-keyout", "server-key.pem", "-out", "server.csr",
+            "-subj", f"/CN={HOST}", cwd=server)
+    (server / "ext").write_text(f"subjectAltName=IP:{HOST}\nextendedKeyUsage=serverAuth\n")
+    openssl("x509", "-req", "-in", "server.csr", "-CA", "ca-cert.pem", "-CAkey", "ca-key.pem",
+            "-CAcreateserial", "-out", "server-cert.pem", "-days", "2", "-extfile", "ext",
+            cwd=server)
+    client = home / ".pki" / "libnbd"
+    client.mkdir(parents=True)
+    shutil.copy(server / "ca-cert.pem", client / "ca-cert.pem")
+    psk = root / "keys.psk"
+    psk.write_text(f"bench:{os.urandom(32).hex()}\n")
+    return {"server": server, "home": home, "psk": psk}
+
+
+def server_cmd(name: str, tls: bool, port: int, path: Path, certs: Path) -> list[str] | None:
+    if name == "flexnbd":
+        exe = find_flexnbd()
+        if not exe:
+            return None
+        cmd = [exe, "serve", "--addr", HOST, "--port", str(port), "--file", str(path)]
+        return cmd + (["--tls=require", "--tls-certificates", str(certs)] if tls else [])
+    if name == "nbdkit":
+        exe = shutil.which("nbdkit")
+        if not exe:
+            return None
+        cmd = [exe, "-f", "-i", HOST, "-p", str(port), "--tls=require",
+               f"--tls-certificates={certs}"]
+        if nbdkit_has_exit_with_parent(exe):
+            cmd.append("--exit-with-parent")
+        return [*cmd, "file", str(path)]
+    if name == "qemu-nbd":
+        exe = shutil.which("qemu-nbd")
+        if not exe:
+            return None
+        return [exe, "-f", "raw", "-b", HOST, "-p", str(port), "-t", "-x", EXPORT,
+                # (verify-peer=off: qemu asks for client certificates by default; the
+                # other servers do not)
+                "--object",
+                f"tls-creds-x509,id=tls0,endpoint=server,dir={certs},verify-peer=off",
+                "--tls-creds", "tls0", str(path)]
+    raise ValueError(name)
+
+
+def run_fio(port: int, tls: bool, row: dict, runtime: float) -> dict:
+    scheme = "nbds" if tls else "nbd"
+    cmd = ["fio", "--name=bench", "--ioengine=nbd", f"--uri={scheme}://{HOST}:{port}/{EXPORT}",
+           f"--rw={row['rw']}", f"--bs={row['bs']}", f"--iodepth={row['iodepth']}",
+           "--time_based", f"--runtime={runtime * 1000:.0f}ms", "--norandommap",
+           "--randrepeat=0", "--output-format=json"]
+    out = run_client(cmd, timeout=runtime + 60).stdout
+    try:
+        job = json.loads(out[out.index("{"):])["jobs"][0]
+    except (ValueError, KeyError, IndexError) as e:
+        raise ClientError(f"fio printed no JSON report ({e})\n{' '.join(cmd)}") from None
+    side = job["read" if "read" in row["rw"] else "write"]
+    if job.get("error") or not side["io_bytes"]:
+        raise ClientError(f"fio failed or moved no data\n{' '.join(cmd)}")
+    value = side["iops"] if row["unit"] == "IOPS" else side["bw_bytes"] / MiB
+    return {"value": value, "bytes": side["io_bytes"], "command": " ".join(cmd)}
+
+
+def measure(column: str, row: dict, data: Path, workdir: Path, certs: Path,
+            runtime: int) -> dict:
+    name, tls = COLUMNS[column]
+    port = free_port()
+    cmd = server_cmd(name, tls, port, data, certs)
+    assert cmd is not None
+    with Server(name, port, data, workdir / f"tls-{name}.log", cmd=cmd) as server:
+        run_fio(port, tls, row, runtime * WARMUP_SHARE)
+        cpu0 = server.cpu_seconds()
+        result = run_fio(port, tls, row, runtime)
+        cpu = server.cpu_seconds() - cpu0
+        if not server.alive():
+            raise ClientError(f"{column} died during the run\n{server.log_tail()}")
+    return {**result, "cpu_s_per_gib": cpu / (result["bytes"] / GiB)}
+
+
+def migrate(src_file: Path, workdir: Path, tls_args: list[str]) -> float:
+    """Seconds from `mirror` to both servers' exit 0, the files identical."""
+    exe = find_flexnbd()
+    assert exe is not None
+    dst_file = workdir / "tls-migration-dst.img"
+    dst_file.unlink(missing_ok=True)
+    with open(dst_file, "wb") as f:
+        f.truncate(src_file.stat().st_size)
+    sport, dport = free_port(), free_port()
+    ctl = workdir / "tls-migration.ctl"
+    src_cmd = [exe, "serve", "--addr", HOST, "--port", str(sport), "--file", str(src_file),
+               "--sock", str(ctl), *tls_args]
+    dst_cmd = [exe, "listen", "--addr", HOST, "--port", str(dport), "--file", str(dst_file),
+               *tls_args]
+    log_path = workdir / "tls-migration.log"
+    with Server("flexnbd", dport, dst_file, log_path, cmd=dst_cmd) as dst, \
+            Server("flexnbd", sport, src_file, log_path, cmd=src_cmd) as src:
+        while not ctl.exists():
+            time.sleep(0.01)
+        start = time.monotonic()
+        run_client([exe, "mirror", "--sock", str(ctl), "--addr", HOST, "--port", str(dport),
+                    "--wait"], timeout=600)
+        if src.wait_exit(120) != 0 or dst.wait_exit(120) != 0:
+            raise ClientError(f"migration did not end with exit 0 on both sides\n"
+                              f"{src.log_tail()}\n{dst.log_tail()}")
+        elapsed = time.monotonic() - start
+    if subprocess.run(["cmp", "-s", str(src_file), str(dst_file)]).returncode != 0:
+        raise ClientError("the migrated file differs")
+    return elapsed
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--quick", action="store_true", help="a small run for CI")
+    p.add_argument("--workdir", default=DEFAULT_WORKDIR)
+    p.add_argument("--size", help="data file size (default 1G)")
+    p.add_argument("--migration-size", help="migrated file size (default 1G)")
+    p.add_argument("--runtime", type=int, help="seconds per fio cell (default 5)")
+    p.add_argument("--repeat", type=int, help="samples per cell (default 3)")
+    p.add_argument("--json", help="results file (default benchmarks/results/tls.json)")
+    args = p.parse_args(argv)
+    for key, value in (QUICK if args.quick else FULL).items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    workdir = Path(args.workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    size, msize = parse_size(args.size), parse_size(args.migration_size)
+    data = workdir / f"data-{size}.img"
+    make_data_file(data, size)
+    creds = make_credentials(workdir / "tls-creds")
+    os.environ["HOME"] = str(creds["home"])      # libnbd's default client credentials
+    columns = [c for c in COLUMNS
+               if server_cmd(COLUMNS[c][0], True, 1, data, creds["server"]) is not None]
+    report: dict = {
+        "date": datetime.date.today().isoformat(), "machine": machine_info(),
+        "git_head": git_head(), "size": size, "runtime": args.runtime,
+        "repeat": args.repeat, "quick": args.quick, "errors": [], "rows": {},
+        "servers": {c: server_version(COLUMNS[c][0]) for c in columns},
+        "loadavg_start": os.getloadavg(),
+    }
+    for row_name, row in ROWS.items():
+        samples: dict[str, list[dict]] = {c: [] for c in columns}
+        for i in range(args.repeat):
+            for column in columns:
+                log(f"{column}: {row_name} (run {i + 1}/{args.repeat})")
+                try:
+                    cell = measure(column, row, data, workdir, creds["server"], args.runtime)
+                except (ClientError, RuntimeError) as e:
+                    report["errors"].append(f"{row_name} / {column}: {e}")
+                    continue
+                log(f"  {cell['value']:,.0f} {row['unit']}, {cell['cpu_s_per_gib']:.2f} "
+                    "CPU s/GiB")
+                samples[column].append(cell)
+        report["rows"][row_name] = {
+            c: {"value": statistics.median(s["value"] for s in cells),
+                "cpu_s_per_gib": statistics.median(s["cpu_s_per_gib"] for s in cells),
+                "samples": cells}
+            for c, cells in samples.items() if cells
+        }
+    mdata = workdir / f"tls-migration-src-{msize}.img"
+    make_data_file(mdata, msize)
+    runs: dict[str, list[float]] = {"TLS (PSK)": [], "plaintext": []}
+    tls_args = ["--tls=require", "--tls-psk", str(creds["psk"])]
+    for i in range(args.repeat):
+        for kind, extra in (("TLS (PSK)", tls_args), ("plaintext", [])):
+            log(f"migration {size_text_short(msize)} {kind} (run {i + 1}/{args.repeat})")
+            try:
+                runs[kind].append(migrate(mdata, workdir, extra))
+                log(f"  {runs[kind][-1]:.2f} s")
+            except (ClientError, RuntimeError) as e:
+                report["errors"].append(f"migration {kind}: {e}")
+    report["migration"] = {k: {"seconds": v, "median_s": statistics.median(v) if v else None}
+                           for k, v in runs.items()}
+    report["markdown"] = tables(report, columns, msize)
+    print(report["markdown"])
+    report["loadavg_end"] = os.getloadavg()
+    return finish_report(report, Path(args.json) if args.json else default_json("tls",
+                                                                               args.quick))
+
+
+def size_text_short(n: int) -> str:
+    return f"{n / GiB:g} GiB" if n >= GiB else f"{n / MiB:g} MiB"
+
+
+def tables(report: dict, columns: list[str], msize: int) -> str:
+    head = ["row", "unit", *columns, "flexnbd / best peer", "flexnbd TLS / plaintext",
+            *[f"CPU s/GiB {c}" for c in columns]]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for row_name, cells in report["rows"].items():
+        value = {c: cells[c]["value"] for c in cells}
+        peers = [value[p] for p in PEERS if p in value]
+        ours = value.get("flexnbd")
+        best = ratio_text(ours / max(peers)) if ours and peers else "-"
+        plain = value.get("flexnbd plaintext")
+        own = f"{ours / plain:.2f}" if ours and plain else "-"
+        lines.append("| " + " | ".join(
+            [row_name, ROWS[row_name]["unit"], *[fmt(value.get(c)) for c in columns], best, own,
+             *[fmt(cells[c]["cpu_s_per_gib"]) if c in cells else "-" for c in columns]]) + " |")
+    mig = report["migration"]
+    tls_s, plain_s = mig["TLS (PSK)"]["median_s"], mig["plaintext"]["median_s"]
+    lines.append("")
+    lines.append(f"Migration of a dense {size_text_short(msize)} file, mirror to both exits: "
+                 f"TLS (PSK) {fmt(tls_s)} s, plaintext {fmt(plain_s)} s"
+                 + (f", TLS / plaintext time {tls_s / plain_s:.2f}" if tls_s and plain_s
+                    else ""))
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    run_script(main)
