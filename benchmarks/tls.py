@@ -203,9 +203,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--repeat", type=int, help="samples per cell (default 3)")
     p.add_argument("--json", help="results file (default benchmarks/results/tls.json)")
     args = p.parse_args(argv)
-    for key, value in (QUICK if args.quick else FULL).items():
-        if getattr(args, key) is None:
-            setattr(args, key, value)
+    unset = {k: v for k, v in (QUICK if args.quick else FULL).items() if getattr(args, k) is None}
+    vars(args).update(unset)
     return args
 
 

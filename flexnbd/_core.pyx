@@ -295,6 +295,8 @@ cdef int flush_out(conn_t *c, int more) noexcept nogil:
     if c.out_len:
         rc = tp_send_all(&c.tp, c.outbuf, c.out_len, MSG_MORE if more else 0)
         c.out_len = 0
+    elif not more and c.tp.ssl != NULL:
+        rc = tls_flush(&c.tp)        # (TLS: records held back by an earlier MSG_MORE)
     return -1 if rc else 0
 
 
@@ -1196,6 +1198,7 @@ cdef class Connection:
         if tls is not None:
             # READ data is pread into buf (free while a READ is answered) and encrypted.
             self.tls = tls
+            tls.batch_writes()
             self.c.tp.ssl = tls.ssl
             self.c.tp.bounce = self.c.buf
             self.c.tp.bounce_size = BUF_SIZE
@@ -1385,6 +1388,7 @@ def client_copy(int sock, int fd, uint64_t offset, uint64_t size, bint writing,
     memset(&tp, 0, sizeof(tp))
     tp.fd = sock
     if tls is not None:
+        tls.batch_writes()
         tp.ssl = tls.ssl             # (no sendfile here: no bounce buffer needed)
     try:
         with nogil:
@@ -1526,6 +1530,7 @@ cdef class MirrorStream:
         if tls is not None:
             # The data is pread into this buffer and encrypted (no sendfile under TLS).
             self.tls = tls
+            tls.batch_writes()
             self.s.tp.ssl = tls.ssl
             self.s.tp.bounce = <char *>malloc(BUF_SIZE)
             self.s.tp.bounce_size = BUF_SIZE

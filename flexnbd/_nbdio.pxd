@@ -10,13 +10,14 @@
 from libc.stdint cimport uint64_t
 
 from flexnbd._openssl cimport (
-    SSL, SSL_ERROR_SYSCALL, SSL_ERROR_WANT_READ, SSL_ERROR_WANT_WRITE, SSL_ERROR_ZERO_RETURN,
-    ERR_clear_error, SSL_get_error, SSL_has_pending, SSL_read_ex, SSL_write_ex,
+    BIO, SSL, SSL_ERROR_SYSCALL, SSL_ERROR_WANT_READ, SSL_ERROR_WANT_WRITE,
+    SSL_ERROR_ZERO_RETURN, BIO_flush, BIO_should_retry, ERR_clear_error, SSL_get_error,
+    SSL_get_wbio, SSL_has_pending, SSL_read_ex, SSL_write_ex,
 )
 from flexnbd._sys cimport EAGAIN, EIO, EINTR, EOPNOTSUPP, EPIPE, EPROTO, MSG_DONTWAIT, \
-    MSG_NOSIGNAL, MSG_WAITALL, POLLIN, SPLICE_F_MORE, SPLICE_F_MOVE, errno, iovec, memcpy, \
-    memmove, msghdr, off_t, poll, pollfd, pread, recv, send, sendfile, sendmsg, set_errno, \
-    splice, ssize_t
+    MSG_MORE, MSG_NOSIGNAL, MSG_WAITALL, POLLIN, SPLICE_F_MORE, SPLICE_F_MOVE, errno, iovec, \
+    memcpy, memmove, msghdr, off_t, poll, pollfd, pread, recv, send, sendfile, sendmsg, \
+    set_errno, splice, ssize_t
 from flexnbd._wire cimport CMD_READ, CMD_WRITE, MAX_PAYLOAD, request_t
 
 cdef enum:
@@ -75,13 +76,32 @@ cdef inline ssize_t tls_outcome(SSL *ssl, int ok, size_t n, int reading) noexcep
     return -1
 
 
-cdef inline ssize_t tls_send(transport_t *t, const void *p, size_t n) noexcept nogil:
+cdef inline int tls_flush(transport_t *t) noexcept nogil:
+    """Send the records gathered in the session's write buffer (TlsSession.batch_writes).
+    0, or -1 with errno (EAGAIN: no progress within the send timeout)."""
+    cdef BIO *w = SSL_get_wbio(t.ssl)
+    set_errno(0)
+    if BIO_flush(w) == 1:
+        return 0
+    if BIO_should_retry(w):
+        set_errno(EAGAIN)
+    elif errno == 0:
+        set_errno(EPIPE)
+    return -1
+
+
+cdef inline ssize_t tls_send(transport_t *t, const void *p, size_t n, int flags) noexcept nogil:
+    """Encrypt n bytes; they leave at once unless MSG_MORE says more follows (then with it)."""
     cdef size_t done = 0
     cdef int ok
+    cdef ssize_t k
     ERR_clear_error()
     set_errno(0)
     ok = SSL_write_ex(t.ssl, p, n, &done)
-    return tls_outcome(t.ssl, ok, done, 0)
+    k = tls_outcome(t.ssl, ok, done, 0)
+    if k >= 0 and not (flags & MSG_MORE) and tls_flush(t) < 0:
+        return -1
+    return k
 
 
 cdef inline ssize_t tls_recv(transport_t *t, void *p, size_t n, int flags) noexcept nogil:
@@ -110,7 +130,7 @@ cdef inline bint tp_pending(const transport_t *t) noexcept nogil:
 
 cdef inline ssize_t tp_send(transport_t *t, const void *p, size_t n, int flags) noexcept nogil:
     if t.ssl != NULL:
-        return tls_send(t, p, n)
+        return tls_send(t, p, n, flags)
     return send(t.fd, p, n, flags | MSG_NOSIGNAL)
 
 
@@ -119,13 +139,15 @@ cdef inline ssize_t tp_sendmsg(transport_t *t, const msghdr *msg, int flags) noe
     cdef ssize_t k, total = 0
     if t.ssl == NULL:
         return sendmsg(t.fd, msg, flags | MSG_NOSIGNAL)
-    for i in range(msg.msg_iovlen):      # one record per piece; each piece whole
+    for i in range(msg.msg_iovlen):      # each piece whole, sent together
         if msg.msg_iov[i].iov_len == 0:
             continue
-        k = tls_send(t, msg.msg_iov[i].iov_base, msg.msg_iov[i].iov_len)
+        k = tls_send(t, msg.msg_iov[i].iov_base, msg.msg_iov[i].iov_len, MSG_MORE)
         if k < 0:
             return k if total == 0 else total
         total += k
+    if tls_flush(t) < 0:
+        return -1
     return total
 
 
@@ -145,7 +167,7 @@ cdef inline ssize_t tp_sendfile(transport_t *t, int fd, off_t *offset, size_t n)
     k = pread(fd, t.bounce, n, offset[0])
     if k <= 0:
         return k
-    w = tls_send(t, t.bounce, <size_t>k)
+    w = tls_send(t, t.bounce, <size_t>k, 0)
     if w > 0:
         offset[0] += w
     return w

@@ -65,6 +65,8 @@ cdef extern from "<openssl/ssl.h>" nogil:
         SSL_OP_NO_RENEGOTIATION
         SSL_OP_NO_TICKET
         SSL_OP_IGNORE_UNEXPECTED_EOF
+        SSL_OP_CIPHER_SERVER_PREFERENCE
+        SSL_OP_PRIORITIZE_CHACHA
         SSL_MODE_ACCEPT_MOVING_WRITE_BUFFER
         SSL_FILETYPE_PEM
         SSL_VERIFY_NONE
@@ -76,6 +78,24 @@ cdef extern from "<openssl/ssl.h>" nogil:
         SSL_ERROR_WANT_WRITE
         SSL_ERROR_SYSCALL
         SSL_ERROR_ZERO_RETURN
+
+cdef extern from "<openssl/bio.h>" nogil:
+    ctypedef struct BIO:
+        pass
+    ctypedef struct BIO_METHOD:
+        pass
+    const BIO_METHOD *BIO_f_buffer()
+    BIO *BIO_new(const BIO_METHOD *method)
+    int BIO_up_ref(BIO *b)
+    void BIO_free_all(BIO *b)
+    BIO *BIO_push(BIO *b, BIO *append)
+    long BIO_set_write_buffer_size(BIO *b, long size)
+    int BIO_flush(BIO *b)
+    int BIO_should_retry(BIO *b)
+
+cdef extern from "<openssl/ssl.h>" nogil:
+    BIO *SSL_get_wbio(const SSL *ssl)
+    void SSL_set0_wbio(SSL *ssl, BIO *wbio)
 
 cdef extern from "<openssl/err.h>" nogil:
     unsigned long ERR_get_error()

@@ -26,3 +26,5 @@ cdef class TlsSession:
     cdef readonly TlsContext context
     cdef object sock                # the socket the session runs on (keeps its fd open)
     cdef bint shut
+    cdef bint batched
+    cdef int batch_writes(self) except -1
