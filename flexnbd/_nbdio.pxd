@@ -3,9 +3,10 @@
 #
 # The transport is the one seam between NBD code and a peer's bytes: every send and receive on
 # a peer's socket goes through a tp_* call. It is a plain socket, or a TLS session on it
-# (tp.ssl): tp_send/tp_recv/tp_sendmsg then encrypt and decrypt, tp_sendfile becomes a pread
-# into the transport's bounce buffer and an encrypted write (file bytes must be encrypted on
-# the way), and tp_splice_in is not available (callers use a receive instead).
+# (tp.ssl): tp_send/tp_recv then encrypt and decrypt, tp_sendfile becomes a pread into the
+# transport's bounce buffer and an encrypted write (file bytes must be encrypted on the way),
+# and tp_splice_in is not available (callers use a receive instead). The proxy's non-blocking
+# calls (tp_sendmsg, MSG_DONTWAIT) are plaintext only: the proxy does not speak TLS yet.
 
 from libc.stdint cimport uint64_t
 
@@ -15,9 +16,8 @@ from flexnbd._openssl cimport (
     SSL_get_wbio, SSL_has_pending, SSL_read_ex, SSL_write_ex,
 )
 from flexnbd._sys cimport EAGAIN, EIO, EINTR, EOPNOTSUPP, EPIPE, EPROTO, MSG_DONTWAIT, \
-    MSG_MORE, MSG_NOSIGNAL, MSG_WAITALL, POLLIN, SPLICE_F_MORE, SPLICE_F_MOVE, errno, iovec, \
-    memcpy, memmove, msghdr, off_t, poll, pollfd, pread, recv, send, sendfile, sendmsg, \
-    set_errno, splice, ssize_t
+    MSG_MORE, MSG_NOSIGNAL, MSG_WAITALL, SPLICE_F_MORE, SPLICE_F_MOVE, errno, memcpy, memmove, \
+    msghdr, off_t, pread, recv, send, sendfile, sendmsg, set_errno, splice, ssize_t
 from flexnbd._wire cimport CMD_READ, CMD_WRITE, MAX_PAYLOAD, request_t
 
 cdef enum:
@@ -104,19 +104,10 @@ cdef inline ssize_t tls_send(transport_t *t, const void *p, size_t n, int flags)
     return k
 
 
-cdef inline ssize_t tls_recv(transport_t *t, void *p, size_t n, int flags) noexcept nogil:
-    """One decrypted read. MSG_DONTWAIT: EAGAIN unless decrypted bytes are waiting or the
-    socket is readable. (MSG_WAITALL: callers loop, as they do for recv.)"""
+cdef inline ssize_t tls_recv(transport_t *t, void *p, size_t n) noexcept nogil:
+    """One decrypted read (callers loop for MSG_WAITALL, as they do for recv)."""
     cdef size_t got = 0
     cdef int ok
-    cdef pollfd pfd
-    if flags & MSG_DONTWAIT and not SSL_has_pending(t.ssl):
-        pfd.fd = t.fd
-        pfd.events = POLLIN
-        pfd.revents = 0
-        if poll(&pfd, 1, 0) <= 0:
-            set_errno(EAGAIN)
-            return -1
     ERR_clear_error()
     set_errno(0)
     ok = SSL_read_ex(t.ssl, p, n, &got)
@@ -135,25 +126,19 @@ cdef inline ssize_t tp_send(transport_t *t, const void *p, size_t n, int flags) 
 
 
 cdef inline ssize_t tp_sendmsg(transport_t *t, const msghdr *msg, int flags) noexcept nogil:
-    cdef size_t i
-    cdef ssize_t k, total = 0
-    if t.ssl == NULL:
-        return sendmsg(t.fd, msg, flags | MSG_NOSIGNAL)
-    for i in range(msg.msg_iovlen):      # each piece whole, sent together
-        if msg.msg_iov[i].iov_len == 0:
-            continue
-        k = tls_send(t, msg.msg_iov[i].iov_base, msg.msg_iov[i].iov_len, MSG_MORE)
-        if k < 0:
-            return k if total == 0 else total
-        total += k
-    if tls_flush(t) < 0:
+    """Plaintext only (the proxy's gathered, non-blocking sends)."""
+    if t.ssl != NULL:
+        set_errno(EOPNOTSUPP)
         return -1
-    return total
+    return sendmsg(t.fd, msg, flags | MSG_NOSIGNAL)
 
 
 cdef inline ssize_t tp_recv(transport_t *t, void *p, size_t n, int flags) noexcept nogil:
     if t.ssl != NULL:
-        return tls_recv(t, p, n, flags)
+        if flags & MSG_DONTWAIT:          # (non-blocking TLS reads: not needed yet, see top)
+            set_errno(EOPNOTSUPP)
+            return -1
+        return tls_recv(t, p, n)
     return recv(t.fd, p, n, flags)
 
 
