@@ -6,14 +6,16 @@
 # (tp.ssl): tp_send/tp_recv then encrypt and decrypt, tp_sendfile becomes a pread into the
 # transport's bounce buffer and an encrypted write (file bytes must be encrypted on the way),
 # and tp_splice_in is not available (callers use a receive instead). The proxy's non-blocking
-# calls (tp_sendmsg, MSG_DONTWAIT) are plaintext only: the proxy does not speak TLS yet.
+# calls (tp_sendmsg, MSG_DONTWAIT receives) work on a non-blocking socket: under TLS a send
+# copies what it accepts into the transport's stage and encrypts it from there, and what the
+# socket could not take yet waits in the stage (tp_unsent) until tp_send_unsent finishes it.
 
 from libc.stdint cimport uint64_t
 
 from flexnbd._openssl cimport (
     BIO, SSL, SSL_ERROR_SYSCALL, SSL_ERROR_WANT_READ, SSL_ERROR_WANT_WRITE,
     SSL_ERROR_ZERO_RETURN, BIO_flush, BIO_should_retry, ERR_clear_error, SSL_get_error,
-    SSL_get_wbio, SSL_has_pending, SSL_read_ex, SSL_write_ex,
+    SSL_get_wbio, SSL_has_pending, SSL_pending, SSL_read_ex, SSL_write_ex,
 )
 from flexnbd._sys cimport EAGAIN, EIO, EINTR, EOPNOTSUPP, EPIPE, EPROTO, MSG_DONTWAIT, \
     MSG_MORE, MSG_NOSIGNAL, MSG_WAITALL, SPLICE_F_MORE, SPLICE_F_MOVE, errno, memcpy, memmove, \
@@ -49,6 +51,13 @@ cdef struct transport_t:
     SSL *ssl                  # NULL: plaintext; else the TLS session on fd (not owned)
     char *bounce              # TLS: file data on its way to be encrypted (not owned)
     size_t bounce_size
+    # Non-blocking TLS (the proxy). OpenSSL wants a write that could not finish retried with
+    # the same bytes, so a send copies what it accepts here first (not owned).
+    char *stage
+    size_t stage_cap
+    size_t stage_len          # bytes accepted and not yet all encrypted and sent
+    bint read_wants_write     # the last TLS read waits for the socket to be writable
+    bint write_wants_read     # the last TLS write waits for it to be readable
 
 
 cdef inline ssize_t tls_outcome(SSL *ssl, int ok, size_t n, int reading) noexcept nogil:
@@ -105,13 +114,68 @@ cdef inline ssize_t tls_send(transport_t *t, const void *p, size_t n, int flags)
 
 
 cdef inline ssize_t tls_recv(transport_t *t, void *p, size_t n) noexcept nogil:
-    """One decrypted read (callers loop for MSG_WAITALL, as they do for recv)."""
+    """One decrypted read (callers loop for MSG_WAITALL, as they do for recv). On a
+    non-blocking socket: EAGAIN, and read_wants_write says whether the read waits for the
+    socket to take a write (a TLS 1.3 KeyUpdate answer) rather than for bytes."""
     cdef size_t got = 0
     cdef int ok
     ERR_clear_error()
     set_errno(0)
     ok = SSL_read_ex(t.ssl, p, n, &got)
+    t.read_wants_write = ok != 1 and SSL_get_error(t.ssl, 0) == SSL_ERROR_WANT_WRITE
     return tls_outcome(t.ssl, ok, got, 1)
+
+
+cdef inline int tp_send_unsent(transport_t *t) noexcept nogil:
+    """Finish sending the stage (non-blocking TLS): 0 when nothing is left, or -1 with errno
+    (EAGAIN: the socket is full; write_wants_read says whether it waits for a read)."""
+    cdef size_t done = 0
+    cdef int ok
+    if t.stage_len == 0:
+        return 0
+    ERR_clear_error()
+    set_errno(0)
+    ok = SSL_write_ex(t.ssl, t.stage, t.stage_len, &done)
+    if ok == 1:
+        t.stage_len = 0
+        t.write_wants_read = 0
+        return 0
+    t.write_wants_read = SSL_get_error(t.ssl, 0) == SSL_ERROR_WANT_READ
+    tls_outcome(t.ssl, ok, done, 0)
+    return -1
+
+
+cdef inline bint tp_unsent(const transport_t *t) noexcept nogil:
+    """Bytes a non-blocking send accepted that have not all left yet."""
+    return t.stage_len > 0
+
+
+cdef inline ssize_t tls_sendmsg(transport_t *t, const msghdr *msg) noexcept nogil:
+    """A gathered, non-blocking send under TLS: finish the stage, then copy as much of msg
+    as fits into it and encrypt that. Returns the bytes accepted (they count as sent; those the
+    socket could not take yet wait in the stage), or -1 with errno (EAGAIN: the stage is still
+    being sent)."""
+    cdef size_t n = 0, c
+    cdef size_t i
+    if tp_send_unsent(t) < 0:
+        return -1
+    for i in range(<size_t>msg.msg_iovlen):
+        c = msg.msg_iov[i].iov_len
+        if c > t.stage_cap - n:
+            c = t.stage_cap - n
+        memcpy(t.stage + n, msg.msg_iov[i].iov_base, c)
+        n += c
+        if n == t.stage_cap:
+            break
+    t.stage_len = n
+    if tp_send_unsent(t) < 0 and errno != EAGAIN:
+        return -1
+    return <ssize_t>n
+
+
+cdef inline bint tp_readable(const transport_t *t) noexcept nogil:
+    """Decrypted bytes are waiting in the TLS session, where poll cannot see them."""
+    return t.ssl != NULL and SSL_pending(t.ssl) > 0
 
 
 cdef inline bint tp_pending(const transport_t *t) noexcept nogil:
@@ -126,19 +190,16 @@ cdef inline ssize_t tp_send(transport_t *t, const void *p, size_t n, int flags) 
 
 
 cdef inline ssize_t tp_sendmsg(transport_t *t, const msghdr *msg, int flags) noexcept nogil:
-    """Plaintext only (the proxy's gathered, non-blocking sends)."""
+    """The proxy's gathered sends (MSG_DONTWAIT; under TLS the socket must be non-blocking
+    and t.stage set)."""
     if t.ssl != NULL:
-        set_errno(EOPNOTSUPP)
-        return -1
+        return tls_sendmsg(t, msg)
     return sendmsg(t.fd, msg, flags | MSG_NOSIGNAL)
 
 
 cdef inline ssize_t tp_recv(transport_t *t, void *p, size_t n, int flags) noexcept nogil:
     if t.ssl != NULL:
-        if flags & MSG_DONTWAIT:          # (non-blocking TLS reads: not needed yet, see top)
-            set_errno(EOPNOTSUPP)
-            return -1
-        return tls_recv(t, p, n)
+        return tls_recv(t, p, n)        # (MSG_DONTWAIT: the proxy's sockets are non-blocking)
     return recv(t.fd, p, n, flags)
 
 

@@ -44,6 +44,7 @@ cdef extern from "<openssl/ssl.h>" nogil:
     void SSL_free(SSL *ssl)
     SSL_CTX *SSL_get_SSL_CTX(const SSL *ssl)
     int SSL_set_fd(SSL *ssl, int fd)
+    unsigned long SSL_set_options(SSL *ssl, unsigned long options)
     int SSL_set1_host(SSL *ssl, const char *hostname)
     long SSL_set_tlsext_host_name(SSL *ssl, const char *name)
     void SSL_set_accept_state(SSL *ssl)

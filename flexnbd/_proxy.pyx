@@ -16,6 +16,11 @@ Both sockets are non-blocking and one poll(2) loop serves them: bytes read from 
 parsed at once, and whatever became ready to send is sent at once (one sendmsg for a batch of
 requests, or of replies, and their data).
 
+Either side may be TLS (a TlsSession that has shaken hands): the same loop then encrypts and
+decrypts through the transport (``_nbdio.pxd``), reads each side until OpenSSL says it wants
+more bytes, reads decrypted bytes poll cannot see without waiting, and keeps a send that the
+socket could not take in the transport's stage until it has left.
+
 Read-ahead (``cache_bytes`` > 0): a READ of at most cache_bytes goes upstream as a READ of twice
 its length (clamped to the export's end); the second half is kept, and a later READ inside it is
 answered from memory. Any WRITE, TRIM, WRITE_ZEROES or FLUSH, and any reconnect, empties it; a
@@ -25,7 +30,9 @@ read-ahead that a write could have overtaken is not kept.
 from libc.stdint cimport int64_t, uint16_t, uint32_t, uint64_t
 
 from flexnbd._nbdio cimport *
+from flexnbd._openssl cimport SSL_OP_IGNORE_UNEXPECTED_EOF, SSL_set_options
 from flexnbd._sys cimport *
+from flexnbd._tls cimport TlsSession
 from flexnbd._wire cimport *
 
 DEF NSLOTS = 256                          # requests in flight (a power of two)
@@ -37,6 +44,8 @@ DEF KEEP_TOTAL = 64 * 1024 * 1024
 DEF MAX_RETAINED = 256 * 1024 * 1024
 DEF MAX_IOV = 64
 DEF BURST = 16                            # reads per socket per turn, so neither side starves
+# TLS: what one gathered send takes in (copied, then encrypted in records of 16 KiB).
+DEF STAGE_SIZE = 256 * 1024
 
 
 cpdef enum End:
@@ -417,9 +426,9 @@ cdef void read_client(relay_t *r) noexcept nogil:
         k = recv_some(&r.down, &r.down_in, direct, want, &r.payload_got,
                       REQUEST_SIZE if r.big_writes else 0, &asked)
         if k > 0:
-            if <size_t>k < asked:
+            if <size_t>k < asked and r.down.ssl == NULL:
                 break           # the socket is drained: no need for a recv that says so
-            continue
+            continue            # (TLS reads end at each record: read on until EAGAIN)
         if k < 0 and errno == EINTR:
             continue
         if k < 0 and errno == EAGAIN:
@@ -431,6 +440,16 @@ cdef void read_client(relay_t *r) noexcept nogil:
 
 # --------------------------------------------------------------------------------------------
 # To upstream
+
+cdef int upstream_send_failed(relay_t *r) noexcept nogil:
+    """A send upstream failed (errno): C_OK if it would only have blocked."""
+    if errno == EAGAIN:
+        r.up_blocked = 1
+        return C_OK
+    r.err = errno
+    r.problem = UP_ERRNO
+    return END_UPSTREAM_LOST
+
 
 cdef int send_upstream(relay_t *r) noexcept nogil:
     """Send queued requests in sequence order, many per sendmsg.
@@ -446,6 +465,10 @@ cdef int send_upstream(relay_t *r) noexcept nogil:
     cdef ssize_t k
     cdef int n, m, i, state
     cdef int64_t t
+    if tp_unsent(&r.up):
+        if tp_send_unsent(&r.up) < 0:
+            return upstream_send_failed(r)
+        r.up_progress_ns = now_ns()
     while True:
         if r.rescan and r.cursor_sent == 0:
             r.cursor = r.oldest
@@ -478,7 +501,7 @@ cdef int send_upstream(relay_t *r) noexcept nogil:
                 r.cursor = seq + 1      # already sent or answered: move on
             seq += 1
         if m == 0:
-            r.up_blocked = 0
+            r.up_blocked = tp_unsent(&r.up)     # (TLS: the stage still has some to send)
             return C_OK
         memset(&msg, 0, sizeof(msg))
         msg.msg_iov = iov
@@ -487,12 +510,7 @@ cdef int send_upstream(relay_t *r) noexcept nogil:
         if k < 0:
             if errno == EINTR:
                 continue
-            if errno == EAGAIN:
-                r.up_blocked = 1
-                return C_OK
-            r.err = errno
-            r.problem = UP_ERRNO
-            return END_UPSTREAM_LOST
+            return upstream_send_failed(r)
         t = now_ns()
         r.up_progress_ns = t
         left = <size_t>k
@@ -592,8 +610,8 @@ cdef int read_upstream(relay_t *r) noexcept nogil:
                       SIMPLE_REPLY_SIZE if r.big_reads else 0, &asked)
         if k > 0:
             r.up_progress_ns = now_ns()
-            if <size_t>k < asked:
-                break           # drained
+            if <size_t>k < asked and r.up.ssl == NULL:
+                break           # drained (TLS reads end at each record: read on)
             continue
         if k == 0:
             r.problem = UP_EOF
@@ -611,6 +629,14 @@ cdef int read_upstream(relay_t *r) noexcept nogil:
 # --------------------------------------------------------------------------------------------
 # To the client
 
+cdef void client_send_failed(relay_t *r) noexcept nogil:
+    """A send to the client failed (errno): wait if it would only have blocked."""
+    if errno == EAGAIN:
+        r.down_blocked = 1
+    else:
+        client_gone(r)
+
+
 cdef void send_client(relay_t *r) noexcept nogil:
     """Send the queued replies (with their READ data), many per sendmsg."""
     cdef iovec iov[MAX_IOV]
@@ -619,6 +645,11 @@ cdef void send_client(relay_t *r) noexcept nogil:
     cdef size_t i, skip, left, need
     cdef ssize_t k
     cdef int n
+    if r.client_dead:
+        return
+    if tp_unsent(&r.down) and tp_send_unsent(&r.down) < 0:
+        client_send_failed(r)
+        return
     while r.done_count and not r.client_dead:
         n = 0
         skip = r.done_sent
@@ -646,10 +677,7 @@ cdef void send_client(relay_t *r) noexcept nogil:
         if k < 0:
             if errno == EINTR:
                 continue
-            if errno == EAGAIN:
-                r.down_blocked = 1
-                return
-            client_gone(r)
+            client_send_failed(r)
             return
         left = <size_t>k
         while r.done_count:
@@ -663,7 +691,7 @@ cdef void send_client(relay_t *r) noexcept nogil:
             r.done_head = (r.done_head + 1) & (NSLOTS - 1)
             r.done_count -= 1
             release(r, s)
-    r.down_blocked = 0
+    r.down_blocked = tp_unsent(&r.down)     # (TLS: the stage still has some to send)
 
 
 # --------------------------------------------------------------------------------------------
@@ -689,6 +717,7 @@ cdef int64_t upstream_deadline(relay_t *r) noexcept nogil:
 cdef int relay_loop(relay_t *r) noexcept nogil:
     cdef pollfd fds[3]
     cdef int rc, timeout_ms
+    cdef bint reading_client, up_ready, down_ready
     cdef int64_t now, deadline
     while True:
         if not r.client_dead:
@@ -699,20 +728,28 @@ cdef int relay_loop(relay_t *r) noexcept nogil:
                 return rc
         if not r.down_blocked:
             send_client(r)
-        if r.closing and r.busy == 0:
+        if r.closing and r.busy == 0 and (r.client_dead or not tp_unsent(&r.down)):
             return r.end
         now = now_ns()
         deadline = upstream_deadline(r)
         if deadline >= 0 and now >= deadline:
             return END_UPSTREAM_TIMEOUT
         timeout_ms = -1 if deadline < 0 else <int>((deadline - now) // 1000000 + 1)
+        reading_client = wants_client_input(r)
+        # TLS: decrypted bytes already in a session are read without waiting for poll
+        up_ready = tp_readable(&r.up)
+        down_ready = reading_client and tp_readable(&r.down)
+        if up_ready or down_ready:
+            timeout_ms = 0
         fds[0].fd = r.stop_fd
         fds[0].events = POLLIN
         fds[1].fd = r.up.fd
-        fds[1].events = POLLIN | (POLLOUT if r.up_blocked else 0)
+        fds[1].events = POLLIN | (POLLOUT if r.up_blocked or r.up.read_wants_write else 0)
         fds[2].fd = -1 if r.client_dead else r.down.fd
-        fds[2].events = ((POLLIN if wants_client_input(r) else 0)
-                         | (POLLOUT if r.down_blocked and r.done_count else 0))
+        fds[2].events = (
+            (POLLIN if reading_client or (r.down_blocked and r.down.write_wants_read) else 0)
+            | (POLLOUT if (r.down_blocked and (r.done_count or tp_unsent(&r.down)))
+               or (reading_client and r.down.read_wants_write) else 0))
         fds[0].revents = fds[1].revents = fds[2].revents = 0
         rc = poll(fds, 3, timeout_ms)
         if rc < 0:
@@ -722,8 +759,20 @@ cdef int relay_loop(relay_t *r) noexcept nogil:
             return END_STOPPED
         if fds[0].revents:
             return END_STOPPED
-        if fds[1].revents & POLLOUT:
+        if up_ready:
+            fds[1].revents |= POLLIN
+        if down_ready:
+            fds[2].revents |= POLLIN
+        # (TLS: a read that waits for writability, or a write for readability, is retried
+        # when the socket becomes so)
+        if fds[1].revents & POLLOUT and r.up.read_wants_write:
+            fds[1].revents |= POLLIN
+        if fds[2].revents & POLLOUT and r.down.read_wants_write:
+            fds[2].revents |= POLLIN
+        if fds[1].revents & POLLOUT or (fds[1].revents & POLLIN and r.up.write_wants_read):
             r.up_blocked = 0
+        if fds[2].revents & POLLIN and r.down.write_wants_read:
+            r.down_blocked = 0
         if fds[1].revents & (POLLIN | POLLERR | POLLHUP):
             rc = read_upstream(r)
             if rc != C_OK:
@@ -745,11 +794,18 @@ cdef class Relay:
     sockets belong to the caller (pass non-blocking descriptors)."""
 
     cdef relay_t r
+    cdef TlsSession up_tls
+    cdef TlsSession down_tls
 
     def __cinit__(self, int upstream, uint64_t size, uint16_t upstream_flags, int stop_fd,
-                  uint32_t cache_bytes, double timeout):
+                  uint32_t cache_bytes, double timeout, TlsSession upstream_tls=None):
         cdef int i
         self.r.up.fd = upstream
+        self.r.up.stage = <char *>malloc(STAGE_SIZE)
+        self.r.up.stage_cap = STAGE_SIZE
+        self.r.down.stage = <char *>malloc(STAGE_SIZE)
+        self.r.down.stage_cap = STAGE_SIZE
+        self._use_upstream_tls(upstream_tls)
         self.r.down.fd = -1
         self.r.stop_fd = stop_fd
         self.r.size = size
@@ -768,7 +824,7 @@ cdef class Relay:
         self.r.up_in.cap = INBUF_SIZE
         self.r.cache = <char *>malloc(self.r.cache_cap + 1)
         if not (self.r.slots and self.r.done_q and self.r.down_in.data and self.r.up_in.data
-                and self.r.cache):
+                and self.r.cache and self.r.up.stage and self.r.down.stage):
             raise MemoryError()
         for i in range(NSLOTS):
             self.r.slots[i].seq = <uint64_t>-1
@@ -783,12 +839,29 @@ cdef class Relay:
         free(self.r.down_in.data)
         free(self.r.up_in.data)
         free(self.r.cache)
+        free(self.r.up.stage)
+        free(self.r.down.stage)
 
-    def attach(self, int client):
-        """Start a client's session. The previous one must have ended (nothing in flight)."""
+    cdef _use_upstream_tls(self, TlsSession tls):
+        self.up_tls = tls           # (keeps the session alive while the relay uses it)
+        self.r.up.ssl = NULL if tls is None else tls.ssl
+        self.r.up.stage_len = 0
+        self.r.up.read_wants_write = self.r.up.write_wants_read = 0
+        if tls is not None:
+            # A bare close is a close, as in plaintext: the NBD framing shows a cut reply, and
+            # the proxy reconnects either way.
+            SSL_set_options(tls.ssl, SSL_OP_IGNORE_UNEXPECTED_EOF)
+
+    def attach(self, int client, TlsSession tls=None):
+        """Start a client's session (``tls``: the session it shook hands on). The previous one
+        must have ended (nothing in flight)."""
         if self.r.busy:
             raise RuntimeError("requests of the previous client are still in flight")
         self.r.down.fd = client
+        self.down_tls = tls
+        self.r.down.ssl = NULL if tls is None else tls.ssl
+        self.r.down.stage_len = 0
+        self.r.down.read_wants_write = self.r.down.write_wants_read = 0
         self.r.down_in.pos = self.r.down_in.len = 0
         self.r.payload_slot = -1
         self.r.done_head = self.r.done_count = self.r.done_sent = 0
@@ -801,14 +874,15 @@ cdef class Relay:
         self.r.err = 0
         invalidate_cache(&self.r)
 
-    def set_upstream(self, int upstream, uint16_t upstream_flags):
-        """A new upstream connection: every request not yet answered is queued again, to be
-        re-sent in the order it came. Returns how many."""
+    def set_upstream(self, int upstream, uint16_t upstream_flags, TlsSession tls=None):
+        """A new upstream connection (``tls``: its session): every request not yet answered is
+        queued again, to be re-sent in the order it came. Returns how many."""
         cdef uint64_t seq
         cdef int state
         cdef uint64_t count = 0
         cdef slot_t *s
         self.r.up.fd = upstream
+        self._use_upstream_tls(tls)
         self.r.up_flags = upstream_flags
         self.r.up_in.pos = self.r.up_in.len = 0
         self.r.data_slot = -1

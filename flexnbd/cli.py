@@ -498,7 +498,9 @@ def _proxy_parser() -> _Parser:
                 "finished migration), reconnect and re-send what was not answered: the client "
                 "sees a pause, not an error.",
                 usage=f"{PROXY_PROG} --addr ADDR [--port PORT] --conn-addr ADDR --conn-port PORT "
-                      "[--bind ADDR] [--cache[=BYTES]] [--oldstyle] [-v|-q]")
+                      "[--bind ADDR] [--cache[=BYTES]] [--oldstyle] [--tls on|require "
+                      "--tls-certificates DIR | --tls-psk FILE [--tls-verify-peer]] "
+                      "[--conn-tls-certificates DIR | --conn-tls-psk FILE] [-v|-q]")
     p.epilog = activation.HELP.format(options="--addr and --port")
     p.add_argument("-l", "--addr", type=_listen_address,
                    help="address to listen on (0 for any), or a Unix socket path (/...)")
@@ -513,6 +515,13 @@ def _proxy_parser() -> _Parser:
                         "0, or no --cache: off")
     p.add_argument("-o", "--oldstyle", action="store_true",
                    help="offer the client the oldstyle handshake (flexnbd 0.5.0 clients)")
+    _tls_options(p)
+    p.add_argument("--conn-tls-certificates", metavar="DIR",
+                   help="TLS to upstream, X.509: DIR/ca-cert.pem checks the server (whose "
+                        "certificate must name --conn-addr), and DIR/client-cert.pem and "
+                        "client-key.pem, if there, are shown to it")
+    p.add_argument("--conn-tls-psk", metavar="FILE",
+                   help="TLS to upstream with the first key of a psktool file")
     _global_options(p)
     return p
 
@@ -531,7 +540,14 @@ def _proxy_config(args: argparse.Namespace) -> ProxyConfig:
         raise UsageError("missing --port (or give --addr a Unix socket path)")
     if unix is not None and args.port is not None:
         raise UsageError("--port goes with an IP address, not a Unix socket path")
+    if args.conn_tls_certificates is not None and args.conn_tls_psk is not None:
+        raise UsageError("give --conn-tls-certificates or --conn-tls-psk, not both")
+    conn_tls = None
+    if args.conn_tls_certificates is not None or args.conn_tls_psk is not None:
+        conn_tls = TlsSettings(mode="require", certificates=args.conn_tls_certificates,
+                               psk=args.conn_tls_psk)
     return ProxyConfig(conn_addr=args.conn_addr, conn_port=args.conn_port,
+                       tls=_tls_settings(args), conn_tls=conn_tls,
                        addr=None if unix else args.addr, port=args.port, unix=unix,
                        inherited=inherited,
                        bind=args.bind, cache_bytes=args.cache, oldstyle=args.oldstyle,

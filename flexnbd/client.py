@@ -5,8 +5,8 @@ from __future__ import annotations
 import socket
 import sys
 
-from flexnbd import _core, sockets, wire
-from flexnbd._tls import TlsContext, TlsSession
+from flexnbd import _core, credentials, sockets, wire
+from flexnbd._tls import TlsSession
 from flexnbd.config import TransferConfig
 from flexnbd.errors import FlexnbdError
 from flexnbd.handshake import client_handshake
@@ -15,9 +15,7 @@ from flexnbd.handshake import client_handshake
 def transfer(cfg: TransferConfig, writing: bool) -> None:
     """READ [offset, offset+size) to stdout, or WRITE it from stdin. Raises flexnbd errors
     (RemoteError carries the server's errno name) or OSError."""
-    tls = None
-    if cfg.tls is not None:
-        tls = TlsContext(server=False, certificates=cfg.tls.certificates, psk_file=cfg.tls.psk)
+    tls = credentials.client_context(cfg.tls)
     sock = sockets.connect(cfg.addr, cfg.port, cfg.bind)
     try:
         sock.settimeout(15.0)

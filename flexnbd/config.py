@@ -110,3 +110,5 @@ class ProxyConfig:
     connect_timeout: float = 15.0
     reconnect_first: float = 0.1     # reconnect delays: doubling from first to most
     reconnect_most: float = 2.0
+    tls: TlsSettings | None = None        # TLS for the proxy's clients
+    conn_tls: TlsSettings | None = None   # TLS to upstream (always required when given)

@@ -12,6 +12,10 @@ failed, it reconnects and lets the relay replay. Only when that client has left 
 the next: further clients wait in the listen backlog, never refused (a client reconnecting
 before we noticed its old connection died is served as soon as we do). The upstream
 connection outlives clients and is only ever touched by "session".
+
+TLS, on either side or both (``--tls…`` for the client, ``--conn-tls…`` for upstream): the
+handshakes stay in Python, the relay encrypts and decrypts in C; every reconnect shakes hands
+again, and a reconnect that fails TLS (a wrong key) is retried like any other failure, louder.
 """
 
 from __future__ import annotations
@@ -24,9 +28,9 @@ import threading
 import time
 from collections.abc import Callable
 
-from flexnbd import _proxy, activation, log, sockets, wire
+from flexnbd import _proxy, activation, credentials, log, sockets, wire
 from flexnbd.config import ProxyConfig
-from flexnbd.errors import FlexnbdError, errno_text
+from flexnbd.errors import FlexnbdError, TlsError, errno_text
 from flexnbd.handshake import ExportInfo, ServerInfo, client_handshake, serve_handshake
 
 _log = log.get("proxy")
@@ -64,6 +68,10 @@ def _reset(sock: socket.socket | None) -> None:
         _close(sock)
 
 
+def _tls_text(mode: str | None) -> str:
+    return f", TLS {'required' if mode == 'require' else 'offered'}" if mode else ""
+
+
 def _shutdown(sock: socket.socket) -> None:
     try:
         sock.shutdown(socket.SHUT_RDWR)
@@ -91,6 +99,9 @@ class Proxy:
         self._listeners: list[socket.socket] = []
         self._upstream: socket.socket | None = None
         self.upstream_info: ServerInfo | None = None
+        # TLS: for the clients, and to upstream (loaded now: bad credentials stop the start)
+        self._tls = credentials.server_policy(config.tls)
+        self._conn_tls = credentials.client_context(config.conn_tls)
         self.relay: _proxy.Relay | None = None
         self._lock = threading.Lock()
         self._client: socket.socket | None = None    # the client being served, if any
@@ -107,7 +118,7 @@ class Proxy:
         self._upstream, info = self._connect_upstream()
         self.upstream_info = info
         self.relay = _proxy.Relay(self._upstream.fileno(), info.size, info.flags, self._stop_fd,
-                                  cfg.cache_bytes, cfg.upstream_timeout)
+                                  cfg.cache_bytes, cfg.upstream_timeout, info.tls)
         try:
             if cfg.inherited:       # systemd's sockets (socket activation)
                 self._listeners = list(cfg.inherited)
@@ -126,9 +137,10 @@ class Proxy:
         self._threads.append(thread)
         where = " and ".join(activation.served(s) for s in cfg.inherited) or \
             (cfg.unix if cfg.unix is not None else f"{cfg.addr} port {cfg.port}")
-        _log.info("serving %s (%s handshake) for upstream %s: %d bytes, flags %#x, %s; "
+        _log.info("serving %s (%s handshake%s) for upstream %s: %d bytes, flags %#x, %s%s; "
                   "read-ahead %s", where, "oldstyle" if cfg.oldstyle else "newstyle",
-                  self.upstream_name, info.size, info.flags, info.style,
+                  _tls_text(cfg.tls.mode if cfg.tls else None), self.upstream_name, info.size,
+                  info.flags, info.style, f", {info.tls.version}" if info.tls else "",
                   f"{cfg.cache_bytes} bytes" if cfg.cache_bytes else "off")
 
     def stop(self) -> None:
@@ -179,9 +191,12 @@ class Proxy:
                                "Connection refused")
         try:
             sock.settimeout(cfg.handshake_timeout)
-            info = client_handshake(sock)
+            info = client_handshake(sock, tls=self._conn_tls, server_hostname=cfg.conn_addr)
             sockets.set_client_options(sock)
             sock.setblocking(False)
+        except TlsError as e:
+            _close(sock)
+            raise TlsError(f"upstream {self.upstream_name}: {e}") from None
         except (OSError, FlexnbdError) as e:
             _close(sock)
             reason = e.strerror if isinstance(e, OSError) and e.strerror else str(e) or \
@@ -203,6 +218,10 @@ class Proxy:
             attempts += 1
             try:
                 sock, info = self._connect_upstream()
+            except TlsError as e:
+                # Not a network outage: someone must fix a key or certificate. Said every
+                # time (at the delay's pace), and retried: the client's requests wait.
+                _log.error("%s; retrying (attempt %d)", e, attempts)
             except FlexnbdError as e:
                 # The first failure and then one in ten, so a long outage does not flood.
                 if attempts == 1 or attempts % 10 == 0:
@@ -218,7 +237,7 @@ class Proxy:
                         _log.warning("upstream %s flags changed from %#x to %#x; carrying on",
                                      self.upstream_name, self.upstream_info.flags, info.flags)
                     self._upstream = sock
-                    resent = self.relay.set_upstream(sock.fileno(), info.flags)
+                    resent = self.relay.set_upstream(sock.fileno(), info.flags, info.tls)
                     _log.info("reconnected to upstream %s (%s) after %.2f s and %d attempt(s); "
                               "re-sending %d request(s)", self.upstream_name, info.style,
                               time.monotonic() - started, attempts, resent)
@@ -300,7 +319,8 @@ class Proxy:
         deadline = threading.Timer(self.config.handshake_timeout, _shutdown, (sock,))
         deadline.start()
         try:
-            agreed = serve_handshake(sock, self._export_info(), self.config.oldstyle)
+            agreed = serve_handshake(sock, self._export_info(), self.config.oldstyle,
+                                     self._tls)
         except (OSError, FlexnbdError) as e:
             if not self._stopping.is_set():
                 _log.warning("client %s: handshake failed: %s", name,
@@ -312,8 +332,9 @@ class Proxy:
             _log.info("client %s left during the handshake", name)
             return
         sock.setblocking(False)
-        self.relay.attach(sock.fileno())
-        _log.info("client %s connected (%s)", name, agreed.style)
+        self.relay.attach(sock.fileno(), agreed.tls)
+        _log.info("client %s connected (%s%s)", name, agreed.style,
+                  f", {agreed.tls.version}" if agreed.tls is not None else "")
         requests_before = self.relay.requests
         while True:
             end = self.relay.run()
@@ -324,6 +345,8 @@ class Proxy:
                          self.relay.in_flight)
             if not self._reconnect():
                 return
+        if end == End.END_DISC and agreed.tls is not None:
+            agreed.tls.close_notify()       # (as a server ends a TLS session after DISC)
         self._log_end(name, end, self.relay.requests - requests_before)
 
     def _log_end(self, name: str, end: End, requests: int) -> None:

@@ -18,14 +18,14 @@ import os
 import threading
 from collections.abc import Callable, Sequence
 
-from flexnbd import _allocmap, _core, acl, activation, log, session, sockets
+from flexnbd import _allocmap, _core, acl, activation, credentials, log, session, sockets
 from flexnbd._tls import TlsContext
 from flexnbd.admission import Admission, Client
-from flexnbd.config import ServeConfig, TlsSettings
+from flexnbd.config import ServeConfig
 from flexnbd.control import protocol
 from flexnbd.control.server import ControlServer
 from flexnbd.errors import FlexnbdError
-from flexnbd.handshake import ExportInfo, TlsPolicy
+from flexnbd.handshake import ExportInfo
 from flexnbd.migration import listen
 from flexnbd.migration.source import MirrorControl
 from flexnbd.status import Status
@@ -44,15 +44,6 @@ def open_export(path: str, read_only: bool) -> tuple[int, int]:
     return fd, size - size % 512
 
 
-def tls_policy(settings: TlsSettings | None) -> TlsPolicy | None:
-    """The server's TLS credentials, loaded now so that bad ones stop the start (TlsError)."""
-    if settings is None:
-        return None
-    context = TlsContext(server=True, certificates=settings.certificates,
-                         psk_file=settings.psk, verify_peer=settings.verify_peer)
-    return TlsPolicy(context, require=settings.mode == "require")
-
-
 class Server:
     """Serves one file to up to ``config.max_clients`` clients at once."""
 
@@ -64,7 +55,7 @@ class Server:
         self.export = _core.Export(self.fd, self.size, config.read_only, config.file,
                                    self.allocmap)
         self.export_info = ExportInfo(self.size, config.read_only, self.export.can_punch)
-        self.tls = tls_policy(config.tls)
+        self.tls = credentials.server_policy(config.tls)
         self._tls_client: TlsContext | None = None
         self.admission = Admission(config, self._serve_client)
         self.mirrors = MirrorControl(self)
@@ -81,12 +72,8 @@ class Server:
         """The server's TLS credentials as a client, for its mirrors; made on first use, so
         that credentials fit only for serving (no ca-cert.pem) fail the mirror, not the start
         (TlsError)."""
-        settings = self.config.tls
-        if settings is None:
-            return None
         if self._tls_client is None:
-            self._tls_client = TlsContext(server=False, certificates=settings.certificates,
-                                          psk_file=settings.psk)
+            self._tls_client = credentials.client_context(self.config.tls)
         return self._tls_client
 
     # -- lifecycle -------------------------------------------------------------------------
