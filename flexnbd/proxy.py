@@ -238,8 +238,9 @@ class Proxy:
                                      self.upstream_name, self.upstream_info.flags, info.flags)
                     self._upstream = sock
                     resent = self.relay.set_upstream(sock.fileno(), info.flags, info.tls)
-                    _log.info("reconnected to upstream %s (%s) after %.2f s and %d attempt(s); "
-                              "re-sending %d request(s)", self.upstream_name, info.style,
+                    _log.info("reconnected to upstream %s (%s%s) after %.2f s and %d "
+                              "attempt(s); re-sending %d request(s)", self.upstream_name,
+                              info.style, f", {info.tls.version}" if info.tls else "",
                               time.monotonic() - started, attempts, resent)
                     return True
             self._stopping.wait(delay)

@@ -19,7 +19,8 @@ Run twice: over loopback, and across network namespaces (source, destination and
 in their own namespace, bridged in a fourth one), where the service address moves from the
 source's namespace to the destination's after the migration, as it would between two hosts;
 the proxy of the second run has its read-ahead cache on (`--cache`), which every write and the
-reconnect must empty.
+reconnect must empty. And a third time over loopback with TLS (PSK) everywhere, as the README's
+"Secure migration" has it: the client to the proxy, the proxy to either server, the mirror.
 """
 
 from __future__ import annotations
@@ -49,6 +50,7 @@ from tests.conftest import (
 from tests.integration.scripts.pipelined_client import BS, block_data
 from tests.support import control as cu
 from tests.support.migration import logs, sparse_file, wait_exit
+from tests.support.tlscreds import PSK_IDENTITY, make_psk
 
 MiB = 1 << 20
 SIZE = 32 * MiB
@@ -71,6 +73,7 @@ class Loopback:
     """Everything on 127.0.0.1: the destination is restarted at the source's port."""
 
     name = "loopback"
+    tls = False
 
     def __init__(self) -> None:
         self.service = ("127.0.0.1", port_outside_ephemeral_range())
@@ -87,6 +90,13 @@ class Loopback:
 
     def close(self) -> None:
         pass
+
+
+class LoopbackTls(Loopback):
+    """The same, with TLS (PSK) on every connection."""
+
+    name = "loopback-tls"
+    tls = True
 
 
 def port_outside_ephemeral_range() -> int:
@@ -156,6 +166,7 @@ class Netns:
     is on the source's interface, and moves to the destination's after the migration."""
 
     name = "netns"
+    tls = False
     SUBNET = "10.77.0"
     HOSTS = {"src": "10.77.0.1", "dst": "10.77.0.2", "cli": "10.77.0.3"}
     SERVICE = "10.77.0.100"
@@ -222,11 +233,11 @@ class Netns:
         self.created = []
 
 
-@pytest.fixture(params=["loopback", "netns"])
+@pytest.fixture(params=["loopback", "netns", "loopback-tls"])
 def network(request):
     # Netns() skips when `ip` is missing (fails under FLEXNBD_REQUIRE_TOOLS=1) or when this
     # process may not create namespaces.
-    topo = Loopback() if request.param == "loopback" else Netns()
+    topo = {"loopback": Loopback, "netns": Netns, "loopback-tls": LoopbackTls}[request.param]()
     try:
         yield topo
     finally:
@@ -395,22 +406,30 @@ def test_a_client_behind_the_proxy_rides_through_a_migration(network, processes,
     service_addr, service_port = network.service
     listen_addr, listen_port = network.listen
     src_sock, dst_sock = tmp_path / "src.ctl", tmp_path / "dst.ctl"
+    tls: list[str] = []                 # the servers' TLS options (and the proxy's, downstream)
+    conn_tls: list[str] = []            # the proxy's, upstream
+    uri = f"nbd://127.0.0.1:{network.proxy_port}"
+    if network.tls:
+        keys = make_psk(tmp_path / "tls")
+        tls = ["--tls=require", "--tls-psk", str(keys)]
+        conn_tls = ["--conn-tls-psk", str(keys)]
+        uri = f"nbds://{PSK_IDENTITY}@127.0.0.1:{network.proxy_port}/?tls-psk-file={keys}"
 
     src = processes.start("source", network.prefix("src"), [
         "serve", "--addr", service_addr, "--port", str(service_port), "--file", str(src_file),
-        "--sock", str(src_sock), "-v"])
+        "--sock", str(src_sock), "-v", *tls])
     dst = processes.start("listener", network.prefix("dst"), [
         "listen", "--addr", listen_addr, "--port", str(listen_port), "--file", str(dst_file),
-        "--sock", str(dst_sock), "-v"])
+        "--sock", str(dst_sock), "-v", *tls])
     proxy = processes.start("proxy", network.prefix("cli"), [
         "--addr", "127.0.0.1", "--port", str(network.proxy_port),
         "--conn-addr", service_addr, "--conn-port", str(service_port), "-v",
-        *network.proxy_args], command=FLEXNBD_PROXY)
+        *network.proxy_args, *tls, *conn_tls], command=FLEXNBD_PROXY)
 
     client_log = tmp_path / "client.log"
     stop_file = tmp_path / "client.stop"
     client_stderr = processes.file(tmp_path / "client.stderr")
-    cfg = {"uri": f"nbd://127.0.0.1:{network.proxy_port}", "cid": CID,
+    cfg = {"uri": uri, "cid": CID,
            "original": str(original_copy), "log": str(client_log), "stop": str(stop_file),
            "seed": 5, "depth": DEPTH, "write_blocks": WRITE_BLOCKS}
     client = processes.popen(network.prefix("cli") + [python, str(SCRIPT), json.dumps(cfg)],
@@ -459,9 +478,13 @@ def test_a_client_behind_the_proxy_rides_through_a_migration(network, processes,
     proxy_mark = len(proxy.log())
     server = processes.start("destination", network.prefix("dst"), [
         "serve", "--addr", service_addr, "--port", str(service_port), "--file", str(dst_file),
-        "--sock", str(tmp_path / "dst2.ctl"), "-v"])
+        "--sock", str(tmp_path / "dst2.ctl"), "-v", *tls])
     wait_for(lambda: "reconnected" in proxy.log()[proxy_mark:],
              "the proxy reconnected to the destination", 60, context)
+    if network.tls:     # every leg was TLS: the client's, the mirror's, the proxy's reconnect
+        assert "connected (newstyle, TLSv1.3" in proxy.log(), context()
+        assert re.search(r"reconnected to upstream .*TLSv1\.3", proxy.log()), context()
+        assert "TLSv1.3" in dst.log(), context()
     lines_at_reconnect = len(log.update().lines)
     writes_at_reconnect = log.writes()
     wait_for(lambda: client_alive() and log.writes() >= writes_at_reconnect + WRITES_AFTER,

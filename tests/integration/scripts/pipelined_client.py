@@ -67,6 +67,7 @@ def main() -> int:
         original = f.read()
     log = open(cfg["log"], "w")
     h = nbd.NBD()
+    h.set_uri_allow_local_file(True)     # (a tls-psk-file=... in the URI)
     try:
         h.connect_uri(cfg["uri"])
         size = h.get_size()
