@@ -2,12 +2,15 @@
 """NBD over TLS: flexnbd against nbdkit and qemu-nbd, all with TLS required, and against
 flexnbd in plaintext; and a migration over TLS against one in plaintext.
 
-Rows (fio's nbd engine, one fresh server per cell, warmed up, servers interleaved, medians
-of --repeat samples): seq read 1M qd16, seq write 1M qd16, rand read 4k qd32. Credentials:
-X.509 (an ECDSA P-256 CA and server certificate made with the openssl command), because
-fio's nbd engine cannot load a PSK file (libnbd refuses local files in URIs unless the
-program allows them, and fio does not); libnbd finds the client's `ca-cert.pem` in
-$HOME/.pki/libnbd, so the clients run with HOME pointing at a directory made here.
+Rows (one fresh server per cell, warmed up, servers interleaved, medians of --repeat
+samples): fio's nbd engine, seq read 1M qd16, seq write 1M qd16, rand read 4k qd32, with
+X.509 credentials (an ECDSA P-256 CA and server certificate made with the openssl command),
+because fio cannot load a PSK file (libnbd refuses local files in URIs unless the program
+allows them, and fio does not); libnbd finds the client's `ca-cert.pem` in
+$HOME/.pki/libnbd, so the clients run with HOME pointing at a directory made here. And
+nbdcopy of the whole file to `null:` with a PSK (nbdcopy allows `tls-psk-file`): its
+decryption runs in several threads, where fio's runs in one, so this row shows what TLS
+costs the server when the client is less of a limit.
 
 Migration: `flexnbd serve` mirrors a dense file into `flexnbd listen`, both with
 `--tls=require --tls-psk` (the same PSK file), against both in plaintext; the time from the
@@ -57,6 +60,7 @@ ROWS = {
     "TLS fio seq read 1M qd16": {"rw": "read", "bs": "1M", "iodepth": 16, "unit": "MiB/s"},
     "TLS fio seq write 1M qd16": {"rw": "write", "bs": "1M", "iodepth": 16, "unit": "MiB/s"},
     "TLS fio rand read 4k qd32": {"rw": "randread", "bs": "4k", "iodepth": 32, "unit": "IOPS"},
+    "TLS (PSK) nbdcopy to null:": {"client": "nbdcopy", "psk": True, "unit": "MiB/s"},
 }
 # Column -> (server, TLS?). The plaintext flexnbd column is the yardstick of what TLS costs.
 COLUMNS = {
@@ -66,6 +70,7 @@ COLUMNS = {
     "flexnbd plaintext": ("flexnbd", False),
 }
 PEERS = ("nbdkit", "qemu-nbd")
+PSK_IDENTITY = "bench"
 FULL = {"size": "1G", "runtime": 5, "repeat": 3, "migration_size": "1G"}
 QUICK = {"size": "256M", "runtime": 1, "repeat": 1, "migration_size": "128M"}
 WARMUP_SHARE = 1 / 8
@@ -95,23 +100,29 @@ def make_credentials(root: Path) -> dict[str, Path]:
     client.mkdir(parents=True)
     shutil.copy(server / "ca-cert.pem", client / "ca-cert.pem")
     psk = root / "keys.psk"
-    psk.write_text(f"bench:{os.urandom(32).hex()}\n")
+    psk.write_text(f"{PSK_IDENTITY}:{os.urandom(32).hex()}\n")
     return {"server": server, "home": home, "psk": psk}
 
 
-def server_cmd(name: str, tls: bool, port: int, path: Path, certs: Path) -> list[str] | None:
+def server_cmd(name: str, tls: bool, port: int, path: Path, creds: dict[str, Path],
+               psk: bool = False) -> list[str] | None:
+    """NAME serving PATH, with TLS required (X.509, or the PSK file) or in plaintext."""
+    certs, keys = creds["server"], creds["psk"]
     if name == "flexnbd":
         exe = find_flexnbd()
         if not exe:
             return None
         cmd = [exe, "serve", "--addr", HOST, "--port", str(port), "--file", str(path)]
-        return cmd + (["--tls=require", "--tls-certificates", str(certs)] if tls else [])
+        if not tls:
+            return cmd
+        return cmd + ["--tls=require", *(["--tls-psk", str(keys)] if psk else
+                                         ["--tls-certificates", str(certs)])]
     if name == "nbdkit":
         exe = shutil.which("nbdkit")
         if not exe:
             return None
         cmd = [exe, "-f", "-i", HOST, "-p", str(port), "--tls=require",
-               f"--tls-certificates={certs}"]
+               f"--tls-psk={keys}" if psk else f"--tls-certificates={certs}"]
         if nbdkit_has_exit_with_parent(exe):
             cmd.append("--exit-with-parent")
         return [*cmd, "file", str(path)]
@@ -119,13 +130,29 @@ def server_cmd(name: str, tls: bool, port: int, path: Path, certs: Path) -> list
         exe = shutil.which("qemu-nbd")
         if not exe:
             return None
+        # (qemu reads DIR/keys.psk; verify-peer=off: qemu asks for client certificates by
+        # default, the other servers do not)
+        creds_obj = (f"tls-creds-psk,id=tls0,endpoint=server,dir={keys.parent}" if psk else
+                     f"tls-creds-x509,id=tls0,endpoint=server,dir={certs},verify-peer=off")
         return [exe, "-f", "raw", "-b", HOST, "-p", str(port), "-t", "-x", EXPORT,
-                # (verify-peer=off: qemu asks for client certificates by default; the
-                # other servers do not)
-                "--object",
-                f"tls-creds-x509,id=tls0,endpoint=server,dir={certs},verify-peer=off",
-                "--tls-creds", "tls0", str(path)]
+                "--object", creds_obj, "--tls-creds", "tls0", str(path)]
     raise ValueError(name)
+
+
+def run_nbdcopy(port: int, tls: bool, keys: Path, size: int, runtime: float) -> dict:
+    """Copies of the whole export to null: for about ``runtime`` seconds (at least one);
+    MiB/s over all of them."""
+    uri = (f"nbds://{PSK_IDENTITY}@{HOST}:{port}/{EXPORT}?tls-psk-file={keys}" if tls else
+           f"nbd://{HOST}:{port}/{EXPORT}")
+    cmd = ["nbdcopy", uri, "null:"]
+    copied, start = 0, time.monotonic()
+    while True:
+        run_client(cmd, timeout=600)
+        copied += size
+        elapsed = time.monotonic() - start
+        if elapsed >= runtime:
+            break
+    return {"value": copied / MiB / elapsed, "bytes": copied, "command": " ".join(cmd)}
 
 
 def run_fio(port: int, tls: bool, row: dict, runtime: float) -> dict:
@@ -146,16 +173,21 @@ def run_fio(port: int, tls: bool, row: dict, runtime: float) -> dict:
     return {"value": value, "bytes": side["io_bytes"], "command": " ".join(cmd)}
 
 
-def measure(column: str, row: dict, data: Path, workdir: Path, certs: Path,
+def measure(column: str, row: dict, data: Path, workdir: Path, creds: dict[str, Path],
             runtime: int) -> dict:
     name, tls = COLUMNS[column]
     port = free_port()
-    cmd = server_cmd(name, tls, port, data, certs)
+    cmd = server_cmd(name, tls, port, data, creds, psk=row.get("psk", False))
     assert cmd is not None
+
+    def client(seconds: float) -> dict:
+        if row.get("client") == "nbdcopy":
+            return run_nbdcopy(port, tls, creds["psk"], data.stat().st_size, seconds)
+        return run_fio(port, tls, row, seconds)
     with Server(name, port, data, workdir / f"tls-{name}.log", cmd=cmd) as server:
-        run_fio(port, tls, row, runtime * WARMUP_SHARE)
+        client(runtime * WARMUP_SHARE)
         cpu0 = server.cpu_seconds()
-        result = run_fio(port, tls, row, runtime)
+        result = client(runtime)
         cpu = server.cpu_seconds() - cpu0
         if not server.alive():
             raise ClientError(f"{column} died during the run\n{server.log_tail()}")
@@ -218,7 +250,7 @@ def main(argv: list[str] | None = None) -> int:
     creds = make_credentials(workdir / "tls-creds")
     os.environ["HOME"] = str(creds["home"])      # libnbd's default client credentials
     columns = [c for c in COLUMNS
-               if server_cmd(COLUMNS[c][0], True, 1, data, creds["server"]) is not None]
+               if server_cmd(COLUMNS[c][0], True, 1, data, creds) is not None]
     report: dict = {
         "date": datetime.date.today().isoformat(), "machine": machine_info(),
         "git_head": git_head(), "size": size, "runtime": args.runtime,
@@ -232,7 +264,7 @@ def main(argv: list[str] | None = None) -> int:
             for column in columns:
                 log(f"{column}: {row_name} (run {i + 1}/{args.repeat})")
                 try:
-                    cell = measure(column, row, data, workdir, creds["server"], args.runtime)
+                    cell = measure(column, row, data, workdir, creds, args.runtime)
                 except (ClientError, RuntimeError) as e:
                     report["errors"].append(f"{row_name} / {column}: {e}")
                     continue
