@@ -10,7 +10,8 @@ sys.path:
    over TLS (PSK: the OpenSSL the wheel bundles), ``nbdcopy`` reads it back byte for byte and
    writes other data into it;
 2. ``flexnbd status --json``: one JSON object with the documented keys;
-3. ``flexnbd-proxy`` in front of the server: ``nbdcopy`` through it reads the same bytes;
+3. ``flexnbd-proxy`` in front of the server, TLS on both sides: ``nbdcopy`` through it reads
+   the same bytes;
 4. ``flexnbd listen --tls=require`` + ``flexnbd mirror --wait`` (over TLS): exit 0 on both
    sides, identical files.
 
@@ -136,12 +137,14 @@ def exercise(bin_dir: Path, work: Path) -> None:
         status = json.loads(run(flexnbd, "status", "--sock", str(ctl), "--json", cwd=work).stdout)
         check(status["pid"] == server.pid and status["size"] == SIZE and
               status["has_control"] is True, f"status --json: {status}")
-        # 3. the proxy in front of a client
+        # 3. the proxy in front of a client, TLS on both sides
         pport = free_port()
         relay = procs.start(proxy, "--addr", "127.0.0.1", "--port", str(pport),
-                            "--conn-addr", "127.0.0.1", "--conn-port", str(port))
+                            "--conn-addr", "127.0.0.1", "--conn-port", str(port),
+                            "--conn-tls-psk", str(keys), "--tls=require", "--tls-psk", str(keys))
         wait_for(lambda: port_open(pport), "flexnbd-proxy", relay)
-        run(nbdcopy, f"nbd://127.0.0.1:{pport}", str(work / "via-proxy.img"), cwd=work)
+        run(nbdcopy, f"nbds://alice@127.0.0.1:{pport}/?tls-psk-file={keys}",
+            str(work / "via-proxy.img"), cwd=work)
         check((work / "via-proxy.img").read_bytes() == data, "nbdcopy through the proxy")
         relay.terminate()
         check(relay.wait(10) == 0, "flexnbd-proxy did not exit 0 on SIGTERM")
