@@ -7,6 +7,17 @@ The client is tests/support/pipeline.py (raw NBD, many requests in flight, every
 every acknowledged WRITE applied to a model of the export); faults are placed exactly with
 tests/fakes/relay.py between the proxy and its upstream, or by killing the upstream from inside
 the client's sender while a known part of a WRITE payload is out.
+
+The tests that take ``sides`` run twice: in plaintext, and with TLS on both sides of the proxy
+(upstream ``serve --tls=require`` with an X.509 certificate naming 127.0.0.1 and restarted the
+same way; the proxy with ``--tls=require`` for its clients and ``--conn-tls-certificates`` to
+upstream; the plaintext test client behind tests/support/tlsfront.py, which does STARTTLS and
+the encryption for it). Plaintext only: the tests whose upstream is a fake that speaks no TLS
+(FakeDest: error replies passed on once, an upstream that never answers), and those that place
+or check a fault at an exact plaintext byte of the upstream stream
+(test_upstream_lost_mid_write_payload_at_the_relay cuts the stream in the middle of a WRITE
+payload, test_read_past_the_end_answered_once counts the request headers that went upstream):
+under TLS the relay sees records of unknown size, not requests.
 """
 
 from __future__ import annotations
@@ -22,7 +33,8 @@ import struct
 import subprocess
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 
 import pytest
 
@@ -33,7 +45,9 @@ from tests.fakes.relay import Fault, Relay
 from tests.support.nbdmodel import DiskModel
 from tests.support.pipeline import Op, Pipeline
 from tests.support.rawclient import RawClient, ServerClosed
-from tests.support.waiting import wait_until
+from tests.support.tlscreds import make_x509
+from tests.support.tlsfront import TlsFront
+from tests.support.waiting import log_lines, wait_logged, wait_until
 
 KiB = 1 << 10
 MiB = 1 << 20
@@ -60,15 +74,51 @@ def relay():
         r.close()
 
 
-def log_lines(proc, level: str, *words: str) -> list[str]:
-    """The log lines of ``proc`` at ``level`` (I, W, E) that contain every word (any case)."""
-    return [line for line in proc.log().splitlines()
-            if f":{level}:" in line and all(w in line.lower() for w in words)]
+@dataclass
+class Sides:
+    """How a test starts its upstream and proxy and connects its client: ``serve(path, *extra,
+    port=None)``, ``proxy(upstream_port, *extra, env=None)``, ``connect(proxy, **kwargs)`` (a
+    RawClient in transmission, see connect_when_free)."""
+
+    tls: bool
+    serve: Callable
+    proxy: Callable
+    connect: Callable[..., RawClient]
 
 
-def wait_logged(proc, level: str, *words: str, count: int = 1, timeout: float = 30.0) -> None:
-    assert wait_until(lambda: len(log_lines(proc, level, *words)) >= count, timeout), \
-        f"no {count} {level} line(s) with {words} in the log of {proc.args}:\n{proc.log()}"
+@pytest.fixture(params=["plain", "tls"])
+def sides(request, serve, proxy, tmp_path):
+    """Plaintext, or TLS on both sides of the proxy (X.509) with the client behind a TlsFront
+    (one per proxy; all closed afterwards)."""
+    if request.param == "plain":
+        yield Sides(False, serve, proxy, lambda px, **kw: connect_when_free(px.port, **kw))
+        return
+    server_dir, client_dir = make_x509(tmp_path / "x509")
+    fronts: dict[int, TlsFront] = {}
+
+    def serve_tls(path, *extra: str, port: int | None = None):
+        return serve(path, "--tls=require", "--tls-certificates", str(server_dir), *extra,
+                     port=port)
+
+    def proxy_tls(upstream_port: int, *extra: str, env: dict | None = None):
+        px = proxy(upstream_port, "--tls=require", "--tls-certificates", str(server_dir),
+                   "--conn-tls-certificates", str(client_dir), *extra, env=env)
+        serving = [line for line in px.log().splitlines() if " serving " in line]
+        assert "TLS required" in serving[0] and "TLSv1.3" in serving[0], px.log()
+        return px
+
+    def connect(px, **kwargs) -> RawClient:
+        if px.port not in fronts:
+            fronts[px.port] = TlsFront(px.port, client_dir)
+        front = fronts[px.port]
+        try:
+            return connect_when_free(front.port, **kwargs)
+        except AssertionError as e:
+            raise AssertionError(f"{e}; the TLS front: {front.errors}") from None
+
+    yield Sides(True, serve_tls, proxy_tls, connect)
+    for front in fronts.values():
+        front.close()
 
 
 def kill_and_restart(up, px, pipe, serve, path) -> None:
@@ -155,6 +205,17 @@ def nothing_to_read(c: RawClient, wait: float) -> bool:
     return not ready
 
 
+def up_settles(conn, at_least: int, timeout: float = 15.0) -> bool:
+    """Under TLS the relay counts records, not requests: wait until at least ``at_least``
+    bytes went upstream on ``conn`` and the count stopped moving."""
+    counts = [-1]
+
+    def settled() -> bool:
+        counts.append(conn.up)
+        return counts[-1] >= at_least and counts[-1] == counts[-2]
+    return bool(wait_until(settled, timeout, 0.2))
+
+
 def relayed_proxy(serve_port: int, relay, proxy, *extra: str, env: dict | None = None):
     """A proxy whose upstream connections go through a relay. Connection 0 has a fault
     (``Fault()``, nothing planned yet) that the test may arm once the proxy's handshake is
@@ -177,21 +238,21 @@ def relayed_proxy(serve_port: int, relay, proxy, *extra: str, env: dict | None =
 
 # -- 1. the upstream dies with requests in flight and comes back -----------------------------
 
-def test_upstream_killed_with_reads_in_flight(serve, proxy, make_file):
+def test_upstream_killed_with_reads_in_flight(sides, make_file):
     size = 32 * MiB
     path = make_file(size)
     model = DiskModel(path.read_bytes())
-    up = serve(path)
-    px = proxy(up.port, "--cache=0")
+    up = sides.serve(path)
+    px = sides.proxy(up.port, "--cache=0")
     ops = reads(random.Random(1), size, (4 * KiB, 64 * KiB, 512 * KiB, 2 * MiB))
-    with Pipeline(connect_when_free(px.port), model, ops, depth=16) as pipe:
+    with Pipeline(sides.connect(px), model, ops, depth=16) as pipe:
         assert pipe.wait_done(40), pipe.failures
         # Freeze the upstream, let whatever it had answered reach the client, then kill it:
         # the requests still unanswered now were in flight at the kill.
         up.signal(signal.SIGSTOP)
         assert pipe.wait_quiet(0.5), pipe.failures
         in_flight = pipe.outstanding()
-        kill_and_restart(up, px, pipe, serve, path)
+        kill_and_restart(up, px, pipe, sides.serve, path)
         assert pipe.wait_done(len(pipe.done) + 60), (pipe.failures, pipe.outstanding())
         assert pipe.finish(), pipe.failures
     assert len(in_flight) >= 8, in_flight
@@ -200,14 +261,16 @@ def test_upstream_killed_with_reads_in_flight(serve, proxy, make_file):
     assert_reconnected(px)
 
 
-def test_upstream_killed_mid_write_payload(serve, proxy, make_file):
+def test_upstream_killed_mid_write_payload(sides, make_file):
     """Large WRITEs and READs in flight; the upstream is killed by the client's sender when it
-    has sent half of a 4-8 MiB WRITE payload and at least two more requests are unanswered."""
+    has sent half of a 4-8 MiB WRITE payload and at least two more requests are unanswered.
+    (Under TLS the half sent may still be on its way through the TLS front: in flight all the
+    same.)"""
     size = 64 * MiB
     path = make_file(size)
     model = DiskModel(path.read_bytes())
-    up = serve(path)
-    px = proxy(up.port, "--cache=0")
+    up = sides.serve(path)
+    px = sides.proxy(up.port, "--cache=0")
     killed = threading.Event()
     victim: list[tuple[Op, int, list[Op]]] = []
 
@@ -221,10 +284,10 @@ def test_upstream_killed_mid_write_payload(serve, proxy, make_file):
             killed.set()
 
     ops = mixed(random.Random(2), size, (4 * MiB, 8 * MiB), (64 * KiB, MiB, 2 * MiB))
-    with Pipeline(connect_when_free(px.port), model, ops, depth=6, hook=hook) as pipe:
+    with Pipeline(sides.connect(px), model, ops, depth=6, hook=hook) as pipe:
         assert pipe.wait(killed.is_set, 60), (pipe.failures, len(pipe.done))
         in_flight = pipe.outstanding()
-        kill_and_restart(up, px, pipe, serve, path)
+        kill_and_restart(up, px, pipe, sides.serve, path)
         assert pipe.wait_done(len(pipe.done) + 20), (pipe.failures, pipe.outstanding())
         assert pipe.finish(), pipe.failures
     op, sent, unanswered = victim[0]
@@ -274,7 +337,7 @@ def test_upstream_lost_mid_write_payload_at_the_relay(serve, proxy, relay, make_
 # -- 2. the upstream comes back with another size --------------------------------------------
 
 @pytest.mark.parametrize("when", ["in-flight", "sent-while-down"])
-def test_upstream_back_with_another_size(serve, proxy, relay, make_file, when):
+def test_upstream_back_with_another_size(sides, relay, make_file, when):
     """The upstream dies with a READ and a WRITE unanswered (in flight at it, frozen, then
     killed; or sent after it died) and comes back with another size: refused, retried, nothing
     answered from it and nothing written to it; once the right size is back, both complete."""
@@ -283,12 +346,12 @@ def test_upstream_back_with_another_size(serve, proxy, relay, make_file, when):
     wrong = make_file(12 * MiB)
     wrong_before = wrong.read_bytes()
     model = DiskModel(path.read_bytes())
-    up = serve(path)
+    up = sides.serve(path)
     port = up.port
-    r, px, _, hs_up, _ = relayed_proxy(port, relay, proxy)
+    r, px, _, hs_up, _ = relayed_proxy(port, relay, sides.proxy)
     rng = random.Random(4)
     data = rng.randbytes(64 * KiB)
-    with connect_when_free(px.port) as c:
+    with sides.connect(px) as c:
         assert c.size == size
         first = rng.randbytes(100 * KiB)
         assert c.write(5000, first) == 0
@@ -298,21 +361,26 @@ def test_upstream_back_with_another_size(serve, proxy, relay, make_file, when):
         else:
             up.kill()
             wait_logged(px, "W", "upstream")
+        before = r.connections[0].up
         rc = c.send_request(READ, MiB + 3, 64 * KiB)
         wc = c.send_request(WRITE, 2 * MiB, len(data), payload=data)
         if when == "in-flight":
-            sent = hs_up + HEADER + len(first) + 2 * HEADER + len(data)
-            assert wait_until(lambda: r.connections[0].up == sent, 15), r.connections
+            if sides.tls:       # records: at least the plaintext, and then nothing more
+                assert up_settles(r.connections[0], before + 2 * HEADER + len(data)), \
+                    r.connections
+            else:
+                sent = hs_up + HEADER + len(first) + 2 * HEADER + len(data)
+                assert wait_until(lambda: r.connections[0].up == sent, 15), r.connections
             up.kill()
             wait_logged(px, "W", "upstream")
-        wrong_up = serve(wrong, port=port)
+        wrong_up = sides.serve(wrong, port=port)
         # Refused, and retried: two errors about that upstream.
         wait_logged(px, "E", "upstream", count=2)
         assert nothing_to_read(c, 0.5), "the proxy answered from an upstream of the wrong size"
         assert px.proc.poll() is None, px.log()
         wrong_up.kill()
         assert wrong.read_bytes() == wrong_before, "a WRITE reached the wrong-size upstream"
-        serve(path, port=port)
+        sides.serve(path, port=port)
         got = recv_replies(c, {rc: 64 * KiB}, 2)
         assert got[wc] == (0, b""), got[wc]
         assert got[rc][0] == 0, got[rc][0]
@@ -327,14 +395,14 @@ def test_upstream_back_with_another_size(serve, proxy, relay, make_file, when):
         f"the errors about the refused upstream do not say 'size':\n{px.log()}"
 
 
-def test_reconnect_empties_the_read_ahead_cache(serve, proxy, make_file):
+def test_reconnect_empties_the_read_ahead_cache(sides, make_file):
     """With --cache (4096 bytes), a 4 KiB READ fetches 8 KiB and keeps the second half. After
     the upstream restarts (with that half changed meanwhile) the kept copy is not served."""
     size = MiB
     path = make_file(size)
     original = path.read_bytes()
-    up = serve(path)
-    px = proxy(up.port, "--cache")
+    up = sides.serve(path)
+    px = sides.proxy(up.port, "--cache")
 
     def change(offset: int) -> bytes:
         new = os.urandom(4096)
@@ -343,7 +411,7 @@ def test_reconnect_empties_the_read_ahead_cache(serve, proxy, make_file):
             f.write(new)
         return new
 
-    with connect_when_free(px.port) as c:
+    with sides.connect(px) as c:
         # The cache is in use: a block changed behind the proxy's back still reads old.
         assert c.read(32 * KiB, 4096) == original[32 * KiB:36 * KiB]
         change(36 * KiB)
@@ -351,7 +419,7 @@ def test_reconnect_empties_the_read_ahead_cache(serve, proxy, make_file):
         assert c.read(0, 4096) == original[:4096]          # keeps 4096..8191
         up.kill()
         changed = change(4096)
-        serve(path, port=up.port)
+        sides.serve(path, port=up.port)
         wait_logged(px, "I", "reconnected")
         assert c.read(4096, 4096) == changed, "a READ was answered from the cache of before " \
                                               "the reconnect"
@@ -461,20 +529,21 @@ def test_upstream_never_answers(make_file, proxy):
     assert_reconnected(px)
 
 
-def test_upstream_stalls_mid_reply(serve, proxy, relay, make_file):
-    """The relay stops passing replies in the middle of the first READ's data: the proxy
-    gives up after FLEXNBD_UPSTREAM_TIMEOUT, reconnects (the relay passes the next
-    connection), re-sends, and the client gets correct data."""
+def test_upstream_stalls_mid_reply(sides, relay, make_file):
+    """The relay stops passing replies in the middle of the first READ's data (under TLS: in
+    the middle of one of its records): the proxy gives up after FLEXNBD_UPSTREAM_TIMEOUT,
+    reconnects (the relay passes the next connection), re-sends, and the client gets correct
+    data."""
     size = 8 * MiB
     path = make_file(size)
     model = DiskModel(path.read_bytes())
-    up = serve(path)
-    r, px, fault, _, hs_down = relayed_proxy(up.port, relay, proxy, env=SHORT_TIMEOUT)
+    up = sides.serve(path)
+    r, px, fault, _, hs_down = relayed_proxy(up.port, relay, sides.proxy, env=SHORT_TIMEOUT)
     fault.stall_after_down = hs_down + REPLY + 1000
     rng = random.Random(6)
     head = Op(READ, 12345, 64 * KiB)
     rest = list(itertools.islice(mixed(rng, size, (1, MiB), (4 * KiB, 256 * KiB)), 30))
-    with Pipeline(connect_when_free(px.port), model, [head, *rest], depth=4) as pipe:
+    with Pipeline(sides.connect(px), model, [head, *rest], depth=4) as pipe:
         assert pipe.finish(60, all_ops=True), pipe.failures
         assert len(pipe.done) == 1 + len(rest), pipe.sent
     assert r.connections[0].triggered == ["stall_after_down"], r.connections[0]
@@ -488,15 +557,15 @@ def test_upstream_stalls_mid_reply(serve, proxy, relay, make_file):
 # -- 5. the client vanishes mid-request ------------------------------------------------------
 
 @pytest.mark.parametrize("how", ["close", "reset"])
-def test_client_gone_mid_write_payload(serve, proxy, make_file, how):
+def test_client_gone_mid_write_payload(sides, make_file, how):
     size = 32 * MiB
     path = make_file(size)
     model = DiskModel(path.read_bytes())
-    up = serve(path)
-    px = proxy(up.port, "--cache=0")
+    up = sides.serve(path)
+    px = sides.proxy(up.port, "--cache=0")
     rng = random.Random(7)
     a, b, half = rng.randbytes(MiB), rng.randbytes(MiB + 17), rng.randbytes(8 * MiB)
-    c = connect_when_free(px.port)
+    c = sides.connect(px)
     try:
         assert c.write(0, a) == 0
         model.write(0, a)
@@ -508,7 +577,7 @@ def test_client_gone_mid_write_payload(serve, proxy, make_file, how):
             c.close()
         else:
             c.reset()
-    with connect_when_free(px.port) as c2:
+    with sides.connect(px) as c2:
         assert model.mismatch(0, c2.read(0, 16 * MiB)) is None   # a and b, and no half
         later = rng.randbytes(3 * MiB)
         assert c2.write(10 * MiB, later) == 0
@@ -518,22 +587,22 @@ def test_client_gone_mid_write_payload(serve, proxy, make_file, how):
     assert_file_is(path, model)
 
 
-def test_client_gone_with_reads_in_flight(serve, proxy, relay, make_file):
+def test_client_gone_with_reads_in_flight(sides, relay, make_file):
     """16 READs of 2 MiB in flight, the proxy busy passing their data on, and the client
     resets. The next client (same cookies, other ranges) gets its own data only."""
     size = 32 * MiB
     path = make_file(size)
     original = path.read_bytes()
-    up = serve(path)
-    r, px, _, _, hs_down = relayed_proxy(up.port, relay, proxy)
-    c = connect_when_free(px.port, rcvbuf=32 * KiB)
+    up = sides.serve(path)
+    r, px, _, _, hs_down = relayed_proxy(up.port, relay, sides.proxy)
+    c = sides.connect(px, rcvbuf=32 * KiB)
     try:
         for i in range(16):
             c.send_request(READ, i * 2 * MiB, 2 * MiB)
         assert wait_until(lambda: r.down_total >= hs_down + MiB, 30), r.connections
     finally:
         c.reset()
-    with connect_when_free(px.port) as c2:
+    with sides.connect(px) as c2:
         want = {}
         for i in range(16):
             offset = (15 - i) * 2 * MiB + 4097
@@ -555,14 +624,14 @@ BIG = wire.MAX_PAYLOAD + 1
 
 
 @pytest.mark.parametrize("bad", ["oversized-read", "oversized-write", "bad-magic"])
-def test_bad_request_ends_the_session(serve, proxy, relay, make_file, bad):
+def test_bad_request_ends_the_session(sides, relay, make_file, bad):
     size = 40 * MiB
     path = make_file(size)
     model = DiskModel(path.read_bytes())
-    up = serve(path)
-    r, px, _, _, _ = relayed_proxy(up.port, relay, proxy)
+    up = sides.serve(path)
+    r, px, _, _, _ = relayed_proxy(up.port, relay, sides.proxy)
     data = os.urandom(64 * KiB)
-    c = connect_when_free(px.port)
+    c = sides.connect(px)
     try:
         stream = (wire.pack_request(WRITE, MiB, len(data), 1) + data
                   + wire.pack_request(READ, 4 * MiB, 64 * KiB, 2))
@@ -591,7 +660,7 @@ def test_bad_request_ends_the_session(serve, proxy, relay, make_file, bad):
     finally:
         c.close()
     assert px.proc.poll() is None, px.log()
-    with connect_when_free(px.port) as c2:
+    with sides.connect(px) as c2:
         assert model.mismatch(0, c2.read(0, 8 * MiB)) is None
         more = os.urandom(10000)
         assert c2.write(3 * MiB, more) == 0

@@ -9,18 +9,26 @@ from __future__ import annotations
 
 import os
 import ssl
-import subprocess
 from pathlib import Path
 
 import pytest
 
 from flexnbd import wire
-from tests.conftest import free_port, require_tool, wait_for_port
+from tests.conftest import require_tool
 from tests.support.clients import check, run
 from tests.support.layout import punch_fd
 from tests.support.rawclient import RawClient
 from tests.support.serving import MiB, assert_serves
-from tests.support.tlscreds import PSK_IDENTITY, make_ca, make_psk, make_x509, sign
+from tests.support.tlscreds import (
+    PSK_IDENTITY,
+    make_ca,
+    make_psk,
+    make_x509,
+    psk_uri,
+    sign,
+    starttls,
+    x509_uri,
+)
 
 SIZE = 9 * MiB + 4096
 
@@ -33,15 +41,6 @@ def psk(tmp_path) -> Path:
 @pytest.fixture
 def x509(tmp_path) -> tuple[Path, Path]:
     return make_x509(tmp_path / "x509")
-
-
-def psk_uri(server, keys: Path) -> str:
-    # (the URI's user is libnbd's TLS username; 1.14 has no tls-username parameter)
-    return f"nbds://{PSK_IDENTITY}@127.0.0.1:{server.port}/?tls-psk-file={keys}"
-
-
-def x509_uri(server, client_dir: Path) -> str:
-    return f"nbds://127.0.0.1:{server.port}/?tls-certificates={client_dir}"
 
 
 def tls_server(serve, path, kind, creds, *extra, mode="require", env=None):
@@ -139,25 +138,6 @@ def test_read_and_write_over_tls(serve, run_flexnbd, make_file, kind, creds):
     assert res.stdout == path.read_bytes()
 
 
-@pytest.fixture
-def nbdkit_tls(tmp_path):
-    """nbdkit_tls(path, *tls_args) -> port: nbdkit serving PATH with TLS required."""
-    procs = []
-
-    def start(path: Path, *tls_args: str) -> int:
-        port = free_port()
-        proc = subprocess.Popen([require_tool("nbdkit"), "-f", "-i", "127.0.0.1", "-p",
-                                 str(port), "--tls=require", *tls_args, "file", str(path)],
-                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        procs.append(proc)
-        wait_for_port(port, proc)
-        return port
-    yield start
-    for proc in procs:
-        proc.kill()
-        proc.wait()
-
-
 def test_our_client_side_against_nbdkit_tls(nbdkit_tls, run_flexnbd, make_file, kind, creds):
     path = make_file(SIZE)
     if kind == "psk":
@@ -201,17 +181,6 @@ def newstyle(server) -> RawClient:
     assert c.read_greeting().style == "newstyle"
     c.send_client_flags(wire.FLAG_C_FIXED_NEWSTYLE | wire.FLAG_C_NO_ZEROES)
     return c
-
-
-def starttls(c: RawClient, client_dir: Path, cert: bool = False) -> None:
-    """STARTTLS, then Python's ssl (OpenSSL, as a client) on the raw client's socket."""
-    replies = c.option(wire.OPT_STARTTLS)
-    assert replies[-1].type == wire.REP_ACK
-    context = ssl.create_default_context(cafile=str(client_dir / "ca-cert.pem"))
-    if cert:
-        context.load_cert_chain(str(client_dir / "client-cert.pem"),
-                                str(client_dir / "client-key.pem"))
-    c.sock = context.wrap_socket(c.sock, server_hostname="127.0.0.1")
 
 
 @pytest.mark.parametrize("option", [wire.OPT_LIST, wire.OPT_INFO, wire.OPT_GO,

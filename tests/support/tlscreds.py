@@ -1,16 +1,22 @@
 """TLS credentials made in a test: a PSK file (psktool's ``identity:hexkey`` format, named
 ``keys.psk`` as qemu wants it), and X.509 directories in the layout nbdkit, qemu and libnbd
 use (``ca-cert.pem``, ``server-cert.pem``/``server-key.pem``, ``client-cert.pem``/
-``client-key.pem``), made with the openssl command.
+``client-key.pem``), made with the openssl command; and how clients use them: libnbd URIs,
+and STARTTLS on a raw client with Python's ssl (X.509 only: Python has no PSK before 3.13).
 """
 
 from __future__ import annotations
 
 import os
+import ssl
 import subprocess
 from pathlib import Path
 
-from tests.conftest import require_tool
+import pytest
+
+from flexnbd import wire
+from tests.conftest import free_port, require_tool, wait_for_port
+from tests.support.rawclient import RawClient
 
 PSK_IDENTITY = "alice"
 
@@ -76,3 +82,44 @@ def make_x509(root: Path) -> tuple[Path, Path]:
     for d in (server, client):
         (d / "ca-cert.pem").write_bytes((ca / "ca-cert.pem").read_bytes())
     return server, client
+
+
+def psk_uri(server, keys: Path) -> str:
+    """A libnbd URI for ``server`` (anything with a ``port``) with the PSK file ``keys``."""
+    # (the URI's user is libnbd's TLS username; 1.14 has no tls-username parameter)
+    return f"nbds://{PSK_IDENTITY}@127.0.0.1:{server.port}/?tls-psk-file={keys}"
+
+
+def x509_uri(server, client_dir: Path) -> str:
+    return f"nbds://127.0.0.1:{server.port}/?tls-certificates={client_dir}"
+
+
+def starttls(c: RawClient, client_dir: Path, cert: bool = False) -> None:
+    """STARTTLS, then Python's ssl (OpenSSL, as a client) on the raw client's socket."""
+    replies = c.option(wire.OPT_STARTTLS)
+    assert replies[-1].type == wire.REP_ACK
+    context = ssl.create_default_context(cafile=str(client_dir / "ca-cert.pem"))
+    if cert:
+        context.load_cert_chain(str(client_dir / "client-cert.pem"),
+                                str(client_dir / "client-key.pem"))
+    c.sock = context.wrap_socket(c.sock, server_hostname="127.0.0.1")
+
+
+@pytest.fixture
+def nbdkit_tls():
+    """nbdkit_tls(path, *tls_args) -> port: nbdkit serving PATH with TLS required; every
+    nbdkit is killed afterwards. (An integration fixture: tests/integration/conftest.py.)"""
+    procs = []
+
+    def start(path: Path, *tls_args: str) -> int:
+        port = free_port()
+        proc = subprocess.Popen([require_tool("nbdkit"), "-f", "-i", "127.0.0.1", "-p",
+                                 str(port), "--tls=require", *tls_args, "file", str(path)],
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        procs.append(proc)
+        wait_for_port(port, proc)
+        return port
+    yield start
+    for proc in procs:
+        proc.kill()
+        proc.wait()
