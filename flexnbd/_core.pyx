@@ -382,10 +382,12 @@ cdef int wait_readable(conn_t *c, int idle) noexcept nogil:
     cdef int nfds = 1
     cdef int rc = 0
     cdef int64_t idle_since = 0
+    if tp_pending(&c.tp):
+        # TLS: more requests were received already (or one is on its way, its record begun):
+        # read them before sending the replies batched so far, which then leave together
+        return 0
     if flush_out(c, 0) < 0:
         return -1
-    if tp_pending(&c.tp):
-        return 0                         # TLS: a request is decrypted already, or on its way
     if idle:
         c.request_started_ns = 0         # every reply is out: the killswitch has no request
     fds[0].fd = c.tp.fd

@@ -56,6 +56,7 @@ cdef struct transport_t:
     char *stage
     size_t stage_cap
     size_t stage_len          # bytes accepted and not yet all encrypted and sent
+    bint read_blocked         # the last TLS read wanted more bytes from the socket
     bint read_wants_write     # the last TLS read waits for the socket to be writable
     bint write_wants_read     # the last TLS write waits for it to be readable
 
@@ -122,6 +123,7 @@ cdef inline ssize_t tls_recv(transport_t *t, void *p, size_t n) noexcept nogil:
     ERR_clear_error()
     set_errno(0)
     ok = SSL_read_ex(t.ssl, p, n, &got)
+    t.read_blocked = ok != 1 and SSL_get_error(t.ssl, 0) == SSL_ERROR_WANT_READ
     t.read_wants_write = ok != 1 and SSL_get_error(t.ssl, 0) == SSL_ERROR_WANT_WRITE
     return tls_outcome(t.ssl, ok, got, 1)
 
@@ -174,8 +176,11 @@ cdef inline ssize_t tls_sendmsg(transport_t *t, const msghdr *msg) noexcept nogi
 
 
 cdef inline bint tp_readable(const transport_t *t) noexcept nogil:
-    """Decrypted bytes are waiting in the TLS session, where poll cannot see them."""
-    return t.ssl != NULL and SSL_pending(t.ssl) > 0
+    """Non-blocking TLS: bytes wait in the session, where poll cannot see them: decrypted
+    ones, or records read ahead (a server's sessions read ahead) that the last read did not
+    find wanting more."""
+    return t.ssl != NULL and (SSL_pending(t.ssl) > 0
+                              or (SSL_has_pending(t.ssl) and not t.read_blocked))
 
 
 cdef inline bint tp_pending(const transport_t *t) noexcept nogil:

@@ -20,6 +20,7 @@ cdef extern from "<openssl/ssl.h>" nogil:
     int SSL_CTX_set_max_proto_version(SSL_CTX *ctx, int version)
     unsigned long SSL_CTX_set_options(SSL_CTX *ctx, unsigned long options)
     long SSL_CTX_set_mode(SSL_CTX *ctx, long mode)
+    void SSL_CTX_set_read_ahead(SSL_CTX *ctx, int yes)
     int SSL_CTX_set_ciphersuites(SSL_CTX *ctx, const char *suites)
     int SSL_CTX_set_cipher_list(SSL_CTX *ctx, const char *ciphers)
     int SSL_CTX_use_certificate_chain_file(SSL_CTX *ctx, const char *path)

@@ -132,12 +132,16 @@ cdef struct relay_t:
     int closing
     int end
     int client_dead
+    int client_err            # why the client's connection failed (errno; 0: it closed)
     uint64_t bad_value
     int problem
     int err
     uint64_t retained
     size_t buffers            # bytes of all slot buffers
     int64_t timeout_ns
+    # A client that reads no reply for send_timeout_ns is dropped (as the server drops one).
+    int64_t send_timeout_ns
+    int64_t down_progress_ns  # the last send to the client, or when its replies began to wait
     # read-ahead
     char *cache
     uint32_t cache_cap
@@ -209,6 +213,8 @@ cdef void answer(relay_t *r, slot_t *s, uint32_t error) noexcept nogil:
     s.error = error
     s.state = DONE
     make_simple_reply(s.reply, error, s.cookie)
+    if r.done_count == 0 and not tp_unsent(&r.down):
+        r.down_progress_ns = now_ns()   # nothing was waiting to go: the clock starts now
     r.done_q[(r.done_head + r.done_count) & (NSLOTS - 1)] = <int>(s - r.slots)
     r.done_count += 1
 
@@ -433,7 +439,8 @@ cdef void read_client(relay_t *r) noexcept nogil:
             continue
         if k < 0 and errno == EAGAIN:
             return
-        client_gone(r)        # end of file, or a socket error
+        r.client_err = errno if k < 0 else 0
+        client_gone(r)        # end of file, or a socket error (EPROTO: a bad TLS record)
         return
     parse_requests(r)
 
@@ -634,6 +641,7 @@ cdef void client_send_failed(relay_t *r) noexcept nogil:
     if errno == EAGAIN:
         r.down_blocked = 1
     else:
+        r.client_err = errno
         client_gone(r)
 
 
@@ -680,6 +688,8 @@ cdef void send_client(relay_t *r) noexcept nogil:
             client_send_failed(r)
             return
         left = <size_t>k
+        if k > 0:
+            r.down_progress_ns = now_ns()
         while r.done_count:
             s = &r.slots[r.done_q[r.done_head]]
             need = reply_bytes(s) - r.done_sent
@@ -714,11 +724,18 @@ cdef int64_t upstream_deadline(relay_t *r) noexcept nogil:
     return first + r.timeout_ns if first >= 0 else -1
 
 
+cdef int64_t client_deadline(relay_t *r) noexcept nogil:
+    """When the client will have read nothing for too long; -1 if no reply waits for it."""
+    if r.client_dead or not r.down_blocked or not (r.done_count or tp_unsent(&r.down)):
+        return -1
+    return r.down_progress_ns + r.send_timeout_ns
+
+
 cdef int relay_loop(relay_t *r) noexcept nogil:
     cdef pollfd fds[3]
     cdef int rc, timeout_ms
     cdef bint reading_client, up_ready, down_ready
-    cdef int64_t now, deadline
+    cdef int64_t now, deadline, stuck
     while True:
         if not r.client_dead:
             parse_requests(r)           # slots may have come free
@@ -734,6 +751,13 @@ cdef int relay_loop(relay_t *r) noexcept nogil:
         deadline = upstream_deadline(r)
         if deadline >= 0 and now >= deadline:
             return END_UPSTREAM_TIMEOUT
+        stuck = client_deadline(r)
+        if stuck >= 0 and now >= stuck:
+            r.client_err = ETIMEDOUT        # the requests upstream has are still seen through
+            client_gone(r)
+            continue
+        if stuck >= 0 and (deadline < 0 or stuck < deadline):
+            deadline = stuck
         timeout_ms = -1 if deadline < 0 else <int>((deadline - now) // 1000000 + 1)
         reading_client = wants_client_input(r)
         # TLS: decrypted bytes already in a session are read without waiting for poll
@@ -798,7 +822,8 @@ cdef class Relay:
     cdef TlsSession down_tls
 
     def __cinit__(self, int upstream, uint64_t size, uint16_t upstream_flags, int stop_fd,
-                  uint32_t cache_bytes, double timeout, TlsSession upstream_tls=None):
+                  uint32_t cache_bytes, double timeout, TlsSession upstream_tls=None,
+                  double send_timeout=30.0):
         cdef int i
         self.r.up.fd = upstream
         self.r.up.stage = <char *>malloc(STAGE_SIZE)
@@ -811,6 +836,7 @@ cdef class Relay:
         self.r.size = size
         self.r.up_flags = upstream_flags
         self.r.timeout_ns = <int64_t>(timeout * 1e9)
+        self.r.send_timeout_ns = <int64_t>(send_timeout * 1e9)
         # (twice the largest cached read must still be a valid request upstream)
         self.r.cache_cap = min(cache_bytes, <uint32_t>(MAX_PAYLOAD // 2))
         self.r.payload_slot = -1
@@ -847,6 +873,7 @@ cdef class Relay:
         self.r.up.ssl = NULL if tls is None else tls.ssl
         self.r.up.stage_len = 0
         self.r.up.read_wants_write = self.r.up.write_wants_read = 0
+        self.r.up.read_blocked = 0
         if tls is not None:
             # A bare close is a close, as in plaintext: the NBD framing shows a cut reply, and
             # the proxy reconnects either way.
@@ -862,6 +889,7 @@ cdef class Relay:
         self.r.down.ssl = NULL if tls is None else tls.ssl
         self.r.down.stage_len = 0
         self.r.down.read_wants_write = self.r.down.write_wants_read = 0
+        self.r.down.read_blocked = 0
         self.r.down_in.pos = self.r.down_in.len = 0
         self.r.payload_slot = -1
         self.r.done_head = self.r.done_count = self.r.done_sent = 0
@@ -869,6 +897,7 @@ cdef class Relay:
         self.r.closing = 0
         self.r.end = 0
         self.r.client_dead = 0
+        self.r.client_err = 0
         self.r.bad_value = 0
         self.r.problem = UP_OK
         self.r.err = 0
@@ -945,6 +974,11 @@ cdef class Relay:
     @property
     def bad_value(self):
         return self.r.bad_value
+
+    @property
+    def client_err(self):
+        """Why the client's connection failed (an errno), 0 if it just closed."""
+        return self.r.client_err
 
     @property
     def client_attached(self):

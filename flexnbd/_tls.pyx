@@ -138,6 +138,11 @@ cdef class TlsContext:
             # framing shows a cut request. A client side keeps OpenSSL's strict default, so
             # that a mirror reads only a close_notify as the destination's "taken".
             SSL_CTX_set_options(self.ctx, SSL_OP_IGNORE_UNEXPECTED_EOF)
+            # Read what the socket has, many records at once, not each record's header and
+            # body in two reads: a client's pipelined requests (one record each) are then
+            # decrypted from memory, and the serve loop sends their replies together
+            # (wait_readable). The transport's tp_pending sees such buffered records.
+            SSL_CTX_set_read_ahead(self.ctx, 1)
         SSL_CTX_set_ex_data(self.ctx, ex_index, &self.creds)
         if psk_file is not None:
             self.kind = "psk"

@@ -552,7 +552,10 @@ def _proxy_config(args: argparse.Namespace) -> ProxyConfig:
                        inherited=inherited,
                        bind=args.bind, cache_bytes=args.cache, oldstyle=args.oldstyle,
                        upstream_timeout=_env_seconds("FLEXNBD_UPSTREAM_TIMEOUT",
-                                                     UPSTREAM_TIMEOUT_SECS))
+                                                     UPSTREAM_TIMEOUT_SECS),
+                       handshake_timeout=_env_seconds("FLEXNBD_HANDSHAKE_TIMEOUT",
+                                                      HANDSHAKE_SECS),
+                       send_timeout=_env_seconds("FLEXNBD_SEND_TIMEOUT", SEND_TIMEOUT_SECS))
 
 
 def proxy_main(argv: Sequence[str] | None = None) -> int:

@@ -106,7 +106,8 @@ class ProxyConfig:
     cache_bytes: int = 0             # read-ahead cache: 0 is off
     oldstyle: bool = False           # offer the client the oldstyle handshake
     upstream_timeout: float = UPSTREAM_TIMEOUT_SECS
-    handshake_timeout: float = 30.0  # for the client's handshake, and upstream's greeting
+    handshake_timeout: float = HANDSHAKE_SECS  # the client's handshake, and upstream's greeting
+    send_timeout: float = SEND_TIMEOUT_SECS    # a client that reads no reply for this long goes
     connect_timeout: float = 15.0
     reconnect_first: float = 0.1     # reconnect delays: doubling from first to most
     reconnect_most: float = 2.0

@@ -20,6 +20,7 @@ again, and a reconnect that fails TLS (a wrong key) is retried like any other fa
 
 from __future__ import annotations
 
+import errno
 import os
 import select
 import socket
@@ -118,7 +119,8 @@ class Proxy:
         self._upstream, info = self._connect_upstream()
         self.upstream_info = info
         self.relay = _proxy.Relay(self._upstream.fileno(), info.size, info.flags, self._stop_fd,
-                                  cfg.cache_bytes, cfg.upstream_timeout, info.tls)
+                                  cfg.cache_bytes, cfg.upstream_timeout, info.tls,
+                                  cfg.send_timeout)
         try:
             if cfg.inherited:       # systemd's sockets (socket activation)
                 self._listeners = list(cfg.inherited)
@@ -317,13 +319,21 @@ class Proxy:
         sock.settimeout(self.config.handshake_timeout)
         # One deadline for the whole handshake: a byte now and then must not keep the one
         # client slot (the next clients wait behind it).
-        deadline = threading.Timer(self.config.handshake_timeout, _shutdown, (sock,))
+        expired = threading.Event()
+
+        def expire() -> None:
+            expired.set()
+            _shutdown(sock)
+        deadline = threading.Timer(self.config.handshake_timeout, expire)
         deadline.start()
         try:
             agreed = serve_handshake(sock, self._export_info(), self.config.oldstyle,
                                      self._tls)
         except (OSError, FlexnbdError) as e:
-            if not self._stopping.is_set():
+            if expired.is_set():
+                _log.warning("client %s: handshake not finished in %g s: disconnected", name,
+                             self.config.handshake_timeout)
+            elif not self._stopping.is_set():
                 _log.warning("client %s: handshake failed: %s", name,
                              e.strerror if isinstance(e, OSError) and e.strerror else e)
             return
@@ -357,6 +367,15 @@ class Proxy:
                       self.relay.in_flight)
         elif end == End.END_DISC:
             _log.info("client %s disconnected after %d request(s)", name, requests)
+        elif end == End.END_CLIENT_GONE and self.relay.client_err == errno.ETIMEDOUT:
+            _log.warning("client %s read no reply for %g s (FLEXNBD_SEND_TIMEOUT): "
+                         "disconnected after %d request(s)", name, self.config.send_timeout,
+                         requests)
+        elif end == End.END_CLIENT_GONE and self.relay.client_err:
+            # (EPROTO: its TLS session broke, a forged or corrupted record)
+            _log.warning("client %s: connection failed after %d request(s): %s", name,
+                         requests, "TLS error (a bad record)" if self.relay.client_err ==
+                         errno.EPROTO else errno_text(self.relay.client_err))
         elif end == End.END_CLIENT_GONE:
             _log.info("client %s closed the connection after %d request(s)", name, requests)
         elif end == End.END_BAD_MAGIC:

@@ -618,6 +618,28 @@ def test_client_gone_with_reads_in_flight(sides, relay, make_file):
     assert px.proc.poll() is None, px.log()
 
 
+def test_a_client_that_reads_no_reply_is_dropped(sides, make_file):
+    """A client that sends READs and never reads their replies is disconnected once nothing
+    could be sent to it for FLEXNBD_SEND_TIMEOUT seconds, as the server drops such a client;
+    the requests upstream already had are seen through, and the next client is served."""
+    size = 64 * MiB
+    path = make_file(size)
+    original = path.read_bytes()
+    up = sides.serve(path)
+    px = sides.proxy(up.port, "--cache=0", env={"FLEXNBD_SEND_TIMEOUT": "1"})
+    c = sides.connect(px, rcvbuf=32 * KiB)
+    try:
+        for i in range(16):
+            c.send_request(READ, i * 4 * MiB, 4 * MiB)
+        wait_logged(px, "W", "read no reply for 1 s", timeout=30)
+    finally:
+        c.close()
+    with sides.connect(px) as c2:
+        assert c2.read(4097, 8192) == original[4097:4097 + 8192]
+    assert px.proc.poll() is None, px.log()
+    assert not log_lines(px, "W", "upstream"), px.log()     # upstream was never in question
+
+
 # -- 6, 7. oversized requests and garbage end the client's session only ----------------------
 
 BIG = wire.MAX_PAYLOAD + 1
