@@ -374,6 +374,7 @@ def test_a_garbage_record_ends_that_client_only(serve, proxy, make_file, x509):
         assert good.write(MiB, b"\x42" * 5000) == 0
     assert path.read_bytes()[MiB:MiB + 5000] == b"\x42" * 5000
     assert len(tls_connected(px)) == 2, px.log()
+    assert log_lines(px, "W", "connection failed", "tls error"), px.log()   # not "closed"
     assert not log_lines(px, "I", "reconnected") and not log_lines(px, "W", "upstream"), \
         px.log()
     alive(up, px)
