@@ -63,6 +63,21 @@ class ConnStats:
     triggered: list[str] = field(default_factory=list)   # faults that fired
     closed: bool = False
 
+    def wait_settled(self, timeout: float = 10.0) -> bool:
+        """Wait until the byte counts stop moving (checked every 0.1 s): a proxy logs that
+        it is serving only after its upstream handshake, and the counts lag the bytes."""
+        counts = [(-1, -1)]
+
+        def settled() -> bool:
+            counts.append((self.up, self.down))
+            return counts[-1] == counts[-2]
+        deadline = time.monotonic() + timeout
+        while not settled():
+            if time.monotonic() > deadline:
+                return False
+            time.sleep(0.1)
+        return True
+
 
 def _reset(sock: socket.socket) -> None:
     try:

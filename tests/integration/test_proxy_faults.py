@@ -224,15 +224,8 @@ def relayed_proxy(serve_port: int, relay, proxy, *extra: str, env: dict | None =
     r = relay(serve_port, faults=[fault])
     px = proxy(r.port, "--cache=0", *extra, env=env)
     assert len(r.connections) == 1, r.connections
-    # The proxy logs " serving " only after its upstream handshake; the relay counts what it
-    # forwarded just after forwarding it: wait until the counts settle.
     conn = r.connections[0]
-    counts = [(-1, -1)]
-
-    def settled() -> bool:
-        counts.append((conn.up, conn.down))
-        return counts[-1] == counts[-2]
-    assert wait_until(settled, 10, 0.1)
+    assert conn.wait_settled()
     return r, px, fault, conn.up, conn.down
 
 

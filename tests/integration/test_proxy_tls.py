@@ -36,7 +36,6 @@ from tests.support.tlscreds import (
     PSK_IDENTITY,
     make_ca,
     make_psk,
-    make_x509,
     psk_uri,
     sign,
     starttls,
@@ -47,21 +46,6 @@ from tests.support.waiting import log_lines, wait_logged, wait_until
 KiB = 1 << 10
 MiB = 1 << 20
 SIZE = 8 * MiB + 4096
-
-
-@pytest.fixture
-def psk(tmp_path) -> Path:
-    return make_psk(tmp_path / "psk")
-
-
-@pytest.fixture
-def x509(tmp_path) -> tuple[Path, Path]:
-    return make_x509(tmp_path / "x509")
-
-
-@pytest.fixture(params=["psk", "x509"])
-def kind(request) -> str:
-    return request.param
 
 
 @pytest.fixture
@@ -605,12 +589,7 @@ def test_a_corrupted_upstream_record_is_a_lost_upstream(serve, proxy, make_file,
     with Relay(up.port, faults=[fault]) as r:
         px = proxy(r.port, *conn_tls("x509", x509))
         conn = r.connections[0]
-        counts = [(-1, -1)]
-
-        def settled() -> bool:
-            counts.append((conn.up, conn.down))
-            return counts[-1] == counts[-2]
-        assert wait_until(settled, 10, 0.1)
+        assert conn.wait_settled()
         data = os.urandom(256 * KiB)
         with RawClient.connect(px.port) as c:
             c.handshake()

@@ -23,7 +23,6 @@ from tests.support.tlscreds import (
     PSK_IDENTITY,
     make_ca,
     make_psk,
-    make_x509,
     psk_uri,
     sign,
     starttls,
@@ -31,16 +30,6 @@ from tests.support.tlscreds import (
 )
 
 SIZE = 9 * MiB + 4096
-
-
-@pytest.fixture
-def psk(tmp_path) -> Path:
-    return make_psk(tmp_path / "psk")
-
-
-@pytest.fixture
-def x509(tmp_path) -> tuple[Path, Path]:
-    return make_x509(tmp_path / "x509")
 
 
 def tls_server(serve, path, kind, creds, *extra, mode="require", env=None):
@@ -52,11 +41,6 @@ def tls_server(serve, path, kind, creds, *extra, mode="require", env=None):
     server = serve(path, f"--tls={mode}", "--tls-certificates", str(server_dir), *extra,
                    env=env)
     return server, x509_uri(server, client_dir)
-
-
-@pytest.fixture(params=["psk", "x509"])
-def kind(request) -> str:
-    return request.param
 
 
 @pytest.fixture

@@ -123,3 +123,21 @@ def nbdkit_tls():
     for proc in procs:
         proc.kill()
         proc.wait()
+
+
+@pytest.fixture
+def psk(tmp_path) -> Path:
+    """A PSK file (identity alice)."""
+    return make_psk(tmp_path / "psk")
+
+
+@pytest.fixture
+def x509(tmp_path) -> tuple[Path, Path]:
+    """X.509 credentials: (server directory, client directory)."""
+    return make_x509(tmp_path / "x509")
+
+
+@pytest.fixture(params=["psk", "x509"])
+def kind(request) -> str:
+    """Each credential kind in turn."""
+    return request.param
