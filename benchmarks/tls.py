@@ -12,6 +12,10 @@ nbdcopy of the whole file to `null:` with a PSK (nbdcopy allows `tls-psk-file`):
 decryption runs in several threads, where fio's runs in one, so this row shows what TLS
 costs the server when the client is less of a limit.
 
+The proxy: fio through `flexnbd-proxy` in front of `flexnbd serve`, TLS on both sides of the
+proxy (X.509) against plaintext on both sides (seq read 1M qd16, rand read 4k qd32), with the
+proxy's CPU per GiB.
+
 Migration: `flexnbd serve` mirrors a dense file into `flexnbd listen`, both with
 `--tls=require --tls-psk` (the same PSK file), against both in plaintext; the time from the
 mirror command to both servers' exit 0 and identical files.
@@ -40,6 +44,7 @@ from common import (
     MiB,
     Server,
     default_json,
+    find_exe,
     find_flexnbd,
     finish_report,
     fmt,
@@ -101,7 +106,7 @@ def make_credentials(root: Path) -> dict[str, Path]:
     shutil.copy(server / "ca-cert.pem", client / "ca-cert.pem")
     psk = root / "keys.psk"
     psk.write_text(f"{PSK_IDENTITY}:{os.urandom(32).hex()}\n")
-    return {"server": server, "home": home, "psk": psk}
+    return {"server": server, "home": home, "client": client, "psk": psk}
 
 
 def server_cmd(name: str, tls: bool, port: int, path: Path, creds: dict[str, Path],
@@ -194,6 +199,35 @@ def measure(column: str, row: dict, data: Path, workdir: Path, creds: dict[str, 
     return {**result, "cpu_s_per_gib": cpu / (result["bytes"] / GiB)}
 
 
+# The proxy's rows: ROWS' specs, through flexnbd-proxy with TLS on both sides or neither.
+PROXY_ROWS = ("TLS fio seq read 1M qd16", "TLS fio rand read 4k qd32")
+
+
+def measure_proxy(tls: bool, row: dict, data: Path, workdir: Path, creds: dict[str, Path],
+                  runtime: int) -> dict:
+    """fio through a fresh flexnbd-proxy in front of a fresh flexnbd; the proxy's CPU."""
+    exe = find_exe("flexnbd-proxy")
+    assert exe is not None
+    sport, pport = free_port(), free_port()
+    scmd = server_cmd("flexnbd", tls, sport, data, creds)
+    assert scmd is not None
+    pcmd = [exe, "--addr", HOST, "--port", str(pport), "--conn-addr", HOST,
+            "--conn-port", str(sport)]
+    if tls:
+        pcmd += ["--tls=require", "--tls-certificates", str(creds["server"]),
+                 "--conn-tls-certificates", str(creds["client"])]
+    log_path = workdir / "tls-proxy.log"
+    with Server("flexnbd", sport, data, log_path, cmd=scmd) as server, \
+            Server("flexnbd-proxy", pport, data, log_path, cmd=pcmd) as proxy:
+        run_fio(pport, tls, row, runtime * WARMUP_SHARE)
+        cpu0 = proxy.cpu_seconds()
+        result = run_fio(pport, tls, row, runtime)
+        cpu = proxy.cpu_seconds() - cpu0
+        if not (server.alive() and proxy.alive()):
+            raise ClientError(f"the server or the proxy died\n{proxy.log_tail()}")
+    return {**result, "proxy_cpu_s_per_gib": cpu / (result["bytes"] / GiB)}
+
+
 def migrate(src_file: Path, workdir: Path, tls_args: list[str]) -> float:
     """Seconds from `mirror` to both servers' exit 0, the files identical."""
     exe = find_flexnbd()
@@ -277,6 +311,28 @@ def main(argv: list[str] | None = None) -> int:
                 "samples": cells}
             for c, cells in samples.items() if cells
         }
+    report["proxy"] = {}
+    if find_exe("flexnbd-proxy"):
+        for row_name in PROXY_ROWS:
+            cells: dict[str, list[dict]] = {"TLS": [], "plaintext": []}
+            for i in range(args.repeat):
+                for kind in cells:
+                    log(f"proxy {kind}: {row_name} (run {i + 1}/{args.repeat})")
+                    try:
+                        cell = measure_proxy(kind == "TLS", ROWS[row_name], data, workdir,
+                                             creds, args.runtime)
+                    except (ClientError, RuntimeError) as e:
+                        report["errors"].append(f"proxy {row_name} / {kind}: {e}")
+                        continue
+                    log(f"  {cell['value']:,.0f} {ROWS[row_name]['unit']}, "
+                        f"{cell['proxy_cpu_s_per_gib']:.2f} proxy CPU s/GiB")
+                    cells[kind].append(cell)
+            report["proxy"][row_name] = {
+                k: {"value": statistics.median(c["value"] for c in v),
+                    "proxy_cpu_s_per_gib": statistics.median(c["proxy_cpu_s_per_gib"]
+                                                             for c in v),
+                    "samples": v}
+                for k, v in cells.items() if v}
     mdata = workdir / f"tls-migration-src-{msize}.img"
     make_data_file(mdata, msize)
     runs: dict[str, list[float]] = {"TLS (PSK)": [], "plaintext": []}
@@ -316,6 +372,18 @@ def tables(report: dict, columns: list[str], msize: int) -> str:
         lines.append("| " + " | ".join(
             [row_name, ROWS[row_name]["unit"], *[fmt(value.get(c)) for c in columns], best, own,
              *[fmt(cells[c]["cpu_s_per_gib"]) if c in cells else "-" for c in columns]]) + " |")
+    if report.get("proxy"):
+        lines += ["", "| through flexnbd-proxy | unit | TLS both sides | plaintext | TLS / "
+                  "plaintext | proxy CPU s/GiB TLS | proxy CPU s/GiB plaintext |",
+                  "|---|---|---|---|---|---|---|"]
+        for row_name, cells in report["proxy"].items():
+            tls_v = cells.get("TLS", {}).get("value")
+            plain_v = cells.get("plaintext", {}).get("value")
+            lines.append("| " + " | ".join([
+                row_name.removeprefix("TLS "), ROWS[row_name]["unit"], fmt(tls_v), fmt(plain_v),
+                f"{tls_v / plain_v:.2f}" if tls_v and plain_v else "-",
+                *[fmt(cells[k]["proxy_cpu_s_per_gib"]) if k in cells else "-"
+                  for k in ("TLS", "plaintext")]]) + " |")
     mig = report["migration"]
     tls_s, plain_s = mig["TLS (PSK)"]["median_s"], mig["plaintext"]["median_s"]
     lines.append("")

@@ -15,7 +15,7 @@ from libc.stdint cimport uint64_t
 from flexnbd._openssl cimport (
     BIO, SSL, SSL_ERROR_SYSCALL, SSL_ERROR_WANT_READ, SSL_ERROR_WANT_WRITE,
     SSL_ERROR_ZERO_RETURN, BIO_flush, BIO_should_retry, ERR_clear_error, SSL_get_error,
-    SSL_get_wbio, SSL_has_pending, SSL_pending, SSL_read_ex, SSL_write_ex,
+    BIO_wpending, SSL_get_wbio, SSL_has_pending, SSL_pending, SSL_read_ex, SSL_write_ex,
 )
 from flexnbd._sys cimport EAGAIN, EIO, EINTR, EOPNOTSUPP, EPIPE, EPROTO, MSG_DONTWAIT, \
     MSG_MORE, MSG_NOSIGNAL, MSG_WAITALL, SPLICE_F_MORE, SPLICE_F_MOVE, errno, memcpy, memmove, \
@@ -129,27 +129,30 @@ cdef inline ssize_t tls_recv(transport_t *t, void *p, size_t n) noexcept nogil:
 
 
 cdef inline int tp_send_unsent(transport_t *t) noexcept nogil:
-    """Finish sending the stage (non-blocking TLS): 0 when nothing is left, or -1 with errno
-    (EAGAIN: the socket is full; write_wants_read says whether it waits for a read)."""
+    """Finish sending the stage (non-blocking TLS): encrypt it, then send the records
+    gathered in the session's write buffer (TlsSession.batch_writes). 0 when nothing is left,
+    or -1 with errno (EAGAIN: the socket is full; write_wants_read says whether it waits for
+    a read)."""
     cdef size_t done = 0
     cdef int ok
-    if t.stage_len == 0:
-        return 0
-    ERR_clear_error()
-    set_errno(0)
-    ok = SSL_write_ex(t.ssl, t.stage, t.stage_len, &done)
-    if ok == 1:
+    if t.stage_len:
+        ERR_clear_error()
+        set_errno(0)
+        ok = SSL_write_ex(t.ssl, t.stage, t.stage_len, &done)
+        if ok != 1:
+            t.write_wants_read = SSL_get_error(t.ssl, 0) == SSL_ERROR_WANT_READ
+            tls_outcome(t.ssl, ok, done, 0)
+            return -1
         t.stage_len = 0
         t.write_wants_read = 0
-        return 0
-    t.write_wants_read = SSL_get_error(t.ssl, 0) == SSL_ERROR_WANT_READ
-    tls_outcome(t.ssl, ok, done, 0)
-    return -1
+    if t.ssl != NULL and BIO_wpending(SSL_get_wbio(t.ssl)):
+        return tls_flush(t)
+    return 0
 
 
 cdef inline bint tp_unsent(const transport_t *t) noexcept nogil:
     """Bytes a non-blocking send accepted that have not all left yet."""
-    return t.stage_len > 0
+    return t.stage_len > 0 or (t.ssl != NULL and BIO_wpending(SSL_get_wbio(t.ssl)) > 0)
 
 
 cdef inline ssize_t tls_sendmsg(transport_t *t, const msghdr *msg) noexcept nogil:

@@ -21,6 +21,9 @@ cdef extern from "<openssl/ssl.h>" nogil:
     unsigned long SSL_CTX_set_options(SSL_CTX *ctx, unsigned long options)
     long SSL_CTX_set_mode(SSL_CTX *ctx, long mode)
     void SSL_CTX_set_read_ahead(SSL_CTX *ctx, int yes)
+    void SSL_CTX_set_default_read_buffer_len(SSL_CTX *ctx, size_t len)
+    void SSL_set_read_ahead(SSL *s, int yes)
+    void SSL_set_default_read_buffer_len(SSL *s, size_t len)
     int SSL_CTX_set_ciphersuites(SSL_CTX *ctx, const char *suites)
     int SSL_CTX_set_cipher_list(SSL_CTX *ctx, const char *ciphers)
     int SSL_CTX_use_certificate_chain_file(SSL_CTX *ctx, const char *path)
@@ -94,6 +97,7 @@ cdef extern from "<openssl/bio.h>" nogil:
     long BIO_set_write_buffer_size(BIO *b, long size)
     int BIO_flush(BIO *b)
     int BIO_should_retry(BIO *b)
+    size_t BIO_wpending(BIO *b)
 
 cdef extern from "<openssl/ssl.h>" nogil:
     BIO *SSL_get_wbio(const SSL *ssl)

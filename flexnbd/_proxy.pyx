@@ -878,6 +878,7 @@ cdef class Relay:
             # A bare close is a close, as in plaintext: the NBD framing shows a cut reply, and
             # the proxy reconnects either way.
             SSL_set_options(tls.ssl, SSL_OP_IGNORE_UNEXPECTED_EOF)
+            tls.batch_writes()      # (the records of a send leave together)
 
     def attach(self, int client, TlsSession tls=None):
         """Start a client's session (``tls``: the session it shook hands on). The previous one
@@ -887,6 +888,8 @@ cdef class Relay:
         self.r.down.fd = client
         self.down_tls = tls
         self.r.down.ssl = NULL if tls is None else tls.ssl
+        if tls is not None:
+            tls.batch_writes()
         self.r.down.stage_len = 0
         self.r.down.read_wants_write = self.r.down.write_wants_read = 0
         self.r.down.read_blocked = 0

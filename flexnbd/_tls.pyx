@@ -31,6 +31,8 @@ cdef int ex_index = SSL_CTX_get_ex_new_index(0, NULL, NULL, NULL, NULL)
 MAX_PSK_ENTRIES = 1024
 # What batch_writes gathers before sending: 16 records of 16 KiB.
 DEF WRITE_BATCH = 256 * 1024
+# What a session that reads ahead reads at most at once.
+DEF READ_AHEAD = 256 * 1024
 _PSK_LINE = re.compile(r"^([^:\s]{1,128}):([0-9a-fA-F]+)$")
 
 
@@ -107,10 +109,11 @@ cdef unsigned int psk_client(SSL *ssl, const char *hint, char *identity,
 cdef class TlsContext:
     """Credentials for one side (server or client). Exactly one of ``certificates`` (an X.509
     directory) and ``psk_file``. ``verify_peer``: a server asks for, and checks, a client
-    certificate (X.509 only). TlsError for missing or bad credentials."""
+    certificate (X.509 only). ``read_ahead`` (default: servers): sessions read many records
+    at once. TlsError for missing or bad credentials."""
 
     def __cinit__(self, *, bint server, certificates=None, psk_file=None,
-                  bint verify_peer=False):
+                  bint verify_peer=False, read_ahead=None):
         self.server = server
         self.certificates = certificates
         self.psk_file = psk_file
@@ -138,11 +141,15 @@ cdef class TlsContext:
             # framing shows a cut request. A client side keeps OpenSSL's strict default, so
             # that a mirror reads only a close_notify as the destination's "taken".
             SSL_CTX_set_options(self.ctx, SSL_OP_IGNORE_UNEXPECTED_EOF)
+        if server if read_ahead is None else read_ahead:
             # Read what the socket has, many records at once, not each record's header and
             # body in two reads: a client's pipelined requests (one record each) are then
             # decrypted from memory, and the serve loop sends their replies together
-            # (wait_readable). The transport's tp_pending sees such buffered records.
+            # (wait_readable); big payloads take a read per 256 KiB, not two per 16 KiB. The
+            # transport's tp_pending and tp_readable see such buffered records. (Servers,
+            # and the proxy's upstream side; a mirror reads replies one at a time.)
             SSL_CTX_set_read_ahead(self.ctx, 1)
+            SSL_CTX_set_default_read_buffer_len(self.ctx, READ_AHEAD)
         SSL_CTX_set_ex_data(self.ctx, ex_index, &self.creds)
         if psk_file is not None:
             self.kind = "psk"

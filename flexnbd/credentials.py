@@ -17,8 +17,10 @@ def server_policy(settings: TlsSettings | None) -> TlsPolicy | None:
     return TlsPolicy(context, require=settings.mode == "require")
 
 
-def client_context(settings: TlsSettings | None) -> TlsContext | None:
-    """The same credentials as a client's (None: no TLS); TlsError if they cannot be."""
+def client_context(settings: TlsSettings | None, read_ahead: bool = False) -> TlsContext | None:
+    """The same credentials as a client's (None: no TLS); TlsError if they cannot be.
+    ``read_ahead``: sessions read many records at once (the proxy's non-blocking relay)."""
     if settings is None:
         return None
-    return TlsContext(server=False, certificates=settings.certificates, psk_file=settings.psk)
+    return TlsContext(server=False, certificates=settings.certificates, psk_file=settings.psk,
+                      read_ahead=read_ahead)

@@ -102,7 +102,7 @@ class Proxy:
         self.upstream_info: ServerInfo | None = None
         # TLS: for the clients, and to upstream (loaded now: bad credentials stop the start)
         self._tls = credentials.server_policy(config.tls)
-        self._conn_tls = credentials.client_context(config.conn_tls)
+        self._conn_tls = credentials.client_context(config.conn_tls, read_ahead=True)
         self.relay: _proxy.Relay | None = None
         self._lock = threading.Lock()
         self._client: socket.socket | None = None    # the client being served, if any
