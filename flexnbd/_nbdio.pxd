@@ -61,15 +61,18 @@ cdef struct transport_t:
     bint write_wants_read     # the last TLS write waits for it to be readable
 
 
-cdef inline ssize_t tls_outcome(SSL *ssl, int ok, size_t n, int reading) noexcept nogil:
-    """An SSL_read_ex/SSL_write_ex outcome as recv/send would give it: n; 0 when the peer
-    closed (reading); -1 with errno: EAGAIN (not ready: a timeout on a blocking socket),
-    EPIPE (the peer went away mid-session), EPROTO (a TLS error: bad record, failed MAC), or
-    the socket's own errno."""
-    cdef int e
-    if ok == 1:
+cdef inline int tls_error(SSL *ssl, int ok) noexcept nogil:
+    """The SSL error of an SSL_read_ex/SSL_write_ex that returned ``ok`` (0: none)."""
+    return 0 if ok == 1 else SSL_get_error(ssl, ok)
+
+
+cdef inline ssize_t tls_outcome(int e, size_t n, int reading) noexcept nogil:
+    """An SSL_read_ex/SSL_write_ex outcome (its tls_error ``e``) as recv/send would give it:
+    n; 0 when the peer closed (reading); -1 with errno: EAGAIN (not ready: a timeout on a
+    blocking socket, or a non-blocking one), EPIPE (the peer went away mid-session), EPROTO
+    (a TLS error: bad record, failed MAC), or the socket's own errno."""
+    if e == 0:
         return <ssize_t>n
-    e = SSL_get_error(ssl, 0)
     if e == SSL_ERROR_ZERO_RETURN:
         if reading:
             return 0
@@ -108,7 +111,7 @@ cdef inline ssize_t tls_send(transport_t *t, const void *p, size_t n, int flags)
     ERR_clear_error()
     set_errno(0)
     ok = SSL_write_ex(t.ssl, p, n, &done)
-    k = tls_outcome(t.ssl, ok, done, 0)
+    k = tls_outcome(tls_error(t.ssl, ok), done, 0)
     if k >= 0 and not (flags & MSG_MORE) and tls_flush(t) < 0:
         return -1
     return k
@@ -119,13 +122,13 @@ cdef inline ssize_t tls_recv(transport_t *t, void *p, size_t n) noexcept nogil:
     non-blocking socket: EAGAIN, and read_wants_write says whether the read waits for the
     socket to take a write (a TLS 1.3 KeyUpdate answer) rather than for bytes."""
     cdef size_t got = 0
-    cdef int ok
+    cdef int e
     ERR_clear_error()
     set_errno(0)
-    ok = SSL_read_ex(t.ssl, p, n, &got)
-    t.read_blocked = ok != 1 and SSL_get_error(t.ssl, 0) == SSL_ERROR_WANT_READ
-    t.read_wants_write = ok != 1 and SSL_get_error(t.ssl, 0) == SSL_ERROR_WANT_WRITE
-    return tls_outcome(t.ssl, ok, got, 1)
+    e = tls_error(t.ssl, SSL_read_ex(t.ssl, p, n, &got))
+    t.read_blocked = e == SSL_ERROR_WANT_READ
+    t.read_wants_write = e == SSL_ERROR_WANT_WRITE
+    return tls_outcome(e, got, 1)
 
 
 cdef inline int tp_send_unsent(transport_t *t) noexcept nogil:
@@ -134,14 +137,14 @@ cdef inline int tp_send_unsent(transport_t *t) noexcept nogil:
     or -1 with errno (EAGAIN: the socket is full; write_wants_read says whether it waits for
     a read)."""
     cdef size_t done = 0
-    cdef int ok
+    cdef int e
     if t.stage_len:
         ERR_clear_error()
         set_errno(0)
-        ok = SSL_write_ex(t.ssl, t.stage, t.stage_len, &done)
-        if ok != 1:
-            t.write_wants_read = SSL_get_error(t.ssl, 0) == SSL_ERROR_WANT_READ
-            tls_outcome(t.ssl, ok, done, 0)
+        e = tls_error(t.ssl, SSL_write_ex(t.ssl, t.stage, t.stage_len, &done))
+        if e:
+            t.write_wants_read = e == SSL_ERROR_WANT_READ
+            tls_outcome(e, done, 0)
             return -1
         t.stage_len = 0
         t.write_wants_read = 0
@@ -178,17 +181,12 @@ cdef inline ssize_t tls_sendmsg(transport_t *t, const msghdr *msg) noexcept nogi
     return <ssize_t>n
 
 
-cdef inline bint tp_readable(const transport_t *t) noexcept nogil:
-    """Non-blocking TLS: bytes wait in the session, where poll cannot see them: decrypted
-    ones, or records read ahead (a server's sessions read ahead) that the last read did not
-    find wanting more."""
+cdef inline bint tp_pending(const transport_t *t) noexcept nogil:
+    """TLS: bytes wait in the session, where poll cannot see them: decrypted ones, or records
+    read ahead (or begun) that the last read did not find wanting more bytes (only a
+    non-blocking read finds that)."""
     return t.ssl != NULL and (SSL_pending(t.ssl) > 0
                               or (SSL_has_pending(t.ssl) and not t.read_blocked))
-
-
-cdef inline bint tp_pending(const transport_t *t) noexcept nogil:
-    """Bytes already received and decrypted (or a record buffered) that poll cannot see."""
-    return t.ssl != NULL and SSL_has_pending(t.ssl)
 
 
 cdef inline ssize_t tp_send(transport_t *t, const void *p, size_t n, int flags) noexcept nogil:

@@ -761,8 +761,8 @@ cdef int relay_loop(relay_t *r) noexcept nogil:
         timeout_ms = -1 if deadline < 0 else <int>((deadline - now) // 1000000 + 1)
         reading_client = wants_client_input(r)
         # TLS: decrypted bytes already in a session are read without waiting for poll
-        up_ready = tp_readable(&r.up)
-        down_ready = reading_client and tp_readable(&r.down)
+        up_ready = tp_pending(&r.up)
+        down_ready = reading_client and tp_pending(&r.down)
         if up_ready or down_ready:
             timeout_ms = 0
         fds[0].fd = r.stop_fd

@@ -146,8 +146,8 @@ cdef class TlsContext:
             # body in two reads: a client's pipelined requests (one record each) are then
             # decrypted from memory, and the serve loop sends their replies together
             # (wait_readable); big payloads take a read per 256 KiB, not two per 16 KiB. The
-            # transport's tp_pending and tp_readable see such buffered records. (Servers,
-            # and the proxy's upstream side; a mirror reads replies one at a time.)
+            # transport's tp_pending sees such buffered records. (Servers, and the proxy's
+            # upstream side; a mirror reads replies one at a time.)
             SSL_CTX_set_read_ahead(self.ctx, 1)
             SSL_CTX_set_default_read_buffer_len(self.ctx, READ_AHEAD)
         SSL_CTX_set_ex_data(self.ctx, ex_index, &self.creds)

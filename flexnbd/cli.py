@@ -342,6 +342,16 @@ def _tls_settings(args: argparse.Namespace) -> TlsSettings | None:
                        verify_peer=args.tls_verify_peer)
 
 
+def _client_tls(certificates: str | None, psk: str | None, prefix: str) -> TlsSettings | None:
+    """A client's TLS options (PREFIX-certificates, PREFIX-psk): at most one; either one
+    makes TLS required."""
+    if certificates is not None and psk is not None:
+        raise UsageError(f"give {prefix}-certificates or {prefix}-psk, not both")
+    if certificates is None and psk is None:
+        return None
+    return TlsSettings(mode="require", certificates=certificates, psk=psk)
+
+
 def _run_server(args: argparse.Namespace, mode: str) -> int:
     config = _server_config(args, mode)
     from flexnbd import lifecycle
@@ -354,11 +364,7 @@ def _run_server(args: argparse.Namespace, mode: str) -> int:
 def _run_transfer(args: argparse.Namespace, writing: bool) -> int:
     from flexnbd.client import transfer
 
-    if args.tls_certificates is not None and args.tls_psk is not None:
-        raise UsageError("give --tls-certificates or --tls-psk, not both")
-    tls = None
-    if args.tls_certificates is not None or args.tls_psk is not None:
-        tls = TlsSettings(mode="require", certificates=args.tls_certificates, psk=args.tls_psk)
+    tls = _client_tls(args.tls_certificates, args.tls_psk, "--tls")
     cfg = TransferConfig(addr=args.addr, port=args.port, offset=args.offset, size=args.size,
                          bind=args.bind, tls=tls)
     try:
@@ -540,12 +546,7 @@ def _proxy_config(args: argparse.Namespace) -> ProxyConfig:
         raise UsageError("missing --port (or give --addr a Unix socket path)")
     if unix is not None and args.port is not None:
         raise UsageError("--port goes with an IP address, not a Unix socket path")
-    if args.conn_tls_certificates is not None and args.conn_tls_psk is not None:
-        raise UsageError("give --conn-tls-certificates or --conn-tls-psk, not both")
-    conn_tls = None
-    if args.conn_tls_certificates is not None or args.conn_tls_psk is not None:
-        conn_tls = TlsSettings(mode="require", certificates=args.conn_tls_certificates,
-                               psk=args.conn_tls_psk)
+    conn_tls = _client_tls(args.conn_tls_certificates, args.conn_tls_psk, "--conn-tls")
     return ProxyConfig(conn_addr=args.conn_addr, conn_port=args.conn_port,
                        tls=_tls_settings(args), conn_tls=conn_tls,
                        addr=None if unix else args.addr, port=args.port, unix=unix,

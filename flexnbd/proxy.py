@@ -30,6 +30,7 @@ import time
 from collections.abc import Callable
 
 from flexnbd import _proxy, activation, credentials, log, sockets, wire
+from flexnbd._tls import TlsSession
 from flexnbd.config import ProxyConfig
 from flexnbd.errors import FlexnbdError, TlsError, errno_text
 from flexnbd.handshake import ExportInfo, ServerInfo, client_handshake, serve_handshake
@@ -71,6 +72,11 @@ def _reset(sock: socket.socket | None) -> None:
 
 def _tls_text(mode: str | None) -> str:
     return f", TLS {'required' if mode == 'require' else 'offered'}" if mode else ""
+
+
+def _version(tls: TlsSession | None) -> str:
+    """", TLSv1.3 TLS_AES_128_GCM_SHA256" for a log line; "" without TLS."""
+    return f", {tls.version}" if tls is not None else ""
 
 
 def _shutdown(sock: socket.socket) -> None:
@@ -142,7 +148,7 @@ class Proxy:
         _log.info("serving %s (%s handshake%s) for upstream %s: %d bytes, flags %#x, %s%s; "
                   "read-ahead %s", where, "oldstyle" if cfg.oldstyle else "newstyle",
                   _tls_text(cfg.tls.mode if cfg.tls else None), self.upstream_name, info.size,
-                  info.flags, info.style, f", {info.tls.version}" if info.tls else "",
+                  info.flags, info.style, _version(info.tls),
                   f"{cfg.cache_bytes} bytes" if cfg.cache_bytes else "off")
 
     def stop(self) -> None:
@@ -242,7 +248,7 @@ class Proxy:
                     resent = self.relay.set_upstream(sock.fileno(), info.flags, info.tls)
                     _log.info("reconnected to upstream %s (%s%s) after %.2f s and %d "
                               "attempt(s); re-sending %d request(s)", self.upstream_name,
-                              info.style, f", {info.tls.version}" if info.tls else "",
+                              info.style, _version(info.tls),
                               time.monotonic() - started, attempts, resent)
                     return True
             self._stopping.wait(delay)
@@ -344,8 +350,7 @@ class Proxy:
             return
         sock.setblocking(False)
         self.relay.attach(sock.fileno(), agreed.tls)
-        _log.info("client %s connected (%s%s)", name, agreed.style,
-                  f", {agreed.tls.version}" if agreed.tls is not None else "")
+        _log.info("client %s connected (%s%s)", name, agreed.style, _version(agreed.tls))
         requests_before = self.relay.requests
         while True:
             end = self.relay.run()

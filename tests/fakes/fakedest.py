@@ -60,7 +60,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from flexnbd import wire
-from tests.fakes.accepting import accept_until
+from tests.fakes.accepting import accept_until, close_all
 
 ZERO_4K = bytes(4096)
 
@@ -183,15 +183,7 @@ class FakeDest:
         with self._lock:
             socks = list(self._socks)
             threads = list(self._threads)
-        for s in socks:
-            try:
-                s.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass
-        for t in threads:
-            t.join(5)
-        for s in socks:
-            s.close()
+        close_all(socks, threads, 5)
         try:
             self._listener.close()
         except OSError:

@@ -28,12 +28,11 @@ from __future__ import annotations
 
 import select
 import socket
-import struct
 import threading
 import time
 from dataclasses import dataclass, field
 
-from tests.fakes.accepting import accept_until
+from tests.fakes.accepting import accept_until, reset
 
 
 @dataclass
@@ -79,14 +78,6 @@ class ConnStats:
         return True
 
 
-def _reset(sock: socket.socket) -> None:
-    try:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-    except OSError:
-        pass
-    sock.close()
-
-
 class _Conn:
     def __init__(self, relay: Relay, client: socket.socket, stats: ConnStats) -> None:
         self.relay = relay
@@ -116,7 +107,7 @@ class _Conn:
             f = self.fault
             if f.refuse:
                 self.stats.triggered.append("refuse")
-                _reset(self.client)
+                reset(self.client)
                 return
             if f.hang:
                 self.stats.triggered.append("hang")
@@ -126,7 +117,7 @@ class _Conn:
                 self.upstream = socket.create_connection(self.relay.upstream, timeout=15)
             except OSError:
                 self.stats.triggered.append("upstream unreachable")
-                _reset(self.client)
+                reset(self.client)
                 return
             self.upstream.settimeout(None)
             for s in (self.client, self.upstream):
@@ -231,7 +222,7 @@ class _Conn:
             with self.lock:
                 for s in (self.client, self.upstream):
                     if s is not None:
-                        _reset(s)
+                        reset(s)
         return False
 
 

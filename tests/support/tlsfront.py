@@ -34,7 +34,9 @@ import time
 from pathlib import Path
 
 from flexnbd import wire
-from tests.fakes.accepting import accept_until
+from flexnbd.errors import PeerClosed
+from flexnbd.handshake import recv_exact
+from tests.fakes.accepting import accept_until, close_all, reset
 
 HOST = "127.0.0.1"
 LIMIT = 1 << 20          # bytes waiting in one direction, plaintext or encrypted, at most
@@ -42,24 +44,6 @@ CHUNK = 256 << 10
 TIMEOUT = 15.0           # for the greeting, STARTTLS and the TLS handshake
 DRAIN = 10.0             # for what is left once the other side has ended
 POLL_MS = 100            # how often a relay looks at the stop flag
-
-
-def _recv_exact(sock: socket.socket, n: int) -> bytes:
-    data = bytearray()
-    while len(data) < n:
-        chunk = sock.recv(n - len(data))
-        if not chunk:
-            raise ConnectionError(f"closed after {len(data)} of {n} bytes")
-        data += chunk
-    return bytes(data)
-
-
-def _reset(sock: socket.socket) -> None:
-    try:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-    except OSError:
-        pass
-    sock.close()
 
 
 class TlsFront:
@@ -93,15 +77,7 @@ class TlsFront:
         with self._lock:
             socks = list(self._socks)
             threads = list(self._threads)
-        for sock in socks:          # wakes a thread still in a blocking handshake
-            try:
-                sock.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass
-        for thread in threads:
-            thread.join(10)
-        for sock in socks:
-            sock.close()
+        close_all(socks, threads, 10)   # (wakes a thread still in a blocking handshake)
         self._listener.close()
 
     # -- one connection ----------------------------------------------------------------------
@@ -125,7 +101,7 @@ class TlsFront:
             server.connect((HOST, self.behind))
             server.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             tls, incoming, outgoing = self._starttls(client, server)
-        except (OSError, ssl.SSLError, ValueError) as e:
+        except (OSError, ssl.SSLError, ValueError, PeerClosed) as e:
             if not self._stop.is_set():
                 self.errors.append(f"connection {n}: {e!r}")
             client.close()
@@ -135,18 +111,18 @@ class TlsFront:
 
     def _starttls(self, client: socket.socket, server: socket.socket) \
             -> tuple[ssl.SSLObject, ssl.MemoryBIO, ssl.MemoryBIO]:
-        greeting = _recv_exact(server, 18)
+        greeting = recv_exact(server, 18)
         magic, opt_magic, _ = struct.unpack(">QQH", greeting)
         if (magic, opt_magic) != (wire.NBDMAGIC, wire.IHAVEOPT):
             raise ValueError(f"not a newstyle greeting: {greeting.hex()}")
         client.sendall(greeting)
-        flags = _recv_exact(client, 4)
+        flags = recv_exact(client, 4)
         server.sendall(flags + struct.pack(">QII", wire.IHAVEOPT, wire.OPT_STARTTLS, 0))
         magic, option, reply, length = wire.unpack_option_reply_header(
-            _recv_exact(server, wire.OPTION_REPLY_HEADER_SIZE))
+            recv_exact(server, wire.OPTION_REPLY_HEADER_SIZE))
         if length > 4096:
             raise ValueError(f"an option reply of {length} bytes")
-        _recv_exact(server, length)
+        recv_exact(server, length)
         if (magic, option, reply) != (wire.OPTION_REPLY_MAGIC, wire.OPT_STARTTLS, wire.REP_ACK):
             raise ValueError(f"STARTTLS refused: option {option}, reply {reply:#x}")
         incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
@@ -235,7 +211,7 @@ class TlsFront:
                     except BlockingIOError:
                         data = None
                     except OSError:                 # a reset: pass it on at once
-                        _reset(server)
+                        reset(server)
                         return
                     if data == b"":
                         client_in = False
@@ -247,7 +223,7 @@ class TlsFront:
                     except BlockingIOError:
                         pass
                     except OSError:
-                        _reset(server)
+                        reset(server)
                         return
                 if ready.get(server.fileno(), 0) & ~select.POLLOUT and not server_eof:
                     try:
