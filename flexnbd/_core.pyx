@@ -1374,12 +1374,15 @@ cdef int client_transfer(transport_t *tp, int fd, uint64_t offset, uint64_t size
 
 
 def client_copy(int sock, int fd, uint64_t offset, uint64_t size, bint writing,
-                TlsSession tls=None):
+                TlsSession tls=None, double timeout=0):
     """Copy between an NBD server (simple replies) and a local fd without the GIL.
 
     ``writing``: WRITE size bytes read from fd at ``offset``; else READ them into fd.
     ``tls``: the session the handshake started on ``sock`` (everything goes through it).
-    Raises the errors of ``flexnbd.errors``; OSError for a local or socket failure.
+    ``timeout``: each request, reply and payload within this many seconds (_nbdio's deadline
+    mode; the socket becomes non-blocking); 0: none.
+    Raises the errors of ``flexnbd.errors``; TimeoutError, or OSError for a local or socket
+    failure.
     """
     cdef uint32_t remote = 0
     cdef int rc
@@ -1389,6 +1392,9 @@ def client_copy(int sock, int fd, uint64_t offset, uint64_t size, bint writing,
         raise MemoryError()
     memset(&tp, 0, sizeof(tp))
     tp.fd = sock
+    if timeout > 0 and tp_set_deadlines(&tp, timeout) < 0:
+        free(buf)
+        raise OSError(errno, os.strerror(errno))
     if tls is not None:
         tls.batch_writes()
         tp.ssl = tls.ssl             # (no sendfile here: no bounce buffer needed)
@@ -1399,6 +1405,8 @@ def client_copy(int sock, int fd, uint64_t offset, uint64_t size, bint writing,
         free(buf)
     if rc == C_OK:
         return
+    if rc == -EAGAIN:
+        raise TimeoutError(f"the server did not answer within {timeout:g} s")
     if rc < 0:
         raise OSError(-rc, os.strerror(-rc))
     if rc == C_CLOSED:
@@ -1512,9 +1520,11 @@ cdef char *_zero_buffer = <char *>calloc(ZERO_BUF_SIZE, 1)
 
 
 cdef class MirrorStream:
-    """Mirror requests to a destination (transmission phase, simple replies, timeouts set on
-    the socket), pipelined: up to MAX_IN_FLIGHT requests / MAX_IN_FLIGHT_BYTES unanswered.
-    Every reply must carry the cookie .MIRROR. and error 0. ``flush()`` waits for them all.
+    """Mirror requests to a destination (transmission phase, simple replies), pipelined: up to
+    MAX_IN_FLIGHT requests / MAX_IN_FLIGHT_BYTES unanswered. Every reply must carry the cookie
+    .MIRROR. and error 0. ``flush()`` waits for them all. ``timeout``: each reply within this
+    many seconds, each request sent within it (or moving 1 MiB within it): _nbdio's deadline
+    mode, the socket becomes non-blocking; 0: the socket's own timeouts.
 
     Raises ProtocolError (bad reply), RemoteError (error reply), PeerClosed, TimeoutError,
     OSError."""
@@ -1523,9 +1533,12 @@ cdef class MirrorStream:
     cdef Export export
     cdef TlsSession tls
 
-    def __cinit__(self, int sock, Export export, bint zeroes, TlsSession tls=None):
+    def __cinit__(self, int sock, Export export, bint zeroes, TlsSession tls=None,
+                  double timeout=0):
         self.export = export
         self.s.tp.fd = sock
+        if timeout > 0 and tp_set_deadlines(&self.s.tp, timeout) < 0:
+            raise OSError(errno, os.strerror(errno))
         self.s.ex = &export.ex
         self.s.zeroes = zeroes
         self.s.cookie = htobe64(MIRROR_COOKIE)    # (sent as its bytes are in memory)

@@ -3,12 +3,19 @@
 #
 # The transport is the one seam between NBD code and a peer's bytes: every send and receive on
 # a peer's socket goes through a tp_* call. It is a plain socket, or a TLS session on it
-# (tp.ssl): tp_send/tp_recv then encrypt and decrypt, tp_sendfile becomes a pread into the
+# (tp.ssl): tp_send_all/tp_recv then encrypt and decrypt, tp_sendfile_all becomes a pread into the
 # transport's bounce buffer and an encrypted write (file bytes must be encrypted on the way),
 # and tp_splice_in is not available (callers use a receive instead). The proxy's non-blocking
 # calls (tp_sendmsg, MSG_DONTWAIT receives) work on a non-blocking socket: under TLS a send
 # copies what it accepts into the transport's stage and encrypts it from there, and what the
 # socket could not take yet waits in the stage (tp_unsent) until tp_send_unsent finishes it.
+#
+# Deadlines. A blocking transport (the server's clients) waits as its socket's timeouts say.
+# A transport in deadline mode (tp_set_deadlines: the mirror, read and write) runs on a
+# non-blocking socket and gives each send or receive of a whole buffer (a reply, a request, a
+# payload) one deadline: it must be done within the timeout, or move DEADLINE_PROGRESS bytes,
+# which starts a new one. A peer trickling a byte at a time, in plaintext or inside a TLS
+# record, cannot extend it (a blocking socket's timeouts restart with every byte).
 
 from libc.stdint cimport uint64_t
 
@@ -17,15 +24,20 @@ from flexnbd._openssl cimport (
     SSL_ERROR_ZERO_RETURN, BIO_flush, BIO_should_retry, ERR_clear_error, SSL_get_error,
     BIO_wpending, SSL_get_wbio, SSL_has_pending, SSL_pending, SSL_read_ex, SSL_write_ex,
 )
-from flexnbd._sys cimport EAGAIN, EIO, EINTR, EOPNOTSUPP, EPIPE, EPROTO, MSG_DONTWAIT, \
-    MSG_MORE, MSG_NOSIGNAL, MSG_WAITALL, SPLICE_F_MORE, SPLICE_F_MOVE, errno, memcpy, memmove, \
-    msghdr, off_t, pread, recv, send, sendfile, sendmsg, set_errno, splice, ssize_t
+from libc.stdint cimport int64_t
+
+from flexnbd._sys cimport EAGAIN, EIO, EINTR, EOPNOTSUPP, EPIPE, EPROTO, F_GETFL, F_SETFL, \
+    MSG_DONTWAIT, MSG_MORE, MSG_NOSIGNAL, MSG_WAITALL, O_NONBLOCK, POLLIN, POLLOUT, \
+    SPLICE_F_MORE, SPLICE_F_MOVE, errno, fcntl, memcpy, memmove, msghdr, now_ns, off_t, poll, \
+    pollfd, pread, recv, send, sendfile, sendmsg, set_errno, splice, ssize_t
 from flexnbd._wire cimport CMD_READ, CMD_WRITE, MAX_PAYLOAD, request_t
 
 cdef enum:
     # Request headers and small payloads (or, upstream of the proxy, replies and small READ
     # data) are received in bulk into a buffer of this size.
     INBUF_SIZE = 256 * 1024
+    # Deadline mode: a send or receive that moves this many bytes gets a new deadline.
+    DEADLINE_PROGRESS = 1024 * 1024
     # The success value of the I/O helpers (their failures: a reason, an end or -errno).
     C_OK = 0
 
@@ -59,6 +71,10 @@ cdef struct transport_t:
     bint read_blocked         # the last TLS read wanted more bytes from the socket
     bint read_wants_write     # the last TLS read waits for the socket to be writable
     bint write_wants_read     # the last TLS write waits for it to be readable
+    # Deadline mode (tp_set_deadlines); 0: blocking, the socket's own timeouts
+    int64_t timeout_ns
+    int64_t deadline_ns       # the current operation's
+    uint64_t progress         # bytes it moved since its deadline was set
 
 
 cdef inline int tls_error(SSL *ssl, int ok) noexcept nogil:
@@ -101,20 +117,6 @@ cdef inline int tls_flush(transport_t *t) noexcept nogil:
     elif errno == 0:
         set_errno(EPIPE)
     return -1
-
-
-cdef inline ssize_t tls_send(transport_t *t, const void *p, size_t n, int flags) noexcept nogil:
-    """Encrypt n bytes; they leave at once unless MSG_MORE says more follows (then with it)."""
-    cdef size_t done = 0
-    cdef int ok
-    cdef ssize_t k
-    ERR_clear_error()
-    set_errno(0)
-    ok = SSL_write_ex(t.ssl, p, n, &done)
-    k = tls_outcome(tls_error(t.ssl, ok), done, 0)
-    if k >= 0 and not (flags & MSG_MORE) and tls_flush(t) < 0:
-        return -1
-    return k
 
 
 cdef inline ssize_t tls_recv(transport_t *t, void *p, size_t n) noexcept nogil:
@@ -189,12 +191,6 @@ cdef inline bint tp_pending(const transport_t *t) noexcept nogil:
                               or (SSL_has_pending(t.ssl) and not t.read_blocked))
 
 
-cdef inline ssize_t tp_send(transport_t *t, const void *p, size_t n, int flags) noexcept nogil:
-    if t.ssl != NULL:
-        return tls_send(t, p, n, flags)
-    return send(t.fd, p, n, flags | MSG_NOSIGNAL)
-
-
 cdef inline ssize_t tp_sendmsg(transport_t *t, const msghdr *msg, int flags) noexcept nogil:
     """The proxy's gathered sends (MSG_DONTWAIT; under TLS the socket must be non-blocking
     and t.stage set)."""
@@ -209,22 +205,6 @@ cdef inline ssize_t tp_recv(transport_t *t, void *p, size_t n, int flags) noexce
     return recv(t.fd, p, n, flags)
 
 
-cdef inline ssize_t tp_sendfile(transport_t *t, int fd, off_t *offset, size_t n) noexcept nogil:
-    """Up to n bytes of file fd from *offset (advanced) to the peer."""
-    cdef ssize_t k, w
-    if t.ssl == NULL:
-        return sendfile(t.fd, fd, offset, n)
-    if n > t.bounce_size:
-        n = t.bounce_size
-    k = pread(fd, t.bounce, n, offset[0])
-    if k <= 0:
-        return k
-    w = tls_send(t, t.bounce, <size_t>k, 0)
-    if w > 0:
-        offset[0] += w
-    return w
-
-
 cdef inline ssize_t tp_splice_in(transport_t *t, int pipe_w, size_t n) noexcept nogil:
     """Up to n bytes from the peer into a pipe (on their way to the file). Plaintext only."""
     if t.ssl != NULL:
@@ -233,15 +213,108 @@ cdef inline ssize_t tp_splice_in(transport_t *t, int pipe_w, size_t n) noexcept 
     return splice(t.fd, NULL, pipe_w, NULL, n, SPLICE_F_MOVE | SPLICE_F_MORE)
 
 
+cdef inline int tp_set_deadlines(transport_t *t, double timeout) noexcept nogil:
+    """Deadline mode with ``timeout`` seconds (see the top): the socket becomes non-blocking.
+    0, or -1 with errno."""
+    cdef int flags = fcntl(t.fd, F_GETFL)
+    if flags < 0 or fcntl(t.fd, F_SETFL, flags | O_NONBLOCK) < 0:
+        return -1
+    t.timeout_ns = <int64_t>(timeout * 1e9)
+    if t.timeout_ns <= 0:
+        t.timeout_ns = 1
+    return 0
+
+
+cdef inline void tp_begin(transport_t *t) noexcept nogil:
+    """An operation begins (deadline mode: its deadline is set)."""
+    if t.timeout_ns:
+        t.deadline_ns = now_ns() + t.timeout_ns
+        t.progress = 0
+
+
+cdef inline void tp_moved(transport_t *t, size_t n) noexcept nogil:
+    """The operation moved n bytes (deadline mode: enough of them start a new deadline)."""
+    if t.timeout_ns:
+        t.progress += n
+        if t.progress >= DEADLINE_PROGRESS:
+            tp_begin(t)
+
+
+cdef inline int tp_wait(transport_t *t, bint want_write) noexcept nogil:
+    """After EAGAIN: wait until the socket is ready (``want_write``: writable) or the
+    operation's deadline passes. 0 (try again), or -1 with errno: EAGAIN when the deadline
+    passed, and always outside deadline mode (there EAGAIN was the socket's own timeout)."""
+    cdef pollfd p
+    cdef int64_t left
+    cdef int rc
+    if not t.timeout_ns:
+        set_errno(EAGAIN)
+        return -1
+    p.fd = t.fd
+    p.events = POLLOUT if want_write else POLLIN
+    while True:
+        left = t.deadline_ns - now_ns()
+        if left <= 0:
+            set_errno(EAGAIN)
+            return -1
+        rc = poll(&p, 1, <int>((left + 999999) // 1000000))
+        if rc > 0:
+            return 0          # (an error or hang-up too: the next call reports it)
+        if rc < 0 and errno != EINTR:
+            return -1
+
+
+cdef inline int tls_flush_all(transport_t *t) noexcept nogil:
+    """tls_flush until the gathered records have all left. 0, or -errno."""
+    while tls_flush(t) < 0:
+        if errno == EINTR or (errno == EAGAIN and tp_wait(t, 1) == 0):
+            continue
+        return -errno
+    return 0
+
+
+cdef inline int tls_send_all(transport_t *t, const char *p, size_t n, int flags) noexcept nogil:
+    """Encrypt and send n bytes; they leave at once unless MSG_MORE says more follows (then
+    with it). A write that could not finish is retried with the same bytes, as OpenSSL wants.
+    0, or -errno."""
+    cdef size_t done
+    cdef int e
+    while n > 0:
+        ERR_clear_error()
+        set_errno(0)
+        done = 0
+        e = tls_error(t.ssl, SSL_write_ex(t.ssl, p, n, &done))
+        if e == 0:
+            tp_moved(t, done)
+            p += done
+            n -= done
+            continue
+        if e == SSL_ERROR_WANT_READ or e == SSL_ERROR_WANT_WRITE:
+            if tp_wait(t, e == SSL_ERROR_WANT_WRITE) == 0:
+                continue
+            return -errno
+        tls_outcome(e, done, 0)
+        if errno == EINTR:
+            continue
+        return -errno
+    if flags & MSG_MORE:
+        return 0
+    return tls_flush_all(t)
+
+
 cdef inline int tp_send_all(transport_t *t, const char *p, size_t n, int flags) noexcept nogil:
     """Send n bytes (flags: MSG_MORE, ...). 0, or -errno (errno still set)."""
     cdef ssize_t k
+    tp_begin(t)
+    if t.ssl != NULL:
+        return tls_send_all(t, p, n, flags)
     while n > 0:
-        k = tp_send(t, p, n, flags)
+        k = send(t.fd, p, n, flags | MSG_NOSIGNAL)
         if k < 0:
-            if errno == EINTR:
+            if errno == EINTR or (errno == EAGAIN and tp_wait(t, 1) == 0):
                 continue
             return -errno
+        tp_moved(t, <size_t>k)
         p += k
         n -= k
     return 0
@@ -250,14 +323,17 @@ cdef inline int tp_send_all(transport_t *t, const char *p, size_t n, int flags) 
 cdef inline int tp_recv_all(transport_t *t, char *p, size_t n) noexcept nogil:
     """Receive exactly n bytes. 0, -errno, or 1 when the peer closed first."""
     cdef ssize_t k
+    tp_begin(t)
     while n > 0:
         k = tp_recv(t, p, n, MSG_WAITALL)
         if k < 0:
-            if errno == EINTR:
+            if errno == EINTR or \
+                    (errno == EAGAIN and tp_wait(t, t.ssl != NULL and t.read_wants_write) == 0):
                 continue
             return -errno
         if k == 0:
             return 1
+        tp_moved(t, <size_t>k)
         p += k
         n -= k
     return 0
@@ -265,17 +341,33 @@ cdef inline int tp_recv_all(transport_t *t, char *p, size_t n) noexcept nogil:
 
 cdef inline int tp_sendfile_all(transport_t *t, int fd, uint64_t offset,
                                 uint64_t n) noexcept nogil:
-    """Send n bytes of file fd from offset. 0, or -errno (-EIO: the file ended first)."""
+    """Send n bytes of file fd from offset: sendfile, or under TLS a pread into the bounce
+    buffer and an encrypted send. 0, or -errno (-EIO: the file ended first)."""
     cdef off_t off = <off_t>offset
     cdef ssize_t k
+    cdef size_t chunk
+    cdef int rc
+    tp_begin(t)
     while n > 0:
-        k = tp_sendfile(t, fd, &off, <size_t>n)
+        if t.ssl != NULL:
+            chunk = t.bounce_size if n > t.bounce_size else <size_t>n
+            k = pread(fd, t.bounce, chunk, off)
+            if k > 0:
+                rc = tls_send_all(t, t.bounce, <size_t>k, 0)
+                if rc:
+                    return rc
+        else:
+            k = sendfile(t.fd, fd, &off, <size_t>n)
         if k < 0:
-            if errno == EINTR:
+            if errno == EINTR or (t.ssl == NULL and errno == EAGAIN and tp_wait(t, 1) == 0):
                 continue
             return -errno
         if k == 0:
             return -EIO
+        if t.ssl != NULL:
+            off += k
+        else:
+            tp_moved(t, <size_t>k)
         n -= k
     return 0
 

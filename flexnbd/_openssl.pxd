@@ -30,7 +30,8 @@ cdef extern from "<openssl/ssl.h>" nogil:
     int SSL_CTX_use_PrivateKey_file(SSL_CTX *ctx, const char *path, int type)
     int SSL_CTX_check_private_key(const SSL_CTX *ctx)
     int SSL_CTX_load_verify_locations(SSL_CTX *ctx, const char *cafile, const char *capath)
-    void SSL_CTX_set_verify(SSL_CTX *ctx, int mode, void *callback)
+    ctypedef int (*verify_cb)(int preverify_ok, X509_STORE_CTX *store) noexcept nogil
+    void SSL_CTX_set_verify(SSL_CTX *ctx, int mode, verify_cb callback)
     int SSL_CTX_set_num_tickets(SSL_CTX *ctx, size_t num_tickets)
     int SSL_CTX_set_ex_data(SSL_CTX *ctx, int idx, void *data)
     void *SSL_CTX_get_ex_data(const SSL_CTX *ctx, int idx)
@@ -61,6 +62,8 @@ cdef extern from "<openssl/ssl.h>" nogil:
     int SSL_shutdown(SSL *ssl)
     int SSL_get_error(const SSL *ssl, int ret)
     long SSL_get_verify_result(const SSL *ssl)
+    int SSL_session_reused(const SSL *ssl)
+    void *SSL_get0_peer_certificate(const SSL *ssl)
     const char *SSL_get_version(const SSL *ssl)
     const char *SSL_get_cipher_name(const SSL *ssl)
     enum:
@@ -111,5 +114,7 @@ cdef extern from "<openssl/err.h>" nogil:
 
 cdef extern from "<openssl/x509.h>" nogil:
     const char *X509_verify_cert_error_string(long n)
+    void X509_STORE_CTX_set_error(X509_STORE_CTX *store, int error)
     enum:
         X509_V_OK
+        X509_V_ERR_APPLICATION_VERIFICATION

@@ -172,7 +172,10 @@ cdef extern from "<fcntl.h>" nogil:
         SPLICE_F_MOVE
         SPLICE_F_MORE
         F_SETPIPE_SZ
+        F_GETFL
+        F_SETFL
         O_CLOEXEC
+        O_NONBLOCK
 
 cdef extern from "<sys/ioctl.h>" nogil:
     int ioctl(int fd, unsigned long request, ...)

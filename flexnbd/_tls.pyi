@@ -4,8 +4,12 @@ import os
 import socket
 
 MAX_PSK_ENTRIES: int
+PSK_IDENTITY_MAX: int
+PSK_KEY_MIN: int
+PSK_KEY_MAX: int
+NOT_PSK: str
 
-def read_psk_file(path: str | os.PathLike[str]) -> list[tuple[str, bytes]]: ...
+def read_psk_file(path: str | os.PathLike[str]) -> list[tuple[bytes, bytes]]: ...
 
 class TlsContext:
     server: bool

@@ -12,7 +12,6 @@ TLS 1.3 only: no renegotiation (it does not exist in 1.3), no compression, no se
 """
 
 import os
-import re
 
 from libc.stdlib cimport calloc, free
 from libc.string cimport memcpy, strcmp, strlen
@@ -33,34 +32,66 @@ MAX_PSK_ENTRIES = 1024
 DEF WRITE_BATCH = 256 * 1024
 # What a session that reads ahead reads at most at once.
 DEF READ_AHEAD = 256 * 1024
-_PSK_LINE = re.compile(r"^([^:\s]{1,128}):([0-9a-fA-F]+)$")
+# The bounds of a PSK file's entries, in bytes (psk_t holds them): an identity of 1 to 128
+# bytes, a key of 16 to 64 bytes (32 to 128 hex digits; psktool makes 32-byte keys). Fewer than
+# 16 bytes would be a key an eavesdropper can guess offline from one recorded handshake.
+PSK_IDENTITY_MAX = 128
+PSK_KEY_MIN = 16
+PSK_KEY_MAX = 64
+# A line longer than this cannot be an entry (the identity, ':', 128 hex digits): it is
+# refused without being looked at further.
+_PSK_LINE_MAX = PSK_IDENTITY_MAX + 1 + 2 * PSK_KEY_MAX
+# A PSK file bigger than this is not a PSK file (1024 entries of the longest line).
+_PSK_FILE_MAX = MAX_PSK_ENTRIES * (_PSK_LINE_MAX + 2)
+_HEX = frozenset(b"0123456789abcdefABCDEF")
 
 
 def read_psk_file(path):
-    """[(identity, key bytes)] from a psktool file; TlsError naming the file and line."""
+    """[(identity bytes, key bytes)] from a psktool file, parsed as bytes with the bounds
+    above; TlsError naming the file and the line for anything else. An identity is printable
+    bytes other than ':' and space (UTF-8 allowed; its length counts bytes)."""
     try:
-        with open(path, encoding="utf-8") as f:
-            lines = f.read().splitlines()
-    except (OSError, UnicodeDecodeError) as e:
-        raise TlsError(f"cannot read the PSK file {path}: {getattr(e, 'strerror', None) or e}")
+        with open(path, "rb") as f:
+            data = f.read(_PSK_FILE_MAX + 1)
+    except OSError as e:
+        raise TlsError(f"cannot read the PSK file {path}: {e.strerror or e}")
+    if len(data) > _PSK_FILE_MAX:
+        raise TlsError(f"the PSK file {path} is too big for a PSK file (over "
+                       f"{_PSK_FILE_MAX} bytes)")
     entries = []
-    for number, line in enumerate(lines, 1):
-        line = line.strip()
-        if not line or line.startswith("#"):
+    for number, line in enumerate(data.split(b"\n"), 1):
+        line = line.strip(b" \t\r")
+        if not line or line.startswith(b"#"):
             continue
-        m = _PSK_LINE.match(line)
-        if not m or len(m.group(2)) % 2:
-            raise TlsError(f"{path}, line {number}: not 'identity:hexkey'")
-        key = bytes.fromhex(m.group(2))
-        if not 16 <= len(key) <= 64:
-            raise TlsError(f"{path}, line {number}: the key must be 16 to 64 bytes, "
-                           f"not {len(key)}")
-        entries.append((m.group(1), key))
+        entries.append(_psk_entry(path, number, line))
+        if len(entries) > MAX_PSK_ENTRIES:
+            raise TlsError(f"the PSK file {path} has more than {MAX_PSK_ENTRIES} entries")
     if not entries:
         raise TlsError(f"the PSK file {path} has no 'identity:hexkey' line")
-    if len(entries) > MAX_PSK_ENTRIES:
-        raise TlsError(f"the PSK file {path} has more than {MAX_PSK_ENTRIES} entries")
     return entries
+
+
+def _psk_entry(path, number, bytes line):
+    """One ``identity:hexkey`` line as (identity, key); TlsError saying what is wrong."""
+    where = f"{path}, line {number}"
+    if len(line) > _PSK_LINE_MAX:
+        raise TlsError(f"{where}: too long for 'identity:hexkey' (an identity of at most "
+                       f"{PSK_IDENTITY_MAX} bytes and a key of at most {PSK_KEY_MAX})")
+    identity, colon, hexkey = line.partition(b":")
+    if not colon:
+        raise TlsError(f"{where}: not 'identity:hexkey'")
+    if not 1 <= len(identity) <= PSK_IDENTITY_MAX:
+        raise TlsError(f"{where}: the identity must be 1 to {PSK_IDENTITY_MAX} bytes, not "
+                       f"{len(identity)}")
+    if any(c < 0x21 or c == 0x7F for c in identity):
+        raise TlsError(f"{where}: the identity has a space or a control character")
+    if not hexkey or len(hexkey) % 2 or not _HEX.issuperset(hexkey):
+        raise TlsError(f"{where}: the key is not an even number of hex digits")
+    key = bytes.fromhex(hexkey.decode("ascii"))
+    if not PSK_KEY_MIN <= len(key) <= PSK_KEY_MAX:
+        raise TlsError(f"{where}: the key must be {PSK_KEY_MIN} to {PSK_KEY_MAX} bytes, "
+                       f"not {len(key)}")
+    return identity, key
 
 
 cdef str openssl_error(str default):
@@ -104,6 +135,16 @@ cdef unsigned int psk_client(SSL *ssl, const char *hint, char *identity,
     memcpy(identity, c.psk[0].identity, n + 1)
     memcpy(psk, c.psk[0].key, c.psk[0].key_len)
     return c.psk[0].key_len
+
+
+cdef int refuse_certificate(int preverify_ok, X509_STORE_CTX *store) noexcept nogil:
+    """A client that holds a PSK and no CA: a server that shows a certificate has turned the
+    key down (TLS 1.3 allows that) and asks to be trusted some other way; it is not."""
+    X509_STORE_CTX_set_error(store, X509_V_ERR_APPLICATION_VERIFICATION)
+    return 0
+
+
+NOT_PSK = "the server did not use the pre-shared key"
 
 
 cdef class TlsContext:
@@ -169,8 +210,11 @@ cdef class TlsContext:
         if self.creds.psk == NULL:
             raise MemoryError()
         for i, (identity, key) in enumerate(entries):
-            ident = identity.encode()
-            memcpy(self.creds.psk[i].identity, <const char *>ident, len(ident))
+            # (read_psk_file bounds both: identity <= 128 bytes into 129, key <= 64 into 64;
+            # calloc left the identity's terminator)
+            assert len(identity) < sizeof(self.creds.psk[i].identity)
+            assert len(key) <= sizeof(self.creds.psk[i].key)
+            memcpy(self.creds.psk[i].identity, <const char *>identity, len(identity))
             memcpy(self.creds.psk[i].key, <const unsigned char *>key, len(key))
             self.creds.psk[i].key_len = len(key)
         self.creds.npsk = len(entries)
@@ -178,6 +222,10 @@ cdef class TlsContext:
             SSL_CTX_set_psk_server_callback(self.ctx, psk_server)
         else:
             SSL_CTX_set_psk_client_callback(self.ctx, psk_client)
+            # Insist on the key: any certificate is refused (and TlsSession.handshake checks
+            # that the key was used), so a server without the key cannot fall back to a
+            # certificate handshake and be taken for the destination.
+            SSL_CTX_set_verify(self.ctx, SSL_VERIFY_PEER, refuse_certificate)
 
     def _load_x509(self, str directory, bint verify_peer):
         if not os.path.isdir(directory):
@@ -343,6 +391,7 @@ cdef class TlsSession:
                         err = errno
                         e = -1
             if e == SSL_ERROR_NONE:
+                self._check_authenticated()
                 return
             if e == SSL_ERROR_WANT_READ or e == SSL_ERROR_WANT_WRITE:
                 continue
@@ -359,7 +408,20 @@ cdef class TlsSession:
             reason = openssl_error("protocol error")
             if verify != X509_V_OK:
                 reason = X509_verify_cert_error_string(verify).decode("utf-8", "replace")
+            if self._psk_client() and (verify != X509_V_OK
+                                       or SSL_get0_peer_certificate(self.ssl) != NULL):
+                reason = NOT_PSK
             raise TlsError(f"TLS handshake failed: {reason}")
+
+    def _psk_client(self):
+        return not self.context.server and self.context.kind == "psk"
+
+    def _check_authenticated(self):
+        """After a handshake that succeeded: a PSK client accepts only one that used the key
+        (no certificate, the key resumed as TLS 1.3 resumes a PSK); fail closed otherwise."""
+        if self._psk_client() and (not SSL_session_reused(self.ssl)
+                                   or SSL_get0_peer_certificate(self.ssl) != NULL):
+            raise TlsError(f"TLS handshake failed: {NOT_PSK}")
 
     def sendall(self, data):
         """Encrypt and send all of ``data``."""
@@ -383,9 +445,12 @@ cdef class TlsSession:
         return len(data)
 
     def recv(self, size_t n):
-        """Up to n decrypted bytes; b"" when the peer closed."""
+        """Up to n decrypted bytes; b"" when the peer closed. The socket's timeout is one
+        deadline for the whole call: a record trickled in a byte at a time does not extend
+        it."""
+        cdef int64_t deadline = self._deadline()
         while True:
-            data = self._recv_once(n, self._deadline())
+            data = self._recv_once(n, deadline)
             if data is not None:
                 return data
 

@@ -9,6 +9,15 @@ has hung up are shut down so that their threads end at once (a client reconnecti
 not refused). Each admitted client gets a thread running the ``serve`` function it is
 given; its socket is closed when that returns.
 
+Listen mode (``max_handshakes`` set) keeps the migration's one slot for a sender (SPEC §11):
+connections in their handshake (under ``--tls=require``, the TLS authentication is part of
+it) count only against ``max_handshakes``, and a client takes the slot when its handshake is
+done (``attach``). A finished handshake that finds the slot taken is refused, unless the
+holder has sent no request for ``listen_idle`` seconds: it then gives the slot up (a sender
+whose old connection died unseen gets back in). A client that sends no request within
+``listen_idle`` of its handshake is cut. So no peer that stays silent, stalls its handshake
+or holds no key can make a migration fail.
+
 A watchdog thread cuts clients whose whole handshake takes longer than the handshake timeout,
 and with the killswitch, clients whose current request (reply included) runs too long. When
 descriptors run out, accepting pauses (``sockets.AcceptBackoff``) instead of spinning.
@@ -35,6 +44,8 @@ _log = log.get("server")
 # At the client limit, how long a new client may wait for the threads of clients that have
 # hung up to end (so that a client reconnecting at once is not refused).
 HANDOVER_WAIT = 2.0
+# attach's answer while the server stops.
+STOPPING = "the server is stopping"
 
 
 class Client:
@@ -48,6 +59,10 @@ class Client:
         self.connection: _core.Connection | None = None
         self.accepted_ns = _core.monotonic_ns()
         self.killed = False          # cut by the watchdog (killswitch or handshake deadline)
+        # listen mode: when the handshake ended, and when a request was last seen
+        self.attached_ns = 0
+        self.active_ns = 0
+        self.seen_requests = 0
 
     def end_soon(self) -> None:
         """End after the current request; at once if still in the handshake."""
@@ -139,15 +154,57 @@ class Admission:
             closed = sum(1 for _, events in poller.poll(0) if events & gone)
             return len(self._clients) - closed
 
-    def attach(self, client: Client, connection: Callable[[], _core.Connection]) -> bool:
+    def attach(self, client: Client, connection: Callable[[], _core.Connection]) -> str:
         """The client finished its handshake: give it its connection (made under the lock,
-        so that stopping and cutting see it). False if the server is stopping."""
-        with self._lock:
-            if self.stopping:
-                return False
-            client.connection = connection()
-            self._choose_read_path(client)
-            return True
+        so that stopping and cutting see it). "" when it has it, else why not: the server is
+        stopping (STOPPING), or in listen mode the slot is another sender's."""
+        idle: list[Client] = []
+        for _ in range(2):
+            if idle:     # they were told to give the slot up: wait for their threads
+                self._wait_clients(HANDOVER_WAIT, idle)
+            with self._lock:
+                if self.stopping:
+                    return STOPPING
+                now = _core.monotonic_ns()
+                holders = self._slot_holders()
+                if len(holders) < self.config.max_clients:
+                    client.connection = connection()
+                    client.attached_ns = client.active_ns = now
+                    self._choose_read_path(client)
+                    return ""
+                if idle:
+                    break
+                limit = self.config.listen_idle
+                idle = [c for c in holders
+                        if limit is not None and self._idle_ns(c, now) >= limit * 1e9]
+                if not idle:
+                    break
+                for holder in idle:
+                    holder.killed = True
+                    shutdown(holder.sock)
+            for holder in idle:
+                _log.warning("%s sent no request for %g s: it gives the migration's slot up to "
+                             "%s", holder.name, self.config.listen_idle, client.name)
+        return "a sender already holds the migration's slot"
+
+    def _slot_holders(self) -> list[Client]:
+        """Listen mode: the clients past their handshake (holding the slot); in serve mode
+        none (every connection counted against max_clients at accept)."""
+        if self.config.max_handshakes is None:
+            return []
+        return [c for c in self._clients if c.connection is not None]
+
+    @staticmethod
+    def _idle_ns(client: Client, now: int) -> int:
+        """How long the client (past its handshake) has had no request, as far as seen: its
+        request count is sampled here and by the watchdog. Called with the lock held."""
+        connection = client.connection
+        assert connection is not None
+        requests = connection.requests
+        if requests != client.seen_requests or connection.request_age_ns:
+            client.seen_requests = requests
+            client.active_ns = now
+        return now - client.active_ns
 
     def forbid(self) -> None:
         """Admit no one from now on (a migration's endgame, or a listener that took
@@ -171,10 +228,11 @@ class Admission:
         for client in refused:
             _log.warning("%s is no longer allowed by the ACL; disconnecting it", client.name)
 
-    def cut_clients(self, why: str) -> None:
+    def cut_clients(self, why: str) -> bool:
         """End every connected client after its current request; shut down the sockets of
-        those still there after the stop grace; return once all their threads have ended (or
-        5 s more have passed)."""
+        those still there after the stop grace; return once all their threads have ended
+        (True), or 5 s more have passed (False: some thread is still in a system call, a
+        pwrite or fdatasync of a failing disk)."""
         with self._lock:
             clients = list(self._clients)
         for client in clients:
@@ -186,17 +244,20 @@ class Admission:
                          "them", len(clients), self.config.stop_grace, why)
             for client in clients:
                 shutdown(client.sock)
-            self._wait_clients(5.0)
+            return self._wait_clients(5.0)
+        return True
 
-    def stop(self) -> None:
-        """Stop accepting, end every client, stop the watchdog."""
+    def stop(self) -> bool:
+        """Stop accepting, end every client, stop the watchdog. True once every client's
+        thread has ended; False if one still runs (see cut_clients)."""
         with self._lock:
             self.stopping = True
         self.close_listeners()
-        self.cut_clients("stopping")
+        ended = self.cut_clients("stopping")
         self._watchdog_stop.set()
         if self._watchdog is not None:
             self._watchdog.join()
+        return ended
 
     def _wait_clients(self, timeout: float, leaving: Sequence[Client] | None = None) -> bool:
         """Wait until no client (or none of ``leaving``) is left; False on the timeout."""
@@ -272,9 +333,15 @@ class Admission:
     def _limit_text(self, peer_ip: str | None) -> str:
         """Which client limit a new client from peer_ip would pass, or ""."""
         cfg = self.config
-        if len(self._clients) >= cfg.max_clients:
-            return f"already {cfg.max_clients} clients"
-        if peer_ip is not None and cfg.max_clients_per_address < cfg.max_clients and \
+        capacity = cfg.max_clients
+        if cfg.max_handshakes is None:
+            if len(self._clients) >= cfg.max_clients:
+                return f"already {cfg.max_clients} clients"
+        else:
+            capacity += cfg.max_handshakes
+            if sum(1 for c in self._clients if c.connection is None) >= cfg.max_handshakes:
+                return f"already {cfg.max_handshakes} connections in their handshake"
+        if peer_ip is not None and cfg.max_clients_per_address < capacity and \
                 sum(1 for c in self._clients if c.peer_ip == peer_ip) >= \
                 cfg.max_clients_per_address:
             return f"already {cfg.max_clients_per_address} clients from that address"
@@ -321,12 +388,15 @@ class Admission:
     def _watch(self) -> None:
         """Cut (shut down the socket of) each client still in its handshake after the
         handshake timeout (one deadline for the whole handshake: a byte now and then does not
-        extend it), and with the killswitch each client whose current request, reply
-        included, has run too long. The others carry on."""
+        extend it), with the killswitch each client whose current request, reply included,
+        has run too long, and in listen mode each client that sent no request within the idle
+        limit of its handshake. The others carry on."""
         cfg = self.config
         limits = [cfg.handshake_timeout]
         if cfg.killswitch is not None:
             limits.append(cfg.killswitch)
+        if cfg.listen_idle is not None:
+            limits.append(cfg.listen_idle)
         interval = min(1.0, max(0.01, min(limits) / 4))
         while not self._watchdog_stop.wait(interval):
             # (one call per round: no reference to a client outlives the round, so a client
@@ -344,9 +414,15 @@ class Admission:
                 if c.connection is None:
                     if now - c.accepted_ns > cfg.handshake_timeout * 1e9:
                         late.append((c, f"handshake not done in {cfg.handshake_timeout:g} s"))
-                elif cfg.killswitch is not None and \
+                    continue
+                if cfg.killswitch is not None and \
                         c.connection.request_age_ns > cfg.killswitch * 1e9:
                     late.append((c, f"killswitch: request ran over {cfg.killswitch:g} s"))
+                elif cfg.listen_idle is not None:
+                    self._idle_ns(c, now)          # (samples its activity)
+                    if c.seen_requests == 0 and now - c.attached_ns > cfg.listen_idle * 1e9:
+                        late.append((c, f"no request within {cfg.listen_idle:g} s of its "
+                                        "handshake (the migration's slot is for a sender)"))
             for client, _ in late:
                 client.killed = True
                 shutdown(client.sock)

@@ -21,8 +21,10 @@ from flexnbd.config import (
     HANDSHAKE_SECS,
     IDLE_SPIN_SECS,
     KILLSWITCH_SECS,
+    LISTEN_IDLE_SECS,
     MAX_CLIENTS_LISTEN,
     MAX_CLIENTS_SERVE,
+    MAX_HANDSHAKES_LISTEN,
     SEND_TIMEOUT_SECS,
     UPSTREAM_TIMEOUT_SECS,
     ProxyConfig,
@@ -138,7 +140,8 @@ def _server_parser(mode: str) -> _Parser:
     p.add_argument("-o", "--oldstyle", action="store_true",
                    help="offer the oldstyle handshake (flexnbd 0.5.0 peers)")
     _tls_options(p)
-    limit = MAX_CLIENTS_LISTEN if listen else MAX_CLIENTS_SERVE
+    # (listen: of the connections still in their handshake, which hold no slot)
+    limit = MAX_HANDSHAKES_LISTEN if listen else MAX_CLIENTS_SERVE
     p.add_argument("--max-clients-per-address", metavar="N", type=_count(limit),
                    default=max(1, limit // 2),
                    help=f"connections one client address may hold at once (default "
@@ -298,6 +301,9 @@ def _server_config(args: argparse.Namespace, mode: str) -> ServeConfig:
                        tls=_tls_settings(args),
                        max_clients=MAX_CLIENTS_LISTEN if listen else MAX_CLIENTS_SERVE,
                        max_clients_per_address=args.max_clients_per_address,
+                       max_handshakes=MAX_HANDSHAKES_LISTEN if listen else None,
+                       listen_idle=_env_seconds("FLEXNBD_LISTEN_IDLE", LISTEN_IDLE_SECS)
+                       if listen else None,
                        mode=mode, sock=args.sock, acl=entries, default_deny=args.default_deny,
                        killswitch=killswitch,
                        handshake_timeout=_env_seconds("FLEXNBD_HANDSHAKE_TIMEOUT", HANDSHAKE_SECS),

@@ -11,23 +11,27 @@ from flexnbd.config import TransferConfig
 from flexnbd.errors import FlexnbdError
 from flexnbd.handshake import client_handshake
 
+# The whole handshake, and then each request, reply and payload (one deadline each, however
+# the server trickles its bytes): a server that stops answering cannot hold us for ever.
+HANDSHAKE_TIMEOUT = 15.0
+REQUEST_TIMEOUT = 60.0
+
 
 def transfer(cfg: TransferConfig, writing: bool) -> None:
     """READ [offset, offset+size) to stdout, or WRITE it from stdin. Raises flexnbd errors
-    (RemoteError carries the server's errno name) or OSError."""
+    (RemoteError carries the server's errno name), TimeoutError or OSError."""
     tls = credentials.client_context(cfg.tls)
     sock = sockets.connect(cfg.addr, cfg.port, cfg.bind)
     try:
-        sock.settimeout(15.0)
-        info = client_handshake(sock, tls=tls, server_hostname=cfg.addr)
-        sock.settimeout(None)
+        info = client_handshake(sock, tls=tls, server_hostname=cfg.addr,
+                                timeout=HANDSHAKE_TIMEOUT)
         if writing:
             _core.client_copy(sock.fileno(), sys.stdin.fileno(), cfg.offset, cfg.size, True,
-                              tls=info.tls)
+                              tls=info.tls, timeout=REQUEST_TIMEOUT)
         else:
             sys.stdout.flush()
             _core.client_copy(sock.fileno(), sys.stdout.fileno(), cfg.offset, cfg.size, False,
-                              tls=info.tls)
+                              tls=info.tls, timeout=REQUEST_TIMEOUT)
         _disconnect(sock if info.tls is None else info.tls)
     finally:
         sock.close()
@@ -35,6 +39,7 @@ def transfer(cfg: TransferConfig, writing: bool) -> None:
 
 def _disconnect(channel: socket.socket | TlsSession) -> None:
     try:
+        channel.settimeout(5.0)
         channel.sendall(wire.pack_request(wire.CMD_DISC))
         if isinstance(channel, TlsSession):
             channel.close_notify()

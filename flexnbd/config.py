@@ -9,6 +9,11 @@ from typing import Union
 
 MAX_CLIENTS_SERVE = 16
 MAX_CLIENTS_LISTEN = 1
+# Listen mode: connections still in their handshake, which do not hold the migration's slot.
+MAX_HANDSHAKES_LISTEN = 16
+# Listen mode: a sender that has sent no request this long after its handshake is cut, and
+# one that has sent none for this long gives the slot up to a new sender (FLEXNBD_LISTEN_IDLE).
+LISTEN_IDLE_SECS = 10.0
 # A request taking longer than this disconnects its client when --killswitch is on
 # (FLEXNBD_KILLSWITCH_SECS overrides it, for tests).
 KILLSWITCH_SECS = 120.0
@@ -55,6 +60,11 @@ class ServeConfig:
     # Connections one address may hold at once (half the slots by default: one misbehaving
     # host cannot lock the others out).
     max_clients_per_address: int = MAX_CLIENTS_SERVE // 2
+    # Connections in their handshake, counted apart from max_clients (listen mode: a client
+    # takes the migration's slot only once its handshake is done); None: they count in it.
+    max_handshakes: int | None = None
+    # Listen mode: see LISTEN_IDLE_SECS; None: no idle limit (serve mode).
+    listen_idle: float | None = None
     # How long a client may take to finish the whole handshake before it is dropped
     # (FLEXNBD_HANDSHAKE_TIMEOUT).
     handshake_timeout: float = HANDSHAKE_SECS

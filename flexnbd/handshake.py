@@ -27,16 +27,30 @@ MAX_OPTIONS = 1024
 
 
 def recv_exact(sock: socket.socket | TlsSession, n: int,
-               closed: str = "the peer closed the connection during the handshake") -> bytes:
-    """Exactly n bytes (the socket's timeout applies to each recv); PeerClosed(closed) if
-    the peer closes first."""
+               closed: str = "the peer closed the connection during the handshake",
+               deadline: float | None = None) -> bytes:
+    """Exactly n bytes; PeerClosed(closed) if the peer closes first. ``deadline`` (a
+    time.monotonic() value): one deadline for all of them (TimeoutError); without it the
+    socket's timeout applies to each recv."""
     data = bytearray()
     while len(data) < n:
+        until(sock, deadline)
         chunk = sock.recv(n - len(data))
         if not chunk:
             raise PeerClosed(closed)
         data += chunk
     return bytes(data)
+
+
+def until(sock: socket.socket | TlsSession, deadline: float | None) -> None:
+    """Make the socket's timeout what is left until ``deadline`` (None: leave it);
+    TimeoutError if nothing is left."""
+    if deadline is None:
+        return
+    left = deadline - time.monotonic()
+    if left <= 0:
+        raise TimeoutError("the server did not finish the handshake in time")
+    sock.settimeout(left)
 
 
 @dataclass
@@ -304,12 +318,23 @@ class ServerInfo:
 
 def client_handshake(sock: socket.socket, export_name: bytes = b"",
                      tls: TlsContext | None = None,
-                     server_hostname: str | None = None) -> ServerInfo:
+                     server_hostname: str | None = None, timeout: float | None = None,
+                     greeting_timeout: float | None = None) -> ServerInfo:
     """Detect the server's handshake style and enter transmission (simple replies only).
     With ``tls``: STARTTLS first (the server's X.509 certificate must name
-    ``server_hostname``); TlsError, which is final, when the server has no TLS or the TLS
-    handshake fails, and also without ``tls`` when the server requires TLS."""
-    head = recv_exact(sock, 16)
+    ``server_hostname``; a PSK must be used); TlsError, which is final, when the server has no
+    TLS or the TLS handshake fails, and also without ``tls`` when the server requires TLS.
+    ``timeout``: one deadline for the whole handshake, ``greeting_timeout`` for its first
+    bytes (TimeoutError); without them the socket's timeout applies to each receive."""
+    now = time.monotonic()
+    deadline = None if timeout is None else now + timeout
+    greeting = deadline if greeting_timeout is None else now + greeting_timeout
+    if deadline is not None and greeting is not None:
+        greeting = min(greeting, deadline)
+    try:
+        head = recv_exact(sock, 16, deadline=greeting)
+    except TimeoutError:
+        raise TimeoutError("no greeting from the server") from None
     magic, second = struct.unpack(">QQ", head)
     if magic != wire.NBDMAGIC or second not in (wire.OLDSTYLE_MAGIC, wire.IHAVEOPT):
         _read_rest_of_greeting(sock, len(head))
@@ -317,52 +342,57 @@ def client_handshake(sock: socket.socket, export_name: bytes = b"",
     if second == wire.OLDSTYLE_MAGIC:
         if tls is not None:
             raise TlsError("the server speaks the oldstyle handshake, which has no TLS")
-        size, flags = struct.unpack(">QI", recv_exact(sock, 12))
-        recv_exact(sock, 124)
+        size, flags = struct.unpack(">QI", recv_exact(sock, 12, deadline=deadline))
+        recv_exact(sock, 124, deadline=deadline)
         return ServerInfo("oldstyle", size, flags & 0xFFFF)
-    (hflags,) = struct.unpack(">H", recv_exact(sock, 2))
+    (hflags,) = struct.unpack(">H", recv_exact(sock, 2, deadline=deadline))
     if not hflags & wire.FLAG_FIXED_NEWSTYLE:
         raise HandshakeError("the server does not speak fixed newstyle")
     cflags = wire.FLAG_C_FIXED_NEWSTYLE
     no_zeroes = bool(hflags & wire.FLAG_NO_ZEROES)
     if no_zeroes:
         cflags |= wire.FLAG_C_NO_ZEROES
+    until(sock, deadline)
     sock.sendall(struct.pack(">I", cflags))
     channel: socket.socket | TlsSession = sock
     session = None
     if tls is not None:
-        session = _client_starttls(sock, tls, server_hostname)
+        session = _client_starttls(sock, tls, server_hostname, deadline)
         channel = session
-    info = _client_go(channel, export_name)
+    info = _client_go(channel, export_name, deadline)
     if info is None:
         # The server does not know GO: fall back to EXPORT_NAME.
+        until(channel, deadline)
         channel.sendall(wire.pack_option(wire.OPT_EXPORT_NAME, export_name))
-        size, flags = struct.unpack(">QH", recv_exact(channel, 10))
+        size, flags = struct.unpack(">QH", recv_exact(channel, 10, deadline=deadline))
         if not no_zeroes:
-            recv_exact(channel, 124)
+            recv_exact(channel, 124, deadline=deadline)
         info = ServerInfo("newstyle", size, flags)
     info.tls = session
     return info
 
 
-def _recv_option_reply(sock: socket.socket | TlsSession, option: int) -> tuple[int, bytes]:
+def _recv_option_reply(sock: socket.socket | TlsSession, option: int,
+                       deadline: float | None) -> tuple[int, bytes]:
     """One option reply to ``option``: (reply type, data)."""
     magic, replied, reply_type, length = wire.unpack_option_reply_header(
-        recv_exact(sock, wire.OPTION_REPLY_HEADER_SIZE))
+        recv_exact(sock, wire.OPTION_REPLY_HEADER_SIZE, deadline=deadline))
     if magic != wire.OPTION_REPLY_MAGIC or replied != option:
         raise HandshakeError("the server sent a malformed option reply")
     if length > MAX_OPTION_LENGTH:
         raise HandshakeError("the server sent an oversized option reply")
-    return reply_type, recv_exact(sock, length)
+    return reply_type, recv_exact(sock, length, deadline=deadline)
 
 
-def _client_starttls(sock: socket.socket, tls: TlsContext,
-                     server_hostname: str | None) -> TlsSession:
+def _client_starttls(sock: socket.socket, tls: TlsContext, server_hostname: str | None,
+                     deadline: float | None) -> TlsSession:
+    until(sock, deadline)
     sock.sendall(wire.pack_option(wire.OPT_STARTTLS))
-    reply_type, _ = _recv_option_reply(sock, wire.OPT_STARTTLS)
+    reply_type, _ = _recv_option_reply(sock, wire.OPT_STARTTLS, deadline)
     if reply_type != wire.REP_ACK:
         raise TlsError(f"the server does not offer TLS ({wire.option_reply_name(reply_type)})")
     session = tls.session(sock, server_hostname)
+    until(sock, deadline)
     session.handshake()
     return session
 
@@ -393,12 +423,14 @@ def _read_rest_of_greeting(sock: socket.socket, have: int) -> None:
         sock.settimeout(timeout)
 
 
-def _client_go(sock: socket.socket | TlsSession, export_name: bytes) -> ServerInfo | None:
+def _client_go(sock: socket.socket | TlsSession, export_name: bytes,
+               deadline: float | None) -> ServerInfo | None:
     request = struct.pack(">I", len(export_name)) + export_name + struct.pack(">H", 0)
+    until(sock, deadline)
     sock.sendall(wire.pack_option(wire.OPT_GO, request))
     size = flags = None
     while True:
-        reply_type, data = _recv_option_reply(sock, wire.OPT_GO)
+        reply_type, data = _recv_option_reply(sock, wire.OPT_GO, deadline)
         if reply_type == wire.REP_ERR_UNSUP:
             return None
         if reply_type == wire.REP_ERR_TLS_REQD:

@@ -198,8 +198,8 @@ class Proxy:
             raise FlexnbdError(f"cannot connect to upstream {self.upstream_name}: "
                                "Connection refused")
         try:
-            sock.settimeout(cfg.handshake_timeout)
-            info = client_handshake(sock, tls=self._conn_tls, server_hostname=cfg.conn_addr)
+            info = client_handshake(sock, tls=self._conn_tls, server_hostname=cfg.conn_addr,
+                                    timeout=cfg.handshake_timeout)
             sockets.set_client_options(sock)
             sock.setblocking(False)
         except TlsError as e:

@@ -95,6 +95,13 @@ class Server:
         where = [f"{cfg.addr} port {cfg.port}"] if cfg.addr is not None else []
         where += [cfg.unix] if cfg.unix else []
         where += [activation.served(sock) for sock in cfg.inherited]
+        tls = cfg.tls
+        if cfg.mode == "listen" and tls is not None and tls.certificates and \
+                not tls.verify_peer:
+            _log.warning("listen with --tls-certificates but without --tls-verify-peer: the "
+                         "listener proves itself to the sender, but any TLS client may send "
+                         "it a disk; give --tls-verify-peer (and the source a client "
+                         "certificate) to take only your sender")
         _log.info("serving %s (%d bytes%s, %s handshake) on %s", cfg.file, self.size,
                   ", read-only" if cfg.read_only else "",
                   "oldstyle" if cfg.oldstyle else "newstyle", " and ".join(where))
@@ -139,10 +146,18 @@ class Server:
         self.mirrors.shutdown()
         if self.admission.stopping:
             return
-        self.admission.stop()
+        ended = self.admission.stop()
         if self.control is not None:
             self.control.close()
-        os.close(self.fd)
+        if ended:
+            os.close(self.fd)
+        else:
+            # A client thread is still in a pwrite or fdatasync of the file: closing the
+            # descriptor under it could let a later open() take its number, and the write
+            # land in another file. The export stays open until the process exits (SPEC
+            # §11: a connection holds its resources until its thread has ended).
+            _log.warning("a client is still writing to %s after the stop grace; the file "
+                         "stays open until the process exits", self.file)
 
     def exit_status(self) -> int:
         """The process exit status after stop(): 0, but 1 if a migration was running or its

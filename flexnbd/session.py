@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 from flexnbd import _allocmap, _core, log, sockets
 from flexnbd._tls import TlsSession
-from flexnbd.admission import Admission, Client
+from flexnbd.admission import STOPPING, Admission, Client
 from flexnbd.errors import HandshakeError, PeerClosed, TlsError, errno_text
 from flexnbd.handshake import ExportInfo, TlsPolicy, serve_handshake
 
@@ -60,7 +60,10 @@ def serve(client: Client, admission: Admission, export: _core.Export, info: Expo
                 # a migration sender that has WRITE_ZEROES sends holes that way
                 splice_all=coverage is not None and newstyle,
                 idle_spin=admission.config.idle_spin, tls=agreed.tls)
-        if not admission.attach(client, connection):
+        refusal = admission.attach(client, connection)
+        if refusal:
+            (_log.info if refusal == STOPPING else _log.warning)(
+                "%s: %s; disconnected", client.name, refusal)
             return None
         assert client.connection is not None
         _log.info("%s connected (%s%s%s)", client.name, agreed.style,

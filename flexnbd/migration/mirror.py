@@ -3,10 +3,13 @@
 A supervisor thread runs attempts until one completes or ``stop()`` (the control ``break``) ends
 it. An attempt:
 
-1. connects to the destination (15 s), reads its greeting (5 s), checks the size; the outcome of
-   the FIRST attempt is the control reply, and a first attempt that fails ends the mirror;
-2. waits for the allocation map, then turns on dirty tracking (the hot path marks every
-   completed write, trim and zero in a dirty bitmap);
+1. connects to the destination (15 s), reads its greeting (5 s) and finishes the handshake (15 s
+   in all), checks the size; the outcome of the FIRST attempt is the control reply, and a first
+   attempt that fails ends the mirror;
+2. waits for the allocation map (not connected: a first attempt that finds it incomplete lets
+   the destination go and connects again once it is complete, so that the destination's one
+   slot is never held by a sender that sends nothing), then turns on dirty tracking (the hot
+   path marks every completed write, trim and zero in a dirty bitmap);
 3. first pass: the whole export in chunks of at most 8 MiB; data as WRITE (sendfile), holes as
    WRITE_ZEROES when the destination offers it, else as WRITE of zeroes;
 4. dirty passes: drains the dirty bitmap and resends what it names, until nothing is left, the
@@ -58,6 +61,7 @@ _log = log.get("mirror")
 CHUNK = 8 * 1024 * 1024
 CONNECT_TIMEOUT = 15.0
 GREETING_TIMEOUT = 5.0
+HANDSHAKE_TIMEOUT = 15.0    # the whole handshake, TLS included, one deadline
 RETRY_DELAY = 1.0
 ENDGAME_SECONDS = 5.0
 MAX_DIRTY_PASSES = 20
@@ -241,6 +245,14 @@ class Mirror:
                     self._break.wait(RETRY_DELAY)
                     continue
                 self._decide_first(STARTED)
+                if not self.host.allocmap.complete:
+                    # The destination was checked (the `mirror` reply); do not hold its one
+                    # slot idle while the map is built (a listener cuts a sender that sends
+                    # nothing): let go, and connect again once the map is complete.
+                    sock.close()
+                    if not self._wait_for_allocmap():
+                        return
+                    continue
                 try:
                     completed = self._attempt(sock, zeroes)
                     return
@@ -285,11 +297,12 @@ class Mirror:
         except OSError as e:
             raise AttemptFailed(FAILED_TO_CONNECT, f"cannot connect: {_describe(e)}") from None
         try:
-            sock.settimeout(GREETING_TIMEOUT)
             try:
-                info = client_handshake(sock, tls=self.host.tls_client, server_hostname=p.addr)
-            except TimeoutError:
-                raise AttemptFailed(NO_RESPONSE, "no greeting from the destination") from None
+                info = client_handshake(sock, tls=self.host.tls_client, server_hostname=p.addr,
+                                        timeout=HANDSHAKE_TIMEOUT,
+                                        greeting_timeout=GREETING_TIMEOUT)
+            except TimeoutError as e:
+                raise AttemptFailed(NO_RESPONSE, str(e)) from None
             except TlsError as e:
                 # A wrong key or certificate stays wrong: final, never a retry loop. (TLS is
                 # new, so its reply may say why: "Mirror was rejected: TLS handshake ...".)
@@ -303,10 +316,6 @@ class Mirror:
             if info.size != self.host.size:
                 raise AttemptFailed(SIZE_MISMATCH, f"the destination exports {info.size} bytes, "
                                     f"we have {self.host.size}")
-            sock.settimeout(None)
-            limit = sockets.timeval(self.request_limit)
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, limit)
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, limit)
             zeroes = info.style == "newstyle" and info.has(wire.FLAG_SEND_WRITE_ZEROES)
             self.session = info.tls
             _log.info("mirror connected to %s port %d (%s%s%s)", p.addr, p.port, info.style,
@@ -322,12 +331,12 @@ class Mirror:
         self.attempt_started = time.monotonic()
         self.bytes_sent = self.wire_bytes = 0
         self.first_pass_left = self.host.size
-        while not self.host.allocmap.complete:
-            if self._break.wait(0.05):
-                raise Abandoned("break")
+        if not self._wait_for_allocmap():
+            raise Abandoned("break")
         self.dirty = self.host.export.track_dirty(True)
+        # (each reply within the request limit, one deadline however it trickles in)
         self.stream = _core.MirrorStream(sock.fileno(), self.host.export, zeroes,
-                                         tls=self.session)
+                                         tls=self.session, timeout=self.request_limit)
         offset = 0
         while offset < self.host.size:
             self._check_break()
@@ -354,6 +363,13 @@ class Mirror:
             self._drain(throttle=throttle)
             passes += 1
         return self._endgame(sock)
+
+    def _wait_for_allocmap(self) -> bool:
+        """Wait until the allocation map is complete; False if `break` came first."""
+        while not self.host.allocmap.complete:
+            if self._break.wait(0.05):
+                return False
+        return True
 
     def _endgame(self, sock: socket.socket) -> bool:
         assert self.stream is not None

@@ -373,16 +373,3 @@ def test_bad_tls_options(run_flexnbd, make_file, tmp_path, psk, args, words):
     assert words.encode() in res.stderr, res.stderr
 
 
-def test_psk_file_format(tmp_path):
-    from flexnbd._tls import read_psk_file
-    from flexnbd.errors import TlsError
-
-    good = tmp_path / "good.psk"
-    good.write_text(f"# keys\n\nalice:{'ab' * 32}\nbob:{'01' * 16}\n")
-    assert read_psk_file(good) == [("alice", b"\xab" * 32), ("bob", b"\x01" * 16)]
-    for text in ("alice:abc\n", "alice:" + "ab" * 8 + "\n", ":" + "ab" * 32 + "\n",
-                 "al ice:" + "ab" * 32 + "\n", "", "alice:" + "ab" * 65 + "\n"):
-        bad = tmp_path / "bad.psk"
-        bad.write_text(text)
-        with pytest.raises(TlsError):
-            read_psk_file(bad)
