@@ -15,8 +15,10 @@ it) count only against ``max_handshakes``, and a client takes the slot when its 
 done (``attach``). A finished handshake that finds the slot taken is refused, unless the
 holder has sent no request for ``listen_idle`` seconds: it then gives the slot up (a sender
 whose old connection died unseen gets back in). A client that sends no request within
-``listen_idle`` of its handshake is cut. So no peer that stays silent, stalls its handshake
-or holds no key can make a migration fail.
+``listen_idle`` of its handshake is cut. When the handshake limits are reached (from one
+address, or in all), a new connection cuts the oldest handshake in its way rather than being
+refused: a crowd of silent connections cannot keep a sender from its greeting. So no peer
+that stays silent, stalls its handshake or holds no key can make a migration fail.
 
 A watchdog thread cuts clients whose whole handshake takes longer than the handshake timeout,
 and with the killswitch, clients whose current request (reply included) runs too long. When
@@ -321,7 +323,7 @@ class Admission:
                 return "not allowed by the ACL"
             if not self.clients_allowed:
                 return "new clients are not allowed now"
-            if self._limit_text(peer_ip):
+            if self._limit_text(peer_ip) and not self._make_room(name, peer_ip):
                 return None
             self._seq += 1
             client = Client(sock, name, peer_ip)
@@ -331,21 +333,50 @@ class Admission:
         return ""
 
     def _limit_text(self, peer_ip: str | None) -> str:
-        """Which client limit a new client from peer_ip would pass, or ""."""
+        """Which client limit a new client from peer_ip would pass, or "". (Listen mode: a
+        handshake already cut to make room does not count; see _make_room.)"""
         cfg = self.config
         capacity = cfg.max_clients
+        counted = self._clients
         if cfg.max_handshakes is None:
             if len(self._clients) >= cfg.max_clients:
                 return f"already {cfg.max_clients} clients"
         else:
             capacity += cfg.max_handshakes
-            if sum(1 for c in self._clients if c.connection is None) >= cfg.max_handshakes:
+            counted = {c for c in self._clients if not (c.killed and c.connection is None)}
+            if sum(1 for c in counted if c.connection is None) >= cfg.max_handshakes:
                 return f"already {cfg.max_handshakes} connections in their handshake"
         if peer_ip is not None and cfg.max_clients_per_address < capacity and \
-                sum(1 for c in self._clients if c.peer_ip == peer_ip) >= \
+                sum(1 for c in counted if c.peer_ip == peer_ip) >= \
                 cfg.max_clients_per_address:
             return f"already {cfg.max_clients_per_address} clients from that address"
         return ""
+
+    def _make_room(self, name: str, peer_ip: str | None) -> bool:
+        """Listen mode, a handshake limit reached: cut the oldest handshake in the way (from
+        the same address when that limit is the one reached) so that the new connection gets
+        its greeting. Silent connections thus cannot keep a sender out: a sender's handshake
+        takes milliseconds, theirs never ends. True when the limits now leave room. Called
+        with the lock held; threads of cut handshakes end at once (their socket is shut
+        down), and no more than 2 x max_handshakes are ever pending."""
+        cfg = self.config
+        if cfg.max_handshakes is None:
+            return False
+        pending = [c for c in self._clients if c.connection is None]
+        if len(pending) >= 2 * cfg.max_handshakes:
+            return False
+        while (limit := self._limit_text(peer_ip)):
+            same_address = limit.endswith("from that address")
+            in_the_way = [c for c in pending if not c.killed and
+                          (not same_address or c.peer_ip == peer_ip)]
+            if not in_the_way:
+                return False
+            oldest = min(in_the_way, key=lambda c: c.accepted_ns)
+            oldest.killed = True
+            shutdown(oldest.sock)
+            _log.warning("%s: %s; cut the oldest handshake, %s's, to make room",
+                         name, limit, oldest.name)
+        return True
 
     def _cut_hung_up(self) -> list[Client]:
         """Shut down the sockets of clients whose peer has hung up (they cannot be served any

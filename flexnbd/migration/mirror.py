@@ -312,7 +312,10 @@ class Mirror:
                 raise AttemptFailed(REJECTED, f"the destination is not an NBD server: {e}",
                                     final=True) from None
             except (HandshakeError, PeerClosed, OSError) as e:
-                raise AttemptFailed(REJECTED, f"the destination rejected us: {e}") from None
+                # (with TLS, which is new, the reply says why, as for TlsError)
+                reply = REJECTED if self.host.tls_client is None else \
+                    Reply(REJECTED.code, f"{REJECTED.text}: {e}")
+                raise AttemptFailed(reply, f"the destination rejected us: {e}") from None
             if info.size != self.host.size:
                 raise AttemptFailed(SIZE_MISMATCH, f"the destination exports {info.size} bytes, "
                                     f"we have {self.host.size}")

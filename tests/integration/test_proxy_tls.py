@@ -31,7 +31,7 @@ from flexnbd import wire
 from tests.conftest import FLEXNBD_PROXY, free_port, require_tool
 from tests.fakes.relay import Fault, Relay
 from tests.support.clients import check, run
-from tests.support.rawclient import RawClient, ServerClosed
+from tests.support.rawclient import RawClient, ServerClosed, connect_to_options
 from tests.support.tlscreds import (
     PSK_IDENTITY,
     make_ca,
@@ -97,21 +97,9 @@ def alive(*procs) -> None:
         assert "Traceback" not in p.log(), p.log()
 
 
-def newstyle(px) -> RawClient:
-    """A raw client past the greeting, in the option haggling."""
-    c = RawClient.connect(px.port)
-    try:
-        assert c.read_greeting().style == "newstyle"
-        c.send_client_flags(wire.FLAG_C_FIXED_NEWSTYLE | wire.FLAG_C_NO_ZEROES)
-    except BaseException:
-        c.close()
-        raise
-    return c
-
-
 def tls_client(px, client_dir: Path, cert: bool = False) -> RawClient:
     """A raw client in transmission over TLS (X.509)."""
-    c = newstyle(px)
+    c = connect_to_options(px.port)
     try:
         starttls(c, client_dir, cert)
         c.go()
@@ -285,12 +273,12 @@ def test_nbdcopy_through_an_upstream_restart(serve, proxy, make_file, tmp_path, 
 def test_require_refuses_a_plaintext_client(serve, proxy, make_file, psk, option):
     nbdinfo = require_tool("nbdinfo")
     up, px = tls_both_sides(serve, proxy, disk(make_file), "psk", psk)
-    with newstyle(px) as c:
+    with connect_to_options(px.port) as c:
         data = RawClient.info_request() if option in (wire.OPT_INFO, wire.OPT_GO) else b""
         assert [r.type for r in c.option(option, data)] == [wire.REP_ERR_TLS_REQD]
         assert c.option(wire.OPT_ABORT)[-1].type == wire.REP_ACK
         assert c.is_closed_by_server()
-    with newstyle(px) as c:                     # EXPORT_NAME has no error reply: hung up on
+    with connect_to_options(px.port) as c:      # EXPORT_NAME has no error reply: hung up on
         c.send_option(wire.OPT_EXPORT_NAME, b"")
         assert c.read_until_closed() == b""
     assert int(check([nbdinfo, "--size", psk_uri(px, psk)]).strip()) == SIZE
@@ -333,7 +321,7 @@ def test_verify_peer_wants_a_client_certificate(serve, proxy, make_file, tmp_pat
     sign(other, tmp_path / "intruder", "client", "clientAuth", ("intruder",))
     (tmp_path / "intruder" / "ca-cert.pem").write_bytes((client_dir / "ca-cert.pem").read_bytes())
     for directory, cert in ((client_dir, False), (tmp_path / "intruder", True)):
-        with newstyle(px) as c:
+        with connect_to_options(px.port) as c:
             with pytest.raises((OSError, ServerClosed)):
                 starttls(c, directory, cert=cert)
                 c.go()

@@ -17,7 +17,7 @@ from flexnbd import wire
 from tests.conftest import require_tool
 from tests.support.clients import check, run
 from tests.support.layout import punch_fd
-from tests.support.rawclient import RawClient
+from tests.support.rawclient import RawClient, connect_to_options
 from tests.support.serving import MiB, assert_serves
 from tests.support.tlscreds import (
     PSK_IDENTITY,
@@ -160,18 +160,11 @@ def test_our_client_with_a_wrong_key_or_no_tls(serve, run_flexnbd, make_file, tm
 # The protocol, with a raw client
 
 
-def newstyle(server) -> RawClient:
-    c = RawClient.connect(server.port)
-    assert c.read_greeting().style == "newstyle"
-    c.send_client_flags(wire.FLAG_C_FIXED_NEWSTYLE | wire.FLAG_C_NO_ZEROES)
-    return c
-
-
 @pytest.mark.parametrize("option", [wire.OPT_LIST, wire.OPT_INFO, wire.OPT_GO,
                                     wire.OPT_STRUCTURED_REPLY, wire.OPT_LIST_META_CONTEXT])
 def test_require_refuses_options_before_tls(serve, make_file, psk, option):
     server = serve(make_file(SIZE), "--tls=require", "--tls-psk", str(psk))
-    with newstyle(server) as c:
+    with connect_to_options(server.port) as c:
         data = RawClient.info_request() if option in (wire.OPT_INFO, wire.OPT_GO) else b""
         reply = c.option(option, data)
         assert [r.type for r in reply] == [wire.REP_ERR_TLS_REQD]   # no size, no name
@@ -182,7 +175,7 @@ def test_require_refuses_options_before_tls(serve, make_file, psk, option):
 
 def test_require_hangs_up_on_export_name(serve, make_file, psk):
     server = serve(make_file(SIZE), "--tls=require", "--tls-psk", str(psk))
-    with newstyle(server) as c:
+    with connect_to_options(server.port) as c:
         c.send_option(wire.OPT_EXPORT_NAME, b"")
         assert c.read_until_closed() == b""        # EXPORT_NAME has no error reply
     assert_serves_tls(server, psk)
@@ -203,7 +196,7 @@ def test_tls_on_serves_plaintext_and_tls_clients(serve, make_file, psk):
 def test_starttls_without_tls_is_unsupported(serve, make_file):
     path = make_file(SIZE)
     server = serve(path)
-    with newstyle(server) as c:
+    with connect_to_options(server.port) as c:
         assert c.option(wire.OPT_STARTTLS)[-1].type == wire.REP_ERR_UNSUP
         c.go()                                   # and the client may go on in plaintext
         assert c.read(0, 4096) == path.read_bytes()[:4096]
@@ -213,7 +206,7 @@ def test_options_start_again_inside_tls(serve, make_file, x509):
     path = make_file(SIZE)
     server_dir, client_dir = x509
     server = serve(path, "--tls=on", "--tls-certificates", str(server_dir))
-    with newstyle(server) as c:
+    with connect_to_options(server.port) as c:
         # Structured replies agreed in plaintext are forgotten by STARTTLS.
         assert c.option(wire.OPT_STRUCTURED_REPLY)[-1].type == wire.REP_ACK
         starttls(c, client_dir)
@@ -229,7 +222,7 @@ def test_options_start_again_inside_tls(serve, make_file, x509):
 
 def test_starttls_with_data_is_invalid(serve, make_file, psk):
     server = serve(make_file(SIZE), "--tls=require", "--tls-psk", str(psk))
-    with newstyle(server) as c:
+    with connect_to_options(server.port) as c:
         assert c.option(wire.OPT_STARTTLS, b"x")[-1].type == wire.REP_ERR_INVALID
 
 
@@ -262,11 +255,11 @@ def test_verify_peer_wants_a_client_certificate(serve, make_file, tmp_path, x509
     server_dir, client_dir = x509
     server = serve(path, "--tls=require", "--tls-certificates", str(server_dir),
                    "--tls-verify-peer")
-    with newstyle(server) as c:                      # a certificate from our CA: in
+    with connect_to_options(server.port) as c:                      # a certificate from our CA: in
         starttls(c, client_dir, cert=True)
         c.go()
         assert c.read(0, 4096) == path.read_bytes()[:4096]
-    with newstyle(server) as c:                      # none: out
+    with connect_to_options(server.port) as c:                      # none: out
         with pytest.raises((ssl.SSLError, ConnectionError, OSError)):
             starttls(c, client_dir, cert=False)
             c.go()
@@ -274,12 +267,12 @@ def test_verify_peer_wants_a_client_certificate(serve, make_file, tmp_path, x509
     other = make_ca(tmp_path / "other")
     sign(other, tmp_path / "intruder", "client", "clientAuth", ("intruder",))
     (tmp_path / "intruder" / "ca-cert.pem").write_bytes((client_dir / "ca-cert.pem").read_bytes())
-    with newstyle(server) as c:
+    with connect_to_options(server.port) as c:
         with pytest.raises((ssl.SSLError, ConnectionError, OSError)):
             starttls(c, tmp_path / "intruder", cert=True)
             c.go()
     assert "TLS handshake failed" in server.log()
-    with newstyle(server) as c:
+    with connect_to_options(server.port) as c:
         starttls(c, client_dir, cert=True)
         c.go()
         assert c.read(0, 4096) == path.read_bytes()[:4096]
@@ -287,7 +280,7 @@ def test_verify_peer_wants_a_client_certificate(serve, make_file, tmp_path, x509
 
 def test_garbage_instead_of_a_tls_handshake(serve, make_file, psk):
     server = serve(make_file(SIZE), "--tls=require", "--tls-psk", str(psk))
-    with newstyle(server) as c:
+    with connect_to_options(server.port) as c:
         assert c.option(wire.OPT_STARTTLS)[-1].type == wire.REP_ACK
         c.send(b"\x16\x03\x01\x00\x05hello" + os.urandom(3000))
         c.read_until_closed()
@@ -298,7 +291,7 @@ def test_garbage_instead_of_a_tls_handshake(serve, make_file, psk):
 def test_silence_instead_of_a_tls_handshake_times_out(serve, make_file, psk):
     server = serve(make_file(SIZE), "--tls=require", "--tls-psk", str(psk),
                    env={"FLEXNBD_HANDSHAKE_TIMEOUT": "1"})
-    with newstyle(server) as c:
+    with connect_to_options(server.port) as c:
         assert c.option(wire.OPT_STARTTLS)[-1].type == wire.REP_ACK
         c.send(b"\x16\x03\x01")                      # the start of a record, then nothing
         assert c.is_closed_by_server(timeout=20)
@@ -307,7 +300,7 @@ def test_silence_instead_of_a_tls_handshake_times_out(serve, make_file, psk):
 
 def tls_client(server, client_dir: Path) -> RawClient:
     """A raw client in transmission over TLS (X.509)."""
-    c = newstyle(server)
+    c = connect_to_options(server.port)
     starttls(c, client_dir)
     c.go()
     return c

@@ -357,3 +357,14 @@ def connect_and_handshake(port: int, **kwargs: object) -> RawClient:
     return client
 
 
+def connect_to_options(port: int, timeout: float = DEFAULT_TIMEOUT) -> RawClient:
+    """A client past a fixed-newstyle greeting (its flags sent: FIXED_NEWSTYLE, NO_ZEROES), in
+    the option haggling."""
+    client = RawClient.connect(port, timeout=timeout)
+    try:
+        assert client.read_greeting().style == "newstyle"
+        client.send_client_flags(wire.FLAG_C_FIXED_NEWSTYLE | wire.FLAG_C_NO_ZEROES)
+    except BaseException:
+        client.close()
+        raise
+    return client
