@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
-.PHONY: install build test lint bench bench-ci wheel wheels wheel-test sdist-test annotate clean
+.PHONY: install build test lint bench bench-ci chaos wheel wheels wheel-test sdist-test annotate clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -39,6 +39,13 @@ bench: install
 # fails on errors (client, server, exit status, migrated data, sparse wire), never on ratios.
 bench-ci: install
 	$(PY) benchmarks/ci.py
+
+# The randomized fault campaign (tests/chaos; as root: it makes network namespaces, tc qdiscs
+# and tmpfs mounts): CHAOS_N scenarios from CHAOS_SEED (default: the time). The last line says
+# "chaos: N scenarios, K faults injected, V violations"; V > 0 fails.
+CHAOS_N ?= 200
+chaos: install
+	CHAOS_N=$(CHAOS_N) CHAOS_SEED=$(CHAOS_SEED) $(PY) -m tests.chaos
 
 wheel: $(PY)
 	$(PY) -m pip wheel --no-deps -w dist .

@@ -189,7 +189,7 @@ class Server:
                 if outcome is not None:
                     took_control = outcome
                     self._has_control = outcome
-                    self.request_stop("migration completed" if outcome else "sync failure")
+                    self.request_stop("migration completed" if outcome else "I/O error")
         finally:
             if took_control:
                 # The one normal close a sender may see: it reads it as "the destination took

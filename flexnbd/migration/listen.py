@@ -56,9 +56,16 @@ def take_control(name: str, result: _core.ServeResult, coverage: CoverageMap,
     """A sender's session ended. True when it completed the migration and this server took
     control: every byte covered, then DISC; new clients refused; the file synced. Only then
     may the sender's socket be closed normally (its confirmation, SPEC §6.7). None when the
-    session completed nothing (wait for the next sender); False when the final sync failed
-    (the sender is told with a reset; the listener exits 1)."""
+    session completed nothing (wait for the next sender); False when the final sync failed,
+    or when a write or sync of the file failed with EIO (the sender is told with a reset; the
+    listener exits 1: the error is sticky, so no later sender could complete, and a fresh
+    listener, which a new sender rewrites entirely, can)."""
     why_not = session_outcome(result, coverage, connection, export.size)
+    if why_not is not None and export.io_error:
+        _log.critical("%s: no migration completed, and a write or sync of %s failed with an "
+                      "I/O error: this listener cannot vouch for the file any more; exiting "
+                      "(a fresh listener can receive the migration again)", name, export.path)
+        return False
     if why_not is not None:
         _log.warning("%s: no migration completed: %s; waiting for the next sender", name,
                      why_not)
