@@ -19,6 +19,7 @@ import argparse
 import json
 import os
 import random
+import signal
 import statistics
 import subprocess
 import sys
@@ -49,6 +50,8 @@ def main() -> int:
     if os.geteuid() != 0:
         print("chaos: must run as root (network namespaces, tc, tmpfs mounts)", file=sys.stderr)
         return 2
+    # (a stop signal unwinds: every scenario's processes, mounts and namespaces are removed)
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     if os.environ.get("CHAOS_INSIDE") != NS_A:
         return _in_namespaces(n, seed)
     return _campaign(n, seed, args.json, args.keep.resolve(), verbose)
@@ -162,6 +165,7 @@ class Tally:
         self.pause: dict[str, list[float]] = defaultdict(list)      # fault -> next write
         self.duration: list[float] = []
         self.figures_seen: dict[str, list[int]] = defaultdict(lambda: [0, 0])
+        self.records: list[dict] = []
 
     @staticmethod
     def label(o) -> str:
@@ -175,6 +179,10 @@ class Tally:
         self.scenarios += 1
         self.duration.append(o.duration)
         self.outcomes[self.label(o)] += 1
+        self.records.append({"seed": o.seed, "outcome": self.label(o), "plan": o.plan,
+                             "seconds": round(o.duration, 2), "violations": found,
+                             "faults": [[f.kind, round(f.at, 2), f.injected]
+                                        for f in o.faults]})
         if found:
             self.violations += 1
         for role, (threads, fds) in o.figures.items():
@@ -206,10 +214,15 @@ class Tally:
             "kinds": {k.name: {"injected": self.kinds[k.name],
                                "nothing_to_act_on": self.not_injected[k.name],
                                "completion_after": spread(self.recovery[k.name]),
-                               "next_write_after": spread(self.pause[k.name])}
+                               "next_write_after": spread(self.pause[k.name]),
+                               "completion_after_all": [round(x, 2) for x in
+                                                        self.recovery[k.name]],
+                               "next_write_after_all": [round(x, 2) for x in
+                                                        self.pause[k.name]]}
                       for k in faults.KINDS},
             "scenario_seconds": spread(self.duration),
             "max_threads_fds": {k: v for k, v in self.figures_seen.items()},
+            "scenarios_run": self.records,
         }
 
 
