@@ -77,8 +77,12 @@ def _in_namespaces(n: int, seed: int) -> int:
                 return 2
         env = {**os.environ, "CHAOS_INSIDE": NS_A, "CHAOS_TAG": TAG, "CHAOS_N": str(n),
                "CHAOS_SEED": str(seed)}
-        return subprocess.run(["ip", "netns", "exec", NS_A, sys.executable, "-m", "tests.chaos",
-                               *sys.argv[1:]], env=env).returncode
+        child = subprocess.Popen(["ip", "netns", "exec", NS_A, sys.executable, "-m",
+                                  "tests.chaos", *sys.argv[1:]], env=env)
+        # A stop signal goes to the campaign, which unwinds; Ctrl-C reaches it by itself.
+        signal.signal(signal.SIGTERM, lambda *_: child.send_signal(signal.SIGTERM))
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        return child.wait()
     finally:
         _teardown()
 
