@@ -308,7 +308,10 @@ class Scenario:
             self.outcome.evidence.append(f"{self.now():.2f}s {text}")
 
     def _listener_completed(self) -> bool:
-        return self.listener.rc == 0 and "migration completed" in self.listener.this_run_log()
+        """The listener ended after completing the migration: it says so only once its file
+        was synced (a kill after that line, which seed 1709 met, does not undo it)."""
+        return not self.listener.alive() and \
+            "migration completed:" in self.listener.this_run_log()
 
     def _start_listener(self) -> None:
         self.outcome.notes.append(f"{self.now():.2f}s fresh listener")
