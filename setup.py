@@ -16,9 +16,9 @@ if DEBUG:
     macros.append(("CYTHON_TRACE_NOGIL", "1"))
     cflags = ["-O1", "-g", "-UNDEBUG"]
 
-# The modules whose code calls OpenSSL (the transport in _nbdio.pxd is inlined into _core
-# and _proxy) link the system libssl; the wheels bundle it.
-TLS_USERS = {"_core", "_proxy", "_tls"}
+# The modules whose code calls OpenSSL (the transport in _nbdio.pxd is inlined into _core,
+# _client, _mirror and _proxy) link the system libssl; the wheels bundle it.
+TLS_USERS = {"_core", "_client", "_mirror", "_proxy", "_tls"}
 
 extensions = [
     Extension(
@@ -28,7 +28,7 @@ extensions = [
         extra_compile_args=cflags,
         libraries=["ssl", "crypto"] if name in TLS_USERS else [],
     )
-    for name in ("_allocmap", "_core", "_proxy", "_tls")
+    for name in ("_allocmap", "_core", "_client", "_mirror", "_proxy", "_tls")
 ]
 
 setup(

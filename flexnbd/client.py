@@ -5,7 +5,7 @@ from __future__ import annotations
 import socket
 import sys
 
-from flexnbd import _core, credentials, sockets, wire
+from flexnbd import _client, credentials, sockets, wire
 from flexnbd._tls import TlsSession
 from flexnbd.config import TransferConfig
 from flexnbd.errors import FlexnbdError
@@ -26,11 +26,11 @@ def transfer(cfg: TransferConfig, writing: bool) -> None:
         info = client_handshake(sock, tls=tls, server_hostname=cfg.addr,
                                 timeout=HANDSHAKE_TIMEOUT)
         if writing:
-            _core.client_copy(sock.fileno(), sys.stdin.fileno(), cfg.offset, cfg.size, True,
+            _client.client_copy(sock.fileno(), sys.stdin.fileno(), cfg.offset, cfg.size, True,
                               tls=info.tls, timeout=REQUEST_TIMEOUT)
         else:
             sys.stdout.flush()
-            _core.client_copy(sock.fileno(), sys.stdout.fileno(), cfg.offset, cfg.size, False,
+            _client.client_copy(sock.fileno(), sys.stdout.fileno(), cfg.offset, cfg.size, False,
                               tls=info.tls, timeout=REQUEST_TIMEOUT)
         _disconnect(sock if info.tls is None else info.tls)
     finally:

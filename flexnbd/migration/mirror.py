@@ -46,7 +46,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol
 
-from flexnbd import _core, log, sockets, wire
+from flexnbd import _core, _mirror, log, sockets, wire
 from flexnbd._allocmap import AllocationMap, DirtyMap
 from flexnbd._tls import TlsContext, TlsSession
 from flexnbd.control import protocol as replies
@@ -169,7 +169,7 @@ class Mirror:
         self.first_pass_left = host.size
         self.dirty: DirtyMap | None = None
         self.session: TlsSession | None = None   # the current attempt's TLS, if any
-        self.stream: _core.MirrorStream | None = None
+        self.stream: _mirror.MirrorStream | None = None
 
     # -- control ---------------------------------------------------------------------------
 
@@ -338,7 +338,7 @@ class Mirror:
             raise Abandoned("break")
         self.dirty = self.host.export.track_dirty(True)
         # (each reply within the request limit, one deadline however it trickles in)
-        self.stream = _core.MirrorStream(sock.fileno(), self.host.export, zeroes,
+        self.stream = _mirror.MirrorStream(sock.fileno(), self.host.export, zeroes,
                                          tls=self.session, timeout=self.request_limit)
         offset = 0
         while offset < self.host.size:

@@ -1,6 +1,6 @@
-"""Each piece of NBD I/O that the server (_core.pyx) and the proxy (_proxy.pyx) share has one
-home (_nbdio.pxd, _wire.pxd or _sys.pxd): a second copy in a .pyx would drift from the first.
-These scan the compiled sources, as the import-linter contract does for the Python layers."""
+"""Each piece of NBD I/O that the server (_core.pyx), the client sides (_client.pyx,
+_mirror.pyx) and the proxy (_proxy.pyx) share has one home (_nbdio.pxd, _wire.pxd or
+_sys.pxd): a second copy in a .pyx would drift from the first. These scan the compiled sources, as the import-linter contract does for the Python layers."""
 
 from __future__ import annotations
 
@@ -12,7 +12,8 @@ import pytest
 import flexnbd
 
 SRC = Path(flexnbd.__file__).parent
-HOT = ("_core.pyx", "_proxy.pyx", "_allocmap.pyx", "_allocmap.pxd")
+HOT = ("_core.pyx", "_client.pyx", "_mirror.pyx", "_proxy.pyx", "_allocmap.pyx",
+       "_allocmap.pxd")
 
 
 def _code(name: str) -> str:
@@ -40,7 +41,7 @@ def test_shared_constants_are_defined_once(name, constant):
     assert not _defines(name, constant), f"{constant} defined again in {name}"
 
 
-@pytest.mark.parametrize("name", ("_core.pyx", "_proxy.pyx"))
+@pytest.mark.parametrize("name", ("_core.pyx", "_client.pyx", "_mirror.pyx", "_proxy.pyx"))
 def test_peer_sockets_are_touched_only_through_the_transport(name):
     # send/recv/sendmsg/sendfile on a peer socket only in _nbdio.pxd's tp_* calls (splice is
     # still used from a pipe to the file, which is not the transport's business).
