@@ -185,5 +185,20 @@ cdef class DirtyMap(BlockBitmap):
     pass
 
 
+# Listen mode: the pieces of blocks that a write covered only in part, (start, end) pairs,
+# checked when the session ends (a CoverageMap's; at most MAX_PIECES: 4 MiB a session).
+cdef struct pieces_t:
+    uint64_t *at
+    size_t n
+    size_t cap
+
+cdef enum:
+    MAX_PIECES = 256 * 1024
+
+cdef void cover(amap_t *m, pieces_t *p, uint64_t offset, uint64_t length) noexcept nogil
+cdef int no_room_for_pieces(const amap_t *m, const pieces_t *p, uint64_t offset,
+                            uint64_t length) noexcept nogil
+
+
 cdef class CoverageMap(BlockBitmap):
-    pass
+    cdef pieces_t pieces

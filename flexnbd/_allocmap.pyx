@@ -232,8 +232,112 @@ cdef class DirtyMap(BlockBitmap):
     tracking is on; the mirror takes runs out of it."""
 
 
+# --------------------------------------------------------------------------------------------
+# Listen mode's coverage: the blocks one sender's session wrote, whole or in pieces.
+
 cdef class CoverageMap(BlockBitmap):
     """Listen mode: the 512-byte blocks one sender's session wrote entirely (export sizes are
-    multiples of 512)."""
+    multiples of 512), and the pieces of blocks that unaligned writes covered only in part
+    (a session's serve loop records both: ``cover``)."""
 
     default_shift = 9
+
+    def __dealloc__(self):
+        free(self.pieces.at)
+
+    def covered_bytes(self):
+        """Bytes of the blocks written entirely, by one write or by several pieces together.
+        (Once the session has ended: the pieces are sorted in place.)"""
+        cdef uint64_t n
+        with nogil:
+            n = pieces_cover(&self.m, &self.pieces)
+        return self.count_bytes() + n
+
+    @property
+    def partial_pieces(self):
+        """How many unaligned pieces the session holds (at most MAX_PIECES)."""
+        return self.pieces.n
+
+
+cdef void cover(amap_t *m, pieces_t *p, uint64_t offset, uint64_t length) noexcept nogil:
+    """Record that [offset, offset+length) was written: whole blocks in the coverage map, the
+    pieces of blocks at either end in the piece list (checked when the session ends)."""
+    cdef uint64_t bs = <uint64_t>1 << m.shift
+    cdef uint64_t end, head_end, tail_start
+    if length == 0 or offset >= m.size:
+        return
+    if length > m.size - offset:
+        length = m.size - offset
+    end = offset + length
+    amap_set_inside(m, offset, length, 1)
+    head_end = (offset + bs - 1) & ~(bs - 1)
+    tail_start = end & ~(bs - 1)
+    if head_end > end or head_end > tail_start:      # within one block
+        if offset & (bs - 1) or (end & (bs - 1) and end != m.size):
+            add_piece(p, offset, end)
+        return
+    if offset & (bs - 1):
+        add_piece(p, offset, head_end)
+    if end & (bs - 1) and end != m.size:
+        add_piece(p, tail_start, end)
+
+
+cdef int no_room_for_pieces(const amap_t *m, const pieces_t *p, uint64_t offset,
+                            uint64_t length) noexcept nogil:
+    """This write would need pieces (0 to 2) and the list has no room left for them."""
+    cdef uint64_t bs = <uint64_t>1 << m.shift
+    cdef uint64_t end = offset + length
+    cdef size_t n = 0
+    if length == 0:
+        return 0
+    if offset & (bs - 1):
+        n += 1
+    if end & (bs - 1) and end != m.size:
+        n += 1
+    return p.n + n > MAX_PIECES
+
+
+cdef void add_piece(pieces_t *p, uint64_t start, uint64_t end) noexcept nogil:
+    cdef uint64_t *grown
+    cdef size_t cap
+    if p.n == p.cap:
+        if p.cap >= MAX_PIECES:
+            return                       # (no_room_for_pieces refused such writes first)
+        cap = 1024 if p.cap == 0 else p.cap * 2
+        if cap > MAX_PIECES:
+            cap = MAX_PIECES
+        grown = <uint64_t *>realloc(p.at, cap * 2 * sizeof(uint64_t))
+        if grown == NULL:
+            return
+        p.at = grown
+        p.cap = cap
+    p.at[2 * p.n] = start
+    p.at[2 * p.n + 1] = end
+    p.n += 1
+
+
+cdef int cmp_pieces(const void *a, const void *b) noexcept nogil:
+    cdef const uint64_t *x = <const uint64_t *>a
+    cdef const uint64_t *y = <const uint64_t *>b
+    return (x[0] > y[0]) - (x[0] < y[0])
+
+
+cdef uint64_t pieces_cover(amap_t *m, pieces_t *p) noexcept nogil:
+    """Bytes of the blocks the map does not have whose pieces reach from their first byte to
+    their last. Sorts the pieces in place; no allocation."""
+    cdef uint64_t bs = <uint64_t>1 << m.shift
+    cdef uint64_t total = 0, block, first, last, reached
+    cdef size_t i = 0, n = p.n
+    qsort(p.at, n, 2 * sizeof(uint64_t), cmp_pieces)
+    while i < n:
+        block = p.at[2 * i] >> m.shift
+        first = block << m.shift
+        last = first + bs if first + bs < m.size else m.size
+        reached = first
+        while i < n and (p.at[2 * i] >> m.shift) == block:
+            if p.at[2 * i] <= reached and p.at[2 * i + 1] > reached:
+                reached = p.at[2 * i + 1]
+            i += 1
+        if reached >= last and not amap_block(m, block):
+            total += last - first
+    return total

@@ -249,9 +249,7 @@ cdef struct conn_t:
     int pipe_r               # a pipe for splicing WRITE payloads socket -> file (-1: none)
     int pipe_w
     amap_t *coverage         # listen mode: blocks written in this session, or NULL
-    uint64_t *partial        # listen mode: (start, end) of pieces covering part of a block
-    size_t npartial
-    size_t partial_cap
+    pieces_t *pieces         # listen mode: the pieces of blocks written in part (_allocmap)
     uint64_t errors          # requests answered with an error
     int kicked               # set by kick(): end at the next request boundary
     int splice_all           # splice every large WRITE, even onto holes (see Connection)
@@ -794,103 +792,12 @@ cdef inline void written(conn_t *c, uint64_t offset, uint64_t length, int covers
     if dirty != NULL:
         amap_mark(dirty, offset, length)
     if covers and c.coverage != NULL:
-        cover(c, offset, length)
+        cover(c.coverage, c.pieces, offset, length)
 
 
-# Bound on the partial pieces kept per session: 4 MiB (16 bytes a piece). Once it is full,
-# a write that would need another piece is refused with EINVAL (SPEC §11: bounded memory).
-DEF MAX_PARTIAL = 256 * 1024
-
-
-cdef void cover(conn_t *c, uint64_t offset, uint64_t length) noexcept nogil:
-    """Record that [offset, offset+length) was written: whole blocks in the coverage map, the
-    pieces of blocks at either end in the partial list (checked when the session ends)."""
-    cdef amap_t *m = c.coverage
-    cdef uint64_t bs = <uint64_t>1 << m.shift
-    cdef uint64_t end, head_end, tail_start
-    if length == 0 or offset >= m.size:
-        return
-    if length > m.size - offset:
-        length = m.size - offset
-    end = offset + length
-    amap_set_inside(m, offset, length, 1)
-    head_end = (offset + bs - 1) & ~(bs - 1)
-    tail_start = end & ~(bs - 1)
-    if head_end > end or head_end > tail_start:      # within one block
-        if offset & (bs - 1) or (end & (bs - 1) and end != m.size):
-            add_partial(c, offset, end)
-        return
-    if offset & (bs - 1):
-        add_partial(c, offset, head_end)
-    if end & (bs - 1) and end != m.size:
-        add_partial(c, tail_start, end)
-
-
-cdef int pieces_needed(conn_t *c, uint64_t offset, uint64_t length) noexcept nogil:
-    """How many partial pieces cover() would record for this write (0 to 2)."""
-    cdef uint64_t bs = <uint64_t>1 << c.coverage.shift
-    cdef uint64_t end = offset + length
-    cdef int n = 0
-    if length == 0:
-        return 0
-    if offset & (bs - 1):
-        n += 1
-    if end & (bs - 1) and end != c.coverage.size:
-        n += 1
-    return n
-
-
-cdef int no_room_for_pieces(conn_t *c, uint64_t offset, uint64_t length) noexcept nogil:
+cdef inline int no_room(conn_t *c, uint64_t offset, uint64_t length) noexcept nogil:
     """Listen mode: this write needs partial pieces and the session has no room left."""
-    return c.coverage != NULL and \
-        c.npartial + <size_t>pieces_needed(c, offset, length) > MAX_PARTIAL
-
-
-cdef void add_partial(conn_t *c, uint64_t start, uint64_t end) noexcept nogil:
-    cdef uint64_t *grown
-    cdef size_t cap
-    if c.npartial == c.partial_cap:
-        if c.partial_cap >= MAX_PARTIAL:
-            return                       # (no_room_for_pieces refused such writes first)
-        cap = 1024 if c.partial_cap == 0 else c.partial_cap * 2
-        if cap > MAX_PARTIAL:
-            cap = MAX_PARTIAL
-        grown = <uint64_t *>realloc(c.partial, cap * 2 * sizeof(uint64_t))
-        if grown == NULL:
-            return
-        c.partial = grown
-        c.partial_cap = cap
-    c.partial[2 * c.npartial] = start
-    c.partial[2 * c.npartial + 1] = end
-    c.npartial += 1
-
-
-cdef int cmp_pieces(const void *a, const void *b) noexcept nogil:
-    cdef const uint64_t *x = <const uint64_t *>a
-    cdef const uint64_t *y = <const uint64_t *>b
-    return (x[0] > y[0]) - (x[0] < y[0])
-
-
-cdef uint64_t partial_covered(conn_t *c) noexcept nogil:
-    """Sort the pieces, then for each block the map does not have, check whether its
-    pieces reach from its first byte to its last. Runs in place; no allocation."""
-    cdef amap_t *m = c.coverage
-    cdef uint64_t bs = <uint64_t>1 << m.shift
-    cdef uint64_t total = 0, block, first, last, reached
-    cdef size_t i = 0, n = c.npartial
-    qsort(c.partial, n, 2 * sizeof(uint64_t), cmp_pieces)
-    while i < n:
-        block = c.partial[2 * i] >> m.shift
-        first = block << m.shift
-        last = first + bs if first + bs < m.size else m.size
-        reached = first
-        while i < n and (c.partial[2 * i] >> m.shift) == block:
-            if c.partial[2 * i] <= reached and c.partial[2 * i + 1] > reached:
-                reached = c.partial[2 * i + 1]
-            i += 1
-        if reached >= last and not amap_block(m, block):
-            total += last - first
-    return total
+    return c.coverage != NULL and no_room_for_pieces(c.coverage, c.pieces, offset, length)
 
 
 cdef int write_cut_short(conn_t *c, const request_t *r, uint64_t offset, uint64_t partial,
@@ -916,7 +823,7 @@ cdef int do_write(conn_t *c, const request_t *r, int error) noexcept nogil:
     cdef int io_err = 0
     if fua and not error and load_acquire(&c.ex.io_error):
         error = NBD_EIO      # data may have been lost: never claim anything durable again
-    if not error and no_room_for_pieces(c, r.offset, r.length):
+    if not error and no_room(c, r.offset, r.length):
         error = NBD_EINVAL
     if left > DRAIN_LIMIT:
         reply_simple(c, r, NBD_EINVAL)
@@ -1052,7 +959,7 @@ cdef int do_command(conn_t *c, const request_t *r) noexcept nogil:
             if e == EOPNOTSUPP:
                 e = 0                    # TRIM is advisory: nothing to do then
     elif cmd == CMD_WRITE_ZEROES:
-        if no_room_for_pieces(c, r.offset, r.length):
+        if no_room(c, r.offset, r.length):
             return NBD_EINVAL
         if r.length:
             e = zero_range(c, r.offset, r.length, r.flags)
@@ -1157,6 +1064,7 @@ cdef class Connection:
         self.export = export
         self.coverage = coverage
         self.c.coverage = &coverage.m if coverage is not None else NULL
+        self.c.pieces = &coverage.pieces if coverage is not None else NULL
         self.c.tp.fd = sock
         self.c.stop_fd = stop_fd
         # A migration sender that can send WRITE_ZEROES sends holes that way, so its WRITEs
@@ -1193,7 +1101,6 @@ cdef class Connection:
             self.c.tp.bounce_size = BUF_SIZE
 
     def __dealloc__(self):
-        free(self.c.partial)
         free(self.c.inb.data)
         free(self.c.buf)
         free(self.c.outbuf)
@@ -1245,21 +1152,6 @@ cdef class Connection:
     @property
     def requests(self):
         return self.c.requests
-
-    def partial_covered_bytes(self):
-        """Listen mode: bytes of the blocks that no single write covered but the session's
-        unaligned pieces cover together (blocks the coverage map has already are skipped)."""
-        cdef uint64_t n
-        if self.c.coverage == NULL:
-            return 0
-        with nogil:
-            n = partial_covered(&self.c)
-        return n
-
-    @property
-    def partial_pieces(self):
-        """Listen mode: how many unaligned pieces the session holds (at most MAX_PARTIAL)."""
-        return self.c.npartial
 
     @property
     def errors(self):

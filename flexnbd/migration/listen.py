@@ -29,17 +29,10 @@ def new_coverage(size: int) -> CoverageMap:
     return CoverageMap(size)
 
 
-def covered_bytes(coverage: CoverageMap, connection: _core.Connection) -> int:
-    """Bytes in blocks that the session wrote entirely: blocks one request covered (the map),
-    plus blocks that several unaligned requests covered together (their pieces, counted by
-    the hot path without building a Python object per piece)."""
-    return coverage.count_bytes() + connection.partial_covered_bytes()
-
-
 def session_outcome(result: _core.ServeResult, coverage: CoverageMap,
                     connection: _core.Connection, size: int) -> str | None:
     """None when the session completed the migration, else why it did not (for the log)."""
-    covered = covered_bytes(coverage, connection)
+    covered = coverage.covered_bytes()
     errors = connection.errors
     if result.reason != _core.Reason.REASON_DISC:
         return f"the sender left without DISC after writing {covered} of {size} bytes"

@@ -1,6 +1,7 @@
 """Each piece of NBD I/O that the server (_core.pyx), the client sides (_client.pyx,
 _mirror.pyx) and the proxy (_proxy.pyx) share has one home (_nbdio.pxd, _wire.pxd or
-_sys.pxd): a second copy in a .pyx would drift from the first. These scan the compiled sources, as the import-linter contract does for the Python layers."""
+_sys.pxd): a second copy in a .pyx would drift from the first. These scan the compiled
+sources, as the import-linter contract does for the Python layers."""
 
 from __future__ import annotations
 
