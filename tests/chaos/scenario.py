@@ -22,6 +22,7 @@ The operator's rules (what a user would do):
 from __future__ import annotations
 
 import random
+import re
 import shutil
 import signal
 import subprocess
@@ -47,6 +48,10 @@ DEST_IP = "10.201.0.2"
 REQUEST_LIMIT = 5          # FLEXNBD_MS_REQUEST_LIMIT_SECS of the source: stalls outlast it
 GIVE_UP = 25.0             # after the last fault ended, seconds for the migration to complete
 AFTER_TAKEOVER = 1.0       # seconds of writes to the new owner before the end
+# The listener's line once its file is synced (not its "no migration completed: ..." line),
+# and the source's once the destination confirmed.
+COMPLETED_LINE = re.compile(r"migration\.listen:\d+: migration completed: .* received all ")
+CONFIRMED_LINE = re.compile(r"migration\.mirror:\d+: migration completed")
 # Bounds of a server while it runs (leaks): threads and descriptors.
 MAX_THREADS = 48
 MAX_FDS = 128
@@ -311,7 +316,7 @@ class Scenario:
         """The listener ended after completing the migration: it says so only once its file
         was synced (a kill after that line, which seed 1709 met, does not undo it)."""
         return not self.listener.alive() and \
-            "migration completed:" in self.listener.this_run_log()
+            COMPLETED_LINE.search(self.listener.this_run_log()) is not None
 
     def _start_listener(self) -> None:
         self.outcome.notes.append(f"{self.now():.2f}s fresh listener")
@@ -349,7 +354,8 @@ class Scenario:
                                   f"({self.source.signalled or 'by itself'})")
         if "migration outcome unknown" in log:
             self.outcome.unknown_reported = True
-        if "migration completed" in log:
+        confirmed = CONFIRMED_LINE.search(log) is not None
+        if confirmed:
             self.listener.wait(10)        # (it confirmed: its exit follows)
         if self.listener.alive():
             self.listener.signal(signal.SIGTERM)
@@ -358,7 +364,7 @@ class Scenario:
         if self._listener_completed():
             self._take_over()
             return
-        if "migration completed" in log:
+        if confirmed:
             self._violation("the source reported the migration completed, but the "
                             "destination did not complete it")
         if not self.src_file.exists():
@@ -440,7 +446,8 @@ class Scenario:
     def cleanup(self, keep: Path | None) -> None:
         """Remove the scenario's files, or move them to ``keep`` (a violation's evidence)."""
         if keep is not None:
-            shutil.copytree(self.dir, keep, dirs_exist_ok=True)
+            shutil.copytree(self.dir, keep, dirs_exist_ok=True,
+                            ignore=lambda _, names: [n for n in names if n.endswith(".sock")])
         subprocess.run(["umount", "-l", str(self.dst_dir)], capture_output=True)
         shutil.rmtree(self.dir, ignore_errors=True)
 

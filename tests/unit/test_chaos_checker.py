@@ -95,3 +95,17 @@ def test_a_short_or_missing_file_is_a_violation(tmp_path, disk):
     assert any("shorter" in v for v in check_disk(owner, base, j))
     owner.unlink()
     assert any("cannot be read" in v for v in check_disk(owner, base, j))
+
+
+def test_the_harness_tells_a_completion_from_its_absence():
+    """A harness that took "no migration completed: ..." for a completion started a second
+    owner itself (an early campaign): the lines are told apart."""
+    from tests.chaos.scenario import COMPLETED_LINE, CONFIRMED_LINE
+    done = ("1:I:7 client-1 migration.listen:80: migration completed: /d.img received all "
+            "268435456 bytes from 10.201.0.1:5")
+    not_done = ("1:W:7 client-1 migration.listen:63: 10.201.0.1:5: no migration completed: "
+                "the sender left without DISC after writing 1 of 2 bytes")
+    assert COMPLETED_LINE.search(done) and not COMPLETED_LINE.search(not_done)
+    assert CONFIRMED_LINE.search("1:I:7 mirror migration.mirror:418: migration completed: 2 "
+                                 "bytes of data sent")
+    assert not CONFIRMED_LINE.search(done) and not CONFIRMED_LINE.search(not_done)
