@@ -156,6 +156,7 @@ class Mirror:
         self._first_outcome: Reply | None = None
         self._first_decided = threading.Event()
         self._thread: threading.Thread | None = None
+        self._starting = threading.Lock()    # start() and join() (a SIGTERM may come between)
         self.completed = False
         self.outcome_unknown = False     # DISC was sent and not confirmed
         self.running = False
@@ -174,10 +175,16 @@ class Mirror:
     # -- control ---------------------------------------------------------------------------
 
     def start(self) -> Reply:
-        """Start the supervisor; wait for the first attempt's connection outcome."""
-        self.running = True
-        self._thread = threading.Thread(target=self._supervise, name="mirror", daemon=True)
-        self._thread.start()
+        """Start the supervisor; wait for the first attempt's connection outcome. A mirror
+        stopped before it started (the server stopping at that moment) does not start."""
+        with self._starting:
+            if self._break.is_set():
+                self._end(self._stop_reason, completed=False)
+            else:
+                self.running = True
+                self._thread = threading.Thread(target=self._supervise, name="mirror",
+                                                daemon=True)
+                self._thread.start()
         self._first_decided.wait()
         assert self._first_outcome is not None
         return self._first_outcome
@@ -189,8 +196,12 @@ class Mirror:
         self._break.set()
 
     def join(self, timeout: float | None = None) -> None:
-        if self._thread is not None:
-            self._thread.join(timeout)
+        """Wait for the supervisor; at once if it never started (``stop()`` comes first, so a
+        mirror not started by now never will: see start)."""
+        with self._starting:
+            thread = self._thread
+        if thread is not None:
+            thread.join(timeout)
 
     def set_max_bps(self, max_bps: int | None) -> None:
         self.max_bps = max_bps or None
@@ -278,12 +289,15 @@ class Mirror:
                 outcome = COMPLETED
             elif self._break.is_set() and outcome != UNKNOWN:
                 outcome = self._stop_reason
-            self.outcome = outcome
-            self.running = False
-            self.completed = completed
-            self._decide_first(ABANDONED)
-            self.finished.set()
-            self.on_finished(self)
+            self._end(outcome, completed)
+
+    def _end(self, outcome: Reply, completed: bool) -> None:
+        self.outcome = outcome
+        self.running = False
+        self.completed = completed
+        self._decide_first(ABANDONED)
+        self.finished.set()
+        self.on_finished(self)
 
     def _connect(self) -> tuple[socket.socket, bool]:
         """Connect and check the greeting. (socket, destination takes WRITE_ZEROES)."""
