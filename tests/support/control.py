@@ -81,6 +81,23 @@ def wait_for_path(path: Path, proc: FlexnbdProcess, timeout: float = 15.0) -> No
         time.sleep(0.01)
 
 
+def wait_for_control(path: Path, proc: FlexnbdProcess, timeout: float = 15.0) -> None:
+    """Wait until the control socket answers: a stale file at ``path`` exists before the
+    server replaces it, so the file's presence alone proves nothing."""
+    deadline = time.monotonic() + timeout
+    wait_for_path(path, proc, timeout)
+    while True:
+        try:
+            status(path)
+            return
+        except (ConnectionRefusedError, FileNotFoundError):
+            if proc.proc.poll() is not None:
+                raise RuntimeError(f"flexnbd exited with {proc.proc.returncode}:\n{proc.log()}")
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.01)
+
+
 class Proc(FlexnbdProcess):
     """A flexnbd server with a control socket; ``port``, ``sock``, ``host`` attributes."""
 
@@ -115,7 +132,7 @@ def start_server(tmp_path):
             wait_for_port(port, proc.proc, host="::1" if host in ("::1", "::") else
                           "127.0.0.1" if host == "0.0.0.0" else host)
             if sock:
-                wait_for_path(path, proc)
+                wait_for_control(path, proc)
                 # The readiness probe counts as a client until the server sees it closed.
                 deadline = time.monotonic() + 15
                 while status(path)["num_clients"] != "0" and time.monotonic() < deadline:
