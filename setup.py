@@ -28,7 +28,7 @@ extensions = [
         extra_compile_args=cflags,
         libraries=["ssl", "crypto"] if name in TLS_USERS else [],
     )
-    for name in ("_allocmap", "_core", "_client", "_mirror", "_proxy", "_tls")
+    for name in ("_wire", "_allocmap", "_core", "_client", "_mirror", "_proxy", "_tls")
 ]
 
 setup(

@@ -15,7 +15,8 @@ from libc.stdint cimport uint64_t
 from flexnbd._sys cimport *
 
 
-DEF FIEMAP_WINDOW = 512          # extents asked for per ioctl
+cdef enum:
+    FIEMAP_WINDOW = 512          # extents asked for per ioctl
 
 METHODS = ("fiemap", "seek", "none")
 

@@ -5,14 +5,7 @@ from typing import NamedTuple
 
 from flexnbd._allocmap import AllocationMap, CoverageMap, DirtyMap
 from flexnbd._tls import TlsSession
-
-class Request(NamedTuple):
-    magic: int
-    flags: int
-    type: int
-    cookie: bytes
-    offset: int
-    length: int
+from flexnbd.wire import Request
 
 class Reason(enum.IntEnum):
     REASON_DISC = 0

@@ -24,75 +24,26 @@ from flexnbd._sys cimport *
 from flexnbd._tls cimport TlsSession
 from flexnbd._wire cimport *
 
-from flexnbd import errors
+from flexnbd import errors, wire
 
 _log = logging.getLogger("flexnbd.core")
 
-DEF BUF_SIZE = 1024 * 1024       # large payload chunks, zero-fill
-# Batched replies: headers, and the data of small (or copied) reads with their header.
-DEF OUTBUF_SIZE = 256 * 1024 + 4096
-# READs up to this size are copied into the reply batch (pread) instead of sent with sendfile:
-# a batch of small replies then leaves in one send instead of two syscalls per request.
-DEF SMALL_READ = 16 * 1024
-# With copy_reads, READs up to this size are copied so too (see Connection.copy_reads).
-DEF COPY_READ_MAX = 256 * 1024
-# A WRITE longer than MAX_PAYLOAD is drained (and answered EINVAL) up to this length;
-# beyond it the client is disconnected rather than have us read gigabytes of garbage.
-DEF DRAIN_LIMIT = 128 * 1024 * 1024
+cdef enum:
+    BUF_SIZE = 1024 * 1024       # large payload chunks, zero-fill
+    # Batched replies: headers, and the data of small (or copied) reads with their header.
+    OUTBUF_SIZE = 256 * 1024 + 4096
+    # READs up to this size are copied into the reply batch (pread) instead of sent with sendfile:
+    # a batch of small replies then leaves in one send instead of two syscalls per request.
+    SMALL_READ = 16 * 1024
+    # With copy_reads, READs up to this size are copied so too (see Connection.copy_reads).
+    COPY_READ_MAX = 256 * 1024
+    # A WRITE longer than MAX_PAYLOAD is drained (and answered EINVAL) up to this length;
+    # beyond it the client is disconnected rather than have us read gigabytes of garbage.
+    DRAIN_LIMIT = 128 * 1024 * 1024
 
 
 # --------------------------------------------------------------------------------------------
 # Request decoding and validation: pure, no I/O.
-
-cdef struct limits_t:
-    uint64_t size            # export size
-    int read_only
-    int structured           # structured replies negotiated (DF is valid)
-    int meta_context         # base:allocation selected (BLOCK_STATUS is valid)
-    int fast_zero            # SEND_FAST_ZERO advertised
-
-
-# Which command flags each command accepts (FUA is valid on every command, as the NBD spec says).
-cdef inline uint16_t allowed_flags(uint16_t cmd, const limits_t *lim) noexcept nogil:
-    cdef uint16_t f = CMD_FLAG_FUA
-    if cmd == CMD_READ and lim.structured:
-        f |= CMD_FLAG_DF
-    elif cmd == CMD_WRITE_ZEROES:
-        f |= CMD_FLAG_NO_HOLE
-        if lim.fast_zero:
-            f |= CMD_FLAG_FAST_ZERO
-    elif cmd == CMD_BLOCK_STATUS:
-        f |= CMD_FLAG_REQ_ONE
-    return f
-
-
-cdef int validate(const request_t *r, const limits_t *lim) noexcept nogil:
-    """The NBD error (0 for none) a well-framed request must be answered with.
-
-    The magic is checked by the caller (a bad magic ends the connection).
-    """
-    cdef uint16_t cmd = r.type
-    if cmd > CMD_BLOCK_STATUS:
-        return NBD_EINVAL
-    if r.flags & ~allowed_flags(cmd, lim):
-        return NBD_EINVAL
-    if cmd == CMD_DISC or cmd == CMD_FLUSH:
-        return 0
-    if lim.read_only and (cmd == CMD_WRITE or cmd == CMD_TRIM or cmd == CMD_WRITE_ZEROES):
-        return NBD_EPERM
-    if payload_too_big(r):
-        return NBD_EINVAL
-    if cmd == CMD_BLOCK_STATUS and (not lim.meta_context or r.length == 0):
-        return NBD_EINVAL
-    if not in_range(r.offset, r.length, lim.size):
-        if cmd == CMD_WRITE or cmd == CMD_WRITE_ZEROES:
-            return NBD_ENOSPC
-        return NBD_EINVAL
-    return 0
-
-
-Request = namedtuple("Request", "magic flags type cookie offset length")
-
 
 def decode_request(bytes data, uint64_t size, bint read_only=False, bint structured=False,
                    bint meta_context=False, bint fast_zero=False):
@@ -104,31 +55,20 @@ def decode_request(bytes data, uint64_t size, bint read_only=False, bint structu
     """
     cdef request_t r
     cdef limits_t lim
+    cdef frame_t frame
     if len(data) != REQUEST_SIZE:
         raise ValueError(f"a request is {REQUEST_SIZE} bytes, not {len(data)}")
-    decode_header(data, &r)
+    frame = frame_request(data, &r)
     lim.size = size
     lim.read_only = read_only
     lim.structured = structured
     lim.meta_context = meta_context
     lim.fast_zero = fast_zero
-    req = Request(r.magic, r.flags, r.type, r.cookie[:8], r.offset, r.length)
-    if r.magic != REQUEST_MAGIC:
+    req = wire.Request(r.magic, r.flags, r.type, int.from_bytes(r.cookie[:8], "big"), r.offset,
+                       r.length)
+    if frame == FRAME_BAD_MAGIC:
         return NBD_EBADMSG, req
     return validate(&r, &lim), req
-
-
-cdef int nbd_error(int e) noexcept nogil:
-    """Map a system errno onto the NBD error sent to the client."""
-    if e == EPERM or e == EROFS:
-        return NBD_EPERM
-    if e == ENOSPC or e == EDQUOT or e == EFBIG:
-        return NBD_ENOSPC
-    if e == EINVAL:
-        return NBD_EINVAL
-    if e == EOPNOTSUPP:   # == ENOTSUP on Linux
-        return NBD_ENOTSUP
-    return NBD_EIO
 
 
 # --------------------------------------------------------------------------------------------
@@ -298,13 +238,15 @@ cdef int queue_out(conn_t *c, const void *p, size_t n) noexcept nogil:
 # Threads spinning in wait_readable at once, and the most allowed: half the CPUs (at least
 # one), so spinning never takes the CPUs the clients and the other connections need.
 cdef int spinners = 0
-# Spin only once the client has worked one request at a time this many times in a row, each
-# time sending the next within SPIN_MARGIN spins.
-DEF SPIN_AFTER = 4
-DEF SPIN_MARGIN = 4
-# Nor for this many requests after a FLUSH or FUA: the disk's writeback work then needs the
-# CPU (measured: qd1 4K writes with a FLUSH each lost 10-15 % with a spin).
-DEF NO_SPIN_AFTER_SYNC = 64
+cdef enum:
+    # Spin only once the client has worked one request at a time this many times in a row,
+    # each time sending the next within SPIN_MARGIN spins.
+    SPIN_AFTER = 4
+    SPIN_MARGIN = 4
+    # Nor for this many requests after a FLUSH or FUA: the disk's writeback work then needs the
+    # CPU (measured: qd1 4K writes with a FLUSH each lost 10-15 % with a spin).
+    NO_SPIN_AFTER_SYNC = 64
+
 cdef int max_spinners = max(1, <int>sysconf(_SC_NPROCESSORS_ONLN) // 2)
 
 
@@ -566,9 +508,7 @@ cdef int read_chunked(conn_t *c, const request_t *r) noexcept nogil:
     cdef ssize_t k
     cdef size_t got
     while left > 0:
-        n = amap_run(c.ex.amap, offset, left, &allocated)
-        if n == 0 or n > left:
-            n = left
+        n = export_run(c.ex, offset, left, &allocated)
         u64 = htobe64(offset)
         if not allocated:
             make_chunk_header(h, r.cookie, REPLY_FLAG_DONE if n == left else 0,
@@ -608,8 +548,9 @@ cdef int read_chunked(conn_t *c, const request_t *r) noexcept nogil:
     return 0
 
 
-# At most this many extents in one BLOCK_STATUS reply (the client asks again for the rest).
-DEF MAX_EXTENTS = 1024
+cdef enum:
+    # At most this many extents in one BLOCK_STATUS reply (the client asks again for the rest).
+    MAX_EXTENTS = 1024
 
 
 cdef int do_block_status(conn_t *c, const request_t *r) noexcept nogil:
@@ -629,12 +570,7 @@ cdef int do_block_status(conn_t *c, const request_t *r) noexcept nogil:
         return -1
     start = c.out_len - (CHUNK_HEADER_SIZE + 4)
     while left > 0 and count < MAX_EXTENTS:
-        if c.ex.amap != NULL:
-            n = amap_run(c.ex.amap, offset, left, &allocated)
-        else:
-            n, allocated = left, 1
-        if n == 0 or n > left:
-            n = left
+        n = export_run(c.ex, offset, left, &allocated)
         ext[0] = htobe32(<uint32_t>n)
         ext[1] = htobe32(0 if allocated else (STATE_HOLE | STATE_ZERO))
         if c.out_len + 8 > OUTBUF_SIZE:
@@ -996,6 +932,7 @@ _COMMAND_NAMES = {
 cdef int serve_loop(conn_t *c) noexcept nogil:
     """The transmission phase. Returns a Reason; details in c.err/cmd/offset/length."""
     cdef request_t r
+    cdef frame_t frame
     cdef int rc
     cdef int error
     while True:
@@ -1010,7 +947,7 @@ cdef int serve_loop(conn_t *c) noexcept nogil:
         if rc:
             return rc
         c.request_started_ns = now_ns()
-        decode_header(c.inb.data + c.inb.pos, &r)
+        frame = frame_request(c.inb.data + c.inb.pos, &r)
         c.inb.pos += REQUEST_SIZE
         c.requests += 1
         if r.type == CMD_FLUSH or (r.flags & CMD_FLAG_FUA):
@@ -1018,7 +955,7 @@ cdef int serve_loop(conn_t *c) noexcept nogil:
         c.cmd = r.type
         c.offset = r.offset
         c.length = r.length
-        if r.magic != REQUEST_MAGIC:
+        if frame == FRAME_BAD_MAGIC:
             reply_simple(c, &r, NBD_EBADMSG)
             flush_out(c, 0)
             return REASON_BAD_MAGIC

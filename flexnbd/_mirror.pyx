@@ -4,9 +4,8 @@ pipelined, data by sendfile (or through TLS), holes as WRITE_ZEROES, without the
 
 from libc.stdint cimport uint32_t, uint64_t
 
-from flexnbd._allocmap cimport amap_run
 from flexnbd._client cimport outcome_error, read_reply
-from flexnbd._core cimport Export, export_t
+from flexnbd._core cimport Export, export_run, export_t
 from flexnbd._nbdio cimport *
 from flexnbd._sys cimport *
 from flexnbd._tls cimport TlsSession
@@ -72,12 +71,7 @@ cdef int ms_send(mstream_t *s, uint64_t offset, uint64_t length, const char *zbu
     cdef uint64_t n, payload
     cdef int allocated, rc
     while length > 0:
-        if s.ex.amap != NULL:
-            n = amap_run(s.ex.amap, offset, length, &allocated)
-        else:
-            n, allocated = length, 1
-        if n == 0 or n > length:
-            n = length
+        n = export_run(s.ex, offset, length, &allocated)
         if n > MIRROR_MAX_REQUEST:
             n = MIRROR_MAX_REQUEST
         payload = n if (allocated or not s.zeroes) else 0

@@ -17,20 +17,19 @@
 # which starts a new one. A peer trickling a byte at a time, in plaintext or inside a TLS
 # record, cannot extend it (a blocking socket's timeouts restart with every byte).
 
-from libc.stdint cimport uint64_t
+from libc.stdint cimport int64_t, uint16_t, uint64_t
 
 from flexnbd._openssl cimport (
     BIO, SSL, SSL_ERROR_SYSCALL, SSL_ERROR_WANT_READ, SSL_ERROR_WANT_WRITE,
     SSL_ERROR_ZERO_RETURN, BIO_flush, BIO_should_retry, ERR_clear_error, SSL_get_error,
     BIO_wpending, SSL_get_wbio, SSL_has_pending, SSL_pending, SSL_read_ex, SSL_write_ex,
 )
-from libc.stdint cimport int64_t
-
-from flexnbd._sys cimport EAGAIN, EIO, EINTR, EOPNOTSUPP, EPIPE, EPROTO, F_GETFL, F_SETFL, \
-    MSG_DONTWAIT, MSG_MORE, MSG_NOSIGNAL, MSG_WAITALL, O_NONBLOCK, POLLIN, POLLOUT, \
+from flexnbd._sys cimport EAGAIN, EDQUOT, EFBIG, EINTR, EINVAL, EIO, ENOSPC, EOPNOTSUPP, EPERM, \
+    EPIPE, EPROTO, EROFS, F_GETFL, F_SETFL, MSG_DONTWAIT, MSG_MORE, MSG_NOSIGNAL, MSG_WAITALL, \
+    O_NONBLOCK, POLLIN, POLLOUT, \
     SPLICE_F_MORE, SPLICE_F_MOVE, errno, fcntl, memcpy, memmove, msghdr, now_ns, off_t, poll, \
     pollfd, pread, recv, send, sendfile, sendmsg, set_errno, splice, ssize_t
-from flexnbd._wire cimport CMD_READ, CMD_WRITE, MAX_PAYLOAD, request_t
+from flexnbd._wire cimport *
 
 cdef enum:
     # Request headers and small payloads (or, upstream of the proxy, replies and small READ
@@ -53,6 +52,86 @@ cdef inline bint in_range(uint64_t offset, uint64_t length, uint64_t size) noexc
 cdef inline bint payload_too_big(const request_t *r) noexcept nogil:
     """A READ or WRITE longer than the largest payload we take (and advertise)."""
     return (r.type == CMD_READ or r.type == CMD_WRITE) and r.length > MAX_PAYLOAD
+
+
+cdef enum frame_t:
+    FRAME_OK = 0
+    FRAME_BAD_MAGIC       # not a request: the stream is lost, the connection ends
+    FRAME_DISC            # the client says goodbye
+    FRAME_TOO_BIG         # a payload longer than MAX_PAYLOAD
+
+
+cdef inline frame_t frame_request(const char *p, request_t *r) noexcept nogil:
+    """Decode the request header at ``p`` into ``r`` and say how it is framed: the one
+    decoder the server and the proxy share (each then answers a bad frame its own way)."""
+    decode_header(p, r)
+    if r.magic != REQUEST_MAGIC:
+        return FRAME_BAD_MAGIC
+    if r.type == CMD_DISC:
+        return FRAME_DISC
+    if payload_too_big(r):
+        return FRAME_TOO_BIG
+    return FRAME_OK
+
+
+cdef struct limits_t:
+    uint64_t size            # export size
+    int read_only
+    int structured           # structured replies negotiated (DF is valid)
+    int meta_context         # base:allocation selected (BLOCK_STATUS is valid)
+    int fast_zero            # SEND_FAST_ZERO advertised
+
+
+# Which command flags each command accepts (FUA is valid on every command, as the NBD spec says).
+cdef inline uint16_t allowed_flags(uint16_t cmd, const limits_t *lim) noexcept nogil:
+    cdef uint16_t f = CMD_FLAG_FUA
+    if cmd == CMD_READ and lim.structured:
+        f |= CMD_FLAG_DF
+    elif cmd == CMD_WRITE_ZEROES:
+        f |= CMD_FLAG_NO_HOLE
+        if lim.fast_zero:
+            f |= CMD_FLAG_FAST_ZERO
+    elif cmd == CMD_BLOCK_STATUS:
+        f |= CMD_FLAG_REQ_ONE
+    return f
+
+
+cdef inline int validate(const request_t *r, const limits_t *lim) noexcept nogil:
+    """The NBD error (0 for none) a well-framed request must be answered with.
+
+    The magic is checked by the caller (a bad magic ends the connection).
+    """
+    cdef uint16_t cmd = r.type
+    if cmd > CMD_BLOCK_STATUS:
+        return NBD_EINVAL
+    if r.flags & ~allowed_flags(cmd, lim):
+        return NBD_EINVAL
+    if cmd == CMD_DISC or cmd == CMD_FLUSH:
+        return 0
+    if lim.read_only and (cmd == CMD_WRITE or cmd == CMD_TRIM or cmd == CMD_WRITE_ZEROES):
+        return NBD_EPERM
+    if payload_too_big(r):
+        return NBD_EINVAL
+    if cmd == CMD_BLOCK_STATUS and (not lim.meta_context or r.length == 0):
+        return NBD_EINVAL
+    if not in_range(r.offset, r.length, lim.size):
+        if cmd == CMD_WRITE or cmd == CMD_WRITE_ZEROES:
+            return NBD_ENOSPC
+        return NBD_EINVAL
+    return 0
+
+
+cdef inline int nbd_error(int e) noexcept nogil:
+    """Map a system errno onto the NBD error sent to the client."""
+    if e == EPERM or e == EROFS:
+        return NBD_EPERM
+    if e == ENOSPC or e == EDQUOT or e == EFBIG:
+        return NBD_ENOSPC
+    if e == EINVAL:
+        return NBD_EINVAL
+    if e == EOPNOTSUPP:   # == ENOTSUP on Linux
+        return NBD_ENOTSUP
+    return NBD_EIO
 
 
 # --------------------------------------------------------------------------------------------

@@ -2,6 +2,21 @@
 # OpenSSL: the same library CPython links, present wherever flexnbd builds, with TLS 1.3,
 # PSK and X.509 in one place; the wheels bundle it (auditwheel).
 
+cdef extern from "<openssl/bio.h>" nogil:
+    ctypedef struct BIO:
+        pass
+    ctypedef struct BIO_METHOD:
+        pass
+    const BIO_METHOD *BIO_f_buffer()
+    BIO *BIO_new(const BIO_METHOD *method)
+    int BIO_up_ref(BIO *b)
+    void BIO_free_all(BIO *b)
+    BIO *BIO_push(BIO *b, BIO *append)
+    long BIO_set_write_buffer_size(BIO *b, long size)
+    int BIO_flush(BIO *b)
+    int BIO_should_retry(BIO *b)
+    size_t BIO_wpending(BIO *b)
+
 cdef extern from "<openssl/ssl.h>" nogil:
     ctypedef struct SSL_CTX:
         pass
@@ -66,6 +81,8 @@ cdef extern from "<openssl/ssl.h>" nogil:
     void *SSL_get0_peer_certificate(const SSL *ssl)
     const char *SSL_get_version(const SSL *ssl)
     const char *SSL_get_cipher_name(const SSL *ssl)
+    BIO *SSL_get_wbio(const SSL *ssl)
+    void SSL_set0_wbio(SSL *ssl, BIO *wbio)
     enum:
         TLS1_2_VERSION
         TLS1_3_VERSION
@@ -86,25 +103,6 @@ cdef extern from "<openssl/ssl.h>" nogil:
         SSL_ERROR_WANT_WRITE
         SSL_ERROR_SYSCALL
         SSL_ERROR_ZERO_RETURN
-
-cdef extern from "<openssl/bio.h>" nogil:
-    ctypedef struct BIO:
-        pass
-    ctypedef struct BIO_METHOD:
-        pass
-    const BIO_METHOD *BIO_f_buffer()
-    BIO *BIO_new(const BIO_METHOD *method)
-    int BIO_up_ref(BIO *b)
-    void BIO_free_all(BIO *b)
-    BIO *BIO_push(BIO *b, BIO *append)
-    long BIO_set_write_buffer_size(BIO *b, long size)
-    int BIO_flush(BIO *b)
-    int BIO_should_retry(BIO *b)
-    size_t BIO_wpending(BIO *b)
-
-cdef extern from "<openssl/ssl.h>" nogil:
-    BIO *SSL_get_wbio(const SSL *ssl)
-    void SSL_set0_wbio(SSL *ssl, BIO *wbio)
 
 cdef extern from "<openssl/err.h>" nogil:
     unsigned long ERR_get_error()

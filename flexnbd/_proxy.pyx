@@ -35,17 +35,18 @@ from flexnbd._sys cimport *
 from flexnbd._tls cimport TlsSession
 from flexnbd._wire cimport *
 
-DEF NSLOTS = 256                          # requests in flight (a power of two)
-DEF DIRECT_MIN = 64 * 1024                # at least this much payload left: recv into the slot
-# Slots keep their buffers for the next request while they hold this much in all (allocating a
-# big buffer per request costs page faults and zeroing on every request).
-DEF KEEP_TOTAL = 64 * 1024 * 1024
-# Data held for requests in flight before we stop reading the client (one request always fits).
-DEF MAX_RETAINED = 256 * 1024 * 1024
-DEF MAX_IOV = 64
-DEF BURST = 16                            # reads per socket per turn, so neither side starves
-# TLS: what one gathered send takes in (copied, then encrypted in records of 16 KiB).
-DEF STAGE_SIZE = 256 * 1024
+cdef enum:
+    NSLOTS = 256                          # requests in flight (a power of two)
+    DIRECT_MIN = 64 * 1024                # at least this much payload left: recv into the slot
+    # Slots keep their buffers for the next request while they hold this much in all (allocating a
+    # big buffer per request costs page faults and zeroing on every request).
+    KEEP_TOTAL = 64 * 1024 * 1024
+    # Data held for requests in flight before we stop reading the client (one request always fits).
+    MAX_RETAINED = 256 * 1024 * 1024
+    MAX_IOV = 64
+    BURST = 16                            # reads per socket per turn, so neither side starves
+    # TLS: what one gathered send takes in (copied, then encrypted in records of 16 KiB).
+    STAGE_SIZE = 256 * 1024
 
 
 cpdef enum End:
@@ -302,14 +303,14 @@ cdef void admit(relay_t *r, const char *p) noexcept nogil:
     cdef request_t q
     cdef slot_t *s
     cdef uint32_t want
-    decode_header(p, &q)
-    if q.magic != REQUEST_MAGIC:
+    cdef frame_t frame = frame_request(p, &q)
+    if frame == FRAME_BAD_MAGIC:
         start_closing(r, END_BAD_MAGIC, q.magic)
         return
-    if q.type == CMD_DISC:
+    if frame == FRAME_DISC:
         start_closing(r, END_DISC, 0)
         return
-    if payload_too_big(&q):
+    if frame == FRAME_TOO_BIG:
         start_closing(r, END_TOO_BIG, q.length)
         return
     r.big_writes = q.type == CMD_WRITE and q.length >= DIRECT_MIN

@@ -32,6 +32,8 @@ cdef extern from "<string.h>" nogil:
     void *memset(void *dst, int c, size_t n)
     void *memmove(void *dst, const void *src, size_t n)
     int memcmp(const void *a, const void *b, size_t n)
+    int strcmp(const char *a, const char *b)
+    size_t strlen(const char *s)
 
 cdef extern from "<stdlib.h>" nogil:
     void *malloc(size_t n)
@@ -53,10 +55,13 @@ cdef extern from "<unistd.h>" nogil:
     int fdatasync(int fd)
     int close(int fd)
     off_t lseek(int fd, off_t offset, int whence)
+    int usleep(unsigned int usec)
+    long sysconf(int name)
     enum:
         SEEK_SET
         SEEK_DATA
         SEEK_HOLE
+        _SC_NPROCESSORS_ONLN
 
 cdef extern from "<sys/uio.h>" nogil:
     struct iovec:
@@ -71,10 +76,21 @@ cdef extern from "<fcntl.h>" nogil:
     int fallocate(int fd, int mode, off_t offset, off_t length)
     int posix_fadvise(int fd, off_t offset, off_t length, int advice)
     int sync_file_range(int fd, off_t offset, off_t nbytes, unsigned int flags)
+    ssize_t splice(int fd_in, off_t *off_in, int fd_out, off_t *off_out, size_t n,
+                   unsigned int flags)
+    int pipe2(int fds[2], int flags)
+    int fcntl(int fd, int cmd, ...)
     enum:
         SYNC_FILE_RANGE_WRITE
         POSIX_FADV_WILLNEED
         POSIX_FADV_SEQUENTIAL
+        SPLICE_F_MOVE
+        SPLICE_F_MORE
+        F_SETPIPE_SZ
+        F_GETFL
+        F_SETFL
+        O_CLOEXEC
+        O_NONBLOCK
 
 cdef extern from "<linux/falloc.h>" nogil:
     enum:
@@ -163,20 +179,6 @@ cdef extern from "<sys/eventfd.h>" nogil:
         EFD_CLOEXEC
         EFD_NONBLOCK
 
-cdef extern from "<fcntl.h>" nogil:
-    ssize_t splice(int fd_in, off_t *off_in, int fd_out, off_t *off_out, size_t n,
-                   unsigned int flags)
-    int pipe2(int fds[2], int flags)
-    int fcntl(int fd, int cmd, ...)
-    enum:
-        SPLICE_F_MOVE
-        SPLICE_F_MORE
-        F_SETPIPE_SZ
-        F_GETFL
-        F_SETFL
-        O_CLOEXEC
-        O_NONBLOCK
-
 cdef extern from "<sys/ioctl.h>" nogil:
     int ioctl(int fd, unsigned long request, ...)
 
@@ -224,12 +226,6 @@ cdef extern from *:
     static inline void flexnbd_set_errno(int e) { errno = e; }
     """
     void set_errno "flexnbd_set_errno"(int e) nogil
-
-cdef extern from "<unistd.h>" nogil:
-    int usleep(unsigned int usec)
-    long sysconf(int name)
-    enum:
-        _SC_NPROCESSORS_ONLN
 
 
 # --------------------------------------------------------------------------------------------

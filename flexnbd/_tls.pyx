@@ -13,13 +13,11 @@ TLS 1.3 only: no renegotiation (it does not exist in 1.3), no compression, no se
 
 import os
 
-from libc.stdlib cimport calloc, free
-from libc.string cimport memcpy, strcmp, strlen
-
-from flexnbd._openssl cimport *
 from libc.stdint cimport int64_t
 
-from flexnbd._sys cimport EAGAIN, EINTR, POLLIN, POLLOUT, errno, now_ns, poll, pollfd, set_errno
+from flexnbd._openssl cimport *
+from flexnbd._sys cimport EAGAIN, EINTR, POLLIN, POLLOUT, calloc, errno, free, memcpy, now_ns, \
+    poll, pollfd, set_errno, strcmp, strlen
 
 from flexnbd.errors import TlsError
 
@@ -28,10 +26,12 @@ from flexnbd.errors import TlsError
 cdef int ex_index = SSL_CTX_get_ex_new_index(0, NULL, NULL, NULL, NULL)
 
 MAX_PSK_ENTRIES = 1024
-# What batch_writes gathers before sending: 16 records of 16 KiB.
-DEF WRITE_BATCH = 256 * 1024
-# What a session that reads ahead reads at most at once.
-DEF READ_AHEAD = 256 * 1024
+cdef enum:
+    # What batch_writes gathers before sending: 16 records of 16 KiB.
+    WRITE_BATCH = 256 * 1024
+    # What a session that reads ahead reads at most at once.
+    READ_AHEAD = 256 * 1024
+
 # The bounds of a PSK file's entries, in bytes (psk_t holds them): an identity of 1 to 128
 # bytes, a key of 16 to 64 bytes (32 to 128 hex digits; psktool makes 32-byte keys). Fewer than
 # 16 bytes would be a key an eavesdropper can guess offline from one recorded handshake.

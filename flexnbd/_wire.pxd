@@ -1,6 +1,7 @@
-# The NBD wire format for the compiled code: every magic, command, flag, error and size.
-# flexnbd/wire.py mirrors these names for Python; tests/unit/test_wire.py checks they agree.
-# No other file spells a magic number.
+# The NBD wire format: every magic, command, flag, error and size, the one home of each value.
+# The compiled code cimports them; Python reads them from the _wire module (_wire.pyx exports
+# them, flexnbd/wire.py re-exports them with the struct helpers). No other file spells a magic
+# number.
 
 from libc.stdint cimport uint16_t, uint32_t, uint64_t
 
@@ -13,6 +14,15 @@ cdef extern from *:
     #define FLEXNBD_IHAVEOPT            0x49484156454F5054ULL
     #define FLEXNBD_OPTION_REPLY_MAGIC  0x0003e889045565a9ULL
     #define FLEXNBD_MIRROR_COOKIE       0x2e4d4952524f522eULL
+    #define FLEXNBD_REP_ERR_UNSUP       0x80000001U
+    #define FLEXNBD_REP_ERR_POLICY      0x80000002U
+    #define FLEXNBD_REP_ERR_INVALID     0x80000003U
+    #define FLEXNBD_REP_ERR_PLATFORM    0x80000004U
+    #define FLEXNBD_REP_ERR_TLS_REQD    0x80000005U
+    #define FLEXNBD_REP_ERR_UNKNOWN     0x80000006U
+    #define FLEXNBD_REP_ERR_SHUTDOWN    0x80000007U
+    #define FLEXNBD_REP_ERR_BLOCK_SIZE_REQD 0x80000008U
+    #define FLEXNBD_REP_ERR_TOO_BIG     0x80000009U
     """
     const uint64_t NBDMAGIC "FLEXNBD_NBDMAGIC"
     const uint64_t OLDSTYLE_MAGIC "FLEXNBD_OLDSTYLE_MAGIC"
@@ -20,8 +30,21 @@ cdef extern from *:
     const uint64_t OPTION_REPLY_MAGIC "FLEXNBD_OPTION_REPLY_MAGIC"
     # The cookie of every migration request, ".MIRROR." (as 0.5.0 sends it), big-endian.
     const uint64_t MIRROR_COOKIE "FLEXNBD_MIRROR_COOKIE"
+    # Option reply errors (the high bit set: more than a C enum's int holds).
+    const uint32_t REP_ERR_UNSUP "FLEXNBD_REP_ERR_UNSUP"
+    const uint32_t REP_ERR_POLICY "FLEXNBD_REP_ERR_POLICY"
+    const uint32_t REP_ERR_INVALID "FLEXNBD_REP_ERR_INVALID"
+    const uint32_t REP_ERR_PLATFORM "FLEXNBD_REP_ERR_PLATFORM"
+    const uint32_t REP_ERR_TLS_REQD "FLEXNBD_REP_ERR_TLS_REQD"
+    const uint32_t REP_ERR_UNKNOWN "FLEXNBD_REP_ERR_UNKNOWN"
+    const uint32_t REP_ERR_SHUTDOWN "FLEXNBD_REP_ERR_SHUTDOWN"
+    const uint32_t REP_ERR_BLOCK_SIZE_REQD "FLEXNBD_REP_ERR_BLOCK_SIZE_REQD"
+    const uint32_t REP_ERR_TOO_BIG "FLEXNBD_REP_ERR_TOO_BIG"
 
-cdef enum:
+# The values that fit a C int: compile-time constants for the compiled code, and (cpdef) module
+# attributes of flexnbd._wire for Python.
+
+cpdef enum:
     REQUEST_MAGIC = 0x25609513
     SIMPLE_REPLY_MAGIC = 0x67446698
     STRUCTURED_REPLY_MAGIC = 0x668e33ef
@@ -95,15 +118,6 @@ cdef enum:
     REP_SERVER = 2
     REP_INFO = 3
     REP_META_CONTEXT = 4
-    REP_ERR_UNSUP = 0x80000001
-    REP_ERR_POLICY = 0x80000002
-    REP_ERR_INVALID = 0x80000003
-    REP_ERR_PLATFORM = 0x80000004
-    REP_ERR_TLS_REQD = 0x80000005
-    REP_ERR_UNKNOWN = 0x80000006
-    REP_ERR_SHUTDOWN = 0x80000007
-    REP_ERR_BLOCK_SIZE_REQD = 0x80000008
-    REP_ERR_TOO_BIG = 0x80000009
 
     # Info types.
     INFO_EXPORT = 0

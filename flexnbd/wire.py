@@ -1,6 +1,6 @@
-"""The NBD wire format for Python: constants mirrored from ``_wire.pxd`` and struct helpers.
+"""The NBD wire format for Python: the constants (their values live in ``_wire.pxd``, read
+here through the compiled ``_wire`` module) and struct helpers.
 
-``tests/unit/test_wire.py`` checks that every name here has the same value in ``_wire.pxd``.
 All integers on the wire are big-endian.
 """
 
@@ -9,106 +9,11 @@ from __future__ import annotations
 import struct
 from typing import NamedTuple
 
-NBDMAGIC = 0x4E42444D41474943
-OLDSTYLE_MAGIC = 0x0000420281861253
-IHAVEOPT = 0x49484156454F5054
-OPTION_REPLY_MAGIC = 0x0003E889045565A9
+# Every wire constant, re-exported: NBDMAGIC, CMD_READ, REP_ERR_UNSUP, NBD_EIO, ...
+from flexnbd._wire import *  # noqa: F403
 
-REQUEST_MAGIC = 0x25609513
-SIMPLE_REPLY_MAGIC = 0x67446698
-STRUCTURED_REPLY_MAGIC = 0x668E33EF
-
-REQUEST_SIZE = 28
-SIMPLE_REPLY_SIZE = 16
-CHUNK_HEADER_SIZE = 20
-OLDSTYLE_GREETING_SIZE = 152
-MAX_PAYLOAD = 32 * 1024 * 1024
-
-FLAG_FIXED_NEWSTYLE = 1 << 0
-FLAG_NO_ZEROES = 1 << 1
-FLAG_C_FIXED_NEWSTYLE = 1 << 0
-FLAG_C_NO_ZEROES = 1 << 1
-
-FLAG_HAS_FLAGS = 1 << 0
-FLAG_READ_ONLY = 1 << 1
-FLAG_SEND_FLUSH = 1 << 2
-FLAG_SEND_FUA = 1 << 3
-FLAG_ROTATIONAL = 1 << 4
-FLAG_SEND_TRIM = 1 << 5
-FLAG_SEND_WRITE_ZEROES = 1 << 6
-FLAG_SEND_DF = 1 << 7
-FLAG_CAN_MULTI_CONN = 1 << 8
-FLAG_SEND_CACHE = 1 << 10
-FLAG_SEND_FAST_ZERO = 1 << 11
-
-CMD_READ = 0
-CMD_WRITE = 1
-CMD_DISC = 2
-CMD_FLUSH = 3
-CMD_TRIM = 4
-CMD_CACHE = 5
-CMD_WRITE_ZEROES = 6
-CMD_BLOCK_STATUS = 7
-
-CMD_FLAG_FUA = 1 << 0
-CMD_FLAG_NO_HOLE = 1 << 1
-CMD_FLAG_DF = 1 << 2
-CMD_FLAG_REQ_ONE = 1 << 3
-CMD_FLAG_FAST_ZERO = 1 << 4
-
-REPLY_FLAG_DONE = 1 << 0
-REPLY_TYPE_NONE = 0
-REPLY_TYPE_OFFSET_DATA = 1
-REPLY_TYPE_OFFSET_HOLE = 2
-REPLY_TYPE_BLOCK_STATUS = 5
-REPLY_TYPE_ERROR = 32769
-REPLY_TYPE_ERROR_OFFSET = 32770
-
-OPT_EXPORT_NAME = 1
-OPT_ABORT = 2
-OPT_LIST = 3
-OPT_STARTTLS = 5
-OPT_INFO = 6
-OPT_GO = 7
-OPT_STRUCTURED_REPLY = 8
-OPT_LIST_META_CONTEXT = 9
-OPT_SET_META_CONTEXT = 10
-
-REP_ACK = 1
-REP_SERVER = 2
-REP_INFO = 3
-REP_META_CONTEXT = 4
-REP_ERR_UNSUP = 0x80000001
-REP_ERR_POLICY = 0x80000002
-REP_ERR_INVALID = 0x80000003
-REP_ERR_PLATFORM = 0x80000004
-REP_ERR_TLS_REQD = 0x80000005
-REP_ERR_UNKNOWN = 0x80000006
-REP_ERR_SHUTDOWN = 0x80000007
-REP_ERR_BLOCK_SIZE_REQD = 0x80000008
-REP_ERR_TOO_BIG = 0x80000009
-
-INFO_EXPORT = 0
-INFO_NAME = 1
-INFO_DESCRIPTION = 2
-INFO_BLOCK_SIZE = 3
-
-# The id flexnbd gives the base:allocation meta context, and its name.
-BASE_ALLOCATION_ID = 1
+# The name of the base:allocation meta context (its id is BASE_ALLOCATION_ID).
 BASE_ALLOCATION = b"base:allocation"
-
-STATE_HOLE = 1 << 0
-STATE_ZERO = 1 << 1
-
-NBD_EPERM = 1
-NBD_EIO = 5
-NBD_ENOMEM = 12
-NBD_EINVAL = 22
-NBD_ENOSPC = 28
-NBD_EBADMSG = 74
-NBD_EOVERFLOW = 75
-NBD_ENOTSUP = 95
-NBD_ESHUTDOWN = 108
 
 # Names of the wire errors, for messages ("ENOSPC" rather than 28).
 ERROR_NAMES = {
@@ -130,9 +35,6 @@ OLDSTYLE_FLAGS = FLAG_HAS_FLAGS | FLAG_SEND_FLUSH | FLAG_SEND_FUA
 BLOCK_SIZE_MIN = 1
 BLOCK_SIZE_PREFERRED = 4096
 BLOCK_SIZE_MAX = MAX_PAYLOAD
-
-# The cookie of mirror requests, as 0.5.0 sends it: the bytes ".MIRROR.", read big-endian.
-MIRROR_COOKIE = 0x2E4D4952524F522E
 
 _REQUEST = struct.Struct(">IHHQQI")
 _SIMPLE_REPLY = struct.Struct(">IIQ")

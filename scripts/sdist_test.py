@@ -23,8 +23,8 @@ ROOT = Path(__file__).resolve().parent.parent
 NEEDED = ["setup.py", "pyproject.toml", "README.md", "LICENSE", "flexnbd/_core.pyx",
           "flexnbd/_core.pxd", "flexnbd/_client.pyx", "flexnbd/_client.pxd",
           "flexnbd/_mirror.pyx", "flexnbd/_allocmap.pyx", "flexnbd/_proxy.pyx",
-          "flexnbd/_sys.pxd", "flexnbd/_wire.pxd", "flexnbd/_allocmap.pxd", "flexnbd/py.typed",
-          "tests/unit/test_decode.py"]
+          "flexnbd/_sys.pxd", "flexnbd/_wire.pxd", "flexnbd/_wire.pyx", "flexnbd/_allocmap.pxd",
+          "flexnbd/py.typed", "tests/unit/test_decode.py"]
 GENERATED = (".c", ".so", ".html", ".pyc")
 
 
