@@ -4,7 +4,7 @@ NBD server and a local descriptor, without the GIL (after the handshake)."""
 
 import os
 
-from libc.stdint cimport uint32_t, uint64_t
+from libc.stdint cimport uint16_t, uint32_t, uint64_t
 
 from flexnbd._nbdio cimport *
 from flexnbd._sys cimport *
@@ -27,10 +27,23 @@ cdef int fd_write_all(int fd, const char *p, size_t n) noexcept nogil:
     return 0
 
 
+cdef int exchange(transport_t *tp, uint16_t cmd, uint64_t cookie, uint64_t offset, uint32_t n,
+                  const char *payload, uint32_t *remote) noexcept nogil:
+    """Send one request (a WRITE with its ``payload``) and receive its simple reply."""
+    cdef char h[REQUEST_SIZE]
+    cdef int rc
+    make_request(h, cmd, 0, cookie, offset, n)
+    rc = tp_send_all(tp, h, REQUEST_SIZE, MSG_MORE if payload != NULL else 0)
+    if rc == 0 and payload != NULL:
+        rc = tp_send_all(tp, payload, n, 0)
+    if rc:
+        return rc
+    return read_reply(tp, cookie, remote)
+
+
 cdef int client_transfer(transport_t *tp, int fd, uint64_t offset, uint64_t size, int writing,
                          char *buf, uint32_t *remote) noexcept nogil:
     """READ [offset, offset+size) to fd, or WRITE it from fd, in requests of <= MAX_PAYLOAD."""
-    cdef char h[REQUEST_SIZE]
     cdef uint64_t cookie = 0
     cdef uint32_t n
     cdef ssize_t k
@@ -50,21 +63,11 @@ cdef int client_transfer(transport_t *tp, int fd, uint64_t offset, uint64_t size
                 if k == 0:
                     return C_SHORT_INPUT
                 got += k
-            make_request(h, CMD_WRITE, 0, cookie, offset, n)
-            rc = tp_send_all(tp, h, REQUEST_SIZE, MSG_MORE)
-            if rc == 0:
-                rc = tp_send_all(tp, buf, n, 0)
-            if rc:
-                return rc
-            rc = read_reply(tp, cookie, remote)
+            rc = exchange(tp, CMD_WRITE, cookie, offset, n, buf, remote)
             if rc:
                 return rc
         else:
-            make_request(h, CMD_READ, 0, cookie, offset, n)
-            rc = tp_send_all(tp, h, REQUEST_SIZE, 0)
-            if rc:
-                return rc
-            rc = read_reply(tp, cookie, remote)
+            rc = exchange(tp, CMD_READ, cookie, offset, n, NULL, remote)
             if rc:
                 return rc
             rc = tp_recv_all(tp, buf, n)
