@@ -75,7 +75,8 @@ def wait_for_path(path: Path, proc: FlexnbdProcess, timeout: float = 15.0) -> No
     deadline = time.monotonic() + timeout
     while not path.exists():
         if proc.proc.poll() is not None:
-            raise RuntimeError(f"flexnbd exited with {proc.proc.returncode}:\n{proc.log()}")
+            raise RuntimeError(
+                    f"flexnbd exited with {proc.proc.returncode}:\n{proc.log()}") from None
         if time.monotonic() > deadline:
             raise TimeoutError(f"{path} did not appear")
         time.sleep(0.01)
@@ -92,7 +93,8 @@ def wait_for_control(path: Path, proc: FlexnbdProcess, timeout: float = 15.0) ->
             return
         except (ConnectionRefusedError, FileNotFoundError):
             if proc.proc.poll() is not None:
-                raise RuntimeError(f"flexnbd exited with {proc.proc.returncode}:\n{proc.log()}")
+                raise RuntimeError(
+                    f"flexnbd exited with {proc.proc.returncode}:\n{proc.log()}") from None
             if time.monotonic() > deadline:
                 raise
             time.sleep(0.01)
