@@ -7,9 +7,9 @@ implements it); it never imports the server.
 One thread serves the socket with a selector: it reads from many clients at once (so a client
 that says nothing delays nobody), and whenever a client's request is complete it runs it, sends
 the reply and closes that client; the next complete request runs after it. A client gets
-``read_timeout`` seconds (FLEXNBD_CONTROL_TIMEOUT_SECS, default 10) to complete its request,
-else it is dropped without a reply and nothing is executed. At most ``max_pending`` clients wait
-at once; more are accepted and closed at once.
+``read_timeout`` seconds (FLEXNBD_CONTROL_TIMEOUT_SECS, default 10, read by the CLI) to
+complete its request, else it is dropped without a reply and nothing is executed. At most
+``max_pending`` clients wait at once; more are accepted and closed at once.
 
 Who may speak: the socket is created mode 0600 (``--sock-mode`` widens it, for a group), and a
 peer whose SO_PEERCRED uid is neither root nor the server's own is closed without a reply: the
@@ -103,17 +103,6 @@ class _Pending:
         self.sock = sock
         self.reader = protocol.LineReader()
         self.deadline = deadline
-
-
-def read_timeout_from_env(default: float = DEFAULT_READ_TIMEOUT) -> float:
-    text = os.environ.get("FLEXNBD_CONTROL_TIMEOUT_SECS")
-    if not text:
-        return default
-    try:
-        value = float(text)
-    except ValueError:
-        return default
-    return value if value > 0 else default
 
 
 class ControlServer:
