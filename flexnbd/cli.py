@@ -310,6 +310,9 @@ def _server_config(args: argparse.Namespace, mode: str) -> ServeConfig:
                        send_timeout=_env_seconds("FLEXNBD_SEND_TIMEOUT", SEND_TIMEOUT_SECS),
                        idle_spin=_idle_spin(),
                        control_timeout=_env_seconds("FLEXNBD_CONTROL_TIMEOUT_SECS", 10.0),
+                       # (test knobs: a bad delay is a ValueError, as it always was)
+                       allocmap_method=os.environ.get("FLEXNBD_ALLOCMAP_METHOD") or None,
+                       allocmap_delay_ms=int(os.environ.get("FLEXNBD_ALLOCMAP_DELAY_MS") or 0),
                        sock_mode=args.sock_mode, unix_mode=args.unix_mode,
                        inherited=inherited)
 

@@ -81,6 +81,10 @@ class ServeConfig:
     default_deny: bool = False       # an empty ACL refuses everyone (survives replacement)
     killswitch: float | None = None  # seconds a request may take; None: no killswitch
     control_timeout: float = 10.0    # seconds a control client gets to send its request
+    # test knobs: force an allocation map method, fiemap | seek | none
+    # (FLEXNBD_ALLOCMAP_METHOD), and slow its builder down (FLEXNBD_ALLOCMAP_DELAY_MS)
+    allocmap_method: str | None = None
+    allocmap_delay_ms: int = 0
     sock_mode: int = 0o600           # file mode of the control socket
     unix_mode: int = 0o660           # file mode of the NBD --unix socket
     # Listening sockets passed by systemd (socket activation, flexnbd.activation), served

@@ -111,10 +111,10 @@ class Server:
         it takes a while, and readiness must not wait for it. Until it is complete the map
         answers "allocated" everywhere, and writes mark their blocks meanwhile.
 
-        Test knobs: FLEXNBD_ALLOCMAP_METHOD (fiemap|seek|none) forces a method,
-        FLEXNBD_ALLOCMAP_DELAY_MS slows the builder down."""
-        method = os.environ.get("FLEXNBD_ALLOCMAP_METHOD") or None
-        delay_ms = int(os.environ.get("FLEXNBD_ALLOCMAP_DELAY_MS") or 0)
+        Test knobs (ServeConfig): allocmap_method forces a method, allocmap_delay_ms slows the
+        builder down."""
+        method = self.config.allocmap_method
+        delay_ms = self.config.allocmap_delay_ms
         fd = os.dup(self.fd)  # the builder may outlive stop(), which closes self.fd
 
         def build() -> None:
