@@ -34,6 +34,7 @@ from flexnbd.config import (
 )
 from flexnbd.control import client
 from flexnbd.errors import FlexnbdError, RemoteError, UsageError, errno_name
+from flexnbd.migration.settings import REQUEST_LIMIT_SECS
 
 PROG = "flexnbd"
 PROXY_PROG = "flexnbd-proxy"
@@ -268,6 +269,17 @@ def _idle_spin() -> float:
     return int(text) / 1e6
 
 
+def _request_limit() -> float:
+    """FLEXNBD_MS_REQUEST_LIMIT_SECS. Unlike the knobs above, a bad value (not a number, not
+    more than 0) has always meant the default, not an error."""
+    text = os.environ.get("FLEXNBD_MS_REQUEST_LIMIT_SECS")
+    try:
+        value = float(text) if text else REQUEST_LIMIT_SECS
+    except ValueError:
+        return REQUEST_LIMIT_SECS
+    return value if value > 0 else REQUEST_LIMIT_SECS
+
+
 def _server_config(args: argparse.Namespace, mode: str) -> ServeConfig:
     # systemd socket activation: its listening sockets instead of --addr/--port/--unix
     inherited = activation.inherited_sockets(
@@ -310,6 +322,10 @@ def _server_config(args: argparse.Namespace, mode: str) -> ServeConfig:
                        send_timeout=_env_seconds("FLEXNBD_SEND_TIMEOUT", SEND_TIMEOUT_SECS),
                        idle_spin=_idle_spin(),
                        control_timeout=_env_seconds("FLEXNBD_CONTROL_TIMEOUT_SECS", 10.0),
+                       mirror_request_limit=_request_limit(),
+                       # (test knobs: a bad delay is a ValueError, as it always was)
+                       allocmap_method=os.environ.get("FLEXNBD_ALLOCMAP_METHOD") or None,
+                       allocmap_delay_ms=int(os.environ.get("FLEXNBD_ALLOCMAP_DELAY_MS") or 0),
                        sock_mode=args.sock_mode, unix_mode=args.unix_mode,
                        inherited=inherited)
 

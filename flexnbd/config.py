@@ -7,6 +7,8 @@ import socket
 from dataclasses import dataclass, field
 from typing import Union
 
+from flexnbd.migration.settings import REQUEST_LIMIT_SECS
+
 MAX_CLIENTS_SERVE = 16
 MAX_CLIENTS_LISTEN = 1
 # Listen mode: connections still in their handshake, which do not hold the migration's slot.
@@ -80,7 +82,15 @@ class ServeConfig:
     acl: list[AclEntry] = field(default_factory=list)
     default_deny: bool = False       # an empty ACL refuses everyone (survives replacement)
     killswitch: float | None = None  # seconds a request may take; None: no killswitch
-    control_timeout: float = 10.0    # seconds a control client gets to send its request
+    # seconds a control client gets to send its request (FLEXNBD_CONTROL_TIMEOUT_SECS)
+    control_timeout: float = 10.0
+    # seconds a mirror waits for a reply, and for the destination's close after DISC
+    # (FLEXNBD_MS_REQUEST_LIMIT_SECS)
+    mirror_request_limit: float = REQUEST_LIMIT_SECS
+    # test knobs: force an allocation map method, fiemap | seek | none
+    # (FLEXNBD_ALLOCMAP_METHOD), and slow its builder down (FLEXNBD_ALLOCMAP_DELAY_MS)
+    allocmap_method: str | None = None
+    allocmap_delay_ms: int = 0
     sock_mode: int = 0o600           # file mode of the control socket
     unix_mode: int = 0o660           # file mode of the NBD --unix socket
     # Listening sockets passed by systemd (socket activation, flexnbd.activation), served

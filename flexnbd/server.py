@@ -22,11 +22,12 @@ from flexnbd import _allocmap, _core, acl, activation, credentials, log, session
 from flexnbd._tls import TlsContext
 from flexnbd.admission import Admission, Client
 from flexnbd.config import ServeConfig
-from flexnbd.control import protocol
 from flexnbd.control.server import ControlServer
 from flexnbd.errors import FlexnbdError
 from flexnbd.handshake import ExportInfo
 from flexnbd.migration import listen
+from flexnbd.migration.outcome import Outcome, Result
+from flexnbd.migration.settings import MirrorSettings
 from flexnbd.migration.source import MirrorControl
 from flexnbd.status import Status
 
@@ -58,7 +59,7 @@ class Server:
         self.tls = credentials.server_policy(config.tls)
         self._tls_client: TlsContext | None = None
         self.admission = Admission(config, self._serve_client)
-        self.mirrors = MirrorControl(self)
+        self.mirrors = MirrorControl(self, config.mirror_request_limit)
         # serve mode owns its data; listen mode only once a migration into it completed
         self._has_control = config.mode != "listen"
         self.control = (ControlServer(config.sock, self, config.control_timeout,
@@ -111,10 +112,10 @@ class Server:
         it takes a while, and readiness must not wait for it. Until it is complete the map
         answers "allocated" everywhere, and writes mark their blocks meanwhile.
 
-        Test knobs: FLEXNBD_ALLOCMAP_METHOD (fiemap|seek|none) forces a method,
-        FLEXNBD_ALLOCMAP_DELAY_MS slows the builder down."""
-        method = os.environ.get("FLEXNBD_ALLOCMAP_METHOD") or None
-        delay_ms = int(os.environ.get("FLEXNBD_ALLOCMAP_DELAY_MS") or 0)
+        Test knobs (ServeConfig): allocmap_method forces a method, allocmap_delay_ms slows the
+        builder down."""
+        method = self.config.allocmap_method
+        delay_ms = self.config.allocmap_delay_ms
         fd = os.dup(self.fd)  # the builder may outlive stop(), which closes self.fd
 
         def build() -> None:
@@ -232,14 +233,14 @@ class Server:
     def set_acl(self, entries: Sequence[acl.Network]) -> None:
         self.admission.set_acl(entries)
 
-    def start_mirror(self, command: protocol.MirrorCommand) -> protocol.Reply:
-        return self.mirrors.start(command)
+    def start_mirror(self, settings: MirrorSettings) -> Result:
+        return self.mirrors.start(settings)
 
-    def set_mirror_max_bps(self, max_bps: int | None) -> protocol.Reply:
+    def set_mirror_max_bps(self, max_bps: int | None) -> bool:
         return self.mirrors.set_max_bps(max_bps)
 
-    def break_mirror(self) -> protocol.Reply:
+    def break_mirror(self) -> Outcome:
         return self.mirrors.break_()
 
-    def wait_mirror(self) -> protocol.Reply | Callable[[], protocol.Reply]:
+    def wait_mirror(self) -> Result | Callable[[], Result]:
         return self.mirrors.wait()

@@ -68,6 +68,9 @@ of bytes per second below 2^64 (0: no limit). The same number rules hold for
 
 A ``mirror`` sent to a listen server that has not received its own migration yet is answered
 ``1: Mirroring abandoned``: it has nothing to send.
+
+The mirror requests are answered with migration outcomes (``flexnbd.migration.outcome``); the
+tables at the end of this module word them, and are the only place that does.
 """
 
 from __future__ import annotations
@@ -75,6 +78,9 @@ from __future__ import annotations
 import ipaddress
 from dataclasses import dataclass
 from typing import Union
+
+from flexnbd.migration.outcome import Outcome, Result
+from flexnbd.migration.settings import ACTIONS, MirrorSettings
 
 MAX_LINE = 256                   # bytes per line, LF not counted
 MAX_REQUEST = 256 * 1024         # bytes per request
@@ -241,15 +247,6 @@ class AclCommand:
 
 
 @dataclass(frozen=True)
-class MirrorCommand:
-    ip: str                        # normalised literal
-    port: int
-    action: str = "exit"           # exit | unlink | nothing
-    bind: str | None = None
-    max_bps: int | None = None     # None: no limit
-
-
-@dataclass(frozen=True)
 class MaxBpsCommand:
     max_bps: int | None            # None: no limit
 
@@ -264,10 +261,9 @@ class MirrorWaitCommand:
     pass
 
 
-Command = Union[StatusCommand, AclCommand, MirrorCommand, MaxBpsCommand, BreakCommand,
+# (a `mirror` request parses into the settings of the mirror it asks for)
+Command = Union[StatusCommand, AclCommand, MirrorSettings, MaxBpsCommand, BreakCommand,
                 MirrorWaitCommand]
-
-ACTIONS = ("exit", "unlink", "nothing")
 
 
 def _ip(text: str) -> str | None:
@@ -294,7 +290,7 @@ def parse_bps(text: str) -> int | None | Reply:
     return int(text) or None
 
 
-def parse_mirror(args: list[str]) -> MirrorCommand | Reply:
+def parse_mirror(args: list[str]) -> MirrorSettings | Reply:
     if len(args) < 2:
         return MIRROR_TOO_FEW
     ip = _ip(args[0])
@@ -321,7 +317,7 @@ def parse_mirror(args: list[str]) -> MirrorCommand | Reply:
         max_bps = bps
     if len(args) > 5:
         return MIRROR_EXTRA
-    return MirrorCommand(ip, port, action, bind, max_bps)
+    return MirrorSettings(ip, port, action, bind, max_bps)
 
 
 def parse_max_bps(args: list[str]) -> MaxBpsCommand | Reply:
@@ -351,3 +347,59 @@ def parse_request(lines: list[str]) -> Command | Reply:
     if command == "mirror_wait":
         return MirrorWaitCommand()
     return UNKNOWN_COMMAND
+
+
+# -- migration outcomes as replies ------------------------------------------------------------
+
+# `mirror`: the first attempt's outcome, or why no mirror started.
+_MIRROR_REPLIES = {
+    Outcome.STARTED: MIRROR_STARTED,
+    Outcome.FAILED_TO_CONNECT: MIRROR_FAILED_TO_CONNECT,
+    Outcome.REJECTED: MIRROR_REJECTED,
+    Outcome.NO_RESPONSE: REMOTE_NO_RESPONSE,
+    Outcome.SIZE_MISMATCH: REMOTE_SIZE_MISMATCH,
+    Outcome.ABANDONED: MIRRORING_ABANDONED,
+    Outcome.BUSY: MIRROR_RUNNING,
+    Outcome.SHUTTING_DOWN: SHUTTING_DOWN,
+}
+# `break`: stopped is its success.
+_BREAK_REPLIES = {
+    Outcome.STOPPED: MIRROR_STOPPED,
+    Outcome.COMPLETED: MIRROR_COMPLETED,
+    Outcome.UNKNOWN: MIGRATION_OUTCOME_UNKNOWN,
+    Outcome.NOT_MIRRORING: NOT_MIRRORING,
+}
+# `mirror_wait`: how the mirror ended; only a completed migration is a success.
+_WAIT_REPLIES = {
+    Outcome.COMPLETED: MIGRATION_COMPLETED,
+    Outcome.UNKNOWN: MIGRATION_OUTCOME_UNKNOWN,
+    Outcome.STOPPED: _r(1, MIRROR_STOPPED.text),
+    Outcome.SHUTTING_DOWN: SHUTTING_DOWN,
+    Outcome.ABANDONED: MIRRORING_ABANDONED,
+    Outcome.REJECTED: MIRROR_REJECTED,
+    Outcome.FAILED_TO_CONNECT: MIRROR_FAILED_TO_CONNECT,
+    Outcome.NO_RESPONSE: REMOTE_NO_RESPONSE,
+    Outcome.SIZE_MISMATCH: REMOTE_SIZE_MISMATCH,
+    Outcome.NOT_MIRRORING: NOT_MIRRORING,
+}
+
+
+def _worded(reply: Reply, detail: str | None) -> Reply:
+    """The reply, and why after a colon when the outcome says (TLS failures, new in 0.6)."""
+    return reply if detail is None else Reply(reply.code, f"{reply.text}: {detail}")
+
+
+def mirror_reply(result: Result) -> Reply:
+    return _worded(_MIRROR_REPLIES[result.outcome], result.detail)
+
+
+def break_reply(outcome: Outcome) -> Reply:
+    return _BREAK_REPLIES[outcome]
+
+
+def wait_reply(result: Result) -> Reply:
+    return _worded(_WAIT_REPLIES[result.outcome], result.detail)
+
+
+def max_bps_reply(updated: bool) -> Reply:
+    return UPDATED if updated else NOT_CURRENTLY_MIRRORING

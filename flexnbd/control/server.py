@@ -2,14 +2,15 @@
 
 The grammar and replies are documented in ``flexnbd.control.protocol``. This module reaches the
 running server only through the ``ControlTarget`` it is handed (``flexnbd.server.Server``
-implements it); it never imports the server.
+implements it); it never imports the server. The target answers mirror requests with migration
+outcomes; ``execute`` words them as replies (``flexnbd.control.protocol``).
 
 One thread serves the socket with a selector: it reads from many clients at once (so a client
 that says nothing delays nobody), and whenever a client's request is complete it runs it, sends
 the reply and closes that client; the next complete request runs after it. A client gets
-``read_timeout`` seconds (FLEXNBD_CONTROL_TIMEOUT_SECS, default 10) to complete its request,
-else it is dropped without a reply and nothing is executed. At most ``max_pending`` clients wait
-at once; more are accepted and closed at once.
+``read_timeout`` seconds (FLEXNBD_CONTROL_TIMEOUT_SECS, default 10, read by the CLI) to
+complete its request, else it is dropped without a reply and nothing is executed. At most
+``max_pending`` clients wait at once; more are accepted and closed at once.
 
 Who may speak: the socket is created mode 0600 (``--sock-mode`` widens it, for a group), and a
 peer whose SO_PEERCRED uid is neither root nor the server's own is closed without a reply: the
@@ -29,6 +30,8 @@ from typing import Protocol
 from flexnbd import acl, log, sockets
 from flexnbd.control import protocol
 from flexnbd.control.protocol import Reply
+from flexnbd.migration.outcome import Outcome, Result
+from flexnbd.migration.settings import MirrorSettings
 from flexnbd.status import Status
 
 _log = log.get("control")
@@ -55,21 +58,21 @@ class ControlTarget(Protocol):
         clients that the new ACL refuses."""
         ...
 
-    def start_mirror(self, command: protocol.MirrorCommand) -> Reply:
-        """Start a migration; the reply once the first connection attempt is decided."""
+    def start_mirror(self, settings: MirrorSettings) -> Result:
+        """Start a migration; its outcome once the first connection attempt is decided."""
         ...
 
-    def set_mirror_max_bps(self, max_bps: int | None) -> Reply:
-        """Change the running mirror's speed limit (None: no limit)."""
+    def set_mirror_max_bps(self, max_bps: int | None) -> bool:
+        """Change the running mirror's speed limit (None: no limit); False if none runs."""
         ...
 
-    def break_mirror(self) -> Reply:
+    def break_mirror(self) -> Outcome:
         """Stop the running mirror."""
         ...
 
-    def wait_mirror(self) -> Reply | Callable[[], Reply]:
-        """A reply now (no mirror), or a function that blocks until the running mirror ends
-        and returns its outcome (run on a thread of its own)."""
+    def wait_mirror(self) -> Result | Callable[[], Result]:
+        """A result now (no mirror), or a function that blocks until the running mirror ends
+        and returns its result (run on a thread of its own)."""
         ...
 
 
@@ -87,13 +90,16 @@ def execute(lines: list[str], target: ControlTarget) -> Reply | Callable[[], Rep
             return protocol.bad_spec(e.entry)
         target.set_acl(entries)
         return protocol.UPDATED
-    if isinstance(command, protocol.MirrorCommand):
-        return target.start_mirror(command)
+    if isinstance(command, MirrorSettings):
+        return protocol.mirror_reply(target.start_mirror(command))
     if isinstance(command, protocol.MaxBpsCommand):
-        return target.set_mirror_max_bps(command.max_bps)
+        return protocol.max_bps_reply(target.set_mirror_max_bps(command.max_bps))
     if isinstance(command, protocol.MirrorWaitCommand):
-        return target.wait_mirror()
-    return target.break_mirror()
+        waiting = target.wait_mirror()
+        if isinstance(waiting, Result):
+            return protocol.wait_reply(waiting)
+        return lambda: protocol.wait_reply(waiting())
+    return protocol.break_reply(target.break_mirror())
 
 
 class _Pending:
@@ -103,17 +109,6 @@ class _Pending:
         self.sock = sock
         self.reader = protocol.LineReader()
         self.deadline = deadline
-
-
-def read_timeout_from_env(default: float = DEFAULT_READ_TIMEOUT) -> float:
-    text = os.environ.get("FLEXNBD_CONTROL_TIMEOUT_SECS")
-    if not text:
-        return default
-    try:
-        value = float(text)
-    except ValueError:
-        return default
-    return value if value > 0 else default
 
 
 class ControlServer:

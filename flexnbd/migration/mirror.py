@@ -25,7 +25,9 @@ refused, a dropped connection) fails the attempt: clients are allowed again, and
 next attempt starts over from offset 0. A failure after DISC leaves the outcome UNKNOWN: the
 destination may own the disk now, so the mirror ends without retrying, FILE stays, clients
 stay out (except for ``nothing``) and the host exits 1. A destination whose greeting is not
-NBD at all ends the mirror too (``Mirror was rejected``): retrying would not change it.
+NBD at all ends the mirror too (rejected): retrying would not change it.
+
+Outcomes are ``flexnbd.migration.outcome`` values; the control socket words them.
 
 Why a dirty bitmap and not a log: one bit per 4 KiB block has a fixed size (32 MiB for 1 TiB),
 marking is one atomic OR without a lock or the GIL, and it cannot overflow, so a client that
@@ -43,18 +45,17 @@ import socket
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Protocol
 
 from flexnbd import _core, _mirror, log, sockets, wire
 from flexnbd._allocmap import AllocationMap, DirtyMap
 from flexnbd._tls import TlsContext, TlsSession
-from flexnbd.control import protocol as replies
-from flexnbd.control.protocol import Reply
 from flexnbd.errors import FlexnbdError, HandshakeError, NotNbd, PeerClosed, TlsError
 from flexnbd.handshake import client_handshake
 from flexnbd.migration import handoff
 from flexnbd.migration.handoff import OutcomeUnknown
+from flexnbd.migration.outcome import Outcome, Result
+from flexnbd.migration.settings import MirrorSettings
 
 _log = log.get("mirror")
 
@@ -65,29 +66,8 @@ HANDSHAKE_TIMEOUT = 15.0    # the whole handshake, TLS included, one deadline
 RETRY_DELAY = 1.0
 ENDGAME_SECONDS = 5.0
 MAX_DIRTY_PASSES = 20
-DEFAULT_REQUEST_LIMIT = 60.0
-
-# The outcomes (control replies, flexnbd.control.protocol): of the first connection attempt
-# (the `mirror` reply), and of the whole mirror (what `mirror_wait` is answered with).
-FAILED_TO_CONNECT = replies.MIRROR_FAILED_TO_CONNECT
-REJECTED = replies.MIRROR_REJECTED
-NO_RESPONSE = replies.REMOTE_NO_RESPONSE
-SIZE_MISMATCH = replies.REMOTE_SIZE_MISMATCH
-ABANDONED = replies.MIRRORING_ABANDONED
-STARTED = replies.MIRROR_STARTED
-COMPLETED = replies.MIGRATION_COMPLETED
-UNKNOWN = replies.MIGRATION_OUTCOME_UNKNOWN
-STOPPED = replies.MIRROR_STOPPED
-SHUTTING_DOWN = replies.SHUTTING_DOWN
-
-
-def request_limit_from_env() -> float:
-    text = os.environ.get("FLEXNBD_MS_REQUEST_LIMIT_SECS")
-    try:
-        value = float(text) if text else DEFAULT_REQUEST_LIMIT
-    except ValueError:
-        value = DEFAULT_REQUEST_LIMIT
-    return value if value > 0 else DEFAULT_REQUEST_LIMIT
+# A mirror's outcome until it decides one (and if it crashes).
+_ABANDONED = Result(Outcome.ABANDONED)
 
 
 class MirrorHost(Protocol):
@@ -116,21 +96,12 @@ class MirrorHost(Protocol):
         ...
 
 
-@dataclass
-class MirrorParams:
-    addr: str
-    port: int
-    action: str = "exit"           # exit | unlink | nothing
-    bind: str | None = None
-    max_bps: int | None = None
-
-
 class AttemptFailed(FlexnbdError):
-    """An attempt failed; ``reply`` is the control reply text when it failed connecting."""
+    """An attempt failed connecting; ``result`` says how (the outcome of a first attempt)."""
 
-    def __init__(self, reply: Reply, message: str, final: bool = False) -> None:
+    def __init__(self, result: Result, message: str, final: bool = False) -> None:
         super().__init__(message)
-        self.reply = reply
+        self.result = result
         self.final = final           # retrying cannot help (the peer does not speak NBD)
 
 
@@ -139,21 +110,21 @@ class Abandoned(FlexnbdError):
 
 
 class Mirror:
-    """One migration. ``start()`` returns the control reply of the first attempt.
+    """One migration. ``start()`` returns the outcome of the first attempt.
 
+    ``settings`` are replaced whole when the speed limit changes (``set_max_bps``): the
+    running mirror reads the limit there and nowhere else.
     ``lock`` is held around the endgame (a stop or `break` waiting for it sees it finished);
     ``on_finished(mirror)`` is called once when the supervisor ends."""
 
-    def __init__(self, host: MirrorHost, params: MirrorParams, lock: threading.Lock,
+    def __init__(self, host: MirrorHost, settings: MirrorSettings, lock: threading.Lock,
                  on_finished: Callable[[Mirror], None]) -> None:
         self.host = host
-        self.params = params
+        self.settings = settings
         self.lock = lock
         self.on_finished = on_finished
-        self.max_bps = params.max_bps
-        self.request_limit = request_limit_from_env()
         self._break = threading.Event()
-        self._first_outcome: Reply | None = None
+        self._first_result: Result | None = None
         self._first_decided = threading.Event()
         self._thread: threading.Thread | None = None
         self._starting = threading.Lock()    # start() and join() (a SIGTERM may come between)
@@ -161,8 +132,8 @@ class Mirror:
         self.outcome_unknown = False     # DISC was sent and not confirmed
         self.running = False
         self.finished = threading.Event()
-        self.outcome = ABANDONED         # once finished: COMPLETED, UNKNOWN, STOPPED, a failure
-        self._stop_reason = STOPPED
+        self.result = _ABANDONED         # once finished: completed, unknown, stopped, a failure
+        self._stop_reason = Outcome.STOPPED
         # figures for the status line, for the current attempt
         self.attempt_started = time.monotonic()
         self.bytes_sent = 0          # payload bytes sent in this attempt
@@ -174,25 +145,25 @@ class Mirror:
 
     # -- control ---------------------------------------------------------------------------
 
-    def start(self) -> Reply:
+    def start(self) -> Result:
         """Start the supervisor; wait for the first attempt's connection outcome. A mirror
         stopped before it started (the server stopping at that moment) does not start."""
         with self._starting:
             if self._break.is_set():
-                self._end(self._stop_reason, completed=False)
+                self._end(Result(self._stop_reason), completed=False)
             else:
                 self.running = True
                 self._thread = threading.Thread(target=self._supervise, name="mirror",
                                                 daemon=True)
                 self._thread.start()
         self._first_decided.wait()
-        assert self._first_outcome is not None
-        return self._first_outcome
+        assert self._first_result is not None
+        return self._first_result
 
     def stop(self, shutting_down: bool = False) -> None:
         """``break`` (or the server stopping): stop at once."""
         if shutting_down:
-            self._stop_reason = SHUTTING_DOWN
+            self._stop_reason = Outcome.SHUTTING_DOWN
         self._break.set()
 
     def join(self, timeout: float | None = None) -> None:
@@ -204,7 +175,7 @@ class Mirror:
             thread.join(timeout)
 
     def set_max_bps(self, max_bps: int | None) -> None:
-        self.max_bps = max_bps or None
+        self.settings = self.settings.with_max_bps(max_bps)
 
     # -- status figures --------------------------------------------------------------------
 
@@ -228,34 +199,34 @@ class Mirror:
 
     # -- the supervisor --------------------------------------------------------------------
 
-    def _decide_first(self, outcome: Reply) -> None:
-        if self._first_outcome is None:
-            self._first_outcome = outcome
+    def _decide_first(self, result: Result) -> None:
+        if self._first_result is None:
+            self._first_result = result
             self._first_decided.set()
 
     def _supervise(self) -> None:
         completed = False
-        outcome = ABANDONED
+        result = _ABANDONED
         try:
             while not self._break.is_set():
                 try:
                     sock, zeroes = self._connect()
                 except AttemptFailed as e:
-                    if self._first_outcome is None:
-                        _log.warning("mirror to %s port %d: %s", self.params.addr,
-                                     self.params.port, e)
-                        self._decide_first(e.reply)
-                        outcome = e.reply
+                    if self._first_result is None:
+                        _log.warning("mirror to %s port %d: %s", self.settings.addr,
+                                     self.settings.port, e)
+                        self._decide_first(e.result)
+                        result = e.result
                         return
                     if e.final:
-                        _log.error("mirror to %s port %d: %s; not retrying", self.params.addr,
-                                   self.params.port, e)
-                        outcome = REJECTED
+                        _log.error("mirror to %s port %d: %s; not retrying", self.settings.addr,
+                                   self.settings.port, e)
+                        result = Result(Outcome.REJECTED)
                         return
                     _log.warning("mirror attempt failed: %s; retrying", e)
                     self._break.wait(RETRY_DELAY)
                     continue
-                self._decide_first(STARTED)
+                self._decide_first(Result(Outcome.STARTED))
                 if not self.host.allocmap.complete:
                     # The destination was checked (the `mirror` reply); do not hold its one
                     # slot idle while the map is built (a listener cuts a sender that sends
@@ -272,7 +243,7 @@ class Mirror:
                     return
                 except OutcomeUnknown as e:
                     self._unknown(e)
-                    outcome = UNKNOWN
+                    result = Result(Outcome.UNKNOWN)
                     return
                 except (FlexnbdError, OSError) as e:
                     _log.warning("mirror attempt failed: %s; retrying from the start in %.0f s",
@@ -286,52 +257,57 @@ class Mirror:
         finally:
             self.host.export.track_dirty(False)
             if completed:
-                outcome = COMPLETED
-            elif self._break.is_set() and outcome != UNKNOWN:
-                outcome = self._stop_reason
-            self._end(outcome, completed)
+                result = Result(Outcome.COMPLETED)
+            elif self._break.is_set() and result.outcome is not Outcome.UNKNOWN:
+                result = Result(self._stop_reason)
+            self._end(result, completed)
 
-    def _end(self, outcome: Reply, completed: bool) -> None:
-        self.outcome = outcome
+    def _end(self, result: Result, completed: bool) -> None:
+        self.result = result
         self.running = False
         self.completed = completed
-        self._decide_first(ABANDONED)
+        self._decide_first(_ABANDONED)
         self.finished.set()
         self.on_finished(self)
 
     def _connect(self) -> tuple[socket.socket, bool]:
         """Connect and check the greeting. (socket, destination takes WRITE_ZEROES)."""
-        p = self.params
+        p = self.settings
         try:
             sock = sockets.connect(p.addr, p.port, p.bind, timeout=CONNECT_TIMEOUT)
         except ConnectionResetError:
             # Connected, then reset before we looked (the pending error surfaces in
             # connect()): the peer took the connection and threw it away.
-            raise AttemptFailed(REJECTED, "the destination reset the connection") from None
+            raise AttemptFailed(Result(Outcome.REJECTED),
+                                "the destination reset the connection") from None
         except OSError as e:
-            raise AttemptFailed(FAILED_TO_CONNECT, f"cannot connect: {_describe(e)}") from None
+            raise AttemptFailed(Result(Outcome.FAILED_TO_CONNECT),
+                                f"cannot connect: {_describe(e)}") from None
         try:
             try:
                 info = client_handshake(sock, tls=self.host.tls_client, server_hostname=p.addr,
                                         timeout=HANDSHAKE_TIMEOUT,
                                         greeting_timeout=GREETING_TIMEOUT)
             except TimeoutError as e:
-                raise AttemptFailed(NO_RESPONSE, str(e)) from None
+                raise AttemptFailed(Result(Outcome.NO_RESPONSE), str(e)) from None
             except TlsError as e:
                 # A wrong key or certificate stays wrong: final, never a retry loop. (TLS is
-                # new, so its reply may say why: "Mirror was rejected: TLS handshake ...".)
-                raise AttemptFailed(Reply(REJECTED.code, f"{REJECTED.text}: {e}"), str(e),
+                # new, so its outcome may say why: the TLS handshake failed ...)
+                raise AttemptFailed(Result(Outcome.REJECTED, str(e)), str(e),
                                     final=True) from None
             except NotNbd as e:
-                raise AttemptFailed(REJECTED, f"the destination is not an NBD server: {e}",
+                raise AttemptFailed(Result(Outcome.REJECTED),
+                                    f"the destination is not an NBD server: {e}",
                                     final=True) from None
             except (HandshakeError, PeerClosed, OSError) as e:
-                # (with TLS, which is new, the reply says why, as for TlsError)
-                reply = REJECTED if self.host.tls_client is None else \
-                    Reply(REJECTED.code, f"{REJECTED.text}: {e}")
-                raise AttemptFailed(reply, f"the destination rejected us: {e}") from None
+                # (with TLS, which is new, the outcome says why, as for TlsError; without it
+                # the reply stays what 0.5.0 said)
+                why = str(e) if self.host.tls_client is not None else None
+                raise AttemptFailed(Result(Outcome.REJECTED, why),
+                                    f"the destination rejected us: {e}") from None
             if info.size != self.host.size:
-                raise AttemptFailed(SIZE_MISMATCH, f"the destination exports {info.size} bytes, "
+                raise AttemptFailed(Result(Outcome.SIZE_MISMATCH),
+                                    f"the destination exports {info.size} bytes, "
                                     f"we have {self.host.size}")
             zeroes = info.style == "newstyle" and info.has(wire.FLAG_SEND_WRITE_ZEROES)
             self.session = info.tls
@@ -353,7 +329,8 @@ class Mirror:
         self.dirty = self.host.export.track_dirty(True)
         # (each reply within the request limit, one deadline however it trickles in)
         self.stream = _mirror.MirrorStream(sock.fileno(), self.host.export, zeroes,
-                                         tls=self.session, timeout=self.request_limit)
+                                         tls=self.session,
+                                         timeout=self.settings.request_limit)
         offset = 0
         while offset < self.host.size:
             self._check_break()
@@ -399,7 +376,7 @@ class Mirror:
             self._drain(throttle=False, until_empty=True)
             self.stream.flush()                 # every request answered, without error
             self._check_break()
-            handoff.flush(channel, self.request_limit)   # durable at the destination
+            handoff.flush(channel, self.settings.request_limit)   # durable at the destination
             handoff.check_open(channel)
             try:
                 handoff.send_disc(channel)   # (an OSError here: it never left; retry)
@@ -407,18 +384,18 @@ class Mirror:
                 self.outcome_unknown = True
                 raise
             # From here on the destination may own the disk: no retry, whatever happens.
-            finishing = self.params.action in ("exit", "unlink")
+            finishing = self.settings.action in ("exit", "unlink")
             try:
                 if finishing:
                     self.host.close_listeners()
-                handoff.await_close(channel, self.request_limit)
+                handoff.await_close(channel, self.settings.request_limit)
             except Exception as e:  # noqa: BLE001 - after DISC every failure is "unknown"
                 # (decided under the lock, where `break` and stop signals look)
                 self.outcome_unknown = True
                 if isinstance(e, OutcomeUnknown):
                     raise
                 raise OutcomeUnknown(_describe(e)) from e
-            if self.params.action == "unlink":
+            if self.settings.action == "unlink":
                 try:
                     os.unlink(self.host.file)
                 except FileNotFoundError:
@@ -443,7 +420,7 @@ class Mirror:
         """DISC went out but the destination did not confirm: it may own the disk now, or
         not. Keep FILE, keep clients out (unless the operator asked for two copies with
         ``nothing``), never retry; the host exits 1."""
-        p = self.params
+        p = self.settings
         _log.critical("migration outcome unknown: %s. The destination %s port %d may or may "
                       "not have taken control: check its status (has_control) and log before "
                       "using either copy; %s is kept%s", e, p.addr, p.port, self.host.file,
@@ -471,15 +448,17 @@ class Mirror:
     def _chunk(self) -> int:
         """Request size: 8 MiB, or under a speed limit about a tenth of a second's worth, so
         the limit holds from the first request on."""
-        if not self.max_bps:
+        max_bps = self.settings.max_bps
+        if not max_bps:
             return CHUNK
-        return max(64 * 1024, min(CHUNK, self.max_bps // 10 // 4096 * 4096))
+        return max(64 * 1024, min(CHUNK, max_bps // 10 // 4096 * 4096))
 
     def _send(self, offset: int, length: int, throttle: bool) -> None:
-        if throttle and self.max_bps:
+        max_bps = self.settings.max_bps
+        if throttle and max_bps:
             # Keep the average since the attempt began at or under the limit, counting this
             # request before it goes.
-            ahead = (self.bytes_sent + length) / self.max_bps - \
+            ahead = (self.bytes_sent + length) / max_bps - \
                 (time.monotonic() - self.attempt_started)
             if ahead > 0 and self._break.wait(ahead):
                 raise Abandoned("break")

@@ -1,8 +1,8 @@
 """The source side's control of migrations: one ``MirrorControl`` per server.
 
 It owns the running mirror and the migration lock, and answers the control socket's mirror
-requests (start, speed, break, wait) with the replies of ``flexnbd.control.protocol``. It
-reaches the server only through the narrow ``SourceHost`` below.
+requests (start, speed, break, wait) with outcomes (``flexnbd.migration.outcome``), which the
+control socket words. It reaches the server only through the narrow ``SourceHost`` below.
 
 The lock is held around a mirror's start, its endgame (inside ``Mirror``), ``break`` and
 ``shutdown()``: a stop signal or a ``break`` either prevents a mirror from starting or waits
@@ -11,20 +11,15 @@ for its endgame, and then sees it completed (or its outcome unknown), never half
 
 from __future__ import annotations
 
+import dataclasses
 import threading
 from collections.abc import Callable
 from typing import Protocol
 
 from flexnbd import log
-from flexnbd.control import protocol
-from flexnbd.control.protocol import Reply
-from flexnbd.migration.mirror import (
-    SHUTTING_DOWN,
-    STOPPED,
-    Mirror,
-    MirrorHost,
-    MirrorParams,
-)
+from flexnbd.migration.mirror import Mirror, MirrorHost
+from flexnbd.migration.outcome import Outcome, Result
+from flexnbd.migration.settings import REQUEST_LIMIT_SECS, MirrorSettings
 from flexnbd.status import Migration
 
 _log = log.get("server")
@@ -40,8 +35,11 @@ class SourceHost(MirrorHost, Protocol):
 
 
 class MirrorControl:
-    def __init__(self, host: SourceHost) -> None:
+    """``request_limit``: the server's FLEXNBD_MS_REQUEST_LIMIT_SECS, for every mirror."""
+
+    def __init__(self, host: SourceHost, request_limit: float = REQUEST_LIMIT_SECS) -> None:
         self.host = host
+        self.request_limit = request_limit
         self.lock = threading.Lock()
         self.mirror: Mirror | None = None
         self.migrated = False            # a mirror completed with action exit or unlink
@@ -50,55 +48,60 @@ class MirrorControl:
 
     # -- the control socket's requests --------------------------------------------------------
 
-    def start(self, command: protocol.MirrorCommand) -> Reply:
+    def start(self, settings: MirrorSettings) -> Result:
+        """Start a mirror; the outcome of its first attempt."""
         with self.lock:
             if self.shutting_down:
-                return protocol.SHUTTING_DOWN
+                return Result(Outcome.SHUTTING_DOWN)
             if self.mirror is not None and (self.mirror.running or self.migrated):
-                return protocol.MIRROR_RUNNING
+                return Result(Outcome.BUSY)
             if not self.host.has_control:
                 # A listener that has not received its migration has nothing to send.
-                return protocol.MIRRORING_ABANDONED
-            mirror = Mirror(self.host, MirrorParams(command.ip, command.port, command.action,
-                                                    command.bind, command.max_bps),
-                            self.lock, self._finished)
+                return Result(Outcome.ABANDONED)
+            # (the request names the destination; how long to wait is this server's setting)
+            settings = dataclasses.replace(settings, request_limit=self.request_limit)
+            mirror = Mirror(self.host, settings, self.lock, self._finished)
             self.mirror = mirror
             mirror.running = True
-        _log.info("mirror to %s port %d (action %s) requested", command.ip, command.port,
-                  command.action)
+        _log.info("mirror to %s port %d (action %s) requested", settings.addr, settings.port,
+                  settings.action)
         return mirror.start()
 
-    def set_max_bps(self, max_bps: int | None) -> Reply:
+    def set_max_bps(self, max_bps: int | None) -> bool:
+        """Change the running mirror's speed limit; False if no mirror runs."""
         mirror = self.mirror
         if mirror is None or not mirror.running:
-            return protocol.NOT_CURRENTLY_MIRRORING
+            return False
         mirror.set_max_bps(max_bps)
-        return protocol.UPDATED
+        return True
 
-    def break_(self) -> Reply:
+    def break_(self) -> Outcome:
+        """Stop the running mirror: STOPPED, or why there was none to stop (COMPLETED,
+        UNKNOWN, NOT_MIRRORING)."""
         with self.lock:      # never in the middle of an endgame
             mirror = self.mirror
             if mirror is None:
-                return protocol.NOT_MIRRORING
+                return Outcome.NOT_MIRRORING
             if mirror.completed:
-                return protocol.MIRROR_COMPLETED
+                return Outcome.COMPLETED
             if mirror.outcome_unknown:
-                return protocol.MIGRATION_OUTCOME_UNKNOWN
+                return Outcome.UNKNOWN
             if not mirror.running:
-                return protocol.NOT_MIRRORING
+                return Outcome.NOT_MIRRORING
             mirror.stop()
         mirror.join()
-        return protocol.MIRROR_STOPPED
+        return Outcome.STOPPED
 
-    def wait(self) -> Reply | Callable[[], Reply]:
+    def wait(self) -> Result | Callable[[], Result]:
+        """NOT_MIRRORING now, or a function that waits until the mirror ends: its result."""
         mirror = self.mirror
         if mirror is None:
-            return protocol.NOT_MIRRORING
+            return Result(Outcome.NOT_MIRRORING)
 
-        def outcome() -> Reply:
+        def ended() -> Result:
             mirror.finished.wait()
-            return Reply(0 if mirror.completed else 1, mirror.outcome.text)
-        return outcome
+            return mirror.result
+        return ended
 
     # -- the status line ----------------------------------------------------------------------
 
@@ -113,7 +116,8 @@ class MirrorControl:
             return None
         return Migration(speed=mirror.speed(), duration=mirror.duration(),
                          seconds_left=max(mirror.seconds_left(), 0),
-                         bytes_left=mirror.bytes_left(), speed_limit=mirror.max_bps)
+                         bytes_left=mirror.bytes_left(),
+                         speed_limit=mirror.settings.max_bps)
 
     def outcome_key(self) -> str | None:
         """The status line's migration_outcome: only once a mirror has ended."""
@@ -124,7 +128,8 @@ class MirrorControl:
             return "completed"
         if mirror.outcome_unknown:
             return "unknown"
-        return "stopped" if mirror.outcome in (STOPPED, SHUTTING_DOWN) else "failed"
+        stopped = mirror.result.outcome in (Outcome.STOPPED, Outcome.SHUTTING_DOWN)
+        return "stopped" if stopped else "failed"
 
     # -- the server stopping ------------------------------------------------------------------
 
@@ -150,7 +155,7 @@ class MirrorControl:
         return 1 if self.stopped_while_mirroring else 0
 
     def _finished(self, mirror: Mirror) -> None:
-        if mirror.params.action not in ("exit", "unlink"):
+        if mirror.settings.action not in ("exit", "unlink"):
             return
         if mirror.completed:
             self.migrated = True

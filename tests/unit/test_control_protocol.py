@@ -19,6 +19,8 @@ from flexnbd.control import protocol as p
 from flexnbd.control.client import request as client_request
 from flexnbd.control.server import ControlServer, execute
 from flexnbd.errors import FlexnbdError
+from flexnbd.migration.outcome import Outcome, Result
+from flexnbd.migration.settings import MirrorSettings
 from flexnbd.status import Status
 
 # --------------------------------------------------------------------------------------------
@@ -172,14 +174,14 @@ def test_reader_never_fails(data, chunk):
     (["acl", "a", "b"], p.AclCommand(("a", "b"))),
     (["mirror"], p.MIRROR_TOO_FEW),
     (["mirror", "1.2.3.4"], p.MIRROR_TOO_FEW),
-    (["mirror", "1.2.3.4", "80"], p.MirrorCommand("1.2.3.4", 80)),
-    (["mirror", "::1", "80", "unlink"], p.MirrorCommand("::1", 80, "unlink")),
+    (["mirror", "1.2.3.4", "80"], MirrorSettings("1.2.3.4", 80)),
+    (["mirror", "::1", "80", "unlink"], MirrorSettings("::1", 80, "unlink")),
     (["mirror", "0:0::1", "65535", "nothing", "10.0.0.1", "5"],
-     p.MirrorCommand("::1", 65535, "nothing", "10.0.0.1", 5)),
+     MirrorSettings("::1", 65535, "nothing", "10.0.0.1", 5)),
     (["mirror", "1.2.3.4", "80", "exit", "::", "0"],
-     p.MirrorCommand("1.2.3.4", 80, "exit", "::", None)),
+     MirrorSettings("1.2.3.4", 80, "exit", "::", None)),
     (["mirror", "1.2.3.4", "80", "exit", "1.1.1.1", str((1 << 64) - 1)],
-     p.MirrorCommand("1.2.3.4", 80, "exit", "1.1.1.1", (1 << 64) - 1)),
+     MirrorSettings("1.2.3.4", 80, "exit", "1.1.1.1", (1 << 64) - 1)),
     (["mirror", "host", "80"], p.BAD_IP),
     (["mirror", "", "80"], p.BAD_IP),
     (["mirror", "1.2.3.4", "0"], p.BAD_PORT),
@@ -222,7 +224,7 @@ def test_encode_request():
 class FakeTarget:
     def __init__(self) -> None:
         self.acl: list[acl.Network] | None = None
-        self.mirrors: list[p.MirrorCommand] = []
+        self.mirrors: list[MirrorSettings] = []
         self.bps: list[int | None] = []
         self.breaks = 0
 
@@ -232,17 +234,17 @@ class FakeTarget:
     def set_acl(self, entries: Sequence[acl.Network]) -> None:
         self.acl = list(entries)
 
-    def start_mirror(self, command: p.MirrorCommand) -> p.Reply:
-        self.mirrors.append(command)
-        return p.MIRROR_STARTED
+    def start_mirror(self, settings: MirrorSettings) -> Result:
+        self.mirrors.append(settings)
+        return Result(Outcome.STARTED)
 
-    def set_mirror_max_bps(self, max_bps: int | None) -> p.Reply:
+    def set_mirror_max_bps(self, max_bps: int | None) -> bool:
         self.bps.append(max_bps)
-        return p.UPDATED
+        return True
 
-    def break_mirror(self) -> p.Reply:
+    def break_mirror(self) -> Outcome:
         self.breaks += 1
-        return p.MIRROR_STOPPED
+        return Outcome.STOPPED
 
 
 def test_execute():
@@ -256,7 +258,7 @@ def test_execute():
     assert t.acl == acl.parse_entries(["10.0.0.0/8", "::1"])  # unchanged
     assert execute(["acl"], t) == p.UPDATED and t.acl == []
     assert execute(["mirror", "1.2.3.4", "99", "unlink"], t) == p.MIRROR_STARTED
-    assert t.mirrors == [p.MirrorCommand("1.2.3.4", 99, "unlink")]
+    assert t.mirrors == [MirrorSettings("1.2.3.4", 99, "unlink")]
     assert execute(["mirror", "1.2.3.4"], t) == p.MIRROR_TOO_FEW
     assert len(t.mirrors) == 1  # a bad request never reaches the target
     assert execute(["mirror_max_bps", "5"], t) == p.UPDATED and t.bps == [5]
@@ -296,7 +298,7 @@ def test_listener_serves_and_removes_its_socket(control_server):
 
 def test_listener_survives_a_failing_target(control_server):
     class Broken(FakeTarget):
-        def break_mirror(self) -> p.Reply:
+        def break_mirror(self) -> Outcome:
             raise RuntimeError("boom")
 
     srv, path = control_server(Broken())
@@ -310,13 +312,13 @@ def test_listener_requests_run_one_at_a_time(control_server):
     overlap = []
 
     class Slow(FakeTarget):
-        def break_mirror(self) -> p.Reply:
+        def break_mirror(self) -> Outcome:
             running.append(1)
             if len(running) > 1:
                 overlap.append(1)
             time.sleep(0.05)
             running.pop()
-            return p.NOT_MIRRORING
+            return Outcome.NOT_MIRRORING
 
     srv, path = control_server(Slow())
     threads = [threading.Thread(target=client_request, args=(path, ["break"]))

@@ -7,17 +7,20 @@ from __future__ import annotations
 import threading
 from types import SimpleNamespace
 
-from flexnbd.migration.mirror import ABANDONED, SHUTTING_DOWN, Mirror, MirrorParams
+from flexnbd.migration.mirror import Mirror
+from flexnbd.migration.outcome import Outcome, Result
+from flexnbd.migration.settings import MirrorSettings
 
 
 def test_a_mirror_stopped_before_it_starts_never_starts():
     finished: list[Mirror] = []
     host = SimpleNamespace(size=1 << 20, export=SimpleNamespace(track_dirty=lambda on: None))
-    mirror = Mirror(host, MirrorParams("127.0.0.1", 10809), threading.Lock(),  # type: ignore[arg-type]
+    mirror = Mirror(host, MirrorSettings("127.0.0.1", 10809), threading.Lock(),  # type: ignore[arg-type]
                     finished.append)
     mirror.stop(shutting_down=True)
     mirror.join()                                   # at once, no error
-    assert mirror.start() == ABANDONED
-    assert (mirror.running, mirror.completed, mirror.outcome) == (False, False, SHUTTING_DOWN)
+    assert mirror.start() == Result(Outcome.ABANDONED)
+    assert (mirror.running, mirror.completed, mirror.result) == \
+        (False, False, Result(Outcome.SHUTTING_DOWN))
     assert mirror.finished.is_set() and finished == [mirror]
     assert mirror._thread is None                   # no supervisor was started
