@@ -92,7 +92,8 @@ def wait_for_control(path: Path, proc: FlexnbdProcess, timeout: float = 15.0) ->
             return
         except (ConnectionRefusedError, FileNotFoundError):
             if proc.proc.poll() is not None:
-                raise RuntimeError(f"flexnbd exited with {proc.proc.returncode}:\n{proc.log()}")
+                raise RuntimeError(f"flexnbd exited with {proc.proc.returncode}:\n"
+                                   f"{proc.log()}") from None
             if time.monotonic() > deadline:
                 raise
             time.sleep(0.01)
