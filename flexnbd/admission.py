@@ -1,6 +1,7 @@
-"""Client admission: the NBD listeners, the accept loop, and who may stay (SPEC §2, §8, §11).
+"""Client admission: who may connect and who may stay (SPEC §2, §8, §11).
 
-One ``Admission`` per server. It accepts connections and admits a client only when the ACL
+One ``Admission`` per server. Its ``flexnbd.listener.Listener`` accepts the connections (and
+cuts those whose handshake runs past its deadline); it admits a client only when the ACL
 allows it, new clients are allowed (not during a migration's endgame, nor after a listener
 took control), and the limits leave room: ``max_clients`` in all and
 ``max_clients_per_address`` from one address. A connection counts from accept until its
@@ -20,9 +21,9 @@ address, or in all), a new connection cuts the oldest handshake in its way rathe
 refused: a crowd of silent connections cannot keep a sender from its greeting. So no peer
 that stays silent, stalls its handshake or holds no key can make a migration fail.
 
-A watchdog thread cuts clients whose whole handshake takes longer than the handshake timeout,
-and with the killswitch, clients whose current request (reply included) runs too long. When
-descriptors run out, accepting pauses (``sockets.AcceptBackoff``) instead of spinning.
+A watchdog thread cuts, with the killswitch, clients whose current request (reply included)
+runs too long, and in listen mode clients that sent no request within ``listen_idle`` of their
+handshake.
 
 ``cut_clients()`` is the one routine that ends every client: after its current request, or at
 once if still in the handshake, and by shutting its socket down after the grace period.
@@ -31,15 +32,14 @@ once if still in the handshake, and by shutting its socket down after the grace 
 from __future__ import annotations
 
 import ipaddress
-import os
 import select
-import selectors
 import socket
 import threading
 from collections.abc import Callable, Sequence
 
 from flexnbd import _core, acl, log, sockets
 from flexnbd.config import ServeConfig
+from flexnbd.listener import Accepted, Listener
 
 _log = log.get("server")
 
@@ -53,43 +53,47 @@ STOPPING = "the server is stopping"
 class Client:
     """A connected client, from accept until its thread has ended."""
 
-    def __init__(self, sock: socket.socket, name: str, peer_ip: str | None) -> None:
-        self.sock = sock
-        self.name = name
+    def __init__(self, accepted: Accepted, peer_ip: str | None) -> None:
+        self.accepted = accepted
+        self.sock = accepted.sock
+        self.name = accepted.name
         self.peer_ip = peer_ip       # None for a Unix-socket client
-        self.local = _on_this_host(sock, peer_ip)
+        self.local = _on_this_host(self.sock, peer_ip)
         self.connection: _core.Connection | None = None
-        self.accepted_ns = _core.monotonic_ns()
-        self.killed = False          # cut by the watchdog (killswitch or handshake deadline)
         # listen mode: when the handshake ended, and when a request was last seen
         self.attached_ns = 0
         self.active_ns = 0
         self.seen_requests = 0
+
+    @property
+    def killed(self) -> bool:
+        """Cut: by the watchdog, to make room, or at the handshake deadline."""
+        return self.accepted.is_cut
+
+    def cut(self) -> None:
+        self.accepted.cut()
 
     def end_soon(self) -> None:
         """End after the current request; at once if still in the handshake."""
         if self.connection is not None:
             self.connection.kick()
         else:
-            shutdown(self.sock)
+            sockets.shutdown(self.sock)
 
 
 class Admission:
     def __init__(self, config: ServeConfig, serve: Callable[[Client], None]) -> None:
         self.config = config
         self._serve = serve
+        self.listener = Listener(config.handshake_timeout, self._late)
         # Readable once the server stops: ends the accept loop, and idle connections.
-        self.stop_fd = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
+        self.stop_fd = self.listener.stop_fd
         self.acl = acl.Acl(config.acl, config.default_deny)
         self.clients_allowed = True
         self.stopping = False
         self._lock = threading.Lock()
         self._clients: set[Client] = set()
         self._seq = 0
-        self._listeners: list[socket.socket] = []
-        self._unix_bound = False
-        self._accept_thread: threading.Thread | None = None
-        self._backoff = sockets.AcceptBackoff(_log.warning)
         self._watchdog: threading.Thread | None = None
         self._watchdog_stop = threading.Event()
 
@@ -97,50 +101,23 @@ class Admission:
 
     def bind(self) -> None:
         cfg = self.config
-        try:
-            if cfg.addr is not None and cfg.port is not None:
-                self._listeners.append(sockets.tcp_listener(cfg.addr, cfg.port))
-            if cfg.unix:
-                self._listeners.append(sockets.unix_listener(cfg.unix, mode=cfg.unix_mode))
-                self._unix_bound = True
-            # systemd's sockets (socket activation): admitted like the ones above, by family
-            self._listeners.extend(cfg.inherited)
-        except BaseException:
-            self._close_listeners()
-            raise
+        # systemd's sockets (socket activation) are admitted like the others, by family
+        self.listener.bind(cfg.addr, cfg.port, cfg.unix, cfg.inherited, cfg.unix_mode)
 
     def start(self) -> None:
-        self._accept_thread = threading.Thread(target=self._accept_loop, name="accept",
-                                               daemon=True)
-        self._accept_thread.start()
-        self._watchdog = threading.Thread(target=self._watch, name="watchdog", daemon=True)
-        self._watchdog.start()
+        self.listener.start(self._accept, "accept")
+        if self.config.killswitch is not None or self.config.listen_idle is not None:
+            self._watchdog = threading.Thread(target=self._watch, name="watchdog", daemon=True)
+            self._watchdog.start()
 
     @property
     def port(self) -> int | None:
         """The TCP port actually bound (useful with port 0)."""
-        for sock in self._listeners:
-            if sock.family in (socket.AF_INET, socket.AF_INET6):
-                return sock.getsockname()[1]
-        return None
+        return self.listener.port
 
     def close_listeners(self) -> None:
         """Stop accepting: the accept loop ends and the listeners close."""
-        os.eventfd_write(self.stop_fd, 1)
-        if self._accept_thread:
-            self._accept_thread.join()
-        self._close_listeners()
-
-    def _close_listeners(self) -> None:
-        for sock in self._listeners:
-            sock.close()
-        self._listeners = []
-        if self.config.unix and self._unix_bound:  # never remove a live server's socket
-            self._unix_bound = False
-            try:
-                os.unlink(self.config.unix)
-            except FileNotFoundError:
-                pass
+        self.listener.close()
 
     # -- who is connected ---------------------------------------------------------------------
 
@@ -171,6 +148,7 @@ class Admission:
                 holders = self._slot_holders()
                 if len(holders) < self.config.max_clients:
                     client.connection = connection()
+                    client.accepted.handshake_done()
                     client.attached_ns = client.active_ns = now
                     self._choose_read_path(client)
                     return ""
@@ -182,8 +160,7 @@ class Admission:
                 if not idle:
                     break
                 for holder in idle:
-                    holder.killed = True
-                    shutdown(holder.sock)
+                    holder.cut()
             for holder in idle:
                 _log.warning("%s sent no request for %g s: it gives the migration's slot up to "
                              "%s", holder.name, self.config.listen_idle, client.name)
@@ -245,7 +222,7 @@ class Admission:
             _log.warning("%d client(s) did not finish their request in %.0f s (%s); cutting "
                          "them", len(clients), self.config.stop_grace, why)
             for client in clients:
-                shutdown(client.sock)
+                sockets.shutdown(client.sock)
             return self._wait_clients(5.0)
         return True
 
@@ -274,48 +251,22 @@ class Admission:
 
     # -- accepting ----------------------------------------------------------------------------
 
-    def _accept_loop(self) -> None:
-        sel = selectors.DefaultSelector()
-        for sock in self._listeners:
-            sock.setblocking(False)
-            sel.register(sock, selectors.EVENT_READ)
-        sel.register(self.stop_fd, selectors.EVENT_READ)
-        try:
-            while True:
-                for key, _ in sel.select():
-                    if key.fileobj == self.stop_fd:
-                        return
-                    delay = self._accept_one(key.fileobj)  # type: ignore[arg-type]
-                    if delay and select.select([self.stop_fd], [], [], delay)[0]:
-                        return
-        finally:
-            sel.close()
-
-    def _accept_one(self, listener: socket.socket) -> float:
-        """Accept one connection; seconds to pause accepting (out of descriptors), or 0."""
-        try:
-            sock, _ = listener.accept()
-        except (BlockingIOError, InterruptedError):
-            return 0.0
-        except OSError as e:
-            return self._backoff.failed(e)
-        self._backoff.succeeded()
-        sock.setblocking(True)
-        name = sockets.peer_name(sock)
-        peer_ip = _peer_ip(sock)
-        refused = self._admit(sock, name, peer_ip)
+    def _accept(self, accepted: Accepted) -> None:
+        """A new connection (on the listener's thread): admit it, or close it at once with
+        nothing written."""
+        peer_ip = _peer_ip(accepted.sock)
+        refused = self._admit(accepted, peer_ip)
         if refused is None:
             # Slots held by peers that have hung up: make their threads end now, look again.
             self._wait_clients(HANDOVER_WAIT, self._cut_hung_up())
-            refused = self._admit(sock, name, peer_ip)
+            refused = self._admit(accepted, peer_ip)
         if refused is None:
             refused = self._limit_text(peer_ip)
         if refused:
-            _log.warning("refused %s: %s", name, refused)
-            sock.close()
-        return 0.0
+            _log.warning("refused %s: %s", accepted.name, refused)
+            accepted.close()
 
-    def _admit(self, sock: socket.socket, name: str, peer_ip: str | None) -> str | None:
+    def _admit(self, accepted: Accepted, peer_ip: str | None) -> str | None:
         """Start serving the connection: "" when admitted, else why not (None: a client limit
         is reached)."""
         with self._lock:
@@ -323,10 +274,10 @@ class Admission:
                 return "not allowed by the ACL"
             if not self.clients_allowed:
                 return "new clients are not allowed now"
-            if self._limit_text(peer_ip) and not self._make_room(name, peer_ip):
+            if self._limit_text(peer_ip) and not self._make_room(accepted.name, peer_ip):
                 return None
             self._seq += 1
-            client = Client(sock, name, peer_ip)
+            client = Client(accepted, peer_ip)
             self._clients.add(client)
             threading.Thread(target=self._run, args=(client,), name=f"client-{self._seq}",
                              daemon=True).start()
@@ -371,9 +322,8 @@ class Admission:
                           (not same_address or c.peer_ip == peer_ip)]
             if not in_the_way:
                 return False
-            oldest = min(in_the_way, key=lambda c: c.accepted_ns)
-            oldest.killed = True
-            shutdown(oldest.sock)
+            oldest = min(in_the_way, key=lambda c: c.accepted.accepted_ns)
+            oldest.cut()
             _log.warning("%s: %s; cut the oldest handshake, %s's, to make room",
                          name, limit, oldest.name)
         return True
@@ -389,7 +339,7 @@ class Admission:
                 poller.register(fd, select.POLLRDHUP)
             hung = [clients[fd] for fd, events in poller.poll(0) if events & gone]
             for client in hung:
-                shutdown(client.sock)
+                sockets.shutdown(client.sock)
         return hung
 
     def _run(self, client: Client) -> None:
@@ -399,7 +349,7 @@ class Admission:
             with self._lock:
                 self._clients.discard(client)
                 self._choose_read_path(client)
-            client.sock.close()       # (only now: the set holds open sockets only)
+            client.accepted.close()   # (only now: the set holds open sockets only)
 
     def _choose_read_path(self, changed: Client) -> None:
         """A client on this host came or went: its connections (those of its address) copy
@@ -414,16 +364,18 @@ class Admission:
         for connection in peers:
             connection.copy_reads = len(peers) > 1
 
-    # -- the watchdog: handshake deadline and killswitch --------------------------------------
+    # -- the handshake deadline (the listener's), the watchdog: killswitch and idle senders ---
+
+    def _late(self, accepted: Accepted) -> None:
+        _log.warning("%s: handshake not done in %g s; disconnected it", accepted.name,
+                     self.config.handshake_timeout)
 
     def _watch(self) -> None:
-        """Cut (shut down the socket of) each client still in its handshake after the
-        handshake timeout (one deadline for the whole handshake: a byte now and then does not
-        extend it), with the killswitch each client whose current request, reply included,
-        has run too long, and in listen mode each client that sent no request within the idle
-        limit of its handshake. The others carry on."""
+        """Cut (shut down the socket of), with the killswitch, each client whose current
+        request, reply included, has run too long, and in listen mode each client that sent
+        no request within the idle limit of its handshake. The others carry on."""
         cfg = self.config
-        limits = [cfg.handshake_timeout]
+        limits = []
         if cfg.killswitch is not None:
             limits.append(cfg.killswitch)
         if cfg.listen_idle is not None:
@@ -440,11 +392,7 @@ class Admission:
         late: list[tuple[Client, str]] = []
         with self._lock:
             for c in self._clients:
-                if c.killed:
-                    continue
-                if c.connection is None:
-                    if now - c.accepted_ns > cfg.handshake_timeout * 1e9:
-                        late.append((c, f"handshake not done in {cfg.handshake_timeout:g} s"))
+                if c.killed or c.connection is None:   # (a handshake: see _late)
                     continue
                 if cfg.killswitch is not None and \
                         c.connection.request_age_ns > cfg.killswitch * 1e9:
@@ -455,8 +403,7 @@ class Admission:
                         late.append((c, f"no request within {cfg.listen_idle:g} s of its "
                                         "handshake (the migration's slot is for a sender)"))
             for client, _ in late:
-                client.killed = True
-                shutdown(client.sock)
+                client.cut()
         for client, why in late:
             _log.warning("%s: %s; disconnected it", client.name, why)
 
@@ -481,10 +428,3 @@ def _on_this_host(sock: socket.socket, peer_ip: str | None) -> bool:
         return (mapped or address).is_loopback or sock.getsockname()[0] == peer_ip
     except (ValueError, OSError):
         return False
-
-
-def shutdown(sock: socket.socket) -> None:
-    try:
-        sock.shutdown(socket.SHUT_RDWR)
-    except OSError:
-        pass

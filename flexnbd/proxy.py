@@ -5,8 +5,9 @@ fail, stall, or end because the server finished a migration and exited; the prox
 (every few seconds, for as long as it takes) to whatever serves the same address with the same
 size, re-sends the requests that were not answered, and the client only sees a pause.
 
-Threads: the main thread waits for stop signals (``flexnbd.lifecycle``). "session" accepts one
-client, runs its handshake in Python (one deadline for all of it), then the relay
+Threads: the main thread waits for stop signals (``flexnbd.lifecycle``). "session", the
+accept loop of the proxy's ``flexnbd.listener.Listener``, accepts one client, runs its
+handshake in Python (under the listener's deadline for all of it), then the relay
 (``flexnbd._proxy.Relay.run``) in C without the GIL; when the relay reports that upstream
 failed, it reconnects and lets the relay replay. Only when that client has left does it accept
 the next: further clients wait in the listen backlog, never refused (a client reconnecting
@@ -21,19 +22,17 @@ again, and a reconnect that fails TLS (a wrong key) is retried like any other fa
 from __future__ import annotations
 
 import errno
-import os
-import select
 import socket
-import struct
 import threading
 import time
 from collections.abc import Callable
 
-from flexnbd import _proxy, activation, credentials, log, sockets, wire
+from flexnbd import _proxy, credentials, log, sockets, wire
 from flexnbd._tls import TlsSession
 from flexnbd.config import ProxyConfig
 from flexnbd.errors import FlexnbdError, TlsError, errno_text
 from flexnbd.handshake import ExportInfo, ServerInfo, client_handshake, serve_handshake
+from flexnbd.listener import Accepted, Listener
 
 _log = log.get("proxy")
 
@@ -59,17 +58,6 @@ def _connected_to_itself(sock: socket.socket) -> bool:
         return False
 
 
-def _reset(sock: socket.socket | None) -> None:
-    """Close with a reset: what the kernel still holds to send to a server we gave up on is
-    dropped, not delivered later behind the re-sent requests' backs."""
-    if sock is not None:
-        try:
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-        except OSError:
-            pass
-        _close(sock)
-
-
 def _tls_text(mode: str | None) -> str:
     return f", TLS {'required' if mode == 'require' else 'offered'}" if mode else ""
 
@@ -77,13 +65,6 @@ def _tls_text(mode: str | None) -> str:
 def _version(tls: TlsSession | None) -> str:
     """", TLSv1.3 TLS_AES_128_GCM_SHA256" for a log line; "" without TLS."""
     return f", {tls.version}" if tls is not None else ""
-
-
-def _shutdown(sock: socket.socket) -> None:
-    try:
-        sock.shutdown(socket.SHUT_RDWR)
-    except OSError:
-        pass
 
 
 def _close(sock: socket.socket | None) -> None:
@@ -101,19 +82,15 @@ class Proxy:
         self.config = config
         self.upstream_name = (f"[{config.conn_addr}]:{config.conn_port}" if ":" in
                               config.conn_addr else f"{config.conn_addr}:{config.conn_port}")
-        self._stop_fd = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
         self._stopping = threading.Event()
-        self._listeners: list[socket.socket] = []
+        # Its stop_fd also ends the relay.
+        self.listener = Listener(config.handshake_timeout, self._late)
         self._upstream: socket.socket | None = None
         self.upstream_info: ServerInfo | None = None
         # TLS: for the clients, and to upstream (loaded now: bad credentials stop the start)
         self._tls = credentials.server_policy(config.tls)
         self._conn_tls = credentials.client_context(config.conn_tls, read_ahead=True)
         self.relay: _proxy.Relay | None = None
-        self._lock = threading.Lock()
-        self._client: socket.socket | None = None    # the client being served, if any
-        self._backoff = sockets.AcceptBackoff(_log.warning)
-        self._threads: list[threading.Thread] = []
         # How the proxy asks its process to stop (set by flexnbd.lifecycle.run).
         self.request_stop: Callable[[str], None] = lambda reason: None
 
@@ -124,29 +101,18 @@ class Proxy:
         cfg = self.config
         self._upstream, info = self._connect_upstream()
         self.upstream_info = info
-        self.relay = _proxy.Relay(self._upstream.fileno(), info.size, info.flags, self._stop_fd,
-                                  cfg.cache_bytes, cfg.upstream_timeout, info.tls,
-                                  cfg.send_timeout)
+        self.relay = _proxy.Relay(self._upstream.fileno(), info.size, info.flags,
+                                  self.listener.stop_fd, cfg.cache_bytes, cfg.upstream_timeout,
+                                  info.tls, cfg.send_timeout)
         try:
-            if cfg.inherited:       # systemd's sockets (socket activation)
-                self._listeners = list(cfg.inherited)
-            elif cfg.unix is not None:
-                self._listeners = [sockets.unix_listener(cfg.unix, backlog=8, mode=0o660)]
-            else:
-                assert cfg.addr is not None and cfg.port is not None
-                self._listeners = [sockets.tcp_listener(cfg.addr, cfg.port, backlog=8)]
+            # (TCP, a Unix socket path or systemd's sockets: the CLI lets only one through)
+            self.listener.bind(cfg.addr, cfg.port, cfg.unix, cfg.inherited, backlog=8)
         except BaseException:
             _close(self._upstream)
             raise
-        for listener in self._listeners:
-            listener.setblocking(False)
-        thread = threading.Thread(target=self._sessions, name="session", daemon=True)
-        thread.start()
-        self._threads.append(thread)
-        where = " and ".join(activation.served(s) for s in cfg.inherited) or \
-            (cfg.unix if cfg.unix is not None else f"{cfg.addr} port {cfg.port}")
+        self.listener.start(self._session, "session")
         _log.info("serving %s (%s handshake%s) for upstream %s: %d bytes, flags %#x, %s%s; "
-                  "read-ahead %s", where, "oldstyle" if cfg.oldstyle else "newstyle",
+                  "read-ahead %s", self.listener.where, "oldstyle" if cfg.oldstyle else "newstyle",
                   _tls_text(cfg.tls.mode if cfg.tls else None), self.upstream_name, info.size,
                   info.flags, info.style, _version(info.tls),
                   f"{cfg.cache_bytes} bytes" if cfg.cache_bytes else "off")
@@ -154,30 +120,9 @@ class Proxy:
     def stop(self) -> None:
         """Stop: end the session (requests in flight get no answer), close both sides."""
         self._stopping.set()
-        os.eventfd_write(self._stop_fd, 1)
-        for thread in self._threads:
-            thread.join(0.5)
-        with self._lock:
-            client = self._client
-        if client is not None:      # still in its handshake: wake it
-            try:
-                client.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass
-        alive = False
-        for thread in self._threads:
-            thread.join(5.0)
-            alive = alive or thread.is_alive()
-        for listener in self._listeners:
-            listener.close()
-        if self._listeners and self.config.unix is not None:
-            try:
-                os.unlink(self.config.unix)
-            except FileNotFoundError:
-                pass
-        if not alive:               # (else the relay may still use the descriptors)
-            _close(self._upstream)
-            _close(client)
+        # (the relay ends on the listener's stop_fd, a client in its handshake is cut)
+        if self.listener.close(timeout=5.5):
+            _close(self._upstream)  # (only then: else the relay may still use it)
 
     def exit_status(self) -> int:
         return 0
@@ -216,7 +161,11 @@ class Proxy:
     def _reconnect(self) -> bool:
         """Reconnect until a server of the same size answers; False if the proxy stops."""
         assert self.relay is not None and self.upstream_info is not None
-        _reset(self._upstream)
+        if self._upstream is not None:
+            # A reset: what the kernel still holds to send to a server we gave up on is
+            # dropped, not delivered later behind the re-sent requests' backs.
+            sockets.reset_on_close(self._upstream)
+            _close(self._upstream)
         self._upstream = None
         cfg = self.config
         started = time.monotonic()
@@ -271,80 +220,41 @@ class Proxy:
 
     # -- clients ---------------------------------------------------------------------------
 
-    def _sessions(self) -> None:
-        while True:
-            sock = self._next_client()
-            if sock is None:
-                return
-            with self._lock:
-                self._client = sock
-            try:
-                self._serve(sock)
-            except Exception as e:  # noqa: BLE001 - one client's trouble must not end the proxy
-                _log.error("client %s: %s", sockets.peer_name(sock), e, exc_info=True)
-            finally:
-                with self._lock:
-                    self._client = None
-                _close(sock)
+    def _session(self, accepted: Accepted) -> None:
+        """One client, on the listener's thread: the next waits in the backlog meanwhile."""
+        try:
+            self._serve(accepted)
+        except Exception as e:  # noqa: BLE001 - one client's trouble must not end the proxy
+            _log.error("client %s: %s", accepted.name, e, exc_info=True)
+        finally:
+            accepted.close()
 
-    def _next_client(self) -> socket.socket | None:
-        """Wait for and accept the next client (from any listener); None once the proxy
-        stops."""
-        listeners = {listener.fileno(): listener for listener in self._listeners}
-        poller = select.poll()
-        for fd in listeners:
-            poller.register(fd, select.POLLIN)
-        poller.register(self._stop_fd, select.POLLIN)
-        while not self._stopping.is_set():
-            ready = [fd for fd, _ in poller.poll()]
-            if self._stop_fd in ready:
-                return None
-            try:
-                sock, _ = listeners[ready[0]].accept()
-            except (BlockingIOError, InterruptedError):
-                continue
-            except OSError as e:
-                delay = self._backoff.failed(e)
-                if delay and select.select([self._stop_fd], [], [], delay)[0]:
-                    return None
-                continue
-            self._backoff.succeeded()
-            sock.setblocking(True)
-            return sock
-        return None
+    def _late(self, accepted: Accepted) -> None:
+        _log.warning("client %s: handshake not finished in %g s: disconnected", accepted.name,
+                     self.config.handshake_timeout)
 
     def _export_info(self) -> ExportInfo:
         assert self.upstream_info is not None
         return ExportInfo(self.upstream_info.size, block_status=False, structured_replies=False,
                           flags=offered_flags(self.upstream_info.flags))
 
-    def _serve(self, sock: socket.socket) -> None:
+    def _serve(self, accepted: Accepted) -> None:
         assert self.relay is not None
-        name = sockets.peer_name(sock)
+        sock, name = accepted.sock, accepted.name
         sockets.set_client_options(sock)
         sock.settimeout(self.config.handshake_timeout)
-        # One deadline for the whole handshake: a byte now and then must not keep the one
-        # client slot (the next clients wait behind it).
-        expired = threading.Event()
-
-        def expire() -> None:
-            expired.set()
-            _shutdown(sock)
-        deadline = threading.Timer(self.config.handshake_timeout, expire)
-        deadline.start()
+        # (The listener's deadline covers the whole handshake: a byte now and then must not
+        # keep the one client slot, the next clients wait behind it.)
         try:
             agreed = serve_handshake(sock, self._export_info(), self.config.oldstyle,
                                      self._tls)
         except (OSError, FlexnbdError) as e:
-            if expired.is_set():
-                _log.warning("client %s: handshake not finished in %g s: disconnected", name,
-                             self.config.handshake_timeout)
-            elif not self._stopping.is_set():
+            if not accepted.is_cut and not self._stopping.is_set():   # (cut: see _late)
                 _log.warning("client %s: handshake failed: %s", name,
                              e.strerror if isinstance(e, OSError) and e.strerror else e)
             return
         finally:
-            deadline.cancel()
+            accepted.handshake_done()
         if agreed is None:
             _log.info("client %s left during the handshake", name)
             return

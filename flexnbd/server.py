@@ -1,7 +1,7 @@
 """The NBD server (serve and listen modes): composes the pieces that do the work.
 
-- ``flexnbd.admission``: the listeners, accepting, the ACL and the client limits, the
-  handshake deadline and the killswitch, and cutting clients;
+- ``flexnbd.admission``: the ACL and the client limits, the killswitch, and cutting clients;
+  its ``flexnbd.listener`` binds, accepts and keeps the handshake deadline;
 - ``flexnbd.session``: one client's handshake and transmission phase (in C, without the GIL);
 - ``flexnbd.migration.listen``: in listen mode, whether a sender's session completed the
   migration, and taking control;
@@ -18,7 +18,7 @@ import os
 import threading
 from collections.abc import Callable, Sequence
 
-from flexnbd import _allocmap, _core, acl, activation, credentials, log, session, sockets
+from flexnbd import _allocmap, _core, acl, credentials, log, session, sockets
 from flexnbd._tls import TlsContext
 from flexnbd.admission import Admission, Client
 from flexnbd.config import ServeConfig
@@ -93,9 +93,6 @@ class Server:
         if self.control is not None:
             self.control.start()
         self._start_allocmap_builder()
-        where = [f"{cfg.addr} port {cfg.port}"] if cfg.addr is not None else []
-        where += [cfg.unix] if cfg.unix else []
-        where += [activation.served(sock) for sock in cfg.inherited]
         tls = cfg.tls
         if cfg.mode == "listen" and tls is not None and tls.certificates and \
                 not tls.verify_peer:
@@ -105,7 +102,7 @@ class Server:
                          "certificate) to take only your sender")
         _log.info("serving %s (%d bytes%s, %s handshake) on %s", cfg.file, self.size,
                   ", read-only" if cfg.read_only else "",
-                  "oldstyle" if cfg.oldstyle else "newstyle", " and ".join(where))
+                  "oldstyle" if cfg.oldstyle else "newstyle", self.admission.listener.where)
 
     def _start_allocmap_builder(self) -> None:
         """Build the allocation map in the background, after the server serves: on a big file

@@ -195,6 +195,15 @@ def reset_on_close(sock: socket.socket) -> None:
         pass   # already gone: there is nothing left to tell the peer
 
 
+def shutdown(sock: socket.socket) -> None:
+    """Shut both directions down: a thread blocked on the socket returns at once, and the peer
+    sees the connection end. (The descriptor stays open until close().)"""
+    try:
+        sock.shutdown(socket.SHUT_RDWR)
+    except OSError:
+        pass   # already gone
+
+
 def close_normally(sock: socket.socket) -> None:
     """Undo reset_on_close: close() then ends the connection with a FIN."""
     if sock.family not in (socket.AF_INET, socket.AF_INET6):

@@ -4,8 +4,8 @@ of the issue, numbered as there:
 
  1. half-closed clients count until their thread ends; send timeout; per-address limit
  2. the killswitch covers a request's reply
- 3. one deadline for the whole handshake (slowloris)
- 4. accept under EMFILE: no busy loop, no log flood
+ 3. one deadline for the whole handshake (slowloris), in the server and the proxy
+ 4. accept under EMFILE: no busy loop, no log flood (the server and the proxy)
  5. listen mode: bounded partial-coverage memory (EINVAL beyond it)
  6. at most 16 mirror_wait requests wait at once
  7. listen mode admits no one once the migration completed
@@ -415,10 +415,19 @@ def test_killswitch_covers_replies_that_cannot_be_sent(serve, make_file):
 # --------------------------------------------------------------------------------------------
 # 3. handshake slowloris
 
-def test_handshake_has_one_deadline_for_the_whole_handshake(serve, make_file):
+LATE = {"serve": "handshake not done in 2 s; disconnected it",
+        "proxy": "handshake not finished in 2 s: disconnected"}
+
+
+@pytest.mark.parametrize("kind", ["serve", "proxy"])
+def test_handshake_has_one_deadline_for_the_whole_handshake(serve, proxy, make_file, kind):
     """FLEXNBD_HANDSHAKE_TIMEOUT=2: a client that sends one byte of its option every 1.2 s
-    (each recv would be well within a per-recv timeout) is dropped at about 2 s."""
-    server = serve(make_file(MiB), env={"FLEXNBD_HANDSHAKE_TIMEOUT": "2"})
+    (each recv would be well within a per-recv timeout) is dropped at about 2 s, by the
+    server and by the proxy alike (one listener, one deadline), which say so once."""
+    env = {"FLEXNBD_HANDSHAKE_TIMEOUT": "2"}
+    server = serve(make_file(MiB), env=env)
+    if kind == "proxy":
+        server = proxy(server.port, env=env)
     c = raw_connect(server.port, HOSTILE)
     started = time.monotonic()
     closed_at = None
@@ -444,10 +453,22 @@ def test_handshake_has_one_deadline_for_the_whole_handshake(serve, make_file):
     # The server itself is fine.
     with admitted(server.port, HONEST) as honest:
         honest.disconnect()
+    assert log_count(server, LATE[kind]) == 1, server.log()
 
 
 # --------------------------------------------------------------------------------------------
 # 4. accept under EMFILE
+
+def assert_no_busy_loop(proc) -> None:
+    """Out of descriptors with connections waiting: over 3 s (after 0.5 s to settle) the
+    process lives and uses far less CPU than a loop retrying accept() would."""
+    time.sleep(0.5)
+    cpu_before = cpu_seconds(proc.pid)
+    time.sleep(3.0)
+    cpu = cpu_seconds(proc.pid) - cpu_before
+    assert proc.proc.poll() is None, proc.log()
+    assert cpu < 0.5, f"{cpu:.2f} s of CPU in 3 s while out of descriptors"
+
 
 def test_accept_out_of_descriptors_does_not_spin(serve, make_file):
     """With its descriptors exhausted (a low RLIMIT_NOFILE, connections held open) and more
@@ -469,12 +490,7 @@ def test_accept_out_of_descriptors_does_not_spin(serve, make_file):
             f"the holders did not use up the descriptors ({fd_count(pid)} of {limit})"
         for _ in range(8):                     # these wait in the backlog: accept() fails
             extras.append(raw_connect(server.port, HOSTILE2))
-        time.sleep(0.5)
-        cpu_before = cpu_seconds(pid)
-        time.sleep(3.0)
-        cpu = cpu_seconds(pid) - cpu_before
-        assert server.proc.poll() is None, server.log()
-        assert cpu < 0.5, f"{cpu:.2f} s of CPU in 3 s while out of descriptors"
+        assert_no_busy_loop(server)
     finally:
         close_all(holders + extras)
     with admitted(server.port, HONEST, timeout=20) as honest:
@@ -484,6 +500,31 @@ def test_accept_out_of_descriptors_does_not_spin(serve, make_file):
     assert 1 <= len(accept_lines) <= 5, f"{len(accept_lines)} accept lines (logged once per " \
         "burst of failures):\n" + "\n".join(accept_lines[:20])
     resource.prlimit(pid, resource.RLIMIT_NOFILE, (soft, hard))
+
+
+def test_proxy_accept_out_of_descriptors_does_not_spin(serve, proxy, make_file):
+    """The proxy accepts with the server's loop: out of descriptors (a RLIMIT_NOFILE at what it
+    has open), a waiting client costs no busy loop and one log line, and is served once
+    descriptors are free again."""
+    path = make_file(MiB)
+    p = proxy(serve(path).port)
+    with admitted(p.port, HONEST) as first:      # (the proxy's descriptors, all in use)
+        first.disconnect()
+    pid = p.pid
+    in_use = settled_count(fd_count, pid)
+    soft, hard = resource.prlimit(pid, resource.RLIMIT_NOFILE)
+    resource.prlimit(pid, resource.RLIMIT_NOFILE, (in_use, hard))
+    waiting = raw_connect(p.port, HONEST)
+    try:
+        assert_no_busy_loop(p)
+        resource.prlimit(pid, resource.RLIMIT_NOFILE, (soft, hard))
+        waiting.handshake()
+        assert waiting.read(4096, 4096) == content(path, 4096, 4096)
+        waiting.disconnect()
+    finally:
+        waiting.close()
+    assert len(log_lines(p, "pausing new connections")) == 1, p.log()
+    assert len(log_lines(p, "accepting again after")) == 1, p.log()
 
 
 # --------------------------------------------------------------------------------------------
