@@ -1,24 +1,30 @@
-"""Shared pieces of the benchmark scripts (run.py, sparse.py, migration.py, proxy.py, ci.py).
+"""Shared pieces of the benchmark scripts (run.py, sparse.py, migration.py, proxy.py, tls.py,
+ci.py); the scripts import this module and run.py's rows, never each other otherwise.
 
 Constants, the data files, starting and stopping servers with readiness by NBD handshake,
-CPU accounting from /proc, dropping the page cache and disk counters, running clients,
-machine facts, number formatting, the ratio marker and where results go.
+flexnbd and flexnbd-proxy command lines and their timestamped logs, a tiny NBD client, the
+loopback yardsticks (a timed sendfile, a counting splice relay), CPU accounting from /proc,
+dropping the page cache and disk counters, running clients, machine facts, number formatting,
+the ratio marker and where results go.
 Standard library only.
 """
 
 from __future__ import annotations
 
 import ctypes
+import fcntl
 import json
 import os
 import platform
 import random
+import re
 import shutil
 import signal
 import socket
 import struct
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -110,21 +116,25 @@ def allocated_bytes(path: Path) -> int:
     return path.stat().st_blocks * 512
 
 
+def seek_extents(fd: int, size: int) -> tuple[int, int]:
+    """(data extents, data bytes) of the first SIZE bytes of FD, by SEEK_DATA/SEEK_HOLE."""
+    count = data = pos = 0
+    while pos < size:
+        try:
+            start = os.lseek(fd, pos, os.SEEK_DATA)
+        except OSError:  # ENXIO: only a hole is left
+            break
+        end = os.lseek(fd, start, os.SEEK_HOLE)
+        count, data, pos = count + 1, data + end - start, end
+    return count, data
+
+
 def data_bytes(path: Path) -> int:
     """Bytes of PATH in data extents, by SEEK_DATA/SEEK_HOLE (the file's size minus its
     holes, exactly as a server that maps holes sees it; st_blocks also counts metadata)."""
-    size = path.stat().st_size
     fd = os.open(path, os.O_RDONLY)
     try:
-        data = pos = 0
-        while pos < size:
-            try:
-                start = os.lseek(fd, pos, os.SEEK_DATA)
-            except OSError:  # ENXIO: only a hole is left
-                break
-            end = os.lseek(fd, start, os.SEEK_HOLE)
-            data, pos = data + end - start, end
-        return data
+        return seek_extents(fd, path.stat().st_size)[1]
     finally:
         os.close(fd)
 
@@ -226,6 +236,10 @@ def find_exe(name: str) -> str | None:
 
 def find_flexnbd() -> str | None:
     return find_exe("flexnbd")
+
+
+def find_proxy() -> str | None:
+    return find_exe("flexnbd-proxy")
 
 
 def nbdkit_has_exit_with_parent(nbdkit: str) -> bool:
@@ -468,7 +482,81 @@ def start_daemon(cmd: list[str], pidfile: Path, logfile: IO[bytes]) -> AdoptedPr
         time.sleep(0.01)
 
 
+# ---------------------------------------------------------------- flexnbd and its logs
+
+
+def flexnbd_cmd(mode: str, port: int, path: Path, sock: Path | None = None) -> list[str]:
+    """`flexnbd MODE` (serve, listen) of PATH on HOST:PORT, verbose (-v), with a control
+    socket at SOCK if given."""
+    exe = find_flexnbd()
+    assert exe
+    cmd = [exe, mode, "--addr", HOST, "--port", str(port), "--file", str(path)]
+    return cmd + (["--sock", str(sock)] if sock is not None else []) + ["-v"]
+
+
+def proxy_cmd(port: int, upstream: int, cache: str | None) -> list[str]:
+    """flexnbd-proxy on HOST:PORT in front of HOST:UPSTREAM, verbose, with --cache=CACHE if
+    given."""
+    exe = find_proxy()
+    assert exe
+    cmd = [exe, "--addr", HOST, "--port", str(port), "--conn-addr", HOST]
+    cmd += ["--conn-port", str(upstream), "-v"]
+    return cmd + ([f"--cache={cache}"] if cache is not None else [])
+
+
+# A log line (SPEC §9): "<monotonic ms>:<D|I|W|E|F>:<pid> <thread> <module:line>: <message>".
+# CLOCK_MONOTONIC is system-wide, so the stamps compare with our own time.monotonic().
+LOG_LINE_RE = re.compile(r"^(\d+):[DIWEF]:\d+ ")
+
+
+def log_lines(path: Path) -> list[tuple[float, str]]:
+    """(monotonic s, line) of the timestamped lines of PATH's last section (Server appends
+    a '=== command' header per start)."""
+    text = path.read_text(errors="replace").split("\n=== ")[-1]
+    out = []
+    for line in text.splitlines():
+        m = LOG_LINE_RE.match(line)
+        if m:
+            out.append((int(m.group(1)) / 1000, line))
+    return out
+
+
+def log_time(path: Path, text: str, since: float = 0.0) -> float | None:
+    """When the first line containing TEXT, logged at SINCE or later, was logged."""
+    for t, line in log_lines(path):
+        if t >= since - 0.001 and text in line:  # the stamps are whole milliseconds
+            return t
+    return None
+
+
+class LoggedServer(Server):
+    """A flexnbd process (serve or proxy, with -v) that is ready when it logs ' serving '.
+
+    No readiness probe: the proxy serves one client at a time, and a probe's session would
+    have to end before fio could connect."""
+
+    def wait_ready(self, timeout: float = 20.0) -> None:
+        deadline = time.monotonic() + timeout
+        while True:
+            assert self.proc is not None
+            if self.proc.poll() is not None:
+                raise RuntimeError(
+                    f"{self.name} exited with {self.proc.returncode} at start:\n" + self.log_tail()
+                )
+            self.logfile.flush()
+            if log_time(self.logpath, " serving ") is not None:
+                return
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"{self.name} not serving after {timeout} s")
+            time.sleep(0.01)
+
+
+# ---------------------------------------------------------------- a tiny NBD client
+
+
 def recv_exact(sock: socket.socket, n: int) -> bytes:
+    """Exactly N bytes from SOCK; ConnectionError if the server closes first. (The benchmarks'
+    one receive loop: standard library only, so not flexnbd.handshake's.)"""
     data = b""
     while len(data) < n:
         chunk = sock.recv(n - len(data))
@@ -478,15 +566,31 @@ def recv_exact(sock: socket.socket, n: int) -> bytes:
     return data
 
 
+def nbd_greet(s: socket.socket) -> None:
+    """Read a fixed-newstyle greeting and send our flags (C_FIXED_NEWSTYLE, and NO_ZEROES if
+    the server offers it): S is then in the option haggling."""
+    greeting = recv_exact(s, 18)
+    if greeting[:16] != b"NBDMAGIC" + IHAVEOPT:
+        raise ConnectionError(f"unexpected NBD greeting {greeting!r}")
+    (server_flags,) = struct.unpack(">H", greeting[16:])
+    s.sendall(struct.pack(">I", 1 | (server_flags & 2)))  # C_FIXED_NEWSTYLE [NO_ZEROES]
+
+
+def nbd_option(s: socket.socket, opt: int, data: bytes = b"") -> int:
+    """Send an option, read replies up to the final one; its type."""
+    s.sendall(IHAVEOPT + struct.pack(">II", opt, len(data)) + data)
+    while True:
+        _, _, rtype, rlen = struct.unpack(">QIII", recv_exact(s, 20))
+        recv_exact(s, rlen)
+        if rtype != 3:  # NBD_REP_INFO comes before the ACK of NBD_OPT_GO
+            return rtype
+
+
 def nbd_probe(port: int) -> None:
     """Fixed-newstyle greeting, then NBD_OPT_ABORT: a polite client that leaves at once,
     so the servers' logs stay free of 'connection reset' noise."""
     with socket.create_connection((HOST, port), timeout=2) as s:
-        greeting = recv_exact(s, 18)
-        if greeting[:16] != b"NBDMAGIC" + IHAVEOPT:
-            raise ConnectionError(f"unexpected NBD greeting {greeting!r}")
-        (server_flags,) = struct.unpack(">H", greeting[16:])
-        s.sendall(struct.pack(">I", 1 | (server_flags & 2)))  # C_FIXED_NEWSTYLE [NO_ZEROES]
+        nbd_greet(s)
         s.sendall(IHAVEOPT + struct.pack(">II", 2, 0))  # NBD_OPT_ABORT, no data
         try:
             recv_exact(s, 20)  # the ACK (magic, option, type, length 0)
@@ -505,24 +609,10 @@ def nbd_read_chunks(port: int, offset: int, length: int) -> list[str]:
     'simple' for a server without structured replies). Checks what a server answers for a
     hole; a tiny client so the script needs no libnbd bindings."""
     with socket.create_connection((HOST, port), timeout=5) as s:
-        greeting = recv_exact(s, 18)
-        if greeting[:16] != b"NBDMAGIC" + IHAVEOPT:
-            raise ConnectionError(f"unexpected NBD greeting {greeting!r}")
-        (server_flags,) = struct.unpack(">H", greeting[16:])
-        s.sendall(struct.pack(">I", 1 | (server_flags & 2)))
-
-        def option(opt: int, data: bytes = b"") -> int:
-            """Send an option, read replies up to the final one; its type."""
-            s.sendall(IHAVEOPT + struct.pack(">II", opt, len(data)) + data)
-            while True:
-                _, _, rtype, rlen = struct.unpack(">QIII", recv_exact(s, 20))
-                recv_exact(s, rlen)
-                if rtype != 3:  # NBD_REP_INFO comes before the ACK of NBD_OPT_GO
-                    return rtype
-
-        structured = option(8) == 1  # NBD_OPT_STRUCTURED_REPLY -> NBD_REP_ACK?
+        nbd_greet(s)
+        structured = nbd_option(s, 8) == 1  # NBD_OPT_STRUCTURED_REPLY -> NBD_REP_ACK?
         name = EXPORT.encode()  # NBD_OPT_GO of EXPORT, no information requests
-        if option(7, struct.pack(">I", len(name)) + name + struct.pack(">H", 0)) != 1:
+        if nbd_option(s, 7, struct.pack(">I", len(name)) + name + struct.pack(">H", 0)) != 1:
             raise ConnectionError("NBD_OPT_GO refused")
         s.sendall(struct.pack(">IHHQQI", NBD_REQUEST_MAGIC, 0, 0, 1, offset, length))
         types = []
@@ -556,6 +646,114 @@ def nbdinfo_hole_bytes(port: int) -> int | None:
         if len(fields) >= 3 and int(fields[2]) & 1:  # NBD_STATE_HOLE
             holes += int(fields[1])
     return holes
+
+
+# ---------------------------------------------------------------- loopback yardsticks
+
+
+def loopback_copy_s(
+    path: Path,
+    size: int,
+    bufsize: int,
+    what: str,
+    sink: Callable[[memoryview, int], None] | None = None,
+) -> float:
+    """Seconds to sendfile() SIZE bytes of PATH into a loopback TCP socket whose other end, a
+    thread, recv_into()s a BUFSIZE buffer until EOF and hands each piece and its offset to
+    SINK (if any). RuntimeError "WHAT moved N of SIZE bytes" if not all arrived. Both calls
+    drop the GIL, so the two threads run in parallel at C speed."""
+    with socket.create_server((HOST, 0)) as listener:
+        got = [0]
+
+        def receive() -> None:
+            conn, _ = listener.accept()
+            buf = bytearray(bufsize)
+            view = memoryview(buf)
+            with conn:
+                while n := conn.recv_into(buf):
+                    if sink is not None:
+                        sink(view[:n], got[0])
+                    got[0] += n
+
+        thread = threading.Thread(target=receive)
+        thread.start()
+        start = time.monotonic()
+        with socket.create_connection(listener.getsockname()) as s, open(path, "rb") as f:
+            s.sendfile(f, 0, size)
+        thread.join()
+        elapsed = time.monotonic() - start
+    if got[0] != size:
+        raise RuntimeError(f"{what} moved {got[0]} of {size} bytes")
+    return elapsed
+
+
+class CountingRelay:
+    """A TCP relay HOST:port -> HOST:target that counts the bytes in each direction.
+
+    Data moves with splice() through a pipe, never through Python buffers, so the relay
+    costs little CPU. Every accepted connection is relayed (a retrying mirror reconnects).
+    """
+
+    def __init__(self, target: int):
+        self.target = target
+        self.listener = socket.create_server((HOST, 0))
+        self.port = self.listener.getsockname()[1]
+        self.to_target = self.from_target = self.connections = 0
+        self.lock = threading.Lock()
+        self.threads: list[threading.Thread] = []
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                conn, _ = self.listener.accept()
+            except OSError:
+                return  # closed
+            try:
+                upstream = socket.create_connection((HOST, self.target))
+            except OSError:
+                conn.close()
+                continue
+            self.connections += 1
+            for sock in (conn, upstream):  # forward small requests and replies at once
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            for src, dst, up in ((conn, upstream, True), (upstream, conn, False)):
+                t = threading.Thread(target=self._pump, args=(src, dst, up), daemon=True)
+                t.start()
+                self.threads.append(t)
+
+    def _pump(self, src: socket.socket, dst: socket.socket, up: bool) -> None:
+        r, w = os.pipe()
+        try:
+            fcntl.fcntl(w, fcntl.F_SETPIPE_SZ, MiB)
+        except OSError:
+            pass
+        try:
+            while n := os.splice(src.fileno(), w, MiB):
+                with self.lock:
+                    if up:
+                        self.to_target += n
+                    else:
+                        self.from_target += n
+                while n:
+                    n -= os.splice(r, dst.fileno(), n)
+        except OSError:
+            pass
+        finally:
+            os.close(r)
+            os.close(w)
+            try:
+                dst.shutdown(socket.SHUT_WR)
+            except OSError:
+                pass
+
+    def close(self, timeout: float = 10.0) -> None:
+        self.listener.close()
+        for t in self.threads:
+            t.join(timeout)
+
+
+# ---------------------------------------------------------------- CPU from /proc
 
 
 def read_stat(pid: int) -> list[str] | None:

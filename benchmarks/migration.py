@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import fcntl
 import json
 import math
 import os
@@ -50,30 +49,38 @@ from typing import Any
 from common import (
     DEFAULT_WORKDIR,
     HOST,
+    CountingRelay,
     DiskStats,
     GiB,
+    LoggedServer,
     MiB,
     Server,
     allocated_bytes,
     default_json,
     drop_caches,
     find_flexnbd,
+    find_proxy,
     finish_report,
+    flexnbd_cmd,
     flexnbd_module,
     fmt,
     free_port,
     git_head,
     log,
+    log_time,
+    loopback_copy_s,
     machine_info,
     make_data_file,
     make_sparse_file,
     parse_size,
+    proxy_cmd,
     run_script,
     select,
     server_version,
     settle,
     size_text,
 )
+from run import ROWS, fio_command
 
 # flexnbd 0.5.0's migration times: EXTERNAL figures, quoted from issue 5 (measured by hand on
 # this kind of machine then), not measured by this script, and valid for the sizes they were
@@ -94,97 +101,8 @@ COMPLETED_RE = re.compile(
 )
 ENDGAME_RE = re.compile(r"mirror endgame: (\d+) bytes dirty")
 MAP_RE = re.compile(r"allocation map: built with (\w+) in (\d+) ms")
-# A log line (SPEC §9) starts with the CLOCK_MONOTONIC milliseconds, comparable with ours.
-STAMP_RE = re.compile(r"^(\d+):[DIWEF]:\d+ ")
-
-# ---------------------------------------------------------------- counting relay
-
-
-class CountingRelay:
-    """A TCP relay HOST:port -> HOST:target that counts the bytes in each direction.
-
-    Data moves with splice() through a pipe, never through Python buffers, so the relay
-    costs little CPU. Every accepted connection is relayed (a retrying mirror reconnects).
-    """
-
-    def __init__(self, target: int):
-        self.target = target
-        self.listener = socket.create_server((HOST, 0))
-        self.port = self.listener.getsockname()[1]
-        self.to_target = self.from_target = self.connections = 0
-        self.lock = threading.Lock()
-        self.threads: list[threading.Thread] = []
-        threading.Thread(target=self._accept, daemon=True).start()
-
-    def _accept(self) -> None:
-        while True:
-            try:
-                conn, _ = self.listener.accept()
-            except OSError:
-                return  # closed
-            try:
-                upstream = socket.create_connection((HOST, self.target))
-            except OSError:
-                conn.close()
-                continue
-            self.connections += 1
-            for sock in (conn, upstream):  # forward small requests and replies at once
-                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            for src, dst, up in ((conn, upstream, True), (upstream, conn, False)):
-                t = threading.Thread(target=self._pump, args=(src, dst, up), daemon=True)
-                t.start()
-                self.threads.append(t)
-
-    def _pump(self, src: socket.socket, dst: socket.socket, up: bool) -> None:
-        r, w = os.pipe()
-        try:
-            fcntl.fcntl(w, fcntl.F_SETPIPE_SZ, MiB)
-        except OSError:
-            pass
-        try:
-            while n := os.splice(src.fileno(), w, MiB):
-                with self.lock:
-                    if up:
-                        self.to_target += n
-                    else:
-                        self.from_target += n
-                while n:
-                    n -= os.splice(r, dst.fileno(), n)
-        except OSError:
-            pass
-        finally:
-            os.close(r)
-            os.close(w)
-            try:
-                dst.shutdown(socket.SHUT_WR)
-            except OSError:
-                pass
-
-    def close(self, timeout: float = 10.0) -> None:
-        self.listener.close()
-        for t in self.threads:
-            t.join(timeout)
-
 
 # ---------------------------------------------------------------- helpers
-
-
-def flexnbd_cmd(mode: str, port: int, path: Path, sock: Path) -> list[str]:
-    exe = find_flexnbd()
-    assert exe
-    return [
-        exe,
-        mode,
-        "--addr",
-        HOST,
-        "--port",
-        str(port),
-        "--file",
-        str(path),
-        "--sock",
-        str(sock),
-        "-v",
-    ]
 
 
 def fresh_destination(path: Path, size: int) -> None:
@@ -199,34 +117,17 @@ def raw_copy_s(src: Path, dst: Path, size: int) -> float:
     fresh DST; seconds. The bare copy a dense migration does, without NBD and without the
     destination's final fdatasync."""
     fresh_destination(dst, size)
-    with socket.create_server((HOST, 0)) as listener:
-        got = [0]
+    fd = os.open(dst, os.O_WRONLY)
 
-        def receive() -> None:
-            conn, _ = listener.accept()
-            buf = bytearray(8 * MiB)
-            view = memoryview(buf)
-            fd = os.open(dst, os.O_WRONLY)
-            try:
-                with conn:
-                    while n := conn.recv_into(buf):
-                        k = 0
-                        while k < n:
-                            k += os.pwrite(fd, view[k:n], got[0] + k)
-                        got[0] += n
-            finally:
-                os.close(fd)
+    def write(piece: memoryview, offset: int) -> None:
+        k = 0
+        while k < len(piece):
+            k += os.pwrite(fd, piece[k:], offset + k)
 
-        thread = threading.Thread(target=receive)
-        thread.start()
-        start = time.monotonic()
-        with socket.create_connection(listener.getsockname()) as s, open(src, "rb") as f:
-            s.sendfile(f, 0, size)
-        thread.join()
-        elapsed = time.monotonic() - start
-    if got[0] != size:
-        raise RuntimeError(f"raw copy moved {got[0]} of {size} bytes")
-    return elapsed
+    try:
+        return loopback_copy_s(src, size, 8 * MiB, "raw copy", write)
+    finally:
+        os.close(fd)
 
 
 def wait_for_log(path: Path, pattern: re.Pattern, timeout: float) -> re.Match | None:
@@ -288,15 +189,6 @@ def keep_logs(errors: list[str], logs: list[Path], what: str) -> None:
         shutil.copyfile(path, copy)
         kept.append(str(copy))
     errors.append("logs kept: " + ", ".join(kept))
-
-
-def log_stamp(path: Path, text: str) -> float | None:
-    """The monotonic time (s) of the first line of PATH containing TEXT, from its stamp."""
-    for line in path.read_text(errors="replace").splitlines():
-        m = STAMP_RE.match(line)
-        if m and text in line:
-            return int(m.group(1)) / 1000
-    return None
 
 
 # ---------------------------------------------------------------- the control socket
@@ -577,8 +469,6 @@ def migrate_once(
 
 def latency_fio_command(port: int, runtime: float) -> list[str]:
     """run.py's 'fio rand read 4k qd1' job, with percentiles of the total latency too."""
-    from run import ROWS, fio_command
-
     cmd = fio_command(port, ROWS["fio rand read 4k qd1"], math.ceil(runtime))
     return cmd + ["--lat_percentiles=1", "--percentile_list=50:90:99:99.9"]
 
@@ -621,8 +511,6 @@ def latency_once(
     inside the transfer. 'endgame': as 'migrating', fio running until 2 s past the end of the
     transfer: the endgame disconnects the proxy from the source, which it must hide from fio
     (not in the medians)."""
-    from proxy import LoggedServer, proxy_cmd  # proxy.py imports this module: import late
-
     errors: list[str] = []
     migrating = kind != "idle"
     speed = args.latency_speed
@@ -686,7 +574,7 @@ def latency_once(
             result["mirror_done_s"] = (req.t_done - t0) if req.t_done else None
             result["fio_started_s"] = t_fio0 - t0
             result["fio_ended_s"] = t_fio1 - t0
-            t_end = log_stamp(src_log, "mirror endgame")
+            t_end = log_time(src_log, "mirror endgame")
             result["endgame_s"] = t_end - t0 if t_end else None
             result["endgame_in_fio_window"] = bool(t_end and t_fio0 <= t_end <= t_fio1)
             m = COMPLETED_RE.search(src_log.read_text(errors="replace"))
@@ -1035,8 +923,6 @@ def main(argv: list[str] | None = None) -> int:
             log(f"fio not found: skipping the '{case}' case")
             cases.remove(case)
     if "latency" in cases:
-        from proxy import find_proxy
-
         if not find_proxy():
             log("flexnbd-proxy not found: skipping the 'latency' case")
             cases.remove("latency")

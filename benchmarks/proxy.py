@@ -25,7 +25,6 @@ import bisect
 import datetime
 import os
 import random
-import re
 import shutil
 import signal
 import socket
@@ -39,24 +38,31 @@ from pathlib import Path
 from common import (
     DEFAULT_WORKDIR,
     HOST,
-    IHAVEOPT,
     NBD_REQUEST_MAGIC,
     NBD_SIMPLE_REPLY_MAGIC,
     RATIO_MARK,
     ClientError,
+    CountingRelay,
     GiB,
+    LoggedServer,
     Server,
     default_json,
-    find_exe,
     find_flexnbd,
+    find_proxy,
     finish_report,
+    flexnbd_cmd,
     fmt,
     free_port,
     git_head,
     log,
+    log_lines,
+    log_time,
     machine_info,
     make_data_file,
+    nbd_greet,
+    nbd_option,
     parse_size,
+    proxy_cmd,
     ratio_text,
     recv_exact,
     run_script,
@@ -65,7 +71,6 @@ from common import (
     settle,
     size_text,
 )
-from migration import CountingRelay
 from run import ROWS, WARMUP_SHARE, children_cpu, run_fio
 
 # The rows of run.py measured here (same fio jobs), in this order.
@@ -83,71 +88,6 @@ ROW_ALIASES = {
 }
 TARGET_RATIO = RATIO_MARK  # through the proxy, at least this fraction of the direct figure
 SIGNALS = {"SIGKILL": signal.SIGKILL, "SIGTERM": signal.SIGTERM}
-
-# A log line (SPEC §9): "<monotonic ms>:<D|I|W|E|F>:<pid> <thread> <module:line>: <message>".
-# CLOCK_MONOTONIC is system-wide, so the stamps compare with our own time.monotonic().
-LOG_LINE_RE = re.compile(r"^(\d+):[DIWEF]:\d+ ")
-
-
-def find_proxy() -> str | None:
-    return find_exe("flexnbd-proxy")
-
-
-def serve_cmd(port: int, path: Path) -> list[str]:
-    exe = find_flexnbd()
-    assert exe
-    return [exe, "serve", "--addr", HOST, "--port", str(port), "--file", str(path), "-v"]
-
-
-def proxy_cmd(port: int, upstream: int, cache: str | None) -> list[str]:
-    exe = find_proxy()
-    assert exe
-    cmd = [exe, "--addr", HOST, "--port", str(port), "--conn-addr", HOST]
-    cmd += ["--conn-port", str(upstream), "-v"]
-    return cmd + ([f"--cache={cache}"] if cache is not None else [])
-
-
-def log_lines(path: Path) -> list[tuple[float, str]]:
-    """(monotonic s, line) of the timestamped lines of PATH's last section (Server appends
-    a '=== command' header per start)."""
-    text = path.read_text(errors="replace").split("\n=== ")[-1]
-    out = []
-    for line in text.splitlines():
-        m = LOG_LINE_RE.match(line)
-        if m:
-            out.append((int(m.group(1)) / 1000, line))
-    return out
-
-
-def log_time(path: Path, text: str, since: float = 0.0) -> float | None:
-    """When the first line containing TEXT, logged at SINCE or later, was logged."""
-    for t, line in log_lines(path):
-        if t >= since - 0.001 and text in line:  # the stamps are whole milliseconds
-            return t
-    return None
-
-
-class LoggedServer(Server):
-    """A flexnbd process (serve or proxy, with -v) that is ready when it logs ' serving '.
-
-    No readiness probe: the proxy serves one client at a time, and a probe's session would
-    have to end before fio could connect."""
-
-    def wait_ready(self, timeout: float = 20.0) -> None:
-        deadline = time.monotonic() + timeout
-        while True:
-            assert self.proc is not None
-            if self.proc.poll() is not None:
-                raise RuntimeError(
-                    f"{self.name} exited with {self.proc.returncode} at start:\n" + self.log_tail()
-                )
-            self.logfile.flush()
-            if log_time(self.logpath, " serving ") is not None:
-                return
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"{self.name} not serving after {timeout} s")
-            time.sleep(0.01)
-
 
 # ---------------------------------------------------------------- throughput
 
@@ -186,7 +126,7 @@ def measure_sample(
     slog, plog = workdir / "proxy-bench-server.log", workdir / "proxy-bench-proxy.log"
     sample: dict = {"order": list(order)}
     with (
-        LoggedServer("flexnbd", sport, data, slog, serve_cmd(sport, data)) as server,
+        LoggedServer("flexnbd", sport, data, slog, flexnbd_cmd("serve", sport, data)) as server,
         LoggedServer("flexnbd-proxy", pport, data, plog, proxy_cmd(pport, sport, args.cache)) as px,
     ):
         ports = {"warm-up": px.port, "direct": server.port, "proxy": px.port}
@@ -291,19 +231,10 @@ def nbd_connect(port: int) -> socket.socket:
     (so every READ gets a simple reply); a socket in transmission phase."""
     s = socket.create_connection((HOST, port), timeout=120)
     try:
-        greeting = recv_exact(s, 18)
-        if greeting[:16] != b"NBDMAGIC" + IHAVEOPT:
-            raise ConnectionError(f"unexpected NBD greeting {greeting!r}")
-        (server_flags,) = struct.unpack(">H", greeting[16:])
-        s.sendall(struct.pack(">I", 1 | (server_flags & 2)))
-        s.sendall(IHAVEOPT + struct.pack(">II", 7, 6) + struct.pack(">IH", 0, 0))  # GO
-        while True:
-            _, _, rtype, rlen = struct.unpack(">QIII", recv_exact(s, 20))
-            recv_exact(s, rlen)
-            if rtype == 1:  # NBD_REP_ACK
-                break
-            if rtype != 3:  # anything but NBD_REP_INFO: an error
-                raise ConnectionError(f"NBD_OPT_GO refused ({rtype:#x})")
+        nbd_greet(s)
+        rtype = nbd_option(s, 7, struct.pack(">IH", 0, 0))  # GO, no name, no requests
+        if rtype != 1:  # not NBD_REP_ACK: an error
+            raise ConnectionError(f"NBD_OPT_GO refused ({rtype:#x})")
         s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         return s
     except BaseException:
@@ -373,7 +304,8 @@ def pause_test(data: Path, size: int, args: argparse.Namespace, workdir: Path) -
         p.write_text("")
     events: list[dict] = []
     errors: list[str] = []
-    upstream = LoggedServer("flexnbd", sport, data, slog, serve_cmd(sport, data)).__enter__()
+    scmd = flexnbd_cmd("serve", sport, data)
+    upstream = LoggedServer("flexnbd", sport, data, slog, scmd).__enter__()
     reader: ReadLoop | None = None
     try:
         with LoggedServer("flexnbd-proxy", pport, data, plog, proxy_cmd(pport, sport, None)) as px:
@@ -392,7 +324,7 @@ def pause_test(data: Path, size: int, args: argparse.Namespace, workdir: Path) -
                 upstream.stop()  # reaped already: closes its log
                 time.sleep(max(0.0, t_stop + args.downtime - time.monotonic()))
                 t_start = time.monotonic()
-                upstream = LoggedServer("flexnbd", sport, data, slog, serve_cmd(sport, data))
+                upstream = LoggedServer("flexnbd", sport, data, slog, scmd)
                 upstream.__enter__()
                 t_serving = log_time(slog, " serving ") or time.monotonic()
                 deadline = time.monotonic() + 60
@@ -557,7 +489,7 @@ def main(argv: list[str] | None = None) -> int:
         "quick": args.quick,
         "proxy_cache": args.cache or "off (no --cache)",
         "commands": {
-            "server": " ".join(serve_cmd(0, data)).replace("--port 0", "--port S"),
+            "server": " ".join(flexnbd_cmd("serve", 0, data)).replace("--port 0", "--port S"),
             "proxy": " ".join(proxy_cmd(0, 0, args.cache))
             .replace("--port 0 ", "--port P ")
             .replace("--conn-port 0", "--conn-port S"),

@@ -22,16 +22,13 @@ import functools
 import json
 import os
 import shutil
-import socket
 import statistics
 import subprocess
-import threading
 import time
 from pathlib import Path
 
 from common import (
     DEFAULT_WORKDIR,
-    HOST,
     RATIO_MARK,
     SERVER_NAMES,
     ClientError,
@@ -45,6 +42,7 @@ from common import (
     free_port,
     git_head,
     log,
+    loopback_copy_s,
     machine_info,
     make_data_file,
     make_sparse_file,
@@ -259,29 +257,9 @@ def measure(server: Server, row: dict, size: int, runtime: int) -> dict:
 LOOPBACK_RECV_SIZES = {"4M": 4 * MiB, "256K": 256 * 1024}
 
 
-def receive_all(listener: socket.socket, bufsize: int, got: list[int]) -> None:
-    """Accept one connection and count what arrives until EOF."""
-    conn, _ = listener.accept()
-    buf = bytearray(bufsize)
-    with conn:
-        while n := conn.recv_into(buf):
-            got[0] += n
-
-
 def loopback_once(path: Path, size: int, bufsize: int) -> float:
     """sendfile() SIZE bytes of PATH into a loopback TCP socket, recv_into() them; MiB/s."""
-    with socket.create_server((HOST, 0)) as listener:
-        got = [0]
-        thread = threading.Thread(target=receive_all, args=(listener, bufsize, got))
-        thread.start()
-        start = time.monotonic()
-        with socket.create_connection(listener.getsockname()) as s, open(path, "rb") as f:
-            s.sendfile(f, 0, size)
-        thread.join()
-        elapsed = time.monotonic() - start
-    if got[0] != size:
-        raise RuntimeError(f"loopback test moved {got[0]} of {size} bytes")
-    return size / MiB / elapsed
+    return size / MiB / loopback_copy_s(path, size, bufsize, "loopback test")
 
 
 def loopback_mib_s(path: Path, size: int, runs: int = 3) -> dict[str, float]:

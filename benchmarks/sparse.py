@@ -31,6 +31,7 @@ from common import (
     machine_info,
     parse_size,
     run_script,
+    seek_extents,
     size_text,
 )
 
@@ -51,20 +52,6 @@ def make_file(path: Path, size: int, extents: int, seed: int) -> list[int]:
     finally:
         os.close(fd)
     return offsets
-
-
-def seek_extents(fd: int, size: int) -> tuple[int, int]:
-    """Independent count: (extents, data bytes) by SEEK_DATA/SEEK_HOLE."""
-    count = data = 0
-    pos = 0
-    while pos < size:
-        try:
-            start = os.lseek(fd, pos, os.SEEK_DATA)
-        except OSError:  # ENXIO: only a hole is left
-            break
-        end = os.lseek(fd, start, os.SEEK_HOLE)
-        count, data, pos = count + 1, data + end - start, end
-    return count, data
 
 
 def time_build(fd: int, size: int, method: str) -> dict:

@@ -1,6 +1,11 @@
 """Shared fixtures: real flexnbd processes on ephemeral ports, temporary files, real tools.
 
 Every process started here is killed at the end of the test, pass or fail.
+
+The fixtures of tests/support are registered here, once, for every test (``pytest_plugins``):
+``start_server`` (support/control.py), ``pair`` (support/migration.py), ``psk``, ``x509``,
+``kind``, ``creds`` and ``nbdkit_tls`` (support/tlscreds.py). A test asks for them by name;
+no test module imports or re-exports a fixture.
 """
 
 from __future__ import annotations
@@ -15,6 +20,10 @@ import time
 from pathlib import Path
 
 import pytest
+
+# The helpers' asserts (tests/support) report their values as a test's own asserts do.
+pytest.register_assert_rewrite("tests.support")
+pytest_plugins = ["tests.support.control", "tests.support.migration", "tests.support.tlscreds"]
 
 FLEXNBD = [sys.executable, "-m", "flexnbd"]
 # The proxy's console script, installed beside the interpreter (pip install -e . puts it there).

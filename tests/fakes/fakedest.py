@@ -61,6 +61,7 @@ from dataclasses import dataclass, field
 
 from flexnbd import wire
 from tests.fakes.accepting import accept_until, close_all
+from tests.support.rawclient import ServerClosed, recv_exact
 
 ZERO_4K = bytes(4096)
 
@@ -212,20 +213,16 @@ class FakeDest:
     # -- one connection ------------------------------------------------------------------
 
     def _recv(self, sock: socket.socket, rec: ConnRecord, n: int) -> bytes:
-        data = bytearray()
-        while len(data) < n:
-            try:
-                chunk = sock.recv(min(n - len(data), 1 << 20))
-            except ConnectionResetError:
-                rec.peer_reset = True
-                chunk = b""
-            except OSError:
-                chunk = b""
-            if not chunk:
-                raise _Closed()
-            data += chunk
-            rec.bytes_read += len(chunk)
-        return bytes(data)
+        def count(k: int) -> None:
+            rec.bytes_read += k
+
+        try:
+            return recv_exact(sock, n, count)
+        except ServerClosed as e:
+            rec.peer_reset = rec.peer_reset or e.reset
+            raise _Closed() from e
+        except OSError as e:
+            raise _Closed() from e
 
     def _serve(self, sock: socket.socket, rec: ConnRecord) -> None:
         s = rec.script

@@ -6,7 +6,8 @@ ranges too, as zero-filled WRITEs: 0.5.0 knew no WRITE_ZEROES), check every repl
 0, cookie), then send DISC and close.
 
 ``send_disk(host, port, path)`` returns ``SendStats``; it raises ``SenderError`` on anything
-unexpected. Also runnable: ``python -m tests.fakes.oldsender HOST PORT FILE``.
+unexpected, ``ServerClosed`` (tests/support/rawclient.py) if the listener closes the connection
+while a reply is due. Also runnable: ``python -m tests.fakes.oldsender HOST PORT FILE``.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import sys
 from dataclasses import dataclass
 
 from flexnbd import wire
+from tests.support.rawclient import recv_exact
 
 COOKIE = wire.MIRROR_COOKIE
 CHUNK = 1 << 20          # 0.5.0 sent the disk in pieces of about this size
@@ -35,19 +37,9 @@ class SendStats:
     zero_requests: int = 0       # WRITEs whose payload was all zeroes
 
 
-def _recv_exact(sock: socket.socket, n: int) -> bytes:
-    data = bytearray()
-    while len(data) < n:
-        chunk = sock.recv(n - len(data))
-        if not chunk:
-            raise SenderError(f"the listener closed the connection ({len(data)} of {n} bytes)")
-        data += chunk
-    return bytes(data)
-
-
 def read_oldstyle_greeting(sock: socket.socket) -> tuple[int, int]:
     """(size, flags) from a 152-byte oldstyle greeting."""
-    greeting = _recv_exact(sock, wire.OLDSTYLE_GREETING_SIZE)
+    greeting = recv_exact(sock, wire.OLDSTYLE_GREETING_SIZE)
     magic, old_magic, size, flags = struct.unpack(">QQQI", greeting[:28])
     if magic != wire.NBDMAGIC or old_magic != wire.OLDSTYLE_MAGIC:
         raise SenderError("not an oldstyle greeting")
@@ -55,7 +47,7 @@ def read_oldstyle_greeting(sock: socket.socket) -> tuple[int, int]:
 
 
 def _check_reply(sock: socket.socket) -> None:
-    magic, error, cookie = struct.unpack(">IIQ", _recv_exact(sock, wire.SIMPLE_REPLY_SIZE))
+    magic, error, cookie = struct.unpack(">IIQ", recv_exact(sock, wire.SIMPLE_REPLY_SIZE))
     if magic != wire.SIMPLE_REPLY_MAGIC:
         raise SenderError(f"bad reply magic {magic:#x}")
     if cookie != COOKIE:

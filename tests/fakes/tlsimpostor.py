@@ -49,6 +49,7 @@ from pathlib import Path
 from flexnbd import wire
 from flexnbd._tls import TlsContext, TlsSession
 from tests.fakes.accepting import accept_until, close_all
+from tests.support.rawclient import recv_exact
 
 TRICKLE_GAP = 0.3       # seconds between two trickled bytes, by default
 FORGED = 0xAA           # what a READ gets
@@ -221,15 +222,11 @@ class Impostor:
     # -- the impostor itself --------------------------------------------------------------------
 
     def _recv(self, chan, conn: Conn, n: int) -> bytes:
-        data = bytearray()
-        while len(data) < n:
-            chunk = chan.recv(min(n - len(data), CHUNK))
-            if not chunk:
-                raise ConnectionError("the client closed the connection")
+        def count(k: int) -> None:
             if conn.counting:
-                conn.received += len(chunk)
-            data += chunk
-        return bytes(data)
+                conn.received += k
+
+        return recv_exact(chan, n, count)
 
     def _serve(self, conn: Conn, sock: socket.socket) -> None:
         sock.settimeout(TIMEOUT)

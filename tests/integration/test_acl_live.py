@@ -13,8 +13,6 @@ from tests.support import control as cu
 from tests.support.rawclient import RawClient
 from tests.support.waiting import wait_until
 
-start_server = cu.start_server
-
 MiB = 1 << 20
 
 needs_ipv6 = pytest.mark.skipif(not cu.ipv6_loopback(), reason="no IPv6 loopback here")

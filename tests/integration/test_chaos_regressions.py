@@ -13,14 +13,10 @@ from tests.support.migration import (
     assert_completed,
     logs,
     mirror_request,
-    pair,
     same_files,
     wait_exit,
 )
 from tests.support.waiting import wait_until
-
-start_server = cu.start_server
-pair = pair
 
 MiB = 1024 * 1024
 

@@ -22,8 +22,6 @@ from tests.support import control as cu
 from tests.support.rawclient import RawClient
 from tests.support.waiting import wait_until
 
-start_server = cu.start_server
-
 MiB = 1 << 20
 
 

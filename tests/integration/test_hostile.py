@@ -54,12 +54,9 @@ from tests.support.hostile import (
     settled_count,
     task_count,
 )
-from tests.support.migration import mirror_request, pair, wait_exit
+from tests.support.migration import mirror_request, wait_exit
 from tests.support.rawclient import RawClient, ServerClosed
 from tests.support.waiting import wait_until as wait_for
-
-start_server = cu.start_server
-__all__ = ["pair", "start_server"]
 
 KiB = 1 << 10
 MiB = 1 << 20
@@ -81,8 +78,6 @@ def content(path: Path, offset: int, length: int) -> bytes:
     with open(path, "rb") as f:
         f.seek(offset)
         return f.read(length)
-
-
 
 
 def admitted(port: int, bind: str | None = None, timeout: float = 15.0, rcvbuf: int | None = None,
@@ -115,23 +110,11 @@ def refused(port: int, bind: str | None = None, timeout: float = 10.0) -> bool:
         return cu.closed_without_a_byte(c.sock, timeout)
 
 
-
-
-
-
-
-
-
-
 def cpu_seconds(pid: int) -> float:
     """utime + stime of the whole process."""
     with open(f"/proc/{pid}/stat") as f:
         fields = f.read().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
-
-
 
 
 LOG_LINE = re.compile(r"^\d+:[DIWEF]:\d+ \S+ \S+:\d+: (.*)$")
@@ -152,8 +135,6 @@ def log_lines(server, text: str) -> list[str]:
 
 def log_count(server, text: str) -> int:
     return len(log_lines(server, text))
-
-
 
 
 def close_all(clients) -> None:

@@ -46,8 +46,6 @@ from tests.support.migration import (
 )
 from tests.support.waiting import wait_until
 
-start_server = cu.start_server
-
 BS = 4096
 STATUS_KEYS = ["pid", "size", "is_mirroring", "clients_allowed", "num_clients", "has_control"]
 MIGRATION_KEYS = ["migration_speed", "migration_duration", "migration_seconds_left",
@@ -56,35 +54,6 @@ MIGRATION_KEYS = ["migration_speed", "migration_duration", "migration_seconds_le
 
 # --------------------------------------------------------------------------------------------
 # helpers (shared with the other migration test files)
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
 
 
 # --------------------------------------------------------------------------------------------
@@ -461,8 +430,6 @@ def test_qemu_io_writes_during_a_slow_first_pass(pair, make_file):
         time.sleep(0.3)
     assert done >= 2, p.src.log()
     assert_completed(p)
-
-
 
 
 def test_client_vanishing_mid_payload_during_the_migration(pair, make_file):

@@ -31,7 +31,6 @@ from tests.support.migration import (
     KiB,
     MiB,
     _disc,
-    _recv_exact,
     _request,
     _sender,
     _write_all,
@@ -40,17 +39,13 @@ from tests.support.migration import (
     mirror_cli,
     mirror_request,
     out,
-    pair,
     running,
     same_files,
     sparse_file,
     wait_exit,
 )
-from tests.support.rawclient import RawClient, ServerClosed
+from tests.support.rawclient import RawClient, ServerClosed, recv_exact
 from tests.support.waiting import wait_until
-
-start_server = cu.start_server
-__all__ = ["pair", "start_server"]
 
 SHORT_LIMIT = {"FLEXNBD_MS_REQUEST_LIMIT_SECS": "2"}
 OLD_GREETING = wire.OLDSTYLE_GREETING_SIZE          # 152 bytes down before the first reply
@@ -300,24 +295,14 @@ def test_sigterm_while_retrying_exits_1(pair, make_file):
 SIZE = 2 * MiB
 
 
-
-
-
-
-
-
-
-
-
-
 def fault_close_after_greeting(port, data):
     with socket.create_connection(("127.0.0.1", port), timeout=15) as s:
-        _recv_exact(s, 18)
+        recv_exact(s, 18)
 
 
 def fault_close_in_options(port, data):
     with socket.create_connection(("127.0.0.1", port), timeout=15) as s:
-        _recv_exact(s, 18)
+        recv_exact(s, 18)
         s.sendall(struct.pack(">I", wire.FLAG_C_FIXED_NEWSTYLE | wire.FLAG_C_NO_ZEROES))
 
 
@@ -410,7 +395,7 @@ def fault_reads_only(port, data):
     s, _ = _sender(port)
     with s:
         s.sendall(wire.pack_request(wire.CMD_READ, 0, SIZE, COOKIE))
-        _recv_exact(s, REPLY + SIZE)
+        recv_exact(s, REPLY + SIZE)
         assert _disc(s) == "reset"
 
 

@@ -51,15 +51,11 @@ from tests.support.migration import (
     mirror_cli,
     mirror_request,
     out,
-    pair,
     running,
     same_files,
     wait_exit,
 )
 from tests.support.waiting import wait_until
-
-start_server = cu.start_server
-__all__ = ["pair", "start_server"]
 
 LIMIT = 2.0
 SHORT = {"FLEXNBD_MS_REQUEST_LIMIT_SECS": str(LIMIT)}
@@ -241,20 +237,30 @@ def test_mirror_into_a_050_listener_sends_flush(start_server, make_file, tmp_pat
     assert same_files(src_file, dst_file)
 
 
-def test_real_listener_unlink_and_wait(pair, make_file, tmp_path):
-    """Against a real listener: `mirror --wait --unlink` exits 0 with "migration completed",
-    both ends exit 0, FILE is gone and the copy is whole. The listener (under the sync shim,
-    failing nothing) synced its file at least twice: for the FLUSH and when it took control."""
+def _listener_failing_syncs(pair, make_file, tmp_path, skip: int, size: int = SIZE,
+                            dst_args: tuple[str, ...] = ()):
+    """A source of ``size`` bytes and a real listener (``dst_args``) whose syncs of its file
+    fail with EIO after the first ``skip`` (tests/fakes/failsync.py; a huge ``skip``: none
+    fails); (pair, source file, a copy of it, the sync log)."""
     lib = failsync.build(tmp_path)
-    src_file = make_file(SIZE)
+    src_file = make_file(size)
     copy = tmp_path / "copy.img"
     shutil.copyfile(src_file, copy)
     dst_file = tmp_path / "dst.img"
     with open(dst_file, "wb") as f:
-        f.truncate(SIZE)
+        f.truncate(size)
     synclog = tmp_path / "sync.log"
-    p = pair(src_file, dst_file, src_env=SHORT,
-             dst_env=failsync.environment(lib, dst_file, skip=10**9, log=synclog))
+    p = pair(src_file, dst_file, dst_args=dst_args, src_env=SHORT,
+             dst_env=failsync.environment(lib, dst_file, skip=skip, log=synclog))
+    return p, src_file, copy, synclog
+
+
+def test_real_listener_unlink_and_wait(pair, make_file, tmp_path):
+    """Against a real listener: `mirror --wait --unlink` exits 0 with "migration completed",
+    both ends exit 0, FILE is gone and the copy is whole. The listener (under the sync shim,
+    failing nothing) synced its file at least twice: for the FLUSH and when it took control."""
+    p, src_file, copy, synclog = _listener_failing_syncs(pair, make_file, tmp_path, skip=10**9)
+    dst_file = p.dst_file
     rc, stdout, stderr = finish(mirror_wait_bg(p.src, p.dst.port, "--unlink"))
     assert rc == 0 and "migration completed" in stdout, (rc, stdout, stderr)
     assert (wait_exit(p.src), wait_exit(p.dst)) == (0, 0), logs(p.src, p.dst)
@@ -334,16 +340,8 @@ def test_relay_cut_after_the_last_reply_into_a_real_listener(pair, make_file, tm
     (failing nothing) to show that the completing session sent FLUSH: it synced for it, and
     again when it took control."""
     size = 4 * MiB                     # one 4 MiB WRITE: one reply before the FLUSH
-    lib = failsync.build(tmp_path)
-    src_file = make_file(size)
-    copy = tmp_path / "copy.img"
-    shutil.copyfile(src_file, copy)
-    dst_file = tmp_path / "dst.img"
-    with open(dst_file, "wb") as f:
-        f.truncate(size)
-    synclog = tmp_path / "sync.log"
-    p = pair(src_file, dst_file, dst_args=("--oldstyle",), src_env=SHORT,
-             dst_env=failsync.environment(lib, dst_file, skip=10**9, log=synclog))
+    p, src_file, copy, synclog = _listener_failing_syncs(pair, make_file, tmp_path, skip=10**9,
+                                                         size=size, dst_args=("--oldstyle",))
     at = OLD_GREETING + REPLY
     cut = {"close": Fault(close_after_down=at), "reset": Fault(reset_after_down=at),
            "stall": Fault(stall_after_down=at)}[fault]
@@ -461,22 +459,6 @@ def test_action_nothing_completed_status(start_server, make_file, tmp_path):
 
 # --------------------------------------------------------------------------------------------
 # a real listener whose sync fails (LD_PRELOAD shim)
-
-def _listener_failing_syncs(pair, make_file, tmp_path, skip: int):
-    """A source and a real listener whose syncs of its file fail with EIO after the first
-    ``skip`` (tests/fakes/failsync.py); (pair, source file, a copy of it, the sync log)."""
-    lib = failsync.build(tmp_path)
-    src_file = make_file(SIZE)
-    copy = tmp_path / "copy.img"
-    shutil.copyfile(src_file, copy)
-    dst_file = tmp_path / "dst.img"
-    with open(dst_file, "wb") as f:
-        f.truncate(SIZE)
-    synclog = tmp_path / "sync.log"
-    p = pair(src_file, dst_file, src_env=SHORT,
-             dst_env=failsync.environment(lib, dst_file, skip=skip, log=synclog))
-    return p, src_file, copy, synclog
-
 
 def test_real_listener_sync_fails_after_disc(pair, make_file, tmp_path):
     """The listener's syncs of its file: the 1st is the FLUSH (it passes), the 2nd is its own
@@ -619,7 +601,6 @@ def test_a_later_attempt_meets_a_bad_magic(start_server, make_file, tmp_path):
     assert st["is_mirroring"] == "false" and st["clients_allowed"] == "true", st
     assert st.get("migration_outcome") == "failed", st
     assert src_file.exists() and same_files(src_file, copy)
-
 
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGKILL], ids=["SIGTERM", "SIGKILL"])

@@ -27,15 +27,11 @@ from tests.support.migration import (
     mirror_cli,
     mirror_request,
     out,
-    pair,
     running,
     same_files,
     wait_exit,
 )
 from tests.support.waiting import wait_until
-
-start_server = cu.start_server
-__all__ = ["pair", "start_server"]
 
 
 def _ready(proc: FlexnbdProcess, port: int, sock: Path, timeout: float = 15.0) -> None:

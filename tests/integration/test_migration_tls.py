@@ -15,7 +15,7 @@ import pytest
 
 from flexnbd import wire
 from flexnbd._tls import TlsContext
-from flexnbd.handshake import ExportInfo, TlsPolicy, recv_exact, serve_handshake
+from flexnbd.handshake import ExportInfo, TlsPolicy, serve_handshake
 from tests.fakes.relay import Relay
 from tests.support import control as cu
 from tests.support.migration import (
@@ -30,26 +30,17 @@ from tests.support.migration import (
     sparse_file,
     wait_exit,
 )
-from tests.support.tlscreds import make_psk, make_x509
+from tests.support.rawclient import recv_exact
+from tests.support.tlscreds import make_psk, tls_args
 from tests.support.waiting import wait_until
 
-start_server = cu.start_server
 
-
-def tls_args(kind: str, tmp_path: Path) -> list[str]:
-    """The same credentials for both ends: one PSK file, or one X.509 directory whose
+def test_migration_over_tls_completes(pair, tmp_path, kind, creds):
+    """Both ends with the same credentials: one PSK file, or one X.509 server directory whose
     certificate names 127.0.0.1 (the source checks it) and whose CA the source trusts."""
-    if kind == "psk":
-        return ["--tls=require", "--tls-psk", str(make_psk(tmp_path / "psk"))]
-    server_dir, _ = make_x509(tmp_path / "x509")
-    return ["--tls=require", "--tls-certificates", str(server_dir)]
-
-
-@pytest.mark.parametrize("kind", ["psk", "x509"])
-def test_migration_over_tls_completes(pair, tmp_path, kind):
     src_file = tmp_path / "disk.img"
     src_file.write_bytes(os.urandom(24 * MiB + 4096))
-    args = tls_args(kind, tmp_path)
+    args = tls_args(kind, creds)
     p = pair(src_file, src_args=args, dst_args=args)
     res = mirror_cli(p.src, p.dst.port)
     assert res.returncode == 0, out(res)
@@ -58,11 +49,11 @@ def test_migration_over_tls_completes(pair, tmp_path, kind):
     assert "mirror connected" in text and "TLSv1.3" in text, text
 
 
-def test_sparse_migration_over_tls_sends_about_the_data(pair, tmp_path):
+def test_sparse_migration_over_tls_sends_about_the_data(pair, tmp_path, psk):
     size = 128 * MiB
     src_file = tmp_path / "sparse.img"
     data = sparse_file(src_file, size, pieces=48, piece=64 * KiB)   # 3 MiB of data
-    args = tls_args("psk", tmp_path)
+    args = tls_args("psk", psk)
     p = pair(src_file, src_args=args, dst_args=args)
     assert wait_until(lambda: cu.status(p.src.sock)["allocation_map_method"] != "pending")
     with Relay(p.dst.port) as relay:

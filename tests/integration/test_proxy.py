@@ -28,17 +28,26 @@ from tests.conftest import (
     FLEXNBD_PROXY,
     FlexnbdProcess,
     free_port,
-    require_python_nbd,
     require_tool,
 )
 from tests.fakes.fakedest import FakeDest, Script
 from tests.integration.scripts.patterns import pattern
-from tests.support.clients import ZEROING_SCRIPT, check, qemu_io, run, zeroing_done
+from tests.support.clients import (
+    LIBNBD_READ_ONLY,
+    ZEROING_SCRIPT,
+    check,
+    check_libnbd_aio,
+    libnbd,
+    libnbd_ops_done,
+    libnbd_past_the_end,
+    qemu_io,
+    run,
+    zeroing_done,
+)
 from tests.support.nbdmodel import DiskModel
 from tests.support.rawclient import RawClient
+from tests.support.serving import alive
 
-SCRIPTS = Path(__file__).with_name("scripts")
-LIBNBD_CHECK = SCRIPTS / "libnbd_check.py"
 MiB = 1 << 20
 KiB = 1024
 
@@ -69,21 +78,6 @@ def qemu_img_size(uri: str) -> int:
 
 def nbdinfo(uri: str) -> dict:
     return json.loads(check([require_tool("nbdinfo"), "--json", uri]))
-
-
-def libnbd(mode: str, uri: str) -> dict:
-    python = require_python_nbd()
-    res = run([python, str(LIBNBD_CHECK), mode, uri], timeout=120)
-    assert res.returncode == 0, f"libnbd_check.py {mode} exited {res.returncode}:\n" \
-        f"{res.stdout}\n{res.stderr}"
-    return json.loads(res.stdout)
-
-
-def alive(*procs) -> None:
-    """Still running, and nothing crashed inside (no traceback in the log)."""
-    for p in procs:
-        assert p.proc.poll() is None, f"exited with {p.proc.returncode}:\n{p.log()}"
-        assert "Traceback" not in p.log(), p.log()
 
 
 def start(serve, proxy, make_file, setup, size: int = 2 * MiB, file: Path | None = None,
@@ -345,20 +339,8 @@ def test_libnbd_pipelined_aio(serve, proxy, make_file, cache):
                             proxy_extra=cache)
     model = bytearray(path.read_bytes())
     res = libnbd("aio", p.uri)
-    lay = res["layout"]
-    count, chunk, base, far = lay["count"], lay["chunk"], lay["base"], lay["far"]
     assert res["max_in_flight"] >= 32
-    assert res["writes"] == ["ok"] * count
-    assert res["reads"] == ["ok"] * count
-    assert res["read_matches"] == [True] * count
-    assert res["mixed"] == ["ok"] * (2 * lay["mixed"])
-    assert res["mixed_read_matches"] == [True] * lay["mixed"]
-    assert res["flush"] == ["ok"]
-    for i in range(count):
-        model[base + i * chunk:base + (i + 1) * chunk] = pattern(100 + i, chunk)
-    for i in range(lay["mixed"]):
-        model[far + i * 4096:far + (i + 1) * 4096] = pattern(500 + i, 4096)
-    assert path.read_bytes() == bytes(model)
+    check_libnbd_aio(res, path, model)
     alive(server, p)
 
 
@@ -376,10 +358,7 @@ def test_libnbd_every_command(serve, proxy, make_file, setup):
     assert res["zero_readback"] is True
     assert res["zero_no_hole_readback"] is True
     assert res["fast_zero"] == "ok"
-    model[1000:6000] = pattern(1, 5000)
-    model[123457:123457 + 70001] = pattern(2, 70001)
-    for off, length in [(262144, 65536), (393216, 131072), (600001, 10000), (720896, 65536)]:
-        model[off:off + length] = bytes(length)
+    libnbd_ops_done(model)
     assert path.read_bytes() == bytes(model)
     alive(server, p)
 
@@ -391,14 +370,7 @@ def test_libnbd_upstream_errors_pass_through(serve, proxy, make_file, setup):
     path, server, p = start(serve, proxy, make_file, setup, 1 * MiB)
     original = path.read_bytes()
     res = libnbd("errors", p.uri)["results"]
-    assert res == {
-        "pread_past_end": "EINVAL", "pread_crossing_end": "EINVAL",
-        "pread_huge_offset": "EINVAL",
-        "pwrite_past_end": "ENOSPC", "pwrite_crossing_end": "ENOSPC",
-        "pwrite_huge_offset": "ENOSPC",
-        "trim_past_end": "EINVAL", "zero_past_end": "ENOSPC", "cache_past_end": "EINVAL",
-        "read_after_errors": "ok", "write_after_errors": "ok",
-    }
+    assert res == libnbd_past_the_end()
     assert path.read_bytes() == b"w" * 512 + original[512:]
     alive(server, p)
 
@@ -410,9 +382,7 @@ def test_libnbd_read_only_upstream(serve, proxy, make_file):
     p = proxy(server.port, "--cache")
     res = libnbd("readonly", p.uri)
     assert res["is_read_only"] is True
-    assert res["results"] == {"pread": "ok", "pwrite": "EPERM", "pwrite_fua": "EPERM",
-                              "trim": "EPERM", "zero": "EPERM", "zero_no_hole": "EPERM",
-                              "pread_after": "ok"}
+    assert res["results"] == LIBNBD_READ_ONLY
     assert path.read_bytes() == original
     alive(server, p)
 

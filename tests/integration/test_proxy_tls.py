@@ -32,13 +32,17 @@ from tests.conftest import FLEXNBD_PROXY, free_port, require_tool
 from tests.fakes.relay import Fault, Relay
 from tests.support.clients import check, run
 from tests.support.rawclient import RawClient, ServerClosed, connect_to_options
+from tests.support.serving import alive
 from tests.support.tlscreds import (
     PSK_IDENTITY,
+    client_uri,
     make_ca,
     make_psk,
     psk_uri,
     sign,
     starttls,
+    tls_args,
+    tls_client,
     x509_uri,
 )
 from tests.support.waiting import log_lines, wait_logged, wait_until
@@ -48,27 +52,11 @@ MiB = 1 << 20
 SIZE = 8 * MiB + 4096
 
 
-@pytest.fixture
-def creds(kind, psk, x509):
-    return psk if kind == "psk" else x509
-
-
-def server_tls(kind: str, creds) -> list[str]:
-    """``serve``'s (and the proxy's downstream) options for TLS required with ``creds``."""
-    if kind == "psk":
-        return ["--tls=require", "--tls-psk", str(creds)]
-    return ["--tls=require", "--tls-certificates", str(creds[0])]
-
-
 def conn_tls(kind: str, creds) -> list[str]:
     """The proxy's options for TLS to upstream with ``creds``."""
     if kind == "psk":
         return ["--conn-tls-psk", str(creds)]
     return ["--conn-tls-certificates", str(creds[1])]
-
-
-def client_uri(kind: str, creds, px) -> str:
-    return psk_uri(px, creds) if kind == "psk" else x509_uri(px, creds[1])
 
 
 def disk(make_file, size: int = SIZE) -> Path:
@@ -80,8 +68,8 @@ def disk(make_file, size: int = SIZE) -> Path:
 
 def tls_both_sides(serve, proxy, path: Path, kind: str, creds, *extra: str):
     """An upstream ``serve --tls=require`` and a proxy with TLS on both sides: (up, proxy)."""
-    up = serve(path, *server_tls(kind, creds))
-    px = proxy(up.port, *server_tls(kind, creds), *conn_tls(kind, creds), *extra)
+    up = serve(path, *tls_args(kind, creds))
+    px = proxy(up.port, *tls_args(kind, creds), *conn_tls(kind, creds), *extra)
     return up, px
 
 
@@ -89,24 +77,6 @@ def tls_connected(px) -> list[str]:
     """The proxy's lines about clients connected over TLS."""
     return [line for line in px.log().splitlines() if re.search(r" connected \(newstyle, TLSv1",
                                                                 line)]
-
-
-def alive(*procs) -> None:
-    for p in procs:
-        assert p.proc.poll() is None, f"exited with {p.proc.returncode}:\n{p.log()}"
-        assert "Traceback" not in p.log(), p.log()
-
-
-def tls_client(px, client_dir: Path, cert: bool = False) -> RawClient:
-    """A raw client in transmission over TLS (X.509)."""
-    c = connect_to_options(px.port)
-    try:
-        starttls(c, client_dir, cert)
-        c.go()
-    except BaseException:
-        c.close()
-        raise
-    return c
 
 
 def assert_no_reply(c: RawClient, wait: float) -> None:
@@ -572,7 +542,7 @@ def test_a_corrupted_upstream_record_is_a_lost_upstream(serve, proxy, make_file,
     that connection, reconnects, re-sends, and the client gets the right bytes."""
     path = disk(make_file)
     original = path.read_bytes()
-    up = serve(path, *server_tls("x509", x509))
+    up = serve(path, *tls_args("x509", x509))
     fault = Fault()
     with Relay(up.port, faults=[fault]) as r:
         px = proxy(r.port, *conn_tls("x509", x509))

@@ -28,6 +28,7 @@ import pytest
 from flexnbd import wire
 from tests.conftest import require_python_nbd, require_tool
 from tests.support import layout
+from tests.support.rawclient import recv_exact
 
 BS = 4096
 KiB = 1 << 10
@@ -240,13 +241,7 @@ class Raw:
         self.sock.close()
 
     def recv(self, n: int) -> bytes:
-        data = bytearray()
-        while len(data) < n:
-            chunk = self.sock.recv(n - len(data))
-            if not chunk:
-                raise ConnectionError(f"closed after {len(data)} of {n} bytes")
-            data += chunk
-        return bytes(data)
+        return recv_exact(self.sock, n)
 
     def option(self, opt: int, data: bytes = b"") -> list[tuple[int, bytes]]:
         self.sock.sendall(wire.pack_option(opt, data))

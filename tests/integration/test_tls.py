@@ -21,11 +21,14 @@ from tests.support.rawclient import RawClient, connect_to_options
 from tests.support.serving import MiB, assert_serves
 from tests.support.tlscreds import (
     PSK_IDENTITY,
+    client_uri,
     make_ca,
     make_psk,
     psk_uri,
     sign,
     starttls,
+    tls_args,
+    tls_client,
     x509_uri,
 )
 
@@ -34,18 +37,8 @@ SIZE = 9 * MiB + 4096
 
 def tls_server(serve, path, kind, creds, *extra, mode="require", env=None):
     """A server with TLS (``kind`` psk or x509) and the URI a libnbd client uses."""
-    if kind == "psk":
-        server = serve(path, f"--tls={mode}", "--tls-psk", str(creds), *extra, env=env)
-        return server, psk_uri(server, creds)
-    server_dir, client_dir = creds
-    server = serve(path, f"--tls={mode}", "--tls-certificates", str(server_dir), *extra,
-                   env=env)
-    return server, x509_uri(server, client_dir)
-
-
-@pytest.fixture
-def creds(kind, psk, x509):
-    return psk if kind == "psk" else x509
+    server = serve(path, *tls_args(kind, creds, mode), *extra, env=env)
+    return server, client_uri(kind, creds, server)
 
 
 def with_holes(make_file) -> Path:
@@ -296,14 +289,6 @@ def test_silence_instead_of_a_tls_handshake_times_out(serve, make_file, psk):
         c.send(b"\x16\x03\x01")                      # the start of a record, then nothing
         assert c.is_closed_by_server(timeout=20)
     assert_serves_tls(server, psk)
-
-
-def tls_client(server, client_dir: Path) -> RawClient:
-    """A raw client in transmission over TLS (X.509)."""
-    c = connect_to_options(server.port)
-    starttls(c, client_dir)
-    c.go()
-    return c
 
 
 def test_a_garbage_record_mid_transmission_ends_that_client_only(serve, make_file, x509):

@@ -69,8 +69,6 @@ from tests.support.rawclient import RawClient, connect_to_options
 from tests.support.tlscreds import make_ca, make_psk, psk_uri, sign, x509_uri
 from tests.support.waiting import log_lines, wait_logged, wait_until
 
-start_server = cu.start_server
-
 SIZE = 2 * MiB
 LIMIT = 1.0                  # FLEXNBD_MS_REQUEST_LIMIT_SECS of the trickle tests
 HANDSHAKE_LIMIT = 2.0        # FLEXNBD_HANDSHAKE_TIMEOUT of the trickling client's test

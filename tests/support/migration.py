@@ -16,12 +16,11 @@ from flexnbd import wire
 from flexnbd.handshake import client_handshake
 from tests.conftest import FLEXNBD
 from tests.support import control as cu
+from tests.support.rawclient import recv_exact
 
 KiB = 1 << 10
 MiB = 1 << 20
 REPLY = wire.SIMPLE_REPLY_SIZE
-
-
 
 
 def wait_exit(proc, timeout: float = 60.0) -> int:
@@ -165,23 +164,12 @@ def assert_completed(p: Pair, timeout: float = 60.0, length: int | None = None) 
             f"first difference at {first_difference(p.src_file, p.dst_file)}"
 
 
-def raw_client(port: int):
-    """A connected client in transmission (newstyle handshake done by hand)."""
-    from flexnbd.handshake import client_handshake
-
-    s = cu.connect("127.0.0.1", port)
-    try:
-        client_handshake(s)
-    except BaseException:
-        s.close()
-        raise
-    return s
-
-
 COOKIE = wire.MIRROR_COOKIE
 
 
 def _sender(port: int, timeout: float = 15.0):
+    """A connected client in transmission (newstyle handshake by flexnbd's client side) and
+    what the server offered."""
     s = socket.create_connection(("127.0.0.1", port), timeout=timeout)
     try:
         info = client_handshake(s)
@@ -191,20 +179,15 @@ def _sender(port: int, timeout: float = 15.0):
     return s, info
 
 
-def _recv_exact(s: socket.socket, n: int) -> bytes:
-    data = b""
-    while len(data) < n:
-        chunk = s.recv(n - len(data))
-        if not chunk:
-            raise ConnectionError("closed")
-        data += chunk
-    return data
+def raw_client(port: int) -> socket.socket:
+    """A connected client in transmission."""
+    return _sender(port)[0]
 
 
 def _request(s: socket.socket, cmd: int, offset: int = 0, length: int = 0, payload: bytes = b"",
              magic: int = wire.REQUEST_MAGIC) -> int:
     s.sendall(wire.pack_request(cmd, offset, length, COOKIE, magic=magic) + payload)
-    reply = wire.unpack_simple_reply(_recv_exact(s, REPLY))
+    reply = wire.unpack_simple_reply(recv_exact(s, REPLY))
     assert reply.magic == wire.SIMPLE_REPLY_MAGIC and reply.cookie == COOKIE
     return reply.error
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import socket
 import struct
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from flexnbd import wire
@@ -16,11 +17,38 @@ DEFAULT_TIMEOUT = 15.0
 
 
 class ServerClosed(Exception):
-    """The server closed the connection (EOF or reset) while more bytes were expected."""
+    """The peer (the server, for a client) closed the connection (EOF or reset) while more
+    bytes were expected; ``got``: the bytes that did come, ``reset``: it was a reset."""
 
-    def __init__(self, message: str, got: bytes = b"") -> None:
+    def __init__(self, message: str, got: bytes = b"", reset: bool = False) -> None:
         super().__init__(message)
         self.got = got
+        self.reset = reset
+
+
+def recv_exact(sock, n: int, count: Callable[[int], object] | None = None) -> bytes:
+    """Exactly ``n`` bytes from ``sock`` (a socket, or anything with its ``recv``: an ssl
+    socket, a TLS session); ServerClosed if the peer closes or resets first. ``count`` is
+    called with the size of each piece as it arrives (a fake peer's byte counter). Other
+    errors (a timeout) are raised as they are.
+
+    The tests' one receive loop (the fakes, the raw clients and the senders use it):
+    flexnbd.handshake.recv_exact does not keep the bytes that came before a close, which
+    tests check (a server must not close part-way through its greeting), and lets a reset
+    through as ConnectionResetError."""
+    data = bytearray()
+    while len(data) < n:
+        reset = False
+        try:
+            chunk = sock.recv(min(n - len(data), 1 << 20))
+        except ConnectionResetError:
+            chunk, reset = b"", True
+        if not chunk:
+            raise ServerClosed(f"closed after {len(data)} of {n} bytes", bytes(data), reset)
+        if count is not None:
+            count(len(chunk))
+        data += chunk
+    return bytes(data)
 
 
 @dataclass
@@ -112,16 +140,7 @@ class RawClient:
         self.sock.sendall(data)
 
     def recv_exact(self, n: int) -> bytes:
-        data = bytearray()
-        while len(data) < n:
-            try:
-                chunk = self.sock.recv(min(n - len(data), 1 << 20))
-            except ConnectionResetError:
-                chunk = b""
-            if not chunk:
-                raise ServerClosed(f"closed after {len(data)} of {n} bytes", bytes(data))
-            data += chunk
-        return bytes(data)
+        return recv_exact(self.sock, n)
 
     def read_until_closed(self, limit: int = 1 << 20) -> bytes:
         """Everything the server still sends until it closes (a reset counts as closing).

@@ -1,5 +1,6 @@
 """Helpers for tests that drive a `flexnbd serve` with raw clients (tests/support/rawclient.py):
-the command and error constants, files, a handshaken client, and checks on the server."""
+the command and error constants, files, a handshaken client, and checks on the server (and on
+any flexnbd process: ``alive``)."""
 
 from __future__ import annotations
 
@@ -39,6 +40,14 @@ def content(path, offset: int = 0, length: int | None = None) -> bytes:
 
 def client(server, **kwargs) -> RawClient:
     return connect_and_handshake(server.port, **kwargs)
+
+
+def alive(*procs) -> None:
+    """Each process (a server, a proxy) still runs, and nothing crashed inside it (no
+    traceback in its log)."""
+    for p in procs:
+        assert p.proc.poll() is None, f"exited with {p.proc.returncode}:\n{p.log()}"
+        assert "Traceback" not in p.log(), p.log()
 
 
 def assert_serves(server, path, offset: int = 0, length: int = 4096) -> None:

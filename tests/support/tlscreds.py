@@ -1,8 +1,12 @@
 """TLS credentials made in a test: a PSK file (psktool's ``identity:hexkey`` format, named
 ``keys.psk`` as qemu wants it), and X.509 directories in the layout nbdkit, qemu and libnbd
 use (``ca-cert.pem``, ``server-cert.pem``/``server-key.pem``, ``client-cert.pem``/
-``client-key.pem``), made with the openssl command; and how clients use them: libnbd URIs,
-and STARTTLS on a raw client with Python's ssl (X.509 only: Python has no PSK before 3.13).
+``client-key.pem``), made with the openssl command; how a server is given them; and how
+clients use them: libnbd URIs, and STARTTLS on a raw client with Python's ssl (X.509 only:
+Python has no PSK before 3.13).
+
+Fixtures (registered in tests/conftest.py): ``psk``, ``x509``, ``kind`` (each kind in turn)
+and ``creds`` (the credentials of ``kind``), ``nbdkit_tls``.
 """
 
 from __future__ import annotations
@@ -16,7 +20,7 @@ import pytest
 
 from flexnbd import wire
 from tests.conftest import free_port, require_tool, wait_for_port
-from tests.support.rawclient import RawClient
+from tests.support.rawclient import RawClient, connect_to_options
 
 PSK_IDENTITY = "alice"
 
@@ -94,6 +98,19 @@ def x509_uri(server, client_dir: Path) -> str:
     return f"nbds://127.0.0.1:{server.port}/?tls-certificates={client_dir}"
 
 
+def tls_args(kind: str, creds, mode: str = "require") -> list[str]:
+    """A server's options (serve, listen, the proxy towards its clients) for TLS ``mode`` with
+    the credentials of ``kind``: the PSK file, or the X.509 (server, client) directories."""
+    if kind == "psk":
+        return [f"--tls={mode}", "--tls-psk", str(creds)]
+    return [f"--tls={mode}", "--tls-certificates", str(creds[0])]
+
+
+def client_uri(kind: str, creds, server) -> str:
+    """The libnbd URI for ``server`` with the credentials of ``kind``."""
+    return psk_uri(server, creds) if kind == "psk" else x509_uri(server, creds[1])
+
+
 def starttls(c: RawClient, client_dir: Path, cert: bool = False) -> None:
     """STARTTLS, then Python's ssl (OpenSSL, as a client) on the raw client's socket."""
     replies = c.option(wire.OPT_STARTTLS)
@@ -105,10 +122,23 @@ def starttls(c: RawClient, client_dir: Path, cert: bool = False) -> None:
     c.sock = context.wrap_socket(c.sock, server_hostname="127.0.0.1")
 
 
+def tls_client(server, client_dir: Path, cert: bool = False) -> RawClient:
+    """A raw client in transmission over TLS (X.509) with ``server`` (anything with a
+    ``port``); with ``cert``, it shows the client certificate."""
+    c = connect_to_options(server.port)
+    try:
+        starttls(c, client_dir, cert)
+        c.go()
+    except BaseException:
+        c.close()
+        raise
+    return c
+
+
 @pytest.fixture
 def nbdkit_tls():
     """nbdkit_tls(path, *tls_args) -> port: nbdkit serving PATH with TLS required; every
-    nbdkit is killed afterwards. (An integration fixture: tests/integration/conftest.py.)"""
+    nbdkit is killed afterwards."""
     procs = []
 
     def start(path: Path, *tls_args: str) -> int:
@@ -141,3 +171,9 @@ def x509(tmp_path) -> tuple[Path, Path]:
 def kind(request) -> str:
     """Each credential kind in turn."""
     return request.param
+
+
+@pytest.fixture
+def creds(kind, psk, x509):
+    """The credentials of ``kind``: the PSK file, or (server directory, client directory)."""
+    return psk if kind == "psk" else x509

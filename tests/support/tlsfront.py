@@ -34,9 +34,8 @@ import time
 from pathlib import Path
 
 from flexnbd import wire
-from flexnbd.errors import PeerClosed
-from flexnbd.handshake import recv_exact
 from tests.fakes.accepting import accept_until, close_all, reset
+from tests.support.rawclient import ServerClosed, recv_exact
 
 HOST = "127.0.0.1"
 LIMIT = 1 << 20          # bytes waiting in one direction, plaintext or encrypted, at most
@@ -101,7 +100,7 @@ class TlsFront:
             server.connect((HOST, self.behind))
             server.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             tls, incoming, outgoing = self._starttls(client, server)
-        except (OSError, ssl.SSLError, ValueError, PeerClosed) as e:
+        except (OSError, ssl.SSLError, ValueError, ServerClosed) as e:
             if not self._stop.is_set():
                 self.errors.append(f"connection {n}: {e!r}")
             client.close()
