@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import FlexnbdProcess, free_port, wait_for_port
+from tests.support.rawclient import ServerClosed, recv_exact
 
 STATUS_RE = (r"0: pid=(\d+) size=(\d+) is_mirroring=(true|false) clients_allowed=(true|false) "
              r"num_clients=(\d+) has_control=(true|false) allocation_map_method=([a-z]+) "
@@ -92,8 +93,8 @@ def wait_for_control(path: Path, proc: FlexnbdProcess, timeout: float = 15.0) ->
             return
         except (ConnectionRefusedError, FileNotFoundError):
             if proc.proc.poll() is not None:
-                log = proc.log()
-                raise RuntimeError(f"flexnbd exited with {proc.proc.returncode}:\n{log}") from None
+                raise RuntimeError(
+                    f"flexnbd exited with {proc.proc.returncode}:\n{proc.log()}") from None
             if time.monotonic() > deadline:
                 raise
             time.sleep(0.01)
@@ -172,14 +173,9 @@ def greets(s: socket.socket, timeout: float = 15.0) -> bool:
     from flexnbd import wire
 
     s.settimeout(timeout)
-    data = b""
     try:
-        while len(data) < 8:
-            chunk = s.recv(8 - len(data))
-            if not chunk:
-                return False
-            data += chunk
-    except ConnectionResetError:
+        data = recv_exact(s, 8)
+    except ServerClosed:
         return False
     return int.from_bytes(data, "big") == wire.NBDMAGIC
 
