@@ -1,45 +1,90 @@
 # Block bitmaps for the compiled code, inline C on atomic 64-bit words, callable from any number
 # of nogil threads at once. The allocation map is one: one bit per 4096-byte block, 1 = allocated
-# (may hold data), 0 = a hole (reads as zeroes). The mirror's dirty map and the listener's
-# coverage map are others (their block size may differ: ``shift``).
+# (may hold data), 0 = a hole (reads as zeroes). The mirror's dirty map is another (its block
+# size may differ: ``shift``).
+#
+# Sparse: the bits live in leaves of LEAF_WORDS words (4096 blocks, 16 MiB of 4 KiB blocks),
+# allocated the first time one of their bits is set; a missing leaf reads as all clear. So a
+# map costs 8 bytes per leaf of the export (512 KiB per TiB) plus 512 bytes per 16 MiB region
+# that ever held a set bit, and scans skip an empty 16 MiB with one load: a sparse 15 TiB disk
+# costs what its extents need, not 480 MiB. Leaves are never freed or replaced while the map
+# lives (a writer may hold one), only zeroed.
 
 from libc.stdint cimport uint64_t
 
-from flexnbd._sys cimport atomic_and64, atomic_load64, atomic_or64, atomic_xchg64, \
-    load_acquire, popcount64, pthread_rwlock_rdlock, pthread_rwlock_t, pthread_rwlock_unlock, \
-    pthread_rwlock_wrlock, store_release
+from flexnbd._sys cimport abort, atomic_and64, atomic_load64, atomic_or64, calloc, cas_ptr, \
+    free, load_acquire, load_ptr, popcount64, pthread_rwlock_rdlock, pthread_rwlock_t, \
+    pthread_rwlock_unlock, pthread_rwlock_wrlock, store_release
 
 cdef enum:
     BLOCK_SHIFT = 12
     BLOCK_SIZE = 4096
+    LEAF_WORDS = 64                # words per leaf (512 bytes)
+    LEAF_SHIFT = 12                # log2 of the blocks per leaf (64 words of 64 bits)
+    LEAF_BLOCKS = 4096
 
 cdef struct amap_t:
     uint64_t size             # bytes covered
     int shift                 # log2 of the block size
     uint64_t nblocks
-    unsigned long long *words
+    uint64_t nleaves
+    unsigned long long **leaves   # nleaves pointers; NULL: every block of that leaf is clear
     int complete              # set (release) once the builder has finished
     # Writes hold it shared around mark + write; punching holds it exclusive around
     # punch + clear, so a racing write can never end up marked as a hole.
     pthread_rwlock_t lock
 
 
+cdef inline unsigned long long *amap_leaf(amap_t *m, uint64_t leaf) noexcept nogil:
+    """The leaf, or NULL while none of its bits was ever set."""
+    return <unsigned long long *>load_ptr(<void **>&m.leaves[leaf])
+
+
+cdef inline unsigned long long *amap_leaf_for_setting(amap_t *m, uint64_t leaf) noexcept nogil:
+    """The leaf, allocated (and installed for every thread) if it was missing. Out of memory
+    aborts: a mark that cannot be recorded would let a mirror skip data, silently."""
+    cdef unsigned long long *p = amap_leaf(m, leaf)
+    cdef unsigned long long *fresh
+    if p != NULL:
+        return p
+    fresh = <unsigned long long *>calloc(LEAF_WORDS, 8)
+    if fresh == NULL:
+        abort()
+    if cas_ptr(<void **>&m.leaves[leaf], NULL, fresh):
+        return fresh
+    free(fresh)                   # another thread installed one first
+    return amap_leaf(m, leaf)
+
+
+cdef inline unsigned long long amap_word(amap_t *m, uint64_t w) noexcept nogil:
+    """Word w of the map (blocks 64*w ... 64*w+63)."""
+    cdef unsigned long long *p = amap_leaf(m, w >> (LEAF_SHIFT - 6))
+    return atomic_load64(&p[w & (LEAF_WORDS - 1)]) if p != NULL else 0
+
+
 cdef inline void amap_set_bits(amap_t *m, uint64_t first, uint64_t last, int value) noexcept nogil:
-    """Set (value=1) or clear blocks first..last-1."""
-    cdef uint64_t w, lo, hi
+    """Set (value=1) or clear blocks first..last-1. Clearing never allocates a leaf."""
+    cdef uint64_t lo, hi
     cdef unsigned long long mask
+    cdef unsigned long long *p
     while first < last:
-        w = first >> 6
+        if (first & (LEAF_BLOCKS - 1)) == 0 and not value and \
+                amap_leaf(m, first >> LEAF_SHIFT) == NULL:
+            first += LEAF_BLOCKS          # a missing leaf is clear already
+            continue
+        p = amap_leaf_for_setting(m, first >> LEAF_SHIFT) if value else \
+            amap_leaf(m, first >> LEAF_SHIFT)
         lo = first & 63
         hi = 64 if (last - (first - lo)) >= 64 else last - (first - lo)
-        if lo == 0 and hi == 64:
-            mask = ~<unsigned long long>0
-        else:
-            mask = ((~<unsigned long long>0) >> (64 - (hi - lo))) << lo
-        if value:
-            atomic_or64(&m.words[w], mask)
-        else:
-            atomic_and64(&m.words[w], ~mask)
+        if p != NULL:
+            if lo == 0 and hi == 64:
+                mask = ~<unsigned long long>0
+            else:
+                mask = ((~<unsigned long long>0) >> (64 - (hi - lo))) << lo
+            if value:
+                atomic_or64(&p[(first >> 6) & (LEAF_WORDS - 1)], mask)
+            else:
+                atomic_and64(&p[(first >> 6) & (LEAF_WORDS - 1)], ~mask)
         first = (first - lo) + hi
 
 
@@ -75,7 +120,7 @@ cdef inline void amap_clear(amap_t *m, uint64_t offset, uint64_t length) noexcep
 
 
 cdef inline int amap_block(amap_t *m, uint64_t block) noexcept nogil:
-    return (atomic_load64(&m.words[block >> 6]) >> (block & 63)) & 1
+    return (amap_word(m, block >> 6) >> (block & 63)) & 1
 
 
 cdef inline uint64_t amap_run(amap_t *m, uint64_t offset, uint64_t length,
@@ -98,14 +143,19 @@ cdef inline uint64_t amap_run(amap_t *m, uint64_t offset, uint64_t length,
     want = ~<unsigned long long>0 if state else 0
     b = block + 1
     while b < end_block:
-        if (b & 63) == 0 and b + 64 <= end_block and atomic_load64(&m.words[b >> 6]) == want:
+        if (b & (LEAF_BLOCKS - 1)) == 0 and amap_leaf(m, b >> LEAF_SHIFT) == NULL:
+            if state:
+                break
+            b += LEAF_BLOCKS              # a whole empty leaf: still a hole
+            continue
+        if (b & 63) == 0 and amap_word(m, b >> 6) == want:
             b += 64
             continue
         if amap_block(m, b) != state:
             break
         b += 1
     allocated[0] = state
-    if (b << m.shift) >= end:
+    if b >= end_block or (b << m.shift) >= end:
         return end - offset if end - offset <= length else length
     return (b << m.shift) - offset
 
@@ -124,7 +174,10 @@ cdef inline uint64_t amap_take_run(amap_t *m, uint64_t from_offset, uint64_t max
     cdef uint64_t b = from_offset >> m.shift
     cdef uint64_t e, limit, end
     while b < m.nblocks:
-        if (b & 63) == 0 and atomic_load64(&m.words[b >> 6]) == 0:
+        if (b & (LEAF_BLOCKS - 1)) == 0 and amap_leaf(m, b >> LEAF_SHIFT) == NULL:
+            b += LEAF_BLOCKS
+            continue
+        if (b & 63) == 0 and amap_word(m, b >> 6) == 0:
             b += 64
             continue
         if amap_block(m, b):
@@ -147,17 +200,37 @@ cdef inline uint64_t amap_take_run(amap_t *m, uint64_t from_offset, uint64_t max
 
 
 cdef inline uint64_t amap_count(amap_t *m) noexcept nogil:
-    """How many blocks are set."""
-    cdef uint64_t i, n = 0
-    for i in range((m.nblocks + 63) >> 6):
-        n += popcount64(atomic_load64(&m.words[i]))
+    """How many blocks are set (only the leaves that exist are read)."""
+    cdef uint64_t leaf, n = 0
+    cdef unsigned long long *p
+    cdef int i
+    for leaf in range(m.nleaves):
+        p = amap_leaf(m, leaf)
+        if p != NULL:
+            for i in range(LEAF_WORDS):
+                n += popcount64(atomic_load64(&p[i]))
+    return n
+
+
+cdef inline uint64_t amap_leaves(amap_t *m) noexcept nogil:
+    """How many leaves were allocated."""
+    cdef uint64_t leaf, n = 0
+    for leaf in range(m.nleaves):
+        if amap_leaf(m, leaf) != NULL:
+            n += 1
     return n
 
 
 cdef inline void amap_reset(amap_t *m) noexcept nogil:
-    cdef uint64_t i
-    for i in range((m.nblocks + 63) >> 6):
-        atomic_and64(&m.words[i], 0)
+    """Clear every block (the leaves stay: a writer may still hold one)."""
+    cdef uint64_t leaf
+    cdef unsigned long long *p
+    cdef int i
+    for leaf in range(m.nleaves):
+        p = amap_leaf(m, leaf)
+        if p != NULL:
+            for i in range(LEAF_WORDS):
+                atomic_and64(&p[i], 0)
 
 
 cdef inline void amap_write_lock(amap_t *m) noexcept nogil:
@@ -185,20 +258,21 @@ cdef class DirtyMap(BlockBitmap):
     pass
 
 
-# Listen mode: the pieces of blocks that a write covered only in part, (start, end) pairs,
-# checked when the session ends (a CoverageMap's; at most MAX_PIECES: 4 MiB a session).
-cdef struct pieces_t:
-    uint64_t *at
+# Listen mode's coverage: the byte ranges one sender's session wrote, as a sorted list of
+# disjoint [start, end) pairs (touching ones merge). A mirror writes in order, so its session
+# holds one range however big the export; at most MAX_RANGES (4 MiB) a session.
+cdef struct coverage_t:
+    uint64_t size            # the export's
+    uint64_t *at             # start, end, start, end, ...
     size_t n
     size_t cap
 
 cdef enum:
-    MAX_PIECES = 256 * 1024
+    MAX_RANGES = 256 * 1024
 
-cdef void cover(amap_t *m, pieces_t *p, uint64_t offset, uint64_t length) noexcept nogil
-cdef int no_room_for_pieces(const amap_t *m, const pieces_t *p, uint64_t offset,
-                            uint64_t length) noexcept nogil
+cdef void cover(coverage_t *c, uint64_t offset, uint64_t length) noexcept nogil
+cdef int no_room_to_cover(const coverage_t *c, uint64_t offset, uint64_t length) noexcept nogil
 
 
-cdef class CoverageMap(BlockBitmap):
-    cdef pieces_t pieces
+cdef class CoverageMap:
+    cdef coverage_t c

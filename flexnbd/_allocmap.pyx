@@ -109,8 +109,9 @@ cdef class BlockBitmap:
         self.m.size = size
         self.m.shift = shift
         self.m.nblocks = (size + (<uint64_t>1 << shift) - 1) >> shift
-        self.m.words = <unsigned long long *>calloc((self.m.nblocks + 63) // 64 + 1, 8)
-        if self.m.words == NULL:
+        self.m.nleaves = (self.m.nblocks + LEAF_BLOCKS - 1) >> LEAF_SHIFT
+        self.m.leaves = <unsigned long long **>calloc(self.m.nleaves + 1, sizeof(void *))
+        if self.m.leaves == NULL:
             raise MemoryError()
         pthread_rwlockattr_init(&attr)
         pthread_rwlockattr_setkind_np(&attr, PTHREAD_RWLOCK_PREFER_WRITER_NONRECURSIVE_NP)
@@ -118,8 +119,12 @@ cdef class BlockBitmap:
         self.m.complete = 1
 
     def __dealloc__(self):
+        cdef uint64_t leaf
         pthread_rwlock_destroy(&self.m.lock)
-        free(self.m.words)
+        if self.m.leaves != NULL:
+            for leaf in range(self.m.nleaves):
+                free(self.m.leaves[leaf])
+        free(self.m.leaves)
 
     @property
     def complete(self):
@@ -183,7 +188,13 @@ cdef class BlockBitmap:
         return min(n << self.m.shift, self.m.size)
 
     def reset(self):
-        amap_reset(&self.m)
+        with nogil:
+            amap_reset(&self.m)
+
+    @property
+    def memory_bytes(self):
+        """What the map holds in memory: its leaf pointers and the leaves allocated so far."""
+        return self.m.nleaves * sizeof(void *) + amap_leaves(&self.m) * LEAF_WORDS * 8
 
     def set_all(self):
         amap_mark(&self.m, 0, self.m.size)
@@ -227,6 +238,25 @@ cdef class AllocationMap(BlockBitmap):
     def allocated_bytes(self):
         return sum(n for _, n, a in self.extents() if a)
 
+    def span(self, uint64_t offset, uint64_t max_payload, bint holes_are_payload=False):
+        """(length, payload): the range from ``offset`` that holds ``max_payload`` bytes of
+        data (and of holes too, when ``holes_are_payload``), or up to the end: the mirror's
+        next batch of requests. Holes in between cost nothing, however long."""
+        cdef uint64_t length = 0, payload = 0, n, at
+        cdef int allocated
+        with nogil:
+            while offset + length < self.m.size and payload < max_payload:
+                at = offset + length
+                n = amap_run(&self.m, at, self.m.size - at, &allocated)
+                if n == 0:
+                    break
+                if allocated or holes_are_payload:
+                    if n > max_payload - payload:
+                        n = max_payload - payload
+                    payload += n
+                length += n
+        return length, payload
+
 
 cdef class DirtyMap(BlockBitmap):
     """The mirror's dirty blocks (4 KiB): every write, trim and zero marks its blocks while
@@ -234,111 +264,117 @@ cdef class DirtyMap(BlockBitmap):
 
 
 # --------------------------------------------------------------------------------------------
-# Listen mode's coverage: the blocks one sender's session wrote, whole or in pieces.
+# Listen mode's coverage: the byte ranges one sender's session wrote.
 
-cdef class CoverageMap(BlockBitmap):
-    """Listen mode: the 512-byte blocks one sender's session wrote entirely (export sizes are
-    multiples of 512), and the pieces of blocks that unaligned writes covered only in part
-    (a session's serve loop records both: ``cover``)."""
+cdef class CoverageMap:
+    """Listen mode: the byte ranges one sender's session wrote (its serve loop records them:
+    ``cover``), merged as they come. Complete when one range spans the export. Memory: 16
+    bytes per disjoint range, whatever the export's size."""
 
-    default_shift = 9
+    def __cinit__(self, uint64_t size):
+        self.c.size = size
 
     def __dealloc__(self):
-        free(self.pieces.at)
-
-    def covered_bytes(self):
-        """Bytes of the blocks written entirely, by one write or by several pieces together.
-        (Once the session has ended: the pieces are sorted in place.)"""
-        cdef uint64_t n
-        with nogil:
-            n = pieces_cover(&self.m, &self.pieces)
-        return self.count_bytes() + n
+        free(self.c.at)
 
     @property
-    def partial_pieces(self):
-        """How many unaligned pieces the session holds (at most MAX_PIECES)."""
-        return self.pieces.n
+    def size(self):
+        return self.c.size
+
+    def cover(self, uint64_t offset, uint64_t length):
+        """Record a write (for tests; the serve loop calls ``cover`` itself)."""
+        if no_room_to_cover(&self.c, offset, length):
+            raise MemoryError("too many disjoint ranges")
+        cover(&self.c, offset, length)
+
+    def covered_bytes(self):
+        """Bytes written at least once."""
+        cdef uint64_t total = 0
+        cdef size_t i
+        for i in range(self.c.n):
+            total += self.c.at[2 * i + 1] - self.c.at[2 * i]
+        return total
+
+    def ranges(self):
+        """[(start, end)] written, sorted and disjoint."""
+        return [(self.c.at[2 * i], self.c.at[2 * i + 1]) for i in range(self.c.n)]
+
+    @property
+    def memory_bytes(self):
+        return self.c.cap * 2 * sizeof(uint64_t)
 
 
-cdef void cover(amap_t *m, pieces_t *p, uint64_t offset, uint64_t length) noexcept nogil:
-    """Record that [offset, offset+length) was written: whole blocks in the coverage map, the
-    pieces of blocks at either end in the piece list (checked when the session ends)."""
-    cdef uint64_t bs = <uint64_t>1 << m.shift
-    cdef uint64_t end, head_end, tail_start
-    if length == 0 or offset >= m.size:
-        return
-    if length > m.size - offset:
-        length = m.size - offset
-    end = offset + length
-    amap_set_inside(m, offset, length, 1)
-    head_end = (offset + bs - 1) & ~(bs - 1)
-    tail_start = end & ~(bs - 1)
-    if head_end > end or head_end > tail_start:      # within one block
-        if offset & (bs - 1) or (end & (bs - 1) and end != m.size):
-            add_piece(p, offset, end)
-        return
-    if offset & (bs - 1):
-        add_piece(p, offset, head_end)
-    if end & (bs - 1) and end != m.size:
-        add_piece(p, tail_start, end)
+cdef size_t first_reaching(const coverage_t *c, uint64_t start) noexcept nogil:
+    """The index of the first range that ends at or after ``start`` (touches or follows it)."""
+    cdef size_t lo = 0, hi = c.n, mid
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if c.at[2 * mid + 1] < start:
+            lo = mid + 1
+        else:
+            hi = mid
+    return lo
 
 
-cdef int no_room_for_pieces(const amap_t *m, const pieces_t *p, uint64_t offset,
-                            uint64_t length) noexcept nogil:
-    """This write would need pieces (0 to 2) and the list has no room left for them."""
-    cdef uint64_t bs = <uint64_t>1 << m.shift
-    cdef uint64_t end = offset + length
-    cdef size_t n = 0
-    if length == 0:
+cdef int clip(const coverage_t *c, uint64_t offset, uint64_t *length) noexcept nogil:
+    """Clip [offset, offset+length) to the export; 0 when nothing is left."""
+    if length[0] == 0 or offset >= c.size:
         return 0
-    if offset & (bs - 1):
-        n += 1
-    if end & (bs - 1) and end != m.size:
-        n += 1
-    return p.n + n > MAX_PIECES
+    if length[0] > c.size - offset:
+        length[0] = c.size - offset
+    return 1
 
 
-cdef void add_piece(pieces_t *p, uint64_t start, uint64_t end) noexcept nogil:
+cdef int no_room_to_cover(const coverage_t *c, uint64_t offset, uint64_t length) noexcept nogil:
+    """This write would start a new disjoint range and the list is full."""
+    cdef size_t i
+    if not clip(c, offset, &length) or c.n < MAX_RANGES:
+        return 0
+    i = first_reaching(c, offset)
+    return i == c.n or c.at[2 * i] > offset + length
+
+
+cdef void cover(coverage_t *c, uint64_t offset, uint64_t length) noexcept nogil:
+    """Record that [offset, offset+length) was written: merged with every range it overlaps
+    or touches, else inserted in order (dropped only when no_room_to_cover said so first)."""
+    cdef uint64_t start, end
+    cdef size_t i, j
+    if not clip(c, offset, &length):
+        return
+    start = offset
+    end = offset + length
+    i = first_reaching(c, start)
+    j = i
+    while j < c.n and c.at[2 * j] <= end:        # ranges i..j-1 overlap or touch it
+        j += 1
+    if j > i:
+        if c.at[2 * i] < start:
+            start = c.at[2 * i]
+        if c.at[2 * j - 1] > end:
+            end = c.at[2 * j - 1]
+        c.at[2 * i] = start
+        c.at[2 * i + 1] = end
+        memmove(&c.at[2 * i + 2], &c.at[2 * j], (c.n - j) * 2 * sizeof(uint64_t))
+        c.n -= j - i - 1
+        return
+    if c.n == c.cap and not grow(c):
+        return
+    memmove(&c.at[2 * i + 2], &c.at[2 * i], (c.n - i) * 2 * sizeof(uint64_t))
+    c.at[2 * i] = start
+    c.at[2 * i + 1] = end
+    c.n += 1
+
+
+cdef int grow(coverage_t *c) noexcept nogil:
+    cdef size_t cap = 64 if c.cap == 0 else c.cap * 2
     cdef uint64_t *grown
-    cdef size_t cap
-    if p.n == p.cap:
-        if p.cap >= MAX_PIECES:
-            return                       # (no_room_for_pieces refused such writes first)
-        cap = 1024 if p.cap == 0 else p.cap * 2
-        if cap > MAX_PIECES:
-            cap = MAX_PIECES
-        grown = <uint64_t *>realloc(p.at, cap * 2 * sizeof(uint64_t))
-        if grown == NULL:
-            return
-        p.at = grown
-        p.cap = cap
-    p.at[2 * p.n] = start
-    p.at[2 * p.n + 1] = end
-    p.n += 1
-
-
-cdef int cmp_pieces(const void *a, const void *b) noexcept nogil:
-    cdef const uint64_t *x = <const uint64_t *>a
-    cdef const uint64_t *y = <const uint64_t *>b
-    return (x[0] > y[0]) - (x[0] < y[0])
-
-
-cdef uint64_t pieces_cover(amap_t *m, pieces_t *p) noexcept nogil:
-    """Bytes of the blocks the map does not have whose pieces reach from their first byte to
-    their last. Sorts the pieces in place; no allocation."""
-    cdef uint64_t bs = <uint64_t>1 << m.shift
-    cdef uint64_t total = 0, block, first, last, reached
-    cdef size_t i = 0, n = p.n
-    qsort(p.at, n, 2 * sizeof(uint64_t), cmp_pieces)
-    while i < n:
-        block = p.at[2 * i] >> m.shift
-        first = block << m.shift
-        last = first + bs if first + bs < m.size else m.size
-        reached = first
-        while i < n and (p.at[2 * i] >> m.shift) == block:
-            if p.at[2 * i] <= reached and p.at[2 * i + 1] > reached:
-                reached = p.at[2 * i + 1]
-            i += 1
-        if reached >= last and not amap_block(m, block):
-            total += last - first
-    return total
+    if c.cap >= MAX_RANGES:
+        return 0
+    if cap > MAX_RANGES:
+        cap = MAX_RANGES
+    grown = <uint64_t *>realloc(c.at, cap * 2 * sizeof(uint64_t))
+    if grown == NULL:
+        return 0
+    c.at = grown
+    c.cap = cap
+    return 1

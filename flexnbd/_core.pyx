@@ -188,8 +188,7 @@ cdef struct conn_t:
     size_t out_len
     int pipe_r               # a pipe for splicing WRITE payloads socket -> file (-1: none)
     int pipe_w
-    amap_t *coverage         # listen mode: blocks written in this session, or NULL
-    pieces_t *pieces         # listen mode: the pieces of blocks written in part (_allocmap)
+    coverage_t *coverage     # listen mode: the ranges written in this session, or NULL
     uint64_t errors          # requests answered with an error
     int kicked               # set by kick(): end at the next request boundary
     int splice_all           # splice every large WRITE, even onto holes (see Connection)
@@ -728,12 +727,12 @@ cdef inline void written(conn_t *c, uint64_t offset, uint64_t length, int covers
     if dirty != NULL:
         amap_mark(dirty, offset, length)
     if covers and c.coverage != NULL:
-        cover(c.coverage, c.pieces, offset, length)
+        cover(c.coverage, offset, length)
 
 
 cdef inline int no_room(conn_t *c, uint64_t offset, uint64_t length) noexcept nogil:
-    """Listen mode: this write needs partial pieces and the session has no room left."""
-    return c.coverage != NULL and no_room_for_pieces(c.coverage, c.pieces, offset, length)
+    """Listen mode: this write starts a new range and the session has no room left."""
+    return c.coverage != NULL and no_room_to_cover(c.coverage, offset, length)
 
 
 cdef int write_cut_short(conn_t *c, const request_t *r, uint64_t offset, uint64_t partial,
@@ -1000,8 +999,7 @@ cdef class Connection:
         self.c.kick_fd = self.c.pipe_r = self.c.pipe_w = self.c.follow_cpu = -1
         self.export = export
         self.coverage = coverage
-        self.c.coverage = &coverage.m if coverage is not None else NULL
-        self.c.pieces = &coverage.pieces if coverage is not None else NULL
+        self.c.coverage = &coverage.c if coverage is not None else NULL
         self.c.tp.fd = sock
         self.c.stop_fd = stop_fd
         # A migration sender that can send WRITE_ZEROES sends holes that way, so its WRITEs

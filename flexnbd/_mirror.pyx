@@ -1,6 +1,9 @@
 # cython: language_level=3
 """The mirror sender: push ranges of the export to a destination server (simple replies),
-pipelined, data by sendfile (or through TLS), holes as WRITE_ZEROES, without the GIL."""
+pipelined, data by sendfile (or through TLS), holes as WRITE_ZEROES, without the GIL.
+
+A hole costs one WRITE_ZEROES per 4 GiB (the length field has 32 bits), not one per 8 MiB:
+a sparse 15 TiB export is a few thousand requests, not two million."""
 
 from libc.stdint cimport uint32_t, uint64_t
 
@@ -14,9 +17,13 @@ from flexnbd._wire cimport *
 import os
 
 cdef enum:
-    MIRROR_MAX_REQUEST = 8 * 1024 * 1024     # the largest request the mirror sends
+    MIRROR_MAX_REQUEST = 8 * 1024 * 1024     # the largest WRITE the mirror sends
     ZERO_BUF_SIZE = 256 * 1024
     BOUNCE_SIZE = 1024 * 1024                # TLS: file data is read here, then encrypted
+
+# The largest WRITE_ZEROES: 4 GiB - 4 KiB, block-aligned, within the 32-bit length field. (Not
+# in the enum: an enum is a C int, and this does not fit one.)
+cdef uint64_t MIRROR_MAX_ZEROES = 0xFFFFF000
 
 
 cdef int send_zero_payload(transport_t *tp, const char *zeroes, uint64_t n) noexcept nogil:
@@ -63,18 +70,22 @@ cdef int ms_collect(mstream_t *s) noexcept nogil:
     return C_OK
 
 
-cdef int ms_send(mstream_t *s, uint64_t offset, uint64_t length, const char *zbuf) noexcept nogil:
+cdef int ms_send(mstream_t *s, uint64_t offset, uint64_t length, const char *zbuf,
+                 uint64_t *sent) noexcept nogil:
     """Send [offset, offset+length) as WRITE (data, from the file with sendfile) and, for holes
     of the allocation map, WRITE_ZEROES (or WRITE of zeroes to a destination without it),
-    collecting replies as the window requires. 0 or a client outcome (C_*, or -errno)."""
+    collecting replies as the window requires; the payload bytes sent are added to sent[0].
+    0 or a client outcome (C_*, or -errno)."""
     cdef char h[REQUEST_SIZE]
-    cdef uint64_t n, payload
-    cdef int allocated, rc
+    cdef uint64_t n, payload, limit
+    cdef int allocated, rc, with_payload
     while length > 0:
         n = export_run(s.ex, offset, length, &allocated)
-        if n > MIRROR_MAX_REQUEST:
-            n = MIRROR_MAX_REQUEST
-        payload = n if (allocated or not s.zeroes) else 0
+        with_payload = allocated or not s.zeroes
+        limit = MIRROR_MAX_REQUEST if with_payload else MIRROR_MAX_ZEROES
+        if n > limit:
+            n = limit
+        payload = n if with_payload else 0
         while s.count == MAX_IN_FLIGHT or \
                 (s.count and s.bytes_in_flight + payload > MAX_IN_FLIGHT_BYTES):
             rc = ms_collect(s)
@@ -97,6 +108,7 @@ cdef int ms_send(mstream_t *s, uint64_t offset, uint64_t length, const char *zbu
         s.sizes[(s.head + s.count) % MAX_IN_FLIGHT] = payload
         s.count += 1
         s.bytes_in_flight += payload
+        sent[0] += payload
         offset += n
         length -= n
     return C_OK
@@ -142,12 +154,16 @@ cdef class MirrorStream:
         free(self.s.tp.bounce)
 
     def send(self, uint64_t offset, uint64_t length):
+        """Send the range; returns the payload bytes that went (holes sent as WRITE_ZEROES
+        have none)."""
         cdef int rc
+        cdef uint64_t sent = 0
         if not in_range(offset, length, self.s.ex.size):
             raise ValueError("range beyond the export")
         with nogil:
-            rc = ms_send(&self.s, offset, length, _zero_buffer)
+            rc = ms_send(&self.s, offset, length, _zero_buffer, &sent)
         self._check(rc)
+        return sent
 
     def flush(self):
         cdef int rc = C_OK

@@ -40,6 +40,7 @@ cdef extern from "<stdlib.h>" nogil:
     void *calloc(size_t n, size_t m)
     void *realloc(void *p, size_t n)
     void free(void *p)
+    void abort()
     void qsort(void *base, size_t n, size_t size,
                int (*compar)(const void *, const void *) noexcept nogil)
 
@@ -243,6 +244,9 @@ cdef extern from *:
     { return __atomic_load_n(p, __ATOMIC_ACQUIRE); }
     static inline void flexnbd_store_ptr(void **p, void *v)
     { __atomic_store_n(p, v, __ATOMIC_RELEASE); }
+    static inline int flexnbd_cas_ptr(void **p, void *expected, void *v)
+    { return __atomic_compare_exchange_n(p, &expected, v, 0, __ATOMIC_ACQ_REL,
+                                         __ATOMIC_ACQUIRE); }
     static inline void flexnbd_or64(unsigned long long *p, unsigned long long v)
     { __atomic_fetch_or(p, v, __ATOMIC_RELAXED); }
     static inline void flexnbd_and64(unsigned long long *p, unsigned long long v)
@@ -257,6 +261,8 @@ cdef extern from *:
     int atomic_add "flexnbd_add"(int *p, int v) nogil
     void *load_ptr "flexnbd_load_ptr"(void **p) nogil
     void store_ptr "flexnbd_store_ptr"(void **p, void *v) nogil
+    # Install v at *p if *p is still ``expected``: 1 if it did.
+    int cas_ptr "flexnbd_cas_ptr"(void **p, void *expected, void *v) nogil
     void atomic_or64 "flexnbd_or64"(unsigned long long *p, unsigned long long v) nogil
     void atomic_and64 "flexnbd_and64"(unsigned long long *p, unsigned long long v) nogil
     unsigned long long atomic_load64 "flexnbd_load64"(const unsigned long long *p) nogil

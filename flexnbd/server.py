@@ -125,8 +125,9 @@ class Server:
             finally:
                 os.close(fd)
             _log.info("allocation map: built with %s in %.0f ms, %d extents, %d of %d bytes "
-                      "allocated", chosen, (_core.monotonic_ns() - started) / 1e6,
-                      self.allocmap.extents_found, self.allocmap.allocated_bytes(), self.size)
+                      "allocated, %d bytes in memory", chosen,
+                      (_core.monotonic_ns() - started) / 1e6, self.allocmap.extents_found,
+                      self.allocmap.allocated_bytes(), self.size, self.allocmap.memory_bytes)
 
         _log.info("allocation map: building in the background")
         threading.Thread(target=build, name="allocmap", daemon=True).start()

@@ -24,13 +24,15 @@ Always present, in this order:
 Only while mirroring, in this order, after ``has_control``:
 
 ``migration_speed``
-    bytes per second, averaged since the current attempt began.
+    payload bytes per second, averaged since the current attempt began (holes sent as
+    WRITE_ZEROES carry none: the speed limit applies to what the network carries).
 ``migration_duration``
     seconds since the current attempt began.
 ``migration_seconds_left``
     estimated seconds until the migration completes.
 ``migration_bytes_left``
-    bytes still to send (first pass plus dirty data).
+    payload bytes still to send (the first pass's data, or all of it to a destination without
+    WRITE_ZEROES, plus dirty data).
 ``migration_speed_limit``
     the ``mirror_max_bps`` limit in bytes per second, only when a limit is set.
 

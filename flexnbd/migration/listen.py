@@ -6,12 +6,11 @@ answered with an error, and then sent NBD_CMD_DISC. A probe that connects and se
 sender that drops half-way or sends a bad request: nothing completes, and the next sender
 starts over with an empty coverage map.
 
-Coverage is kept by the hot path in a bitmap of 512-byte blocks (export sizes are multiples of
-512), set for blocks a single request covered entirely; the pieces of blocks that a request
-covered only in part are listed too (at most 4 MiB of them per session: beyond that an
-unaligned write is refused with EINVAL), and checked when the session ends, so a sender whose
-unaligned writes cover every byte between them completes, and no byte is ever counted that was
-not written.
+Coverage is kept by the hot path as the list of byte ranges the session wrote, merged as they
+come (a mirror writes in order: one range, whatever the export's size, and no memory or time
+in proportion to it). A sender whose writes, aligned or not, cover every byte between them
+completes, and no byte is ever counted that was not written. At most 256 Ki disjoint ranges
+(4 MiB) per session: beyond that a write that would start one more is refused with EINVAL.
 """
 
 from __future__ import annotations
@@ -70,6 +69,6 @@ def take_control(name: str, result: _core.ServeResult, coverage: CoverageMap,
         _log.critical("migration received but %s could not be synced: %s; the sender is told "
                       "with a reset and keeps its copy", export.path, e.strerror)
         return False
-    _log.info("migration completed: %s received all %d bytes from %s", export.path,
-              export.size, name)
+    _log.info("migration completed: %s received all %d bytes from %s (coverage: %d bytes in "
+              "memory)", export.path, export.size, name, coverage.memory_bytes)
     return True

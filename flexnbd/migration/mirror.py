@@ -10,8 +10,10 @@ it. An attempt:
    the destination go and connects again once it is complete, so that the destination's one
    slot is never held by a sender that sends nothing), then turns on dirty tracking (the hot
    path marks every completed write, trim and zero in a dirty bitmap);
-3. first pass: the whole export in chunks of at most 8 MiB; data as WRITE (sendfile), holes as
-   WRITE_ZEROES when the destination offers it, else as WRITE of zeroes;
+3. first pass: the whole export, in batches that each hold at most 8 MiB of data; data as
+   WRITE (sendfile, at most 8 MiB each), holes as WRITE_ZEROES when the destination offers it
+   (one per 4 GiB of hole, so the pass costs what the extents need, not what the size says),
+   else as WRITE of zeroes;
 4. dirty passes: drains the dirty bitmap and resends what it names, until nothing is left, the
    estimated time left is under 5 s, or MAX_DIRTY_PASSES passes did not converge;
 5. endgame, holding the host's migration lock: new clients are forbidden, connected ones are
@@ -29,8 +31,9 @@ NBD at all ends the mirror too (rejected): retrying would not change it.
 
 Outcomes are ``flexnbd.migration.outcome`` values; the control socket words them.
 
-Why a dirty bitmap and not a log: one bit per 4 KiB block has a fixed size (32 MiB for 1 TiB),
-marking is one atomic OR without a lock or the GIL, and it cannot overflow, so a client that
+Why a dirty bitmap and not a log: one bit per 4 KiB block has a bounded size (sparse: 512 KiB
+per TiB, plus 512 bytes per 16 MiB region written to, at most 32 MiB per TiB), marking is one
+atomic OR without a lock or the GIL, and it cannot overflow, so a client that
 never stops writing can neither stall the mirror nor make it lose track; repeated writes to the
 same blocks cost nothing extra. What 0.5.0 did when its log filled (send regardless of the
 speed limit) we do when a dirty pass did not shrink the dirty set: clients write faster than
@@ -136,9 +139,9 @@ class Mirror:
         self._stop_reason = Outcome.STOPPED
         # figures for the status line, for the current attempt
         self.attempt_started = time.monotonic()
-        self.bytes_sent = 0          # payload bytes sent in this attempt
+        self.bytes_sent = 0          # payload bytes sent in this attempt (holes cost none)
         self.wire_bytes = 0          # bytes that crossed the wire in this attempt
-        self.first_pass_left = host.size
+        self.first_pass_left = host.size     # payload bytes the first pass still has to send
         self.dirty: DirtyMap | None = None
         self.session: TlsSession | None = None   # the current attempt's TLS, if any
         self.stream: _mirror.MirrorStream | None = None
@@ -331,13 +334,7 @@ class Mirror:
         self.stream = _mirror.MirrorStream(sock.fileno(), self.host.export, zeroes,
                                          tls=self.session,
                                          timeout=self.settings.request_limit)
-        offset = 0
-        while offset < self.host.size:
-            self._check_break()
-            length = min(self._chunk(), self.host.size - offset)
-            self._send(offset, length, throttle=True)
-            self.first_pass_left -= length
-            offset += length
+        self._first_pass(holes_are_payload=not zeroes)
         passes = 0
         throttle = True
         previous = None
@@ -357,6 +354,19 @@ class Mirror:
             self._drain(throttle=throttle)
             passes += 1
         return self._endgame(sock)
+
+    def _first_pass(self, holes_are_payload: bool) -> None:
+        """Send the whole export once, a batch of up to a chunk of payload at a time (the
+        holes between cost nothing when they go as WRITE_ZEROES)."""
+        allocmap = self.host.allocmap
+        self.first_pass_left = self.host.size if holes_are_payload else allocmap.count_bytes()
+        offset = 0
+        while offset < self.host.size:
+            self._check_break()
+            length, payload = allocmap.span(offset, self._chunk(), holes_are_payload)
+            self._send(offset, length, throttle=True, payload=payload)
+            self.first_pass_left = max(0, self.first_pass_left - payload)
+            offset += length
 
     def _wait_for_allocmap(self) -> bool:
         """Wait until the allocation map is complete; False if `break` came first."""
@@ -407,8 +417,9 @@ class Mirror:
             self.wire_bytes = self.stream.wire_bytes + 2 * wire.REQUEST_SIZE + \
                 wire.SIMPLE_REPLY_SIZE
             _log.info("migration completed: %d bytes of data sent, %d bytes on the wire, "
-                      "in %.2f s", self.bytes_sent, self.wire_bytes,
-                      time.monotonic() - self.attempt_started)
+                      "in %.2f s (dirty map: %d bytes in memory)", self.bytes_sent,
+                      self.wire_bytes, time.monotonic() - self.attempt_started,
+                      self.dirty.memory_bytes if self.dirty is not None else 0)
             # Still under the lock: a `break` or a stop signal waiting for it must see the
             # migration as completed, never as one they could stop.
             self.completed = True
@@ -453,18 +464,19 @@ class Mirror:
             return CHUNK
         return max(64 * 1024, min(CHUNK, max_bps // 10 // 4096 * 4096))
 
-    def _send(self, offset: int, length: int, throttle: bool) -> None:
+    def _send(self, offset: int, length: int, throttle: bool, payload: int | None = None) -> None:
+        """Send a range whose payload (data, and holes unless they go as WRITE_ZEROES) is
+        about ``payload`` bytes (default: all of it)."""
         max_bps = self.settings.max_bps
         if throttle and max_bps:
             # Keep the average since the attempt began at or under the limit, counting this
             # request before it goes.
-            ahead = (self.bytes_sent + length) / max_bps - \
+            ahead = (self.bytes_sent + (length if payload is None else payload)) / max_bps - \
                 (time.monotonic() - self.attempt_started)
             if ahead > 0 and self._break.wait(ahead):
                 raise Abandoned("break")
         assert self.stream is not None
-        self.stream.send(offset, length)
-        self.bytes_sent += length
+        self.bytes_sent += self.stream.send(offset, length)
 
     def _check_break(self) -> None:
         if self._break.is_set():

@@ -27,6 +27,7 @@ from tests.fakes.fakedest import FakeDest
 from tests.fakes.oldsender import send_disk
 from tests.fakes.relay import Relay
 from tests.support import control as cu
+from tests.support.layout import seek_scan
 from tests.support.migration import (
     KiB,
     MiB,
@@ -85,6 +86,34 @@ def test_sparse_file_stays_sparse_and_only_data_crosses_the_wire(pair, tmp_path)
     assert data <= wire_up < data * 1.1 + 64 * KiB, (wire_up, data)
     assert allocated(p.dst_file) <= data + MiB, (allocated(p.dst_file), data)
     assert allocated(p.dst_file) >= data // 2
+
+
+def test_holes_longer_than_4_gib_cross_as_a_few_requests(pair, tmp_path):
+    """Issue 24: a hole costs one WRITE_ZEROES per 4 GiB (the 32-bit length field), not one per
+    8 MiB, and a hole longer than that is split, not cut short (the listener would see it
+    uncovered and never complete). 20 GiB, three blocks of data."""
+    size = 20 << 30
+    src_file = tmp_path / "big.img"
+    places = [0, (5 << 30) + 123 * BS, size - BS]
+    with open(src_file, "wb") as f:
+        f.truncate(size)
+        for i, off in enumerate(places):
+            f.seek(off)
+            f.write(bytes([i + 1]) * BS)
+    p = pair(src_file)
+    with Relay(p.dst.port) as relay:
+        res = mirror_cli(p.src, relay.port)
+        assert res.returncode == 0, out(res)
+        assert (wait_exit(p.src, 60), wait_exit(p.dst, 60)) == (0, 0), logs(p.src, p.dst)
+        wire_up = relay.up_total
+    # the data, and 28-byte requests: 3 WRITEs, 6 WRITE_ZEROES (2 for the 5 GiB hole, 4 for
+    # the 15 GiB one), FLUSH, DISC; and the handshake (8 MiB chunks would be 2560 requests)
+    assert 3 * BS < wire_up < 3 * BS + 14 * 28 + 1024, wire_up
+    with open(src_file, "rb") as a, open(p.dst_file, "rb") as b:
+        assert seek_scan(a.fileno(), size) == seek_scan(b.fileno(), size)
+        for off in places:
+            assert os.pread(a.fileno(), BS, off) == os.pread(b.fileno(), BS, off)
+    assert os.path.getsize(p.dst_file) == size
 
 
 def _shape(path: Path, shape: str) -> int:

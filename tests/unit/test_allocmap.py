@@ -377,6 +377,148 @@ def test_mark_clear_extents_model(case, draw):
             assert m.is_allocated(off, n) == any(model.blocks[off // BS:-(-(off + n) // BS)])
 
 
+# -- the sparse leaves: 4096 blocks each, allocated on first mark -------------------------------
+
+LEAF = 4096          # blocks per leaf
+
+
+class ByteModel:
+    """One flag per block of a map with 1-byte blocks (shift 0: a leaf is 4096 bytes)."""
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+        self.blocks = bytearray(size)
+
+    def mark(self, off: int, n: int) -> None:
+        end = min(off + n, self.size)
+        self.blocks[off:max(off, end)] = b"\1" * max(0, end - off)
+
+    def clear(self, off: int, n: int) -> None:
+        end = min(off + n, self.size)
+        self.blocks[off:max(off, end)] = bytes(max(0, end - off))
+
+    def runs(self) -> list[tuple[int, int, bool]]:
+        out: list[tuple[int, int, bool]] = []
+        for i, v in enumerate(self.blocks):
+            if out and out[-1][2] == bool(v):
+                out[-1] = (out[-1][0], out[-1][1] + 1, out[-1][2])
+            else:
+                out.append((i, 1, bool(v)))
+        return out
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.integers(1, 5 * LEAF + 100), st.lists(
+    st.tuples(st.sampled_from(["mark", "clear", "take"]), st.integers(0, 6 * LEAF),
+              st.one_of(st.integers(0, 70), st.integers(0, 3 * LEAF),
+                        st.integers(0, 3).map(lambda k: k * LEAF))), max_size=30))
+def test_leaves_against_a_model(size, ops):
+    """Marks, clears and take_run across leaf boundaries, on leaves that exist or not."""
+    m = BlockBitmap(size, 0)
+    model = ByteModel(size)
+    for kind, off, n in ops:
+        if kind == "take":
+            run = m.take_run(off, n)
+            first = next((i for i in range(off, size) if model.blocks[i]), None)
+            if first is None:
+                assert run is None
+                continue
+            length = 1
+            while first + length < size and length < max(n, 1) and model.blocks[first + length]:
+                length += 1
+            assert run == (first, length), (kind, off, n)
+            model.clear(first, length)
+        else:
+            getattr(m, kind)(off, n)
+            getattr(model, kind)(off, n)
+    assert m.extents() == model.runs()
+    assert m.count_bytes() == sum(model.blocks)
+    m.reset()
+    assert m.count_bytes() == 0 and m.extents() == ([(0, size, False)] if size else [])
+
+
+def test_a_sparse_15_tib_map_costs_its_extents_not_its_size():
+    """512 KiB of leaf pointers per TiB (8 bytes per 16 MiB), plus 512 bytes per 16 MiB region
+    that holds a mark; scans skip empty regions whole."""
+    size = 15 * TiB
+    m = DirtyMap(size)
+    pointers = size // (LEAF * BS) * 8
+    assert m.memory_bytes == pointers == 15 * 512 * 1024
+    offsets = sorted({(i * 7919 * 104729 * BS) % size // BS * BS for i in range(20000)})
+    start = time.monotonic()
+    for off in offsets:
+        m.mark(off, BS)
+    assert m.count_bytes() == len(offsets) * BS
+    assert m.memory_bytes <= pointers + len(offsets) * 512
+    runs = [run for run in m.extents() if run[2]]
+    assert [off for off, _, _ in runs][:100] == offsets[:100] and len(runs) <= len(offsets)
+    taken = []
+    at = 0
+    while (run := m.take_run(at, 8 * MiB)) is not None:
+        taken.append(run)
+        at = run[0] + run[1]
+    assert sum(n for _, n in taken) == len(offsets) * BS and m.count_bytes() == 0
+    m.reset()
+    assert time.monotonic() - start < 10
+    assert not m.is_allocated(0, size)
+
+
+def test_clearing_never_allocates():
+    m = BlockBitmap(TiB)
+    m.clear(0, TiB)
+    m.reset()
+    assert m.memory_bytes == TiB // (LEAF * BS) * 8
+
+
+# -- the coverage map: byte ranges ---------------------------------------------------------------
+
+@settings(max_examples=150, deadline=None)
+@given(st.integers(1, 3000), st.lists(st.tuples(st.integers(0, 3100), st.integers(0, 800)),
+                                      max_size=40))
+def test_coverage_against_a_model(size, writes):
+    cov = CoverageMap(size)
+    model = bytearray(size)
+    for off, n in writes:
+        cov.cover(off, n)
+        end = min(off + n, size)
+        if off < end:
+            model[off:end] = b"\1" * (end - off)
+    want = [(s, s + n) for s, n, v in ByteModel.runs(_as_model(model)) if v]
+    assert cov.ranges() == want
+    assert cov.covered_bytes() == sum(model)
+
+
+def _as_model(blocks: bytearray) -> ByteModel:
+    m = ByteModel(len(blocks))
+    m.blocks = blocks
+    return m
+
+
+def test_coverage_of_a_mirror_is_one_range():
+    """In order, 4 GiB WRITE_ZEROES and 4 KiB WRITEs: one range, 16 bytes of it however big."""
+    size = 15 * TiB
+    cov = CoverageMap(size)
+    at = 0
+    while at < size:
+        n = min(size - at, (4 << 30) - BS if (at // BS) % 3 else BS)
+        cov.cover(at, n)
+        at += n
+        assert cov.ranges() == [(0, at)]
+    assert cov.covered_bytes() == size and cov.memory_bytes <= 64 * 16
+
+
+def test_coverage_refuses_a_new_range_when_full_but_merges_still():
+    cov = CoverageMap(1 << 40)
+    limit = 256 * 1024
+    for i in range(limit):
+        cov.cover(i * 4 * BS, BS)
+    with pytest.raises(MemoryError):
+        cov.cover(limit * 4 * BS, BS)          # a new disjoint range: no room
+    cov.cover(BS, 3 * BS)                      # fills the gap: ranges 0 and 1 merge
+    cov.cover(limit * 4 * BS, BS)              # now there is room again
+    assert len(cov.ranges()) == limit
+
+
 def test_mark_touches_partial_blocks():
     m = BlockBitmap(10 * BS)
     m.mark(BS - 1, 2)                   # the last byte of block 0, the first of block 1
@@ -518,12 +660,16 @@ def test_file_smaller_than_a_block(workdir):
 
 def test_each_bitmap_is_built_in_a_state_that_cannot_lie():
     """Only the allocation map starts incomplete (answering "allocated" everywhere until it is
-    built); the plain, dirty and coverage bitmaps know all they will ever know from the start,
-    and start empty. The coverage map has 512-byte blocks, the others 4 KiB."""
+    built); the plain and dirty bitmaps know all they will ever know from the start, and start
+    empty (4 KiB blocks); so does the coverage map (byte ranges)."""
     amap = AllocationMap(MiB)
     assert not amap.complete and amap.is_allocated(0, MiB) and amap.method == "pending"
-    for kind, block in ((BlockBitmap, BS), (DirtyMap, BS), (CoverageMap, 512)):
+    for kind in (BlockBitmap, DirtyMap):
         m = kind(MiB)
         assert m.complete and not m.is_allocated(0, MiB) and m.count_bytes() == 0, kind
         m.mark(0, 1)
-        assert m.count_bytes() == block, kind
+        assert m.count_bytes() == BS, kind
+    cov = CoverageMap(MiB)
+    assert cov.covered_bytes() == 0 and cov.ranges() == []
+    cov.cover(0, 1)
+    assert cov.covered_bytes() == 1
