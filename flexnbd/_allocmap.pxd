@@ -12,8 +12,9 @@
 
 from libc.stdint cimport uint64_t
 
-from flexnbd._sys cimport abort, atomic_and64, atomic_load64, atomic_or64, calloc, cas_ptr, \
-    free, load_acquire, load_ptr, popcount64, pthread_rwlock_rdlock, pthread_rwlock_t, \
+from flexnbd._sys cimport abort, atomic_and64, atomic_load64, atomic_or64, atomic_xchg64, \
+    calloc, cas_ptr, free, \
+    load_acquire, load_ptr, popcount64, pthread_rwlock_rdlock, pthread_rwlock_t, \
     pthread_rwlock_unlock, pthread_rwlock_wrlock, store_release
 
 cdef enum:
@@ -199,8 +200,9 @@ cdef inline uint64_t amap_take_run(amap_t *m, uint64_t from_offset, uint64_t max
     return end - start[0]
 
 
-cdef inline uint64_t amap_count(amap_t *m) noexcept nogil:
-    """How many blocks are set (only the leaves that exist are read)."""
+cdef inline uint64_t amap_sweep(amap_t *m, bint clear) noexcept nogil:
+    """How many blocks are set (only the leaves that exist are read); with ``clear``, each word
+    is cleared as it is read (the leaves stay: a writer may still hold one)."""
     cdef uint64_t leaf, n = 0
     cdef unsigned long long *p
     cdef int i
@@ -208,8 +210,12 @@ cdef inline uint64_t amap_count(amap_t *m) noexcept nogil:
         p = amap_leaf(m, leaf)
         if p != NULL:
             for i in range(LEAF_WORDS):
-                n += popcount64(atomic_load64(&p[i]))
+                n += popcount64(atomic_xchg64(&p[i], 0) if clear else atomic_load64(&p[i]))
     return n
+
+
+cdef inline uint64_t amap_count(amap_t *m) noexcept nogil:
+    return amap_sweep(m, 0)
 
 
 cdef inline uint64_t amap_leaves(amap_t *m) noexcept nogil:
@@ -222,15 +228,7 @@ cdef inline uint64_t amap_leaves(amap_t *m) noexcept nogil:
 
 
 cdef inline void amap_reset(amap_t *m) noexcept nogil:
-    """Clear every block (the leaves stay: a writer may still hold one)."""
-    cdef uint64_t leaf
-    cdef unsigned long long *p
-    cdef int i
-    for leaf in range(m.nleaves):
-        p = amap_leaf(m, leaf)
-        if p != NULL:
-            for i in range(LEAF_WORDS):
-                atomic_and64(&p[i], 0)
+    amap_sweep(m, 1)
 
 
 cdef inline void amap_write_lock(amap_t *m) noexcept nogil:

@@ -27,7 +27,6 @@ class ServeResult(NamedTuple):
 
 def decode_request(data: bytes, size: int, read_only: bool = ..., structured: bool = ...,
                    meta_context: bool = ..., fast_zero: bool = ...) -> tuple[int, Request]: ...
-def monotonic_ns() -> int: ...
 class Export:
     path: str
     allocmap: AllocationMap | None

@@ -1092,7 +1092,3 @@ cdef class Connection:
     def errors(self):
         """Requests answered with an error so far."""
         return self.c.errors
-
-
-def monotonic_ns():
-    return now_ns()

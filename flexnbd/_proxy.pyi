@@ -1,6 +1,7 @@
 """Type stubs for the proxy's compiled relay (flexnbd/_proxy.pyx)."""
 
 import enum
+from typing import NamedTuple
 
 from flexnbd._tls import TlsSession
 
@@ -21,6 +22,14 @@ class Problem(enum.IntEnum):
     UP_BAD_MAGIC = 3
     UP_BAD_COOKIE = 4
 
+class RelayState(NamedTuple):
+    in_flight: int
+    requests: int
+    problem: Problem
+    err: int
+    bad_value: int
+    client_err: int
+
 class Relay:
     def __init__(self, upstream: int, size: int, upstream_flags: int, stop_fd: int,
                  cache_bytes: int, timeout: float,
@@ -30,21 +39,4 @@ class Relay:
     def set_upstream(self, upstream: int, upstream_flags: int,
                      tls: TlsSession | None = ...) -> int: ...
     def run(self) -> End: ...
-    @property
-    def in_flight(self) -> int: ...
-    @property
-    def requests(self) -> int: ...
-    @property
-    def replayed(self) -> int: ...
-    @property
-    def cache_hits(self) -> int: ...
-    @property
-    def problem(self) -> Problem: ...
-    @property
-    def err(self) -> int: ...
-    @property
-    def bad_value(self) -> int: ...
-    @property
-    def client_err(self) -> int: ...
-    @property
-    def client_attached(self) -> bool: ...
+    def state(self) -> RelayState: ...

@@ -27,6 +27,8 @@ answered from memory. Any WRITE, TRIM, WRITE_ZEROES or FLUSH, and any reconnect,
 read-ahead that a write could have overtaken is not kept.
 """
 
+from collections import namedtuple
+
 from libc.stdint cimport int64_t, uint16_t, uint32_t, uint64_t
 
 from flexnbd._nbdio cimport *
@@ -66,6 +68,9 @@ cpdef enum Problem:
     UP_ERRNO = 2              # a socket error (err has the errno)
     UP_BAD_MAGIC = 3          # a reply with a bad magic (bad_value has it)
     UP_BAD_COOKIE = 4         # a reply to a request that is not waiting for one
+
+
+RelayState = namedtuple("RelayState", "in_flight requests problem err bad_value client_err")
 
 
 cdef enum:
@@ -393,13 +398,16 @@ cdef inline int wants_client_input(relay_t *r) noexcept nogil:
     return can_admit(r) and ib_unread(&r.down_in) < REQUEST_SIZE
 
 
-cdef ssize_t recv_some(transport_t *t, inbuf_t *b, char *direct, size_t direct_want,
+cdef ssize_t recv_some(transport_t *t, inbuf_t *b, slot_t *slot, size_t length,
                        size_t *direct_got, size_t header, size_t *asked) noexcept nogil:
-    """One non-blocking receive: straight to ``direct`` (a payload or READ data, counted in
-    *direct_got) when the buffer holds nothing and at least DIRECT_MIN bytes are wanted there,
-    else into the buffer: as much as fits, or, when ``header`` is given because big data is
-    likely to follow, just the rest of one header (the data then goes straight to its slot
-    instead of through the buffer). *asked says how much was asked for."""
+    """One non-blocking receive: straight into ``slot``'s data (``length`` bytes in all, a
+    payload or READ data, *direct_got of them so far) when the buffer holds nothing and at least
+    DIRECT_MIN bytes are wanted there, else into the buffer: as much as fits, or, when
+    ``header`` is given because big data is likely to follow, just the rest of one header (the
+    data then goes straight to its slot instead of through the buffer). *asked says how much
+    was asked for."""
+    cdef char *direct = slot.data + direct_got[0] if slot != NULL else NULL
+    cdef size_t direct_want = length - direct_got[0] if slot != NULL else 0
     cdef ssize_t k
     if direct != NULL and ib_unread(b) == 0 and direct_want >= DIRECT_MIN:
         asked[0] = direct_want
@@ -417,20 +425,14 @@ cdef ssize_t recv_some(transport_t *t, inbuf_t *b, char *direct, size_t direct_w
 cdef void read_client(relay_t *r) noexcept nogil:
     cdef ssize_t k
     cdef slot_t *s
-    cdef char *direct
-    cdef size_t want, asked
+    cdef size_t asked
     cdef int _
     for _ in range(BURST):
         parse_requests(r)
         if not wants_client_input(r):
             return
-        direct = NULL
-        want = 0
-        if r.payload_slot >= 0:
-            s = &r.slots[r.payload_slot]
-            direct = s.data + r.payload_got
-            want = s.length - r.payload_got
-        k = recv_some(&r.down, &r.down_in, direct, want, &r.payload_got,
+        s = &r.slots[r.payload_slot] if r.payload_slot >= 0 else NULL
+        k = recv_some(&r.down, &r.down_in, s, s.length if s != NULL else 0, &r.payload_got,
                       REQUEST_SIZE if r.big_writes else 0, &asked)
         if k > 0:
             if <size_t>k < asked and r.down.ssl == NULL:
@@ -459,6 +461,36 @@ cdef int upstream_send_failed(relay_t *r) noexcept nogil:
     return END_UPSTREAM_LOST
 
 
+cdef inline ssize_t send_iov(transport_t *t, iovec *iov, int n) noexcept nogil:
+    """One non-blocking gathered send (again after EINTR): bytes sent, or -1 with errno."""
+    cdef msghdr msg
+    cdef ssize_t k
+    memset(&msg, 0, sizeof(msg))
+    msg.msg_iov = iov
+    msg.msg_iovlen = n
+    while True:
+        k = tp_sendmsg(t, &msg, MSG_DONTWAIT)
+        if k >= 0 or errno != EINTR:
+            return k
+
+
+cdef inline int gather(iovec *iov, char *head, size_t head_len, char *data, size_t data_len,
+                       size_t skip) noexcept nogil:
+    """Point ``iov`` at what is left of a header and its data once ``skip`` bytes of them are
+    out; returns how many entries it took (1 or 2)."""
+    if skip >= head_len:
+        iov[0].iov_base = data + (skip - head_len)
+        iov[0].iov_len = data_len - (skip - head_len)
+        return 1
+    iov[0].iov_base = head + skip
+    iov[0].iov_len = head_len - skip
+    if data_len == 0:
+        return 1
+    iov[1].iov_base = data
+    iov[1].iov_len = data_len
+    return 2
+
+
 cdef int send_upstream(relay_t *r) noexcept nogil:
     """Send queued requests in sequence order, many per sendmsg.
 
@@ -466,7 +498,6 @@ cdef int send_upstream(relay_t *r) noexcept nogil:
     measured: it cost more CPU, in the proxy and in a flexnbd upstream, than the copy saves.)"""
     cdef iovec iov[MAX_IOV]
     cdef uint64_t seqs[MAX_IOV]
-    cdef msghdr msg
     cdef slot_t *s
     cdef uint64_t seq
     cdef size_t skip, left, need
@@ -490,18 +521,8 @@ cdef int send_upstream(relay_t *r) noexcept nogil:
                 break
             if state == QUEUED:
                 s = slot_of(r, seq)
-                if skip < REQUEST_SIZE:
-                    iov[n].iov_base = s.head + skip
-                    iov[n].iov_len = REQUEST_SIZE - skip
-                    n += 1
-                    if s.type == CMD_WRITE and s.length:
-                        iov[n].iov_base = s.data
-                        iov[n].iov_len = s.length
-                        n += 1
-                else:
-                    iov[n].iov_base = s.data + (skip - REQUEST_SIZE)
-                    iov[n].iov_len = s.length - (skip - REQUEST_SIZE)
-                    n += 1
+                n += gather(&iov[n], s.head, REQUEST_SIZE, s.data,
+                            s.length if s.type == CMD_WRITE else 0, skip)
                 skip = 0
                 seqs[m] = seq
                 m += 1
@@ -511,13 +532,8 @@ cdef int send_upstream(relay_t *r) noexcept nogil:
         if m == 0:
             r.up_blocked = tp_unsent(&r.up)     # (TLS: the stage still has some to send)
             return C_OK
-        memset(&msg, 0, sizeof(msg))
-        msg.msg_iov = iov
-        msg.msg_iovlen = n
-        k = tp_sendmsg(&r.up, &msg, MSG_DONTWAIT)
+        k = send_iov(&r.up, iov, n)
         if k < 0:
-            if errno == EINTR:
-                continue
             return upstream_send_failed(r)
         t = now_ns()
         r.up_progress_ns = t
@@ -601,20 +617,14 @@ cdef int parse_replies(relay_t *r) noexcept nogil:
 cdef int read_upstream(relay_t *r) noexcept nogil:
     cdef ssize_t k
     cdef slot_t *s
-    cdef char *direct
-    cdef size_t want, asked
+    cdef size_t asked
     cdef int _, rc
     for _ in range(BURST):
         rc = parse_replies(r)
         if rc != C_OK:
             return rc
-        direct = NULL
-        want = 0
-        if r.data_slot >= 0:
-            s = &r.slots[r.data_slot]
-            direct = s.data + r.data_got
-            want = s.up_length - r.data_got
-        k = recv_some(&r.up, &r.up_in, direct, want, &r.data_got,
+        s = &r.slots[r.data_slot] if r.data_slot >= 0 else NULL
+        k = recv_some(&r.up, &r.up_in, s, s.up_length if s != NULL else 0, &r.data_got,
                       SIMPLE_REPLY_SIZE if r.big_reads else 0, &asked)
         if k > 0:
             r.up_progress_ns = now_ns()
@@ -649,7 +659,6 @@ cdef void client_send_failed(relay_t *r) noexcept nogil:
 cdef void send_client(relay_t *r) noexcept nogil:
     """Send the queued replies (with their READ data), many per sendmsg."""
     cdef iovec iov[MAX_IOV]
-    cdef msghdr msg
     cdef slot_t *s
     cdef size_t i, skip, left, need
     cdef ssize_t k
@@ -665,27 +674,12 @@ cdef void send_client(relay_t *r) noexcept nogil:
         i = 0
         while i < r.done_count and n + 2 <= MAX_IOV:
             s = &r.slots[r.done_q[(r.done_head + i) & (NSLOTS - 1)]]
-            if skip < SIMPLE_REPLY_SIZE:
-                iov[n].iov_base = s.reply + skip
-                iov[n].iov_len = SIMPLE_REPLY_SIZE - skip
-                n += 1
-                if reply_bytes(s) > SIMPLE_REPLY_SIZE:
-                    iov[n].iov_base = s.data
-                    iov[n].iov_len = s.length
-                    n += 1
-            else:
-                iov[n].iov_base = s.data + (skip - SIMPLE_REPLY_SIZE)
-                iov[n].iov_len = s.length - (skip - SIMPLE_REPLY_SIZE)
-                n += 1
+            n += gather(&iov[n], s.reply, SIMPLE_REPLY_SIZE, s.data,
+                        s.length if reply_bytes(s) > SIMPLE_REPLY_SIZE else 0, skip)
             skip = 0
             i += 1
-        memset(&msg, 0, sizeof(msg))
-        msg.msg_iov = iov
-        msg.msg_iovlen = n
-        k = tp_sendmsg(&r.down, &msg, MSG_DONTWAIT)
+        k = send_iov(&r.down, iov, n)
         if k < 0:
-            if errno == EINTR:
-                continue
             client_send_failed(r)
             return
         left = <size_t>k
@@ -950,40 +944,9 @@ cdef class Relay:
             end = relay_loop(&self.r)
         return End(end)
 
-    @property
-    def in_flight(self):
-        """Requests taken from the client and not yet fully answered."""
-        return self.r.busy
-
-    @property
-    def requests(self):
-        return self.r.requests
-
-    @property
-    def replayed(self):
-        return self.r.replayed
-
-    @property
-    def cache_hits(self):
-        return self.r.cache_hits
-
-    @property
-    def problem(self):
-        return Problem(self.r.problem)
-
-    @property
-    def err(self):
-        return self.r.err
-
-    @property
-    def bad_value(self):
-        return self.r.bad_value
-
-    @property
-    def client_err(self):
-        """Why the client's connection failed (an errno), 0 if it just closed."""
-        return self.r.client_err
-
-    @property
-    def client_attached(self):
-        return not self.r.client_dead
+    def state(self):
+        """What the relay knows now: requests in flight (taken from the client, not yet fully
+        answered), requests so far, and why it ended (its Problem with upstream, the errno, a
+        bad magic, cookie or length, the client's errno: 0 if it just closed)."""
+        return RelayState(self.r.busy, self.r.requests, Problem(self.r.problem), self.r.err,
+                          self.r.bad_value, self.r.client_err)

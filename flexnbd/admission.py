@@ -35,6 +35,7 @@ import ipaddress
 import select
 import socket
 import threading
+import time
 from collections.abc import Callable, Sequence
 
 from flexnbd import _core, acl, log, sockets
@@ -144,7 +145,7 @@ class Admission:
             with self._lock:
                 if self.stopping:
                     return STOPPING
-                now = _core.monotonic_ns()
+                now = time.monotonic_ns()
                 holders = self._slot_holders()
                 if len(holders) < self.config.max_clients:
                     client.connection = connection()
@@ -240,8 +241,8 @@ class Admission:
 
     def _wait_clients(self, timeout: float, leaving: Sequence[Client] | None = None) -> bool:
         """Wait until no client (or none of ``leaving``) is left; False on the timeout."""
-        deadline = _core.monotonic_ns() + int(timeout * 1e9)
-        while _core.monotonic_ns() < deadline:
+        deadline = time.monotonic_ns() + int(timeout * 1e9)
+        while time.monotonic_ns() < deadline:
             with self._lock:
                 if not (self._clients if leaving is None
                         else [c for c in leaving if c in self._clients]):
@@ -388,7 +389,7 @@ class Admission:
 
     def _cut_late_clients(self) -> None:
         cfg = self.config
-        now = _core.monotonic_ns()
+        now = time.monotonic_ns()
         late: list[tuple[Client, str]] = []
         with self._lock:
             for c in self._clients:

@@ -38,6 +38,7 @@ _log = log.get("proxy")
 
 End = _proxy.End
 Problem = _proxy.Problem
+RelayState = _proxy.RelayState
 
 # Upstream's transmission flags that the client is offered as they are. Never CAN_MULTI_CONN
 # (one client at a time) and never DF (no structured replies through the proxy).
@@ -209,14 +210,14 @@ class Proxy:
         if end == End.END_UPSTREAM_TIMEOUT:
             return (f"a request was not answered in {self.config.upstream_timeout:g} s "
                     "(FLEXNBD_UPSTREAM_TIMEOUT)")
-        problem = self.relay.problem
-        if problem == Problem.UP_EOF:
+        state = self.relay.state()
+        if state.problem == Problem.UP_EOF:
             return "closed the connection"
-        if problem == Problem.UP_ERRNO:
-            return f"failed: {errno_text(self.relay.err)}"
-        if problem == Problem.UP_BAD_MAGIC:
-            return f"sent a reply with bad magic {self.relay.bad_value:#x}"
-        return f"answered a request that was not waiting (cookie {self.relay.bad_value:#x})"
+        if state.problem == Problem.UP_ERRNO:
+            return f"failed: {errno_text(state.err)}"
+        if state.problem == Problem.UP_BAD_MAGIC:
+            return f"sent a reply with bad magic {state.bad_value:#x}"
+        return f"answered a request that was not waiting (cookie {state.bad_value:#x})"
 
     # -- clients ---------------------------------------------------------------------------
 
@@ -261,44 +262,44 @@ class Proxy:
         sock.setblocking(False)
         self.relay.attach(sock.fileno(), agreed.tls)
         _log.info("client %s connected (%s%s)", name, agreed.style, _version(agreed.tls))
-        requests_before = self.relay.requests
+        requests_before = self.relay.state().requests
         while True:
             end = self.relay.run()
             if end not in (End.END_UPSTREAM_LOST, End.END_UPSTREAM_TIMEOUT):
                 break
             _log.warning("upstream %s %s; %d request(s) in flight; reconnecting",
                          self.upstream_name, self._describe_upstream_end(end),
-                         self.relay.in_flight)
+                         self.relay.state().in_flight)
             if not self._reconnect():
                 return
         if end == End.END_DISC and agreed.tls is not None:
             agreed.tls.close_notify()       # (as a server ends a TLS session after DISC)
-        self._log_end(name, end, self.relay.requests - requests_before)
+        self._log_end(name, end, self.relay.state(), requests_before)
 
-    def _log_end(self, name: str, end: End, requests: int) -> None:
-        assert self.relay is not None
+    def _log_end(self, name: str, end: End, state: RelayState, requests_before: int) -> None:
+        requests = state.requests - requests_before
         if end == End.END_STOPPED:
             _log.info("client %s: stopping with %d request(s) in flight", name,
-                      self.relay.in_flight)
+                      state.in_flight)
         elif end == End.END_DISC:
             _log.info("client %s disconnected after %d request(s)", name, requests)
-        elif end == End.END_CLIENT_GONE and self.relay.client_err == errno.ETIMEDOUT:
+        elif end == End.END_CLIENT_GONE and state.client_err == errno.ETIMEDOUT:
             _log.warning("client %s read no reply for %g s (FLEXNBD_SEND_TIMEOUT): "
                          "disconnected after %d request(s)", name, self.config.send_timeout,
                          requests)
-        elif end == End.END_CLIENT_GONE and self.relay.client_err:
+        elif end == End.END_CLIENT_GONE and state.client_err:
             # (EPROTO: its TLS session broke, a forged or corrupted record)
             _log.warning("client %s: connection failed after %d request(s): %s", name,
-                         requests, "TLS error (a bad record)" if self.relay.client_err ==
-                         errno.EPROTO else errno_text(self.relay.client_err))
+                         requests, "TLS error (a bad record)" if state.client_err ==
+                         errno.EPROTO else errno_text(state.client_err))
         elif end == End.END_CLIENT_GONE:
             _log.info("client %s closed the connection after %d request(s)", name, requests)
         elif end == End.END_BAD_MAGIC:
             _log.warning("client %s sent a request with bad magic %#x: disconnected", name,
-                         self.relay.bad_value)
+                         state.bad_value)
         elif end == End.END_TOO_BIG:
             _log.warning("client %s sent a request of %d bytes (more than %d): disconnected",
-                         name, self.relay.bad_value, wire.MAX_PAYLOAD)
+                         name, state.bad_value, wire.MAX_PAYLOAD)
         else:
             _log.error("client %s: no memory for a request of %d bytes: disconnected", name,
-                       self.relay.bad_value)
+                       state.bad_value)

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import os
 import threading
+import time
 from collections.abc import Callable, Sequence
 
 from flexnbd import _allocmap, _core, acl, credentials, log, session, sockets
@@ -116,7 +117,7 @@ class Server:
         fd = os.dup(self.fd)  # the builder may outlive stop(), which closes self.fd
 
         def build() -> None:
-            started = _core.monotonic_ns()
+            started = time.monotonic_ns()
             try:
                 chosen = self.allocmap.build(fd, method, delay_ms)
             except Exception as e:  # noqa: BLE001 - the map stays "all allocated"
@@ -126,7 +127,7 @@ class Server:
                 os.close(fd)
             _log.info("allocation map: built with %s in %.0f ms, %d extents, %d of %d bytes "
                       "allocated, %d bytes in memory", chosen,
-                      (_core.monotonic_ns() - started) / 1e6, self.allocmap.extents_found,
+                      (time.monotonic_ns() - started) / 1e6, self.allocmap.extents_found,
                       self.allocmap.allocated_bytes(), self.size, self.allocmap.memory_bytes)
 
         _log.info("allocation map: building in the background")
