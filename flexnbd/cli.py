@@ -197,41 +197,43 @@ def _mirror_parser() -> _Parser:
     return p
 
 
-def _mirror_speed_parser() -> _Parser:
-    p = _parser("mirror-speed", "Limit the running migration's average sending rate.",
-                "--sock SOCK --max-speed BYTES_PER_SEC")
+def _control_parser(mode: str, description: str, usage: str,
+                    options: Callable[[_Parser], object] = lambda p: None) -> _Parser:
+    """A command to the server behind --sock: --sock, the command's own ``options``, then the
+    global ones."""
+    p = _parser(mode, description, usage)
     _sock_option(p)
-    p.add_argument("-m", "--max-speed", type=_number(MAX_BPS, "speed"),
-                   metavar="BYTES_PER_SEC", help="bytes per second (0: no limit)")
+    options(p)
     _global_options(p)
     return p
+
+
+def _mirror_speed_parser() -> _Parser:
+    return _control_parser(
+        "mirror-speed", "Limit the running migration's average sending rate.",
+        "--sock SOCK --max-speed BYTES_PER_SEC",
+        lambda p: p.add_argument("-m", "--max-speed", type=_number(MAX_BPS, "speed"),
+                                 metavar="BYTES_PER_SEC", help="bytes per second (0: no limit)"))
 
 
 def _acl_parser() -> _Parser:
-    p = _parser("acl", "Replace the server's ACL; connected clients it no longer allows are "
-                "disconnected.", "--sock SOCK [ACL ...]")
-    _sock_option(p)
-    _acl_entries(p, "allowed client addresses, IPv4 or IPv6 with an optional /prefix "
-                    "(none: an empty ACL)")
-    _global_options(p)
-    return p
+    return _control_parser(
+        "acl", "Replace the server's ACL; connected clients it no longer allows are "
+        "disconnected.", "--sock SOCK [ACL ...]",
+        lambda p: _acl_entries(p, "allowed client addresses, IPv4 or IPv6 with an optional "
+                                  "/prefix (none: an empty ACL)"))
 
 
 def _break_parser() -> _Parser:
-    p = _parser("break", "Stop the server's running migration; it goes on serving.",
-                "--sock SOCK")
-    _sock_option(p)
-    _global_options(p)
-    return p
+    return _control_parser("break", "Stop the server's running migration; it goes on serving.",
+                           "--sock SOCK")
 
 
 def _status_parser() -> _Parser:
-    p = _parser("status", "Print the server's status line (key=value pairs).",
-                "--sock SOCK [--json]")
-    _sock_option(p)
-    p.add_argument("--json", action="store_true", help="print the status as one JSON object")
-    _global_options(p)
-    return p
+    return _control_parser(
+        "status", "Print the server's status line (key=value pairs).", "--sock SOCK [--json]",
+        lambda p: p.add_argument("--json", action="store_true",
+                                 help="print the status as one JSON object"))
 
 
 @dataclass
@@ -486,21 +488,31 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
     mode = MODES[name]
     parser = mode.parser()
-    try:
-        if _wants_help(rest):
-            parser.print_help()
-            return 0
-        args = parser.parse_intermixed_args(rest)
+
+    def run(args: argparse.Namespace) -> int:
         missing = [OPTION_NAMES[k] for k in mode.required if getattr(args, k) is None]
         if missing:
             raise UsageError(f"missing {', '.join(missing)}")
         log.setup(args.verbosity)
         return mode.run(args)
+    return _run_command(f"{PROG} {name}", parser, rest, parser.parse_intermixed_args, run)
+
+
+def _run_command(label: str, parser: _Parser, argv: list[str],
+                 parse: Callable[[list[str]], argparse.Namespace],
+                 run: Callable[[argparse.Namespace], int]) -> int:
+    """--help, or ``run`` what ``parse`` made of ``argv``: a usage error prints the usage, any
+    other error one line (never a traceback), ^C exits 1."""
+    try:
+        if _wants_help(argv):
+            parser.print_help()
+            return 0
+        return run(parse(argv))
     except UsageError as e:
-        print(f"{PROG} {name}: {e}\n{parser.format_usage().rstrip()}", file=sys.stderr)
+        print(f"{label}: {e}\n{parser.format_usage().rstrip()}", file=sys.stderr)
         return 1
     except FlexnbdError as e:
-        print(f"{PROG} {name}: {e}", file=sys.stderr)
+        print(f"{label}: {e}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         return 1
@@ -585,11 +597,8 @@ def proxy_main(argv: Sequence[str] | None = None) -> int:
     """The flexnbd-proxy console script."""
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = _proxy_parser()
-    try:
-        if _wants_help(argv):
-            parser.print_help()
-            return 0
-        args = parser.parse_args(argv)
+
+    def run(args: argparse.Namespace) -> int:
         config = _proxy_config(args)
         log.setup(args.verbosity)
         from flexnbd import lifecycle
@@ -597,11 +606,4 @@ def proxy_main(argv: Sequence[str] | None = None) -> int:
 
         signals = lifecycle.StopSignals()
         return lifecycle.run(Proxy(config), signals)
-    except UsageError as e:
-        print(f"{PROXY_PROG}: {e}\n{parser.format_usage().rstrip()}", file=sys.stderr)
-        return 1
-    except FlexnbdError as e:
-        print(f"{PROXY_PROG}: {e}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        return 1
+    return _run_command(PROXY_PROG, parser, argv, parser.parse_args, run)
