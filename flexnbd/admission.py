@@ -36,7 +36,7 @@ import select
 import socket
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 
 from flexnbd import _core, acl, log, sockets
 from flexnbd.config import ServeConfig
@@ -126,13 +126,8 @@ class Admission:
     def num_clients(self) -> int:
         """Clients connected right now. A client that has closed its side stops counting at
         once, even before its thread has noticed (the limits count threads)."""
-        gone = select.POLLRDHUP | select.POLLHUP | select.POLLERR | select.POLLNVAL
         with self._lock:
-            poller = select.poll()
-            for client in self._clients:
-                poller.register(client.sock, select.POLLRDHUP)
-            closed = sum(1 for _, events in poller.poll(0) if events & gone)
-            return len(self._clients) - closed
+            return len(self._clients) - len(_hung_up(self._clients))
 
     def attach(self, client: Client, connection: Callable[[], _core.Connection]) -> str:
         """The client finished its handshake: give it its connection (made under the lock,
@@ -155,16 +150,20 @@ class Admission:
                     return ""
                 if idle:
                     break
+                # A holder whose peer hung up (say a readiness probe) cannot be served any
+                # more; one that sent nothing for FLEXNBD_LISTEN_IDLE gives the slot up.
                 limit = self.config.listen_idle
-                idle = [c for c in holders
-                        if limit is not None and self._idle_ns(c, now) >= limit * 1e9]
+                hung = _hung_up(holders)
+                idle = [c for c in holders if c in hung
+                        or (limit is not None and self._idle_ns(c, now) >= limit * 1e9)]
                 if not idle:
                     break
                 for holder in idle:
                     holder.cut()
             for holder in idle:
-                _log.warning("%s sent no request for %g s: it gives the migration's slot up to "
-                             "%s", holder.name, self.config.listen_idle, client.name)
+                if holder not in hung:
+                    _log.warning("%s sent no request for %g s: it gives the migration's slot "
+                                 "up to %s", holder.name, self.config.listen_idle, client.name)
         return "a sender already holds the migration's slot"
 
     def _slot_holders(self) -> list[Client]:
@@ -332,13 +331,8 @@ class Admission:
     def _cut_hung_up(self) -> list[Client]:
         """Shut down the sockets of clients whose peer has hung up (they cannot be served any
         more; their threads then end at once); those clients."""
-        gone = select.POLLRDHUP | select.POLLHUP | select.POLLERR | select.POLLNVAL
         with self._lock:
-            clients = {c.sock.fileno(): c for c in self._clients}
-            poller = select.poll()
-            for fd in clients:
-                poller.register(fd, select.POLLRDHUP)
-            hung = [clients[fd] for fd, events in poller.poll(0) if events & gone]
+            hung = _hung_up(self._clients)
             for client in hung:
                 sockets.shutdown(client.sock)
         return hung
@@ -407,6 +401,16 @@ class Admission:
                 client.cut()
         for client, why in late:
             _log.warning("%s: %s; disconnected it", client.name, why)
+
+
+def _hung_up(clients: Iterable[Client]) -> list[Client]:
+    """The clients whose peer has hung up (or whose socket failed), without waiting."""
+    gone = select.POLLRDHUP | select.POLLHUP | select.POLLERR | select.POLLNVAL
+    by_fd = {c.sock.fileno(): c for c in clients}
+    poller = select.poll()
+    for fd in by_fd:
+        poller.register(fd, select.POLLRDHUP)
+    return [by_fd[fd] for fd, events in poller.poll(0) if events & gone]
 
 
 def _peer_ip(sock: socket.socket) -> str | None:

@@ -74,6 +74,21 @@ def test_listen_mode_serves_one_sender_at_a_time(start_server, make_file):
     srv.wait_for_log("a sender already holds the migration's slot")
 
 
+def test_listen_mode_slot_of_a_sender_that_hung_up_goes_to_the_next(start_server, make_file):
+    # A sender that finished its handshake and hung up (a readiness probe, a crashed source)
+    # holds the slot only until its thread notices; the next sender, arriving at once, must
+    # not be refused for it. (Repeated: the window is the old thread's reaction time.)
+    srv = start_server(make_file(MiB), mode="listen")
+    for i in range(20):
+        with RawClient.connect(srv.port) as gone:
+            gone.handshake()
+        with RawClient.connect(srv.port) as sender:
+            sender.handshake()
+            assert sender.write(i * 512, b"s" * 512) == 0, f"attempt {i}"
+            sender.disconnect()
+    assert "a sender already holds the migration's slot" not in srv.log()
+
+
 def test_sigpipe_does_not_kill(start_server, make_file):
     srv = start_server(make_file(4 * MiB))
     c = RawClient.connect(srv.port)
