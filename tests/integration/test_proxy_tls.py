@@ -79,14 +79,18 @@ def tls_connected(px) -> list[str]:
                                                                 line)]
 
 
-def assert_no_reply(c: RawClient, wait: float) -> None:
-    """Nothing comes from the proxy for ``wait`` seconds (and the connection stays open)."""
+def assert_no_reply(c: RawClient, wait: float, px=None) -> None:
+    """Nothing comes from the proxy ``px`` for ``wait`` seconds (and the connection stays
+    open); else what came, and the proxy's log."""
     c.sock.settimeout(wait)
     try:
-        with pytest.raises(TimeoutError):
-            c.sock.recv(1)
+        got = c.sock.recv(64)
+    except TimeoutError:
+        return
     finally:
         c.sock.settimeout(15)
+    pytest.fail(f"the proxy sent {got!r} (b'': it closed the connection)"
+                + (f"\n{px.log()}" if px is not None else ""))
 
 
 # --------------------------------------------------------------------------------------------
@@ -497,12 +501,12 @@ def test_reconnect_to_a_wrong_key_is_retried_until_the_right_one(serve, proxy, m
         rc = c.send_request(wire.CMD_READ, 3 * MiB + 5, 100 * KiB)
         wc = c.send_request(wire.CMD_WRITE, 5 * MiB, len(data), payload=data)
         if when == "in-flight":
-            assert_no_reply(c, 0.5)                 # (and the proxy sends them meanwhile)
+            assert_no_reply(c, 0.5, px)             # (and the proxy sends them meanwhile)
             up.kill()
             wait_logged(px, "W", "upstream", "2 request(s) in flight")
         impostor = serve(decoy, "--tls=require", "--tls-psk", str(wrong), port=up.port)
         wait_logged(px, "E", "tls handshake failed", "retrying", count=2)
-        assert_no_reply(c, 0.5)
+        assert_no_reply(c, 0.5, px)
         assert px.proc.poll() is None, px.log()
         impostor.kill()
         assert decoy.read_bytes() == decoy_before
