@@ -39,6 +39,7 @@ from common import (
     LoggedServer,
     MiB,
     Server,
+    data_runs,
     default_json,
     find_flexnbd,
     finish_report,
@@ -92,20 +93,11 @@ def make_empty(path: Path, size: int) -> None:
 
 def data_extents(path: Path) -> list[tuple[int, int]]:
     """[(start, end)] of PATH's data, by SEEK_DATA/SEEK_HOLE."""
-    out, pos = [], 0
     fd = os.open(path, os.O_RDONLY)
     try:
-        size = os.fstat(fd).st_size
-        while pos < size:
-            try:
-                start = os.lseek(fd, pos, os.SEEK_DATA)
-            except OSError:  # ENXIO: only a hole is left
-                break
-            pos = os.lseek(fd, start, os.SEEK_HOLE)
-            out.append((start, pos))
+        return data_runs(fd, os.fstat(fd).st_size)
     finally:
         os.close(fd)
-    return out
 
 
 def merged(a: list[tuple[int, int]], b: list[tuple[int, int]]) -> list[tuple[int, int]]:
