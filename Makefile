@@ -34,6 +34,7 @@ bench: install
 	$(PY) benchmarks/migration.py
 	$(PY) benchmarks/proxy.py
 	$(PY) benchmarks/tls.py
+	$(PY) benchmarks/scale.py
 
 # Every benchmark in its quick mode (~4 minutes), one JSON in benchmarks/out/bench-ci.json:
 # fails on errors (client, server, exit status, migrated data, sparse wire), never on ratios.

@@ -1,10 +1,10 @@
 #!/usr/bin/env python3
 """`make bench-ci`: every benchmark script in its quick mode, one JSON file, one verdict.
 
-Runs run.py, sparse.py, migration.py, proxy.py and tls.py with --quick, one after the other (never
-two at once: 2 cores), each printing its usual tables straight into the log; then prints
-every throughput ratio against the best peer, marked "<< 0.80" where it is under 0.8, and
-writes all the scripts' results into one JSON file (default benchmarks/out/bench-ci.json).
+Runs run.py, sparse.py, migration.py, proxy.py, tls.py and scale.py with --quick, one after
+the other (never two at once: 2 cores), each printing its usual tables straight into the log;
+then prints every throughput ratio against the best peer, marked "<< 0.80" where it is under 0.8,
+and writes all the scripts' results into one JSON file (default benchmarks/out/bench-ci.json).
 
 It FAILS (exit 1) on what is deterministic: a script that exits non-zero (it found a client
 or server error, a non-zero exit, a migrated file that differs, a sparse migration sending
@@ -42,10 +42,10 @@ from common import (
 )
 
 HERE = Path(__file__).resolve().parent
-SCRIPTS = ["run", "sparse", "migration", "proxy", "tls"]
+SCRIPTS = ["run", "sparse", "migration", "proxy", "tls", "scale"]
 # Seconds each script may take before it is stopped (and counted as failed): about 3x what
 # it takes on the 2-core reference machine, so only a hang trips it.
-TIME_LIMIT = {"run": 600, "sparse": 120, "migration": 300, "proxy": 240, "tls": 240}
+TIME_LIMIT = {"run": 600, "sparse": 120, "migration": 300, "proxy": 240, "tls": 240, "scale": 270}
 DEFAULT_WORKDIR = "/var/tmp/flexnbd-bench-ci"  # apart from the full runs' files and logs
 
 

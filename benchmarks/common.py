@@ -116,17 +116,23 @@ def allocated_bytes(path: Path) -> int:
     return path.stat().st_blocks * 512
 
 
-def seek_extents(fd: int, size: int) -> tuple[int, int]:
-    """(data extents, data bytes) of the first SIZE bytes of FD, by SEEK_DATA/SEEK_HOLE."""
-    count = data = pos = 0
+def data_runs(fd: int, size: int) -> list[tuple[int, int]]:
+    """[(start, end)] of the data in the first SIZE bytes of FD, by SEEK_DATA/SEEK_HOLE."""
+    out, pos = [], 0
     while pos < size:
         try:
             start = os.lseek(fd, pos, os.SEEK_DATA)
         except OSError:  # ENXIO: only a hole is left
             break
-        end = os.lseek(fd, start, os.SEEK_HOLE)
-        count, data, pos = count + 1, data + end - start, end
-    return count, data
+        pos = os.lseek(fd, start, os.SEEK_HOLE)
+        out.append((start, pos))
+    return out
+
+
+def seek_extents(fd: int, size: int) -> tuple[int, int]:
+    """(data extents, data bytes) of the first SIZE bytes of FD, by SEEK_DATA/SEEK_HOLE."""
+    runs = data_runs(fd, size)
+    return len(runs), sum(end - start for start, end in runs)
 
 
 def data_bytes(path: Path) -> int:

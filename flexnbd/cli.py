@@ -22,6 +22,7 @@ from flexnbd.config import (
     IDLE_SPIN_SECS,
     KILLSWITCH_SECS,
     LISTEN_IDLE_SECS,
+    MAX_CLIENTS_BOUND,
     MAX_CLIENTS_LISTEN,
     MAX_CLIENTS_SERVE,
     MAX_HANDSHAKES_LISTEN,
@@ -119,7 +120,7 @@ def _server_parser(mode: str) -> _Parser:
         extra = ""
     else:
         description = "Serve FILE over NBD."
-        extra = " [--killswitch] [--read-only]"
+        extra = " [--killswitch] [--read-only] [--max-clients N]"
     p = _parser(mode, description,
                 f"--addr ADDR --port PORT --file FILE [--sock SOCK] [--default-deny]{extra} "
                 "[--unix PATH] [--oldstyle] [--max-clients-per-address N] [--sock-mode MODE] "
@@ -141,12 +142,21 @@ def _server_parser(mode: str) -> _Parser:
     p.add_argument("-o", "--oldstyle", action="store_true",
                    help="offer the oldstyle handshake (flexnbd 0.5.0 peers)")
     _tls_options(p)
-    # (listen: of the connections still in their handshake, which hold no slot)
-    limit = MAX_HANDSHAKES_LISTEN if listen else MAX_CLIENTS_SERVE
-    p.add_argument("--max-clients-per-address", metavar="N", type=_count(limit),
-                   default=max(1, limit // 2),
-                   help=f"connections one client address may hold at once (default "
-                        f"{max(1, limit // 2)} of {limit})")
+    if listen:  # of the connections still in their handshake, which hold no slot
+        p.add_argument("--max-clients-per-address", metavar="N",
+                       type=_count(MAX_HANDSHAKES_LISTEN), default=MAX_HANDSHAKES_LISTEN // 2,
+                       help=f"connections one client address may hold at once (default "
+                            f"{MAX_HANDSHAKES_LISTEN // 2} of {MAX_HANDSHAKES_LISTEN})")
+    else:
+        p.add_argument("--max-clients", metavar="N", type=_count(MAX_CLIENTS_BOUND),
+                       default=MAX_CLIENTS_SERVE,
+                       help=f"clients served at once, handshakes included (default "
+                            f"{MAX_CLIENTS_SERVE}, at most {MAX_CLIENTS_BOUND}: a busy client "
+                            "holds ~1.6 MiB of buffers and a 1 MiB pipe)")
+        p.add_argument("--max-clients-per-address", metavar="N",
+                       type=_count(MAX_CLIENTS_BOUND),
+                       help="connections one client address may hold at once (default: half "
+                            "of --max-clients; at most --max-clients)")
     p.add_argument("--sock-mode", metavar="MODE", type=_file_mode, default=0o600,
                    help="file mode of the control socket, octal (default 0600: owner only; "
                         "0660 lets the group command the server)")
@@ -282,6 +292,20 @@ def _request_limit() -> float:
     return value if value > 0 else REQUEST_LIMIT_SECS
 
 
+def _client_limits(args: argparse.Namespace, listen: bool) -> tuple[int, int]:
+    """(max_clients, max_clients_per_address). Listen mode keeps its one slot. A per-address
+    limit above the total is a usage error: it could never be reached, so it is a mistake."""
+    if listen:
+        return MAX_CLIENTS_LISTEN, args.max_clients_per_address
+    per_address = args.max_clients_per_address
+    if per_address is None:
+        return args.max_clients, max(1, args.max_clients // 2)
+    if per_address > args.max_clients:
+        raise UsageError(f"--max-clients-per-address {per_address} is more than --max-clients "
+                         f"{args.max_clients}")
+    return args.max_clients, per_address
+
+
 def _server_config(args: argparse.Namespace, mode: str) -> ServeConfig:
     # systemd socket activation: its listening sockets instead of --addr/--port/--unix
     inherited = activation.inherited_sockets(
@@ -307,14 +331,14 @@ def _server_config(args: argparse.Namespace, mode: str) -> ServeConfig:
                          "no --addr/--port: Unix-socket clients are governed by the socket's "
                          "file mode (--unix-mode)")
     listen = mode == "listen"
+    max_clients, per_address = _client_limits(args, listen)
     killswitch = None
     if not listen and args.killswitch:
         killswitch = _env_seconds("FLEXNBD_KILLSWITCH_SECS", KILLSWITCH_SECS)
     return ServeConfig(file=args.file, addr=args.addr, port=args.port, unix=args.unix,
                        read_only=False if listen else args.read_only, oldstyle=args.oldstyle,
                        tls=_tls_settings(args),
-                       max_clients=MAX_CLIENTS_LISTEN if listen else MAX_CLIENTS_SERVE,
-                       max_clients_per_address=args.max_clients_per_address,
+                       max_clients=max_clients, max_clients_per_address=per_address,
                        max_handshakes=MAX_HANDSHAKES_LISTEN if listen else None,
                        listen_idle=_env_seconds("FLEXNBD_LISTEN_IDLE", LISTEN_IDLE_SECS)
                        if listen else None,

@@ -10,6 +10,9 @@ from typing import Union
 from flexnbd.migration.settings import REQUEST_LIMIT_SECS
 
 MAX_CLIENTS_SERVE = 16
+# The most `serve --max-clients` accepts: a busy client costs ~1.6 MiB of buffers (requests,
+# payload, replies) plus its 1 MiB pipe in the kernel, so 1024 of them stay within ~2.6 GiB.
+MAX_CLIENTS_BOUND = 1024
 MAX_CLIENTS_LISTEN = 1
 # Listen mode: connections still in their handshake, which do not hold the migration's slot.
 MAX_HANDSHAKES_LISTEN = 16

@@ -213,6 +213,12 @@ BAD_INPUT = [
                  "address", id="serve-bad-address-name"),
     pytest.param(["serve", *_port_args("PORT"), "--file", "MISSING"], "MISSING",
                  id="serve-file-does-not-exist"),
+    *[pytest.param(["serve", *_port_args("PORT"), "--file", "FILE", "--max-clients", n],
+                   "--max-clients", id=f"serve-max-clients-{n}")
+      for n in ("0", "-1", "1025", "abc")],
+    pytest.param(["serve", *_port_args("PORT"), "--file", "FILE", "--max-clients", "4",
+                  "--max-clients-per-address", "5"], "more than --max-clients",
+                 id="serve-per-address-over-max-clients"),
     pytest.param(["read", *_port_args("PORT"), "--from", "0", "--size", "1", "--bogus"],
                  "--bogus", id="read-unknown-option"),
     pytest.param(["read", *_port_args("PORT"), "--from", "0"], "--size",

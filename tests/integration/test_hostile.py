@@ -241,6 +241,32 @@ def test_descriptors_and_threads_return_after_clients_leave(serve, make_file):
         f"{fd_count(server.pid)}: {listing}"
 
 
+def test_max_clients_admits_n_refuses_the_next_and_frees_all(serve, make_file):
+    """--max-clients 24 (all from one address, so the per-address limit is lifted too): 24
+    clients are served, the 25th is refused ("already 24 clients"), and once they have left the
+    server's threads and descriptors return to their idle counts."""
+    path = make_file(4 * MiB)
+    server = serve(path, "--max-clients", "24", "--max-clients-per-address", "24")
+    map_built(server)
+    threads, fds = settled_count(task_count, server.pid), settled_count(fd_count, server.pid)
+    clients = []
+    try:
+        for _ in range(24):
+            clients.append(admitted(server.port, HONEST))
+        assert refused(server.port, HONEST), f"a 25th client was let in:\n{server.log()}"
+        assert wait_for(lambda: log_count(server, "already 24 clients") >= 1, 5), server.log()
+        for i, c in enumerate(clients):
+            assert c.read(i * 4096, 4096) == content(path, i * 4096, 4096)
+        assert client_threads(server, threads) >= 24
+        for c in clients:
+            c.disconnect()
+    finally:
+        close_all(clients)
+    back = wait_for(lambda: (task_count(server.pid), fd_count(server.pid)) == (threads, fds), 10)
+    assert back, f"threads {threads} -> {task_count(server.pid)}, descriptors {fds} -> " \
+        f"{fd_count(server.pid)}"
+
+
 def test_half_closed_clients_count_against_the_sixteen(serve, make_file):
     """Sixteen stuck half-closed clients (eight from each of two addresses) fill the server:
     a 17th, from a third address, is refused until one of their threads has ended (or is let
