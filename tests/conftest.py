@@ -101,6 +101,17 @@ class FlexnbdProcess:
         if self.proc.poll() is None:
             self.proc.send_signal(sig)
 
+    def freeze(self, timeout: float = 15.0) -> None:
+        """SIGSTOP, and wait until every thread has stopped: kill() returns before the group
+        stop is complete, and a thread still running could answer one more request."""
+        from tests.support.procstat import thread_status
+
+        self.signal(signal.SIGSTOP)
+        deadline = time.monotonic() + timeout
+        while any(state != "T" for state in thread_status(self.pid, "State")):
+            assert time.monotonic() < deadline, f"{self.pid} did not stop"
+            time.sleep(0.005)
+
     def stop(self, sig: int | None = None, timeout: float = 20.0) -> int:
         """Signal the process (SIGTERM by default) and return its exit status."""
         # (In the class body `signal` is the method above, not the module.)

@@ -242,7 +242,7 @@ def test_upstream_killed_with_reads_in_flight(sides, make_file):
         assert pipe.wait_done(40), pipe.failures
         # Freeze the upstream, let whatever it had answered reach the client, then kill it:
         # the requests still unanswered now were in flight at the kill.
-        up.signal(signal.SIGSTOP)
+        up.freeze()
         assert pipe.wait_quiet(0.5), pipe.failures
         in_flight = pipe.outstanding()
         kill_and_restart(up, px, pipe, sides.serve, path)
@@ -350,7 +350,7 @@ def test_upstream_back_with_another_size(sides, relay, make_file, when):
         assert c.write(5000, first) == 0
         model.write(5000, first)
         if when == "in-flight":
-            up.signal(signal.SIGSTOP)
+            up.freeze()
         else:
             up.kill()
             wait_logged(px, "W", "upstream")

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import os
 import re
-import signal
 import socket
 import subprocess
 from pathlib import Path
@@ -79,9 +78,9 @@ def tls_connected(px) -> list[str]:
                                                                 line)]
 
 
-def assert_no_reply(c: RawClient, wait: float, px=None) -> None:
-    """Nothing comes from the proxy ``px`` for ``wait`` seconds (and the connection stays
-    open); else what came, and the proxy's log."""
+def assert_no_reply(c: RawClient, wait: float, *procs) -> None:
+    """Nothing comes from the proxy for ``wait`` seconds (and the connection stays open);
+    else what came, and the logs of ``procs`` (the proxy, its upstream)."""
     c.sock.settimeout(wait)
     try:
         got = c.sock.recv(64)
@@ -89,8 +88,8 @@ def assert_no_reply(c: RawClient, wait: float, px=None) -> None:
         return
     finally:
         c.sock.settimeout(15)
-    pytest.fail(f"the proxy sent {got!r} (b'': it closed the connection)"
-                + (f"\n{px.log()}" if px is not None else ""))
+    logs = "\n".join(f"--- {p.pid}:\n{p.log()}" for p in procs)
+    pytest.fail(f"the proxy sent {got!r} (b'': it closed the connection)\n{logs}")
 
 
 # --------------------------------------------------------------------------------------------
@@ -494,14 +493,14 @@ def test_reconnect_to_a_wrong_key_is_retried_until_the_right_one(serve, proxy, m
         c.handshake()
         assert c.read(0, 4096) == original[:4096]
         if when == "in-flight":
-            up.signal(signal.SIGSTOP)
+            up.freeze()
         else:
             up.kill()
             wait_logged(px, "W", "upstream")
         rc = c.send_request(wire.CMD_READ, 3 * MiB + 5, 100 * KiB)
         wc = c.send_request(wire.CMD_WRITE, 5 * MiB, len(data), payload=data)
         if when == "in-flight":
-            assert_no_reply(c, 0.5, px)             # (and the proxy sends them meanwhile)
+            assert_no_reply(c, 0.5, px, up)         # (and the proxy sends them meanwhile)
             up.kill()
             wait_logged(px, "W", "upstream", "2 request(s) in flight")
         impostor = serve(decoy, "--tls=require", "--tls-psk", str(wrong), port=up.port)
