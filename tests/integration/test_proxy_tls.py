@@ -30,6 +30,7 @@ from flexnbd import wire
 from tests.conftest import FLEXNBD_PROXY, free_port, require_tool
 from tests.fakes.relay import Fault, Relay
 from tests.support.clients import check, run
+from tests.support.procstat import tcp_unread_bytes
 from tests.support.rawclient import RawClient, ServerClosed, connect_to_options
 from tests.support.serving import alive
 from tests.support.tlscreds import (
@@ -216,7 +217,12 @@ def test_nbdcopy_through_an_upstream_restart(serve, proxy, make_file, tmp_path, 
             except FileNotFoundError:
                 return 0
         assert wait_until(lambda: landed() >= size // 10 or copy.poll() is not None, 60, 0.002)
+        # Frozen first, killed once the proxy has sent it requests it never read: so requests
+        # are surely in flight at the kill (nbdcopy may be between two batches).
+        up.freeze()
         at_kill = landed()
+        assert wait_until(lambda: tcp_unread_bytes(up.port) > 0 or copy.poll() is not None,
+                          30, 0.005)
         up.kill()
         assert copy.poll() is None, f"the copy ended before the kill: {copy.stdout.read()}"
         wait_logged(px, "W", "upstream")
