@@ -4,8 +4,8 @@
 Three tables, each cell the median of --repeat samples:
 
 - logical size: a sparse file of SIZE bytes holding --extents-data random 4 KiB blocks (20k:
-  80 MiB); flexnbd's time to ready, its map build, a migration (`flexnbd mirror --wait` from
-  serve into listen) and the peak RSS of serve and listen.
+  80 MiB; a --sizes entry SIZE:N holds N); flexnbd's time to ready, its map build, a migration
+  (`flexnbd mirror --wait` from serve into listen) and the peak RSS of serve and listen.
 - extents: a sparse file (--extents-size, 16 GiB) of N random 4 KiB blocks; per server
   (flexnbd, nbdkit, qemu-nbd) the time to ready, `nbdinfo --map` of the whole disk (flexnbd:
   once its map is built), a sparse `nbdcopy` into a file; flexnbd also the migration.
@@ -385,7 +385,8 @@ def parse_args() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--quick", action="store_true",
                    help="CI: 64G,1T; 10k extents; clients 1,4,16; 1 sample, 1 s fio runs")
-    p.add_argument("--sizes", help="logical sizes (default 1T,4T,15T)")
+    p.add_argument("--sizes", help="logical sizes, SIZE or SIZE:EXTENTS "
+                   "(default 1T,4T,15T,15T:1000000)")
     p.add_argument("--extents-data", type=int, default=20000, help="4 KiB blocks per size row")
     p.add_argument("--extents-size", help="the extents rows' file (default 16G; quick 4G)")
     p.add_argument("--extents", help="extent counts (default 10000,100000,1000000)")
@@ -399,7 +400,7 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--workdir", default=DEFAULT_WORKDIR)
     a = p.parse_args()
     quick = a.quick
-    a.sizes = a.sizes or ("64G,1T" if quick else "1T,4T,15T")
+    a.sizes = a.sizes or ("64G,1T" if quick else "1T,4T,15T,15T:1000000")
     a.extents_size = a.extents_size or ("4G" if quick else "16G")
     a.extents = a.extents or ("10000" if quick else "10000,100000,1000000")
     a.clients = a.clients or ("1,4,16" if quick else "1,4,16,64")
@@ -433,11 +434,14 @@ def main() -> int:
                     "loadavg_start": os.getloadavg(), "settings": vars(args), "errors": errors}
 
     sizes: dict = {}
-    for text in args.sizes.split(","):
-        label = f"{size_text(parse_size(text))}, {args.extents_data} extents"
+    for entry in args.sizes.split(","):
+        text, _, count = entry.partition(":")
+        n = int(count) if count else args.extents_data
+        label = f"{size_text(parse_size(text))}, {n:,} extents"
         log(f"logical size {label}")
-        runs = [run_cell(errors, f"size {label}", size_sample, workdir, parse_size(text),
-                         args.extents_data) for _ in range(args.repeat)]  # fmt: skip
+        repeat = args.repeat_1m if n >= 1_000_000 else args.repeat
+        runs = [run_cell(errors, f"size {label}", size_sample, workdir, parse_size(text), n)
+                for _ in range(repeat)]  # fmt: skip
         sizes[label] = [r for r in runs if r]
 
     extents: dict = {}
