@@ -11,7 +11,9 @@ Three tables, each cell the median of --repeat samples:
   once its map is built), a sparse `nbdcopy` into a file; flexnbd also the migration.
 - clients: N fio jobs (one NBD connection each; rand read 4k qd8, and a 70/30 rand read/write
   mix) on a dense file: aggregate IOPS and p99 completion latency per server; flexnbd's
-  threads, descriptors and RSS while they run and after they left.
+  threads, descriptors and RSS while they run and after they left. A reference column,
+  `nbdkit -t 1` (nbdkit working one request at a time per connection, as flexnbd does), shows
+  what nbdkit's per-connection thread pool is worth; it is not a peer in the ratio.
 
 Fails (exit 1) on an error: a client or server that fails, a migrated or copied file that
 differs from its source, a map that reports other data than the file's; never on a ratio.
@@ -62,6 +64,8 @@ from run import percentiles_us
 
 BLOCK = 4096
 PEERS = ("nbdkit", "qemu-nbd")
+# nbdkit with one thread per connection: a reference in the clients table, not a peer.
+NBDKIT_ONE_THREAD = "nbdkit -t 1"
 BUILT_RE = re.compile(r"allocation map: built with (\w+) in (\d+) ms, (\d+) extents")
 FIO_ROWS = {
     "rand read 4k qd8": ["--rw=randread"],
@@ -165,8 +169,11 @@ class Peak:
 def serve_cmd(name: str, port: int, path: Path, clients: int = 0) -> list[str]:
     """NAME serving PATH, taking CLIENTS connections at once if given (flexnbd: verbose, so
     its map build is logged)."""
-    cmd = server_command(name, port, path)
+    one_thread = name == NBDKIT_ONE_THREAD
+    cmd = server_command("nbdkit" if one_thread else name, port, path)
     assert cmd is not None
+    if one_thread:
+        cmd[1:1] = ["-t", "1"]
     if name == "flexnbd":
         cmd.append("-v")
         if clients:
@@ -355,7 +362,7 @@ def clients_table(rows: dict, servers: list[str]) -> str:
             meds = {n: (median([s[row]["iops"] for s in by_server.get(n, [])]),
                         median([s[row]["p99_us"] for s in by_server.get(n, [])]))
                     for n in servers}  # fmt: skip
-            peers = [meds[n][0] for n in servers if n != "flexnbd"]
+            peers = [meds[n][0] for n in servers if n not in ("flexnbd", NBDKIT_ONE_THREAD)]
             cells = [f"{fmt(i)} / {fmt(p)}" for i, p in meds.values()]
             lines.append(f"| {jobs} | {row} | " + " | ".join(cells)
                          + f" | {ratio(meds['flexnbd'][0], peers, False)} |")
@@ -461,13 +468,15 @@ def main() -> int:
     src.unlink(missing_ok=True)
 
     clients: dict = {}
+    client_servers = servers + ([NBDKIT_ONE_THREAD] if "nbdkit" in servers and not args.quick
+                                else [])  # fmt: skip
     data = workdir / f"data-{args.data_size}.img"
     make_data_file(data, parse_size(args.data_size))
     for jobs in (int(c) for c in args.clients.split(",")):
         log(f"clients {jobs}")
         cell = {}
         for _ in range(args.repeat):
-            for name in servers:
+            for name in client_servers:
                 r = run_cell(errors, f"clients {jobs} / {name}", clients_cell, workdir, data,
                              name, jobs, args.runtime)
                 if r:
@@ -481,7 +490,7 @@ def main() -> int:
         extents_table(extents, servers),
         "Clients (fio nbd engine, one connection per job, 4k qd8 each; aggregate IOPS, "
         "p99 clat):",
-        clients_table(clients, servers),
+        clients_table(clients, client_servers),
         "flexnbd's process with N clients (idle before, peak while fio runs, 1 s after):",
         process_table(clients),
     ]
