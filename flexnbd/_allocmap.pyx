@@ -236,7 +236,21 @@ cdef class AllocationMap(BlockBitmap):
         return chosen
 
     def allocated_bytes(self):
-        return sum(n for _, n, a in self.extents() if a)
+        """Bytes of the export in allocated blocks, exactly (a partial last block counts what
+        it holds); the whole size until the map is complete. A popcount: no list of extents
+        (a million extents as Python tuples cost ~265 MiB at the peak)."""
+        cdef uint64_t n, tail
+        cdef int allocated
+        if not load_acquire(&self.m.complete):
+            return self.m.size
+        with nogil:
+            n = amap_count(&self.m) << self.m.shift
+        tail = self.m.size & ((<uint64_t>1 << self.m.shift) - 1)
+        if tail and n:
+            amap_run(&self.m, self.m.size - tail, tail, &allocated)
+            if allocated:
+                n -= (<uint64_t>1 << self.m.shift) - tail
+        return n
 
     def span(self, uint64_t offset, uint64_t max_payload, bint holes_are_payload=False):
         """(length, payload): the range from ``offset`` that holds ``max_payload`` bytes of
