@@ -3,12 +3,15 @@
 # (may hold data), 0 = a hole (reads as zeroes). The mirror's dirty map is another (its block
 # size may differ: ``shift``).
 #
-# Sparse: the bits live in leaves of LEAF_WORDS words (4096 blocks, 16 MiB of 4 KiB blocks),
-# allocated the first time one of their bits is set; a missing leaf reads as all clear. So a
-# map costs 8 bytes per leaf of the export (512 KiB per TiB) plus 512 bytes per 16 MiB region
-# that ever held a set bit, and scans skip an empty 16 MiB with one load: a sparse 15 TiB disk
-# costs what its extents need, not 480 MiB. Leaves are never freed or replaced while the map
-# lives (a writer may hold one), only zeroed.
+# Sparse, in two levels: the bits live in leaves of LEAF_WORDS words (512 blocks, 2 MiB of
+# 4 KiB blocks), found through directories of DIR_LEAVES leaf pointers (128 MiB); both are
+# allocated the first time one of their bits is set, and a missing one reads as all clear. So
+# a map costs 8 bytes per directory of the export (64 KiB per TiB), plus 512 bytes per 128 MiB
+# region and 64 bytes per 2 MiB region that ever held a set bit; scans skip an empty region
+# with one load. A sparse 15 TiB disk costs what its extents need, not 480 MiB: 20k scattered
+# 4 KiB extents about 12 MiB, a million about 145 MiB (each alone in its 2 MiB: the worst
+# case), a dense disk 32 MiB per TiB as a flat bitmap would. Leaves and directories are never
+# freed or replaced while the map lives (a writer may hold one), only zeroed.
 
 from libc.stdint cimport uint64_t
 
@@ -20,41 +23,73 @@ from flexnbd._sys cimport abort, atomic_and64, atomic_load64, atomic_or64, atomi
 cdef enum:
     BLOCK_SHIFT = 12
     BLOCK_SIZE = 4096
-    LEAF_WORDS = 64                # words per leaf (512 bytes)
-    LEAF_SHIFT = 12                # log2 of the blocks per leaf (64 words of 64 bits)
-    LEAF_BLOCKS = 4096
+    LEAF_WORDS = 8                 # words per leaf (64 bytes)
+    LEAF_SHIFT = 9                 # log2 of the blocks per leaf (8 words of 64 bits)
+    LEAF_BLOCKS = 512
+    DIR_LEAVES = 64                # leaf pointers per directory (512 bytes)
+    DIR_SHIFT = 6                  # log2 of DIR_LEAVES
+    DIR_BLOCKS = 32768             # blocks per directory (LEAF_BLOCKS * DIR_LEAVES)
 
 cdef struct amap_t:
     uint64_t size             # bytes covered
     int shift                 # log2 of the block size
     uint64_t nblocks
     uint64_t nleaves
-    unsigned long long **leaves   # nleaves pointers; NULL: every block of that leaf is clear
+    uint64_t ndirs
+    unsigned long long ***dirs    # ndirs pointers to DIR_LEAVES leaf pointers; NULL: all clear
     int complete              # set (release) once the builder has finished
     # Writes hold it shared around mark + write; punching holds it exclusive around
     # punch + clear, so a racing write can never end up marked as a hole.
     pthread_rwlock_t lock
 
 
+cdef inline unsigned long long **amap_dir(amap_t *m, uint64_t d) noexcept nogil:
+    """Directory d (leaves d*DIR_LEAVES ...), or NULL while none of its bits was ever set."""
+    return <unsigned long long **>load_ptr(<void **>&m.dirs[d])
+
+
 cdef inline unsigned long long *amap_leaf(amap_t *m, uint64_t leaf) noexcept nogil:
     """The leaf, or NULL while none of its bits was ever set."""
-    return <unsigned long long *>load_ptr(<void **>&m.leaves[leaf])
+    cdef unsigned long long **d = amap_dir(m, leaf >> DIR_SHIFT)
+    if d == NULL:
+        return NULL
+    return <unsigned long long *>load_ptr(<void **>&d[leaf & (DIR_LEAVES - 1)])
+
+
+cdef inline void *installed(void **slot, size_t n, size_t size) noexcept nogil:
+    """What the slot points to, after installing a fresh zeroed block of n*size bytes there
+    (for every thread) if it was empty. Out of memory aborts: a mark that cannot be recorded
+    would let a mirror skip data, silently."""
+    cdef void *p = load_ptr(slot)
+    cdef void *fresh
+    if p != NULL:
+        return p
+    fresh = calloc(n, size)
+    if fresh == NULL:
+        abort()
+    if cas_ptr(slot, NULL, fresh):
+        return fresh
+    free(fresh)                   # another thread installed one first
+    return load_ptr(slot)
 
 
 cdef inline unsigned long long *amap_leaf_for_setting(amap_t *m, uint64_t leaf) noexcept nogil:
-    """The leaf, allocated (and installed for every thread) if it was missing. Out of memory
-    aborts: a mark that cannot be recorded would let a mirror skip data, silently."""
-    cdef unsigned long long *p = amap_leaf(m, leaf)
-    cdef unsigned long long *fresh
-    if p != NULL:
-        return p
-    fresh = <unsigned long long *>calloc(LEAF_WORDS, 8)
-    if fresh == NULL:
-        abort()
-    if cas_ptr(<void **>&m.leaves[leaf], NULL, fresh):
-        return fresh
-    free(fresh)                   # another thread installed one first
-    return amap_leaf(m, leaf)
+    """The leaf, allocated (with its directory) if it was missing."""
+    cdef unsigned long long **d = <unsigned long long **>installed(
+        <void **>&m.dirs[leaf >> DIR_SHIFT], DIR_LEAVES, sizeof(void *))
+    return <unsigned long long *>installed(<void **>&d[leaf & (DIR_LEAVES - 1)], LEAF_WORDS, 8)
+
+
+cdef inline int amap_empty_at(amap_t *m, uint64_t b, uint64_t *skip) noexcept nogil:
+    """Whether block b starts a region with no leaf (a missing directory or leaf: all clear);
+    its length in blocks goes to skip[0]."""
+    if (b & (DIR_BLOCKS - 1)) == 0 and amap_dir(m, b >> (LEAF_SHIFT + DIR_SHIFT)) == NULL:
+        skip[0] = DIR_BLOCKS
+        return 1
+    if (b & (LEAF_BLOCKS - 1)) == 0 and amap_leaf(m, b >> LEAF_SHIFT) == NULL:
+        skip[0] = LEAF_BLOCKS
+        return 1
+    return 0
 
 
 cdef inline unsigned long long amap_word(amap_t *m, uint64_t w) noexcept nogil:
@@ -65,13 +100,12 @@ cdef inline unsigned long long amap_word(amap_t *m, uint64_t w) noexcept nogil:
 
 cdef inline void amap_set_bits(amap_t *m, uint64_t first, uint64_t last, int value) noexcept nogil:
     """Set (value=1) or clear blocks first..last-1. Clearing never allocates a leaf."""
-    cdef uint64_t lo, hi
+    cdef uint64_t lo, hi, skip
     cdef unsigned long long mask
     cdef unsigned long long *p
     while first < last:
-        if (first & (LEAF_BLOCKS - 1)) == 0 and not value and \
-                amap_leaf(m, first >> LEAF_SHIFT) == NULL:
-            first += LEAF_BLOCKS          # a missing leaf is clear already
+        if not value and amap_empty_at(m, first, &skip):
+            first += skip                 # a missing leaf is clear already
             continue
         p = amap_leaf_for_setting(m, first >> LEAF_SHIFT) if value else \
             amap_leaf(m, first >> LEAF_SHIFT)
@@ -128,7 +162,7 @@ cdef inline uint64_t amap_run(amap_t *m, uint64_t offset, uint64_t length,
                               int *allocated) noexcept nogil:
     """How many bytes from offset (at most length) share the state of offset's block; the state
     goes to allocated[0]. Until the map is complete everything counts as allocated."""
-    cdef uint64_t block, end_block, b, end
+    cdef uint64_t block, end_block, b, end, skip
     cdef unsigned long long want
     cdef int state
     if length == 0:
@@ -144,10 +178,10 @@ cdef inline uint64_t amap_run(amap_t *m, uint64_t offset, uint64_t length,
     want = ~<unsigned long long>0 if state else 0
     b = block + 1
     while b < end_block:
-        if (b & (LEAF_BLOCKS - 1)) == 0 and amap_leaf(m, b >> LEAF_SHIFT) == NULL:
+        if amap_empty_at(m, b, &skip):
             if state:
                 break
-            b += LEAF_BLOCKS              # a whole empty leaf: still a hole
+            b += skip                     # a whole empty region: still a hole
             continue
         if (b & 63) == 0 and amap_word(m, b >> 6) == want:
             b += 64
@@ -173,10 +207,10 @@ cdef inline uint64_t amap_take_run(amap_t *m, uint64_t from_offset, uint64_t max
     its offset in start[0]; 0 when no block is set. Used to drain the dirty map: a writer marks
     after its write lands, so a block cleared here is read afterwards or marked again."""
     cdef uint64_t b = from_offset >> m.shift
-    cdef uint64_t e, limit, end
+    cdef uint64_t e, limit, end, skip
     while b < m.nblocks:
-        if (b & (LEAF_BLOCKS - 1)) == 0 and amap_leaf(m, b >> LEAF_SHIFT) == NULL:
-            b += LEAF_BLOCKS
+        if amap_empty_at(m, b, &skip):
+            b += skip
             continue
         if (b & 63) == 0 and amap_word(m, b >> 6) == 0:
             b += 64
@@ -203,14 +237,20 @@ cdef inline uint64_t amap_take_run(amap_t *m, uint64_t from_offset, uint64_t max
 cdef inline uint64_t amap_sweep(amap_t *m, bint clear) noexcept nogil:
     """How many blocks are set (only the leaves that exist are read); with ``clear``, each word
     is cleared as it is read (the leaves stay: a writer may still hold one)."""
-    cdef uint64_t leaf, n = 0
+    cdef uint64_t d, n = 0
+    cdef unsigned long long **leaves
     cdef unsigned long long *p
-    cdef int i
-    for leaf in range(m.nleaves):
-        p = amap_leaf(m, leaf)
-        if p != NULL:
-            for i in range(LEAF_WORDS):
-                n += popcount64(atomic_xchg64(&p[i], 0) if clear else atomic_load64(&p[i]))
+    cdef int i, j
+    for d in range(m.ndirs):
+        leaves = amap_dir(m, d)
+        if leaves == NULL:
+            continue
+        for j in range(DIR_LEAVES):
+            p = <unsigned long long *>load_ptr(<void **>&leaves[j])
+            if p != NULL:
+                for i in range(LEAF_WORDS):
+                    n += popcount64(atomic_xchg64(&p[i], 0) if clear else
+                                    atomic_load64(&p[i]))
     return n
 
 
@@ -218,12 +258,18 @@ cdef inline uint64_t amap_count(amap_t *m) noexcept nogil:
     return amap_sweep(m, 0)
 
 
-cdef inline uint64_t amap_leaves(amap_t *m) noexcept nogil:
-    """How many leaves were allocated."""
-    cdef uint64_t leaf, n = 0
-    for leaf in range(m.nleaves):
-        if amap_leaf(m, leaf) != NULL:
-            n += 1
+cdef inline uint64_t amap_memory(amap_t *m) noexcept nogil:
+    """Bytes the map holds: its directory pointers, the directories and the leaves."""
+    cdef uint64_t d, n = m.ndirs * sizeof(void *)
+    cdef unsigned long long **leaves
+    cdef int j
+    for d in range(m.ndirs):
+        leaves = amap_dir(m, d)
+        if leaves != NULL:
+            n += DIR_LEAVES * sizeof(void *)
+            for j in range(DIR_LEAVES):
+                if load_ptr(<void **>&leaves[j]) != NULL:
+                    n += LEAF_WORDS * 8
     return n
 
 

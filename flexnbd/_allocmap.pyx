@@ -110,8 +110,9 @@ cdef class BlockBitmap:
         self.m.shift = shift
         self.m.nblocks = (size + (<uint64_t>1 << shift) - 1) >> shift
         self.m.nleaves = (self.m.nblocks + LEAF_BLOCKS - 1) >> LEAF_SHIFT
-        self.m.leaves = <unsigned long long **>calloc(self.m.nleaves + 1, sizeof(void *))
-        if self.m.leaves == NULL:
+        self.m.ndirs = (self.m.nleaves + DIR_LEAVES - 1) >> DIR_SHIFT
+        self.m.dirs = <unsigned long long ***>calloc(self.m.ndirs + 1, sizeof(void *))
+        if self.m.dirs == NULL:
             raise MemoryError()
         pthread_rwlockattr_init(&attr)
         pthread_rwlockattr_setkind_np(&attr, PTHREAD_RWLOCK_PREFER_WRITER_NONRECURSIVE_NP)
@@ -119,12 +120,16 @@ cdef class BlockBitmap:
         self.m.complete = 1
 
     def __dealloc__(self):
-        cdef uint64_t leaf
+        cdef uint64_t d
+        cdef int j
         pthread_rwlock_destroy(&self.m.lock)
-        if self.m.leaves != NULL:
-            for leaf in range(self.m.nleaves):
-                free(self.m.leaves[leaf])
-        free(self.m.leaves)
+        if self.m.dirs != NULL:
+            for d in range(self.m.ndirs):
+                if self.m.dirs[d] != NULL:
+                    for j in range(DIR_LEAVES):
+                        free(self.m.dirs[d][j])
+                    free(self.m.dirs[d])
+        free(self.m.dirs)
 
     @property
     def complete(self):
@@ -193,8 +198,9 @@ cdef class BlockBitmap:
 
     @property
     def memory_bytes(self):
-        """What the map holds in memory: its leaf pointers and the leaves allocated so far."""
-        return self.m.nleaves * sizeof(void *) + amap_leaves(&self.m) * LEAF_WORDS * 8
+        """What the map holds in memory: its directory pointers, and the directories and
+        leaves allocated so far."""
+        return amap_memory(&self.m)
 
     def set_all(self):
         amap_mark(&self.m, 0, self.m.size)

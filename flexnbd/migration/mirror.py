@@ -31,8 +31,9 @@ NBD at all ends the mirror too (rejected): retrying would not change it.
 
 Outcomes are ``flexnbd.migration.outcome`` values; the control socket words them.
 
-Why a dirty bitmap and not a log: one bit per 4 KiB block has a bounded size (sparse: 512 KiB
-per TiB, plus 512 bytes per 16 MiB region written to, at most 32 MiB per TiB), marking is one
+Why a dirty bitmap and not a log: one bit per 4 KiB block has a bounded size (sparse: 64 KiB
+per TiB, plus 512 bytes per 128 MiB and 64 bytes per 2 MiB region written to, about 32 MiB per
+TiB at most), marking is one
 atomic OR without a lock or the GIL, and it cannot overflow, so a client that
 never stops writing can neither stall the mirror nor make it lose track; repeated writes to the
 same blocks cost nothing extra. What 0.5.0 did when its log filled (send regardless of the

@@ -379,7 +379,8 @@ def test_mark_clear_extents_model(case, draw):
 
 # -- the sparse leaves: 4096 blocks each, allocated on first mark -------------------------------
 
-LEAF = 4096          # blocks per leaf
+LEAF = 512           # blocks per leaf (64 bytes)
+DIR = 64 * LEAF      # blocks per directory (64 leaf pointers: 512 bytes)
 
 
 class ByteModel:
@@ -414,6 +415,21 @@ class ByteModel:
                         st.integers(0, 3).map(lambda k: k * LEAF))), max_size=30))
 def test_leaves_against_a_model(size, ops):
     """Marks, clears and take_run across leaf boundaries, on leaves that exist or not."""
+    check_against_model(size, ops)
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.integers(1, 3 * DIR + 100), st.lists(
+    st.tuples(st.sampled_from(["mark", "clear", "take"]), st.integers(0, 3 * DIR + 200),
+              st.one_of(st.integers(0, 70), st.integers(0, 2 * DIR),
+                        st.integers(0, 3).map(lambda k: k * DIR),
+                        st.integers(0, 3).map(lambda k: k * LEAF))), max_size=20))
+def test_directories_against_a_model(size, ops):
+    """The same across directory boundaries, on directories that exist or not."""
+    check_against_model(size, ops)
+
+
+def check_against_model(size: int, ops: list[tuple[str, int, int]]) -> None:
     m = BlockBitmap(size, 0)
     model = ByteModel(size)
     for kind, off, n in ops:
@@ -438,18 +454,18 @@ def test_leaves_against_a_model(size, ops):
 
 
 def test_a_sparse_15_tib_map_costs_its_extents_not_its_size():
-    """512 KiB of leaf pointers per TiB (8 bytes per 16 MiB), plus 512 bytes per 16 MiB region
-    that holds a mark; scans skip empty regions whole."""
+    """64 KiB of directory pointers per TiB (8 bytes per 128 MiB), plus 512 bytes per 128 MiB
+    region and 64 bytes per 2 MiB region that hold a mark; scans skip empty regions whole."""
     size = 15 * TiB
     m = DirtyMap(size)
-    pointers = size // (LEAF * BS) * 8
-    assert m.memory_bytes == pointers == 15 * 512 * 1024
+    pointers = size // (DIR * BS) * 8
+    assert m.memory_bytes == pointers == 15 * 64 * 1024
     offsets = sorted({(i * 7919 * 104729 * BS) % size // BS * BS for i in range(20000)})
     start = time.monotonic()
     for off in offsets:
         m.mark(off, BS)
     assert m.count_bytes() == len(offsets) * BS
-    assert m.memory_bytes <= pointers + len(offsets) * 512
+    assert m.memory_bytes <= pointers + len(offsets) * (512 + 64)
     runs = [run for run in m.extents() if run[2]]
     assert [off for off, _, _ in runs][:100] == offsets[:100] and len(runs) <= len(offsets)
     taken = []
@@ -467,7 +483,7 @@ def test_clearing_never_allocates():
     m = BlockBitmap(TiB)
     m.clear(0, TiB)
     m.reset()
-    assert m.memory_bytes == TiB // (LEAF * BS) * 8
+    assert m.memory_bytes == TiB // (DIR * BS) * 8
 
 
 # -- the coverage map: byte ranges ---------------------------------------------------------------
