@@ -15,8 +15,8 @@
 
 from libc.stdint cimport uint64_t
 
-from flexnbd._sys cimport abort, atomic_and64, atomic_load64, atomic_or64, atomic_xchg64, \
-    calloc, cas_ptr, free, \
+from flexnbd._sys cimport abort, atomic_and64, atomic_load64, atomic_or64, atomic_store64, \
+    atomic_xchg64, calloc, cas_ptr, free, \
     load_acquire, load_ptr, popcount64, pthread_rwlock_rdlock, pthread_rwlock_t, \
     pthread_rwlock_unlock, pthread_rwlock_wrlock, store_release
 
@@ -305,16 +305,31 @@ cdef class DirtyMap(BlockBitmap):
 # Listen mode's coverage: the byte ranges one sender's session wrote, as a sorted list of
 # disjoint [start, end) pairs (touching ones merge). A mirror writes in order, so its session
 # holds one range however big the export; at most MAX_RANGES (4 MiB) a session.
+# The counters are written by the session's thread only and read by any (the status line):
+# relaxed atomic stores and loads, no lock, no GIL.
 cdef struct coverage_t:
     uint64_t size            # the export's
     uint64_t *at             # start, end, start, end, ...
     size_t n
     size_t cap
+    unsigned long long covered     # bytes in the ranges
+    unsigned long long received    # WRITE payload bytes written (answered without error)
+    unsigned long long zeroed      # WRITE_ZEROES bytes (answered without error)
 
 cdef enum:
     MAX_RANGES = 256 * 1024
 
 cdef void cover(coverage_t *c, uint64_t offset, uint64_t length) noexcept nogil
+
+
+cdef inline void count_received(coverage_t *c, uint64_t data, uint64_t zeroes) noexcept nogil:
+    """A WRITE (``data`` bytes) or WRITE_ZEROES (``zeroes``) of the session succeeded."""
+    if data:
+        atomic_store64(&c.received, c.received + data)
+    if zeroes:
+        atomic_store64(&c.zeroed, c.zeroed + zeroes)
+
+
 cdef int no_room_to_cover(const coverage_t *c, uint64_t offset, uint64_t length) noexcept nogil
 
 

@@ -308,12 +308,18 @@ cdef class CoverageMap:
         cover(&self.c, offset, length)
 
     def covered_bytes(self):
-        """Bytes written at least once."""
-        cdef uint64_t total = 0
-        cdef size_t i
-        for i in range(self.c.n):
-            total += self.c.at[2 * i + 1] - self.c.at[2 * i]
-        return total
+        """Bytes written at least once (kept as the ranges change: safe from any thread)."""
+        return atomic_load64(&self.c.covered)
+
+    @property
+    def received_bytes(self):
+        """WRITE payload bytes the session wrote (any thread may read it)."""
+        return atomic_load64(&self.c.received)
+
+    @property
+    def zeroed_bytes(self):
+        """WRITE_ZEROES bytes the session zeroed (any thread may read it)."""
+        return atomic_load64(&self.c.zeroed)
 
     def ranges(self):
         """[(start, end)] written, sorted and disjoint."""
@@ -358,6 +364,7 @@ cdef void cover(coverage_t *c, uint64_t offset, uint64_t length) noexcept nogil:
     """Record that [offset, offset+length) was written: merged with every range it overlaps
     or touches, else inserted in order (dropped only when no_room_to_cover said so first)."""
     cdef uint64_t start, end
+    cdef uint64_t merged = 0     # bytes of the ranges it merges with (counted already)
     cdef size_t i, j
     if not clip(c, offset, &length):
         return
@@ -366,6 +373,7 @@ cdef void cover(coverage_t *c, uint64_t offset, uint64_t length) noexcept nogil:
     i = first_reaching(c, start)
     j = i
     while j < c.n and c.at[2 * j] <= end:        # ranges i..j-1 overlap or touch it
+        merged += c.at[2 * j + 1] - c.at[2 * j]
         j += 1
     if j > i:
         if c.at[2 * i] < start:
@@ -376,6 +384,7 @@ cdef void cover(coverage_t *c, uint64_t offset, uint64_t length) noexcept nogil:
         c.at[2 * i + 1] = end
         memmove(&c.at[2 * i + 2], &c.at[2 * j], (c.n - j) * 2 * sizeof(uint64_t))
         c.n -= j - i - 1
+        atomic_store64(&c.covered, c.covered + (end - start) - merged)
         return
     if c.n == c.cap and not grow(c):
         return
@@ -383,6 +392,7 @@ cdef void cover(coverage_t *c, uint64_t offset, uint64_t length) noexcept nogil:
     c.at[2 * i] = start
     c.at[2 * i + 1] = end
     c.n += 1
+    atomic_store64(&c.covered, c.covered + (end - start))
 
 
 cdef int grow(coverage_t *c) noexcept nogil:

@@ -809,6 +809,8 @@ cdef int do_write(conn_t *c, const request_t *r, int error) noexcept nogil:
     if not error or io_err:
         # A failed write may still have changed part of the range: the mirror must resend it.
         written(c, r.offset, r.length, not error)
+    if c.coverage != NULL and not error:
+        count_received(c.coverage, r.length, 0)
     if c.coverage != NULL and not error and not fua:
         # Listen mode: start writing the migration's data back now, so the FLUSH that ends
         # it (SPEC §6.7) finds little left to do. Asynchronous; only a congested device
@@ -905,6 +907,8 @@ cdef int do_command(conn_t *c, const request_t *r) noexcept nogil:
     if cmd == CMD_TRIM or cmd == CMD_WRITE_ZEROES:
         # (even when it failed: part of the range may have changed)
         written(c, r.offset, r.length, e == 0 and cmd == CMD_WRITE_ZEROES)
+        if c.coverage != NULL and e == 0 and cmd == CMD_WRITE_ZEROES:
+            count_received(c.coverage, 0, r.length)
     if e:
         if e == ENOTSUP and cmd == CMD_WRITE_ZEROES and (r.flags & CMD_FLAG_FAST_ZERO):
             return NBD_ENOTSUP

@@ -253,6 +253,8 @@ cdef extern from *:
     { __atomic_fetch_and(p, v, __ATOMIC_RELAXED); }
     static inline unsigned long long flexnbd_load64(const unsigned long long *p)
     { return __atomic_load_n(p, __ATOMIC_RELAXED); }
+    static inline void flexnbd_store64(unsigned long long *p, unsigned long long v)
+    { __atomic_store_n(p, v, __ATOMIC_RELAXED); }
     static inline unsigned long long flexnbd_xchg64(unsigned long long *p, unsigned long long v)
     { return __atomic_exchange_n(p, v, __ATOMIC_ACQ_REL); }
     """
@@ -266,6 +268,8 @@ cdef extern from *:
     void atomic_or64 "flexnbd_or64"(unsigned long long *p, unsigned long long v) nogil
     void atomic_and64 "flexnbd_and64"(unsigned long long *p, unsigned long long v) nogil
     unsigned long long atomic_load64 "flexnbd_load64"(const unsigned long long *p) nogil
+    # (a counter one thread writes and others read: a plain store, never torn)
+    void atomic_store64 "flexnbd_store64"(unsigned long long *p, unsigned long long v) nogil
     unsigned long long atomic_xchg64 "flexnbd_xchg64"(unsigned long long *p,
                                                       unsigned long long v) nogil
     int popcount64 "__builtin_popcountll"(unsigned long long v) nogil

@@ -35,7 +35,7 @@ from flexnbd.config import (
 )
 from flexnbd.control import client
 from flexnbd.errors import FlexnbdError, RemoteError, UsageError, errno_name
-from flexnbd.migration.settings import REQUEST_LIMIT_SECS
+from flexnbd.migration.settings import PROGRESS_SECS, REQUEST_LIMIT_SECS
 
 PROG = "flexnbd"
 PROXY_PROG = "flexnbd-proxy"
@@ -349,6 +349,8 @@ def _server_config(args: argparse.Namespace, mode: str) -> ServeConfig:
                        idle_spin=_idle_spin(),
                        control_timeout=_env_seconds("FLEXNBD_CONTROL_TIMEOUT_SECS", 10.0),
                        mirror_request_limit=_request_limit(),
+                       mirror_progress_interval=_env_seconds("FLEXNBD_MIRROR_PROGRESS_SECS",
+                                                             PROGRESS_SECS),
                        # (test knobs: a bad delay is a ValueError, as it always was)
                        allocmap_method=os.environ.get("FLEXNBD_ALLOCMAP_METHOD") or None,
                        allocmap_delay_ms=int(os.environ.get("FLEXNBD_ALLOCMAP_DELAY_MS") or 0),
@@ -406,7 +408,7 @@ def _run_server(args: argparse.Namespace, mode: str) -> int:
     from flexnbd.server import Server
 
     signals = lifecycle.StopSignals()
-    return lifecycle.run(Server(config), signals)
+    return lifecycle.run(Server(config), signals, announce_stop=config.mode == "listen")
 
 
 def _run_transfer(args: argparse.Namespace, writing: bool) -> int:

@@ -7,7 +7,7 @@ import socket
 from dataclasses import dataclass, field
 from typing import Union
 
-from flexnbd.migration.settings import REQUEST_LIMIT_SECS
+from flexnbd.migration.settings import PROGRESS_SECS, REQUEST_LIMIT_SECS
 
 MAX_CLIENTS_SERVE = 16
 # The most `serve --max-clients` accepts: a busy client costs ~1.6 MiB of buffers (requests,
@@ -90,6 +90,8 @@ class ServeConfig:
     # seconds a mirror waits for a reply, and for the destination's close after DISC
     # (FLEXNBD_MS_REQUEST_LIMIT_SECS)
     mirror_request_limit: float = REQUEST_LIMIT_SECS
+    # seconds between a running mirror's progress lines (FLEXNBD_MIRROR_PROGRESS_SECS)
+    mirror_progress_interval: float = PROGRESS_SECS
     # test knobs: force an allocation map method, fiemap | seek | none
     # (FLEXNBD_ALLOCMAP_METHOD), and slow its builder down (FLEXNBD_ALLOCMAP_DELAY_MS)
     allocmap_method: str | None = None

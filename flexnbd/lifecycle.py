@@ -80,9 +80,11 @@ class Runnable(Protocol):
     def exit_status(self) -> int: ...
 
 
-def run(server: Runnable, signals: StopSignals) -> int:
+def run(server: Runnable, signals: StopSignals, announce_stop: bool = False) -> int:
     """Start the server, report readiness, serve until a stop signal, stop in order; the
-    exit status."""
+    exit status. ``announce_stop``: why and how it stops are milestones, logged at the
+    default level (a listener: its exit says whether the migration arrived)."""
+    said = log.milestones().info if announce_stop else _log.info
     server.request_stop = signals.request_stop
     server.start()
     _notified(notify.ready())
@@ -92,11 +94,11 @@ def run(server: Runnable, signals: StopSignals) -> int:
     # puts its own handlers back to the default action, which would kill the process.
     for sig in STOP_SIGNALS:
         signal.signal(sig, signal.SIG_IGN)
-    _log.info("stopping on %s", signals.name())
+    said("stopping on %s", signals.name())
     _notified(notify.stopping())
     server.stop()
     status = server.exit_status()
-    _log.info("stopped; exit status %d", status)
+    said("stopped; exit status %d", status)
     return status
 
 

@@ -4,6 +4,12 @@ Each line: ``<monotonic ms>:<D|I|W|E|F>:<pid> <thread name> <module:line>: <mess
 The handler formats the whole line first and writes it with one ``os.write`` under a lock, so
 lines from different threads never interleave (and a line stays whole even if stderr is a pipe
 shared with other processes, up to PIPE_BUF bytes).
+
+Milestones: a migration's start, progress, failed attempts and end, and why a listener exits,
+are logged at info (``I``) through ``milestones()``, a logger whose own level lets info
+through at the default verbosity: an operator sees a migration without ``-v``, and still no
+other info line. ``-q`` silences them with the rest; ``-v`` changes nothing for them. The
+line format is unchanged (no new level letter), so parsers of SPEC §9 keep working.
 """
 
 from __future__ import annotations
@@ -15,6 +21,7 @@ import threading
 import time
 
 LOGGER_NAME = "flexnbd"
+MILESTONES_NAME = f"{LOGGER_NAME}.milestones"
 
 _LEVEL_LETTERS = {
     logging.DEBUG: "D",
@@ -85,9 +92,16 @@ def setup(verbosity: int = 0) -> logging.Logger:
     handler.setFormatter(LineFormatter())
     root.addHandler(handler)
     root.propagate = False
+    # (its records reach the root's handler whatever the root's level: only this one counts)
+    milestones().setLevel(logging.CRITICAL if verbosity < 0 else logging.INFO)
     logging.raiseExceptions = False
     return root
 
 
 def get(name: str) -> logging.Logger:
     return logging.getLogger(f"{LOGGER_NAME}.{name}")
+
+
+def milestones() -> logging.Logger:
+    """The logger of a migration's milestones: info lines shown at the default level."""
+    return logging.getLogger(MILESTONES_NAME)

@@ -30,7 +30,7 @@ from flexnbd.migration import listen
 from flexnbd.migration.outcome import Outcome, Result
 from flexnbd.migration.settings import MirrorSettings
 from flexnbd.migration.source import MirrorControl
-from flexnbd.status import Status
+from flexnbd.status import Received, Status
 
 _log = log.get("server")
 
@@ -60,9 +60,12 @@ class Server:
         self.tls = credentials.server_policy(config.tls)
         self._tls_client: TlsContext | None = None
         self.admission = Admission(config, self._serve_client)
-        self.mirrors = MirrorControl(self, config.mirror_request_limit)
+        self.mirrors = MirrorControl(self, config.mirror_request_limit,
+                                     config.mirror_progress_interval)
         # serve mode owns its data; listen mode only once a migration into it completed
         self._has_control = config.mode != "listen"
+        # listen mode: what the current (or last) sender wrote, for the status line
+        self._sender: _allocmap.CoverageMap | None = None
         self.control = (ControlServer(config.sock, self, config.control_timeout,
                                       mode=config.sock_mode)
                         if config.sock else None)
@@ -147,6 +150,9 @@ class Server:
         if self.admission.stopping:
             return
         ended = self.admission.stop()
+        if self.config.mode == "listen":
+            # (after the sender's session ended: its figures are final)
+            listen.log_exit(self._has_control, self._sender, self.size)
         if self.control is not None:
             self.control.close()
         if ended:
@@ -179,9 +185,15 @@ class Server:
                 # (SPEC §6.7): linger 0 from the start, undone only for the normal close.
                 sockets.reset_on_close(client.sock)
             coverage = listen.new_coverage(self.size) if listening else None
+
+            def attached() -> None:
+                # (only once it holds the sender's slot: a probe in its handshake must not
+                # hide the figures of the sender at work)
+                self._sender = coverage
             served = session.serve(client, self.admission, self.export, self.export_info,
                                    self.config.oldstyle, self.config.handshake_timeout,
-                                   self.config.send_timeout, coverage, self.tls)
+                                   self.config.send_timeout, coverage, self.tls,
+                                   attached=attached if listening else None)
             if served is not None and coverage is not None:
                 outcome = listen.take_control(client.name, served.result, coverage,
                                               served.connection, self.export,
@@ -227,7 +239,16 @@ class Server:
                       num_clients=self.admission.num_clients, has_control=self._has_control,
                       migration=m.figures(), allocation_map_method=self.allocmap.method,
                       handshake="oldstyle" if self.config.oldstyle else "newstyle",
-                      migration_outcome=m.outcome_key(), io_error=self.export.io_error)
+                      migration_outcome=m.outcome_key(), io_error=self.export.io_error,
+                      received=self._received())
+
+    def _received(self) -> Received | None:
+        if self.config.mode != "listen":
+            return None
+        sender = self._sender
+        if sender is None:
+            return Received()
+        return Received(sender.received_bytes, sender.zeroed_bytes, sender.covered_bytes())
 
     def set_acl(self, entries: Sequence[acl.Network]) -> None:
         self.admission.set_acl(entries)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import errno
 import socket
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from flexnbd import _allocmap, _core, log, sockets
@@ -18,6 +19,7 @@ from flexnbd.errors import HandshakeError, PeerClosed, TlsError, errno_text
 from flexnbd.handshake import ExportInfo, TlsPolicy, serve_handshake
 
 _log = log.get("server")
+_milestones = log.milestones()
 
 Reason = _core.Reason
 
@@ -34,10 +36,11 @@ class Served:
 def serve(client: Client, admission: Admission, export: _core.Export, info: ExportInfo,
           oldstyle: bool, handshake_timeout: float, send_timeout: float,
           coverage: _allocmap.CoverageMap | None = None,
-          tls: TlsPolicy | None = None) -> Served | None:
+          tls: TlsPolicy | None = None,
+          attached: Callable[[], None] | None = None) -> Served | None:
     """Run the session; how the transmission phase ended, or None if it never began.
     ``coverage``: listen mode, the map of what this sender wrote. ``tls``: the server's TLS
-    (STARTTLS offered or required)."""
+    (STARTTLS offered or required). ``attached``: called once the client holds its slot."""
     sock = client.sock
     try:
         sockets.set_client_options(sock)
@@ -66,9 +69,16 @@ def serve(client: Client, admission: Admission, export: _core.Export, info: Expo
                 "%s: %s; disconnected", client.name, refusal)
             return None
         assert client.connection is not None
-        _log.info("%s connected (%s%s%s)", client.name, agreed.style,
-                  ", structured replies" if agreed.structured else "",
-                  f", {agreed.tls.version}" if agreed.tls is not None else "")
+        if attached is not None:
+            attached()
+        if coverage is not None:
+            # listen mode: the migration's sender, a milestone
+            _milestones.info("sender %s connected (%s, %s)", client.name, agreed.style,
+                             agreed.tls.version if agreed.tls is not None else "no TLS")
+        else:
+            _log.info("%s connected (%s%s%s)", client.name, agreed.style,
+                      ", structured replies" if agreed.structured else "",
+                      f", {agreed.tls.version}" if agreed.tls is not None else "")
         result = client.connection.serve()
         if agreed.tls is not None and result.reason == Reason.REASON_DISC and coverage is None:
             # (Not in listen mode: there the sender reads our close as "taken", which only

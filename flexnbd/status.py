@@ -51,6 +51,17 @@ New keys (flexnbd 0.6), after the above; old keys keep their meaning:
     only once a write or sync of the file failed with EIO: ``true``. Acknowledged data may be
     lost; every later FLUSH and FUA request fails with EIO until the server restarts.
 
+Listen mode only, last (flexnbd 0.6), about the current sender's session, or the last one's
+once it ended (all 0 before any sender):
+
+``received_bytes``
+    bytes of data the sender wrote (WRITE payloads answered without error).
+``zeroed_bytes``
+    bytes the sender zeroed (WRITE_ZEROES answered without error: a mirror's holes).
+``covered_bytes``
+    bytes of the export the sender has written at least once, by either; the migration can
+    complete (DISC) once it equals ``size``.
+
 Pure: formatting and parsing only.
 """
 
@@ -66,6 +77,7 @@ BASE_KEYS = ("pid", "size", "is_mirroring", "clients_allowed", "num_clients", "h
 MIGRATION_KEYS = ("migration_speed", "migration_duration", "migration_seconds_left",
                   "migration_bytes_left", "migration_speed_limit")
 EXTRA_KEYS = ("allocation_map_method", "handshake", "migration_outcome", "io_error")
+RECEIVED_KEYS = ("received_bytes", "zeroed_bytes", "covered_bytes")
 
 
 @dataclass
@@ -77,6 +89,15 @@ class Migration:
     seconds_left: int
     bytes_left: int
     speed_limit: int | None = None   # B/s, None when no limit is set
+
+
+@dataclass
+class Received:
+    """Listen mode: what the current (or last) sender's session wrote."""
+
+    data: int = 0                # WRITE payload bytes
+    zeroed: int = 0              # WRITE_ZEROES bytes
+    covered: int = 0             # bytes of the export written at least once
 
 
 @dataclass
@@ -92,6 +113,7 @@ class Status:
     handshake: str = "newstyle"
     migration_outcome: str | None = None     # completed | unknown | stopped | failed
     io_error: bool = False
+    received: Received | None = None         # listen mode only
 
     def pairs(self) -> list[tuple[str, Value]]:
         """(key, value) in the order of the status line."""
@@ -113,6 +135,10 @@ class Status:
             out.append(("migration_outcome", self.migration_outcome))
         if self.io_error:
             out.append(("io_error", True))
+        r = self.received
+        if r is not None:
+            out += [("received_bytes", r.data), ("zeroed_bytes", r.zeroed),
+                    ("covered_bytes", r.covered)]
         return out
 
     def line(self) -> str:

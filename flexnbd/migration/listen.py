@@ -15,12 +15,15 @@ completes, and no byte is ever counted that was not written. At most 256 Ki disj
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 
 from flexnbd import _core, log
 from flexnbd._allocmap import CoverageMap
 
 _log = log.get("server")
+# What the operator sees at the default level: who sent, what came, the final sync, the exit.
+_milestones = log.milestones()
 
 
 def new_coverage(size: int) -> CoverageMap:
@@ -53,6 +56,11 @@ def take_control(name: str, result: _core.ServeResult, coverage: CoverageMap,
     listener exits 1: the error is sticky, so no later sender could complete, and a fresh
     listener, which a new sender rewrites entirely, can)."""
     why_not = session_outcome(result, coverage, connection, export.size)
+    _milestones.info("sender %s: received %d bytes of data and %d bytes of zeroes in %d "
+                     "requests, covering %d of %d bytes (%s)", name, coverage.received_bytes,
+                     coverage.zeroed_bytes, connection.requests, coverage.covered_bytes(),
+                     export.size, "then DISC" if result.reason == _core.Reason.REASON_DISC
+                     else "no DISC")
     if why_not is not None and export.io_error:
         _log.critical("%s: no migration completed, and a write or sync of %s failed with an "
                       "I/O error: this listener cannot vouch for the file any more; exiting "
@@ -63,12 +71,26 @@ def take_control(name: str, result: _core.ServeResult, coverage: CoverageMap,
                      why_not)
         return None
     refuse_everyone()
+    started = time.monotonic()
     try:
         export.sync()
     except OSError as e:
         _log.critical("migration received but %s could not be synced: %s; the sender is told "
                       "with a reset and keeps its copy", export.path, e.strerror)
         return False
-    _log.info("migration completed: %s received all %d bytes from %s (coverage: %d bytes in "
-              "memory)", export.path, export.size, name, coverage.memory_bytes)
+    _milestones.info("migration completed: %s received all %d bytes from %s, final sync in "
+                     "%.2f s; this server has control now and admits no one (coverage: %d "
+                     "bytes in memory)", export.path, export.size, name,
+                     time.monotonic() - started, coverage.memory_bytes)
     return True
+
+
+def log_exit(has_control: bool, sender: CoverageMap | None, size: int) -> None:
+    """The listener stops: say whether it holds a completed migration (exit 0) or not (1)."""
+    if has_control:
+        _milestones.info("exiting: the migration completed and was handed off (exit status 0)")
+        return
+    covered = sender.covered_bytes() if sender is not None else 0
+    _milestones.info("exiting without a completed migration (exit status 1): %s",
+                     f"the last sender covered {covered} of {size} bytes"
+                     if sender is not None else "no sender connected")

@@ -31,6 +31,11 @@ NBD at all ends the mirror too (rejected): retrying would not change it.
 
 Outcomes are ``flexnbd.migration.outcome`` values; the control socket words them.
 
+The operator sees, at the default level (``log.milestones()``): each attempt's start (size,
+data to send), a progress line at most every ``settings.progress_interval`` seconds, every
+failed attempt with its reason, and the end (outcome, bytes of data and on the wire over all
+attempts, duration, average rate).
+
 Why a dirty bitmap and not a log: one bit per 4 KiB block has a bounded size (sparse: 64 KiB
 per TiB, plus 512 bytes per 128 MiB and 64 bytes per 2 MiB region written to, about 32 MiB per
 TiB at most), marking is one
@@ -56,12 +61,13 @@ from flexnbd._allocmap import AllocationMap, DirtyMap
 from flexnbd._tls import TlsContext, TlsSession
 from flexnbd.errors import FlexnbdError, HandshakeError, NotNbd, PeerClosed, TlsError
 from flexnbd.handshake import client_handshake
-from flexnbd.migration import handoff
+from flexnbd.migration import handoff, progress
 from flexnbd.migration.handoff import OutcomeUnknown
 from flexnbd.migration.outcome import Outcome, Result
 from flexnbd.migration.settings import MirrorSettings
 
 _log = log.get("mirror")
+_milestones = log.milestones()
 
 CHUNK = 8 * 1024 * 1024
 CONNECT_TIMEOUT = 15.0
@@ -146,6 +152,15 @@ class Mirror:
         self.dirty: DirtyMap | None = None
         self.session: TlsSession | None = None   # the current attempt's TLS, if any
         self.stream: _mirror.MirrorStream | None = None
+        # figures for the log, over the whole mirror
+        self.began = time.monotonic()
+        self.attempts = 0            # connections tried (the current one included)
+        self.announced = False       # an attempt began sending: the end gets a line too
+        self.data_total = 0          # payload bytes sent, all attempts
+        self.wire_total = 0          # bytes on the wire, all attempts
+        self.phase = "first pass"
+        self._how = ""               # the destination's handshake, for the start line
+        self._pacer = progress.Pacer(settings.progress_interval)
 
     # -- control ---------------------------------------------------------------------------
 
@@ -213,6 +228,7 @@ class Mirror:
         result = _ABANDONED
         try:
             while not self._break.is_set():
+                self.attempts += 1
                 try:
                     sock, zeroes = self._connect()
                 except AttemptFailed as e:
@@ -227,7 +243,9 @@ class Mirror:
                                    self.settings.port, e)
                         result = Result(Outcome.REJECTED)
                         return
-                    _log.warning("mirror attempt failed: %s; retrying", e)
+                    _log.warning("mirror attempt failed: %s; retrying in %.0f s (attempt %d to "
+                                 "%s port %d)", e, RETRY_DELAY, self.attempts,
+                                 self.settings.addr, self.settings.port)
                     self._break.wait(RETRY_DELAY)
                     continue
                 self._decide_first(Result(Outcome.STARTED))
@@ -236,6 +254,7 @@ class Mirror:
                     # slot idle while the map is built (a listener cuts a sender that sends
                     # nothing): let go, and connect again once the map is complete.
                     sock.close()
+                    self.attempts -= 1          # (it sent nothing: not an attempt)
                     if not self._wait_for_allocmap():
                         return
                     continue
@@ -250,12 +269,15 @@ class Mirror:
                     result = Result(Outcome.UNKNOWN)
                     return
                 except (FlexnbdError, OSError) as e:
-                    _log.warning("mirror attempt failed: %s; retrying from the start in %.0f s",
-                                 _describe(e), RETRY_DELAY)
+                    _log.warning("mirror attempt failed: %s; retrying from the start in %.0f s "
+                                 "(attempt %d to %s port %d, %s, %d bytes of data sent)",
+                                 _describe(e), RETRY_DELAY, self.attempts, self.settings.addr,
+                                 self.settings.port, self.phase, self.bytes_sent)
                     self.host.allow_clients()
                     self._break.wait(RETRY_DELAY)
                 finally:
                     sock.close()
+                    self._tally()
         except Exception:  # noqa: BLE001 - never report success for a mirror that crashed
             _log.exception("mirror failed")
         finally:
@@ -264,7 +286,35 @@ class Mirror:
                 result = Result(Outcome.COMPLETED)
             elif self._break.is_set() and result.outcome is not Outcome.UNKNOWN:
                 result = Result(self._stop_reason)
+            if self.announced:
+                self._log_end(result.outcome, completed)
             self._end(result, completed)
+
+    def _tally(self) -> None:
+        """An attempt ended: add its figures to the mirror's."""
+        self.data_total += self.bytes_sent
+        if self.completed:
+            self.wire_total += self.wire_bytes
+        elif self.stream is not None:
+            self.wire_total += self.stream.wire_bytes
+
+    def _log_end(self, outcome: Outcome, completed: bool) -> None:
+        took = time.monotonic() - self.began
+        average = progress.rate(self.data_total / took if took > 0 else 0)
+        if completed:
+            # (benchmarks/migration.py and the chaos checker read this line)
+            _milestones.info("migration completed: %d bytes of data sent, %d bytes on the "
+                             "wire, in %.2f s (%s on average, %d attempt%s; dirty map: %d "
+                             "bytes in memory)", self.data_total, self.wire_total, took,
+                             average, self.attempts, "" if self.attempts == 1 else "s",
+                             self.dirty.memory_bytes if self.dirty is not None else 0)
+            return
+        _milestones.info("migration to %s port %d %s after %d attempt%s: %d bytes of data "
+                         "sent, %d bytes on the wire, in %.2f s (%s on average)",
+                         self.settings.addr, self.settings.port,
+                         progress.ENDED.get(outcome, f"failed ({outcome.name.lower()})"),
+                         self.attempts, "" if self.attempts == 1 else "s", self.data_total,
+                         self.wire_total, took, average)
 
     def _end(self, result: Result, completed: bool) -> None:
         self.result = result
@@ -315,6 +365,8 @@ class Mirror:
                                     f"we have {self.host.size}")
             zeroes = info.style == "newstyle" and info.has(wire.FLAG_SEND_WRITE_ZEROES)
             self.session = info.tls
+            self._how = ", ".join([info.style, info.tls.version if info.tls else "no TLS",
+                                   "holes as WRITE_ZEROES" if zeroes else "holes as zeroes"])
             _log.info("mirror connected to %s port %d (%s%s%s)", p.addr, p.port, info.style,
                       ", WRITE_ZEROES" if zeroes else "",
                       f", {info.tls.version}" if info.tls is not None else "")
@@ -327,10 +379,15 @@ class Mirror:
         """One attempt from offset 0. True when the migration completed."""
         self.attempt_started = time.monotonic()
         self.bytes_sent = self.wire_bytes = 0
+        self.stream = None
+        self.phase = "first pass"
         self.first_pass_left = self.host.size
         if not self._wait_for_allocmap():
             raise Abandoned("break")
         self.dirty = self.host.export.track_dirty(True)
+        if zeroes:
+            self.first_pass_left = self.host.allocmap.count_bytes()
+        self._log_start()
         # (each reply within the request limit, one deadline however it trickles in)
         self.stream = _mirror.MirrorStream(sock.fileno(), self.host.export, zeroes,
                                          tls=self.session,
@@ -352,6 +409,7 @@ class Mirror:
                           "for the rest of the migration", left)
                 throttle = False
             previous = left
+            self.phase = f"dirty pass {passes + 1}"
             self._drain(throttle=throttle)
             passes += 1
         return self._endgame(sock)
@@ -360,7 +418,6 @@ class Mirror:
         """Send the whole export once, a batch of up to a chunk of payload at a time (the
         holes between cost nothing when they go as WRITE_ZEROES)."""
         allocmap = self.host.allocmap
-        self.first_pass_left = self.host.size if holes_are_payload else allocmap.count_bytes()
         offset = 0
         while offset < self.host.size:
             self._check_break()
@@ -381,6 +438,7 @@ class Mirror:
         channel = sock if self.session is None else self.session   # (TLS: through it)
         with self.lock:
             self._check_break()
+            self.phase = "endgame"
             _log.info("mirror endgame: %d bytes dirty; disconnecting clients",
                       self.dirty.count_bytes() if self.dirty else 0)
             self.host.forbid_clients()
@@ -417,10 +475,6 @@ class Mirror:
             # plus FLUSH, its reply, and DISC
             self.wire_bytes = self.stream.wire_bytes + 2 * wire.REQUEST_SIZE + \
                 wire.SIMPLE_REPLY_SIZE
-            _log.info("migration completed: %d bytes of data sent, %d bytes on the wire, "
-                      "in %.2f s (dirty map: %d bytes in memory)", self.bytes_sent,
-                      self.wire_bytes, time.monotonic() - self.attempt_started,
-                      self.dirty.memory_bytes if self.dirty is not None else 0)
             # Still under the lock: a `break` or a stop signal waiting for it must see the
             # migration as completed, never as one they could stop.
             self.completed = True
@@ -478,6 +532,29 @@ class Mirror:
                 raise Abandoned("break")
         assert self.stream is not None
         self.bytes_sent += self.stream.send(offset, length)
+        if self._pacer.due():
+            self._log_progress()
+
+    def _log_start(self) -> None:
+        p = self.settings
+        if self.attempts == 1:
+            _milestones.info("migration to %s port %d started: %d bytes, %d bytes of data to "
+                             "send (%s)", p.addr, p.port, self.host.size, self.first_pass_left,
+                             self._how)
+        else:
+            _milestones.info("migration to %s port %d: attempt %d starts over from offset 0: "
+                             "%d bytes of data to send (%s)", p.addr, p.port, self.attempts,
+                             self.first_pass_left, self._how)
+        self.announced = True
+        self._pacer.restart()
+
+    def _log_progress(self) -> None:
+        left = self.bytes_left()
+        _milestones.info("migration to %s port %d: %.1f%% (%d bytes of data sent, %d left), "
+                         "%s, %s left, attempt %d, %s", self.settings.addr, self.settings.port,
+                         progress.percent(self.bytes_sent, left), self.bytes_sent, left,
+                         progress.rate(self.speed()), progress.eta(self.seconds_left()),
+                         self.attempts, self.phase)
 
     def _check_break(self) -> None:
         if self._break.is_set():

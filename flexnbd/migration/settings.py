@@ -15,6 +15,9 @@ ACTIONS = ("exit", "unlink", "nothing")
 # How long the mirror waits for a reply, and for the destination's close after DISC
 # (FLEXNBD_MS_REQUEST_LIMIT_SECS overrides it, SPEC §6.2).
 REQUEST_LIMIT_SECS = 60.0
+# At most one progress line this often while a mirror runs (FLEXNBD_MIRROR_PROGRESS_SECS
+# overrides it, for tests).
+PROGRESS_SECS = 10.0
 
 
 @dataclass(frozen=True)
@@ -25,6 +28,7 @@ class MirrorSettings:
     bind: str | None = None          # connect from this address
     max_bps: int | None = None       # average sending rate; None: no limit
     request_limit: float = REQUEST_LIMIT_SECS
+    progress_interval: float = PROGRESS_SECS    # seconds between progress lines
 
     def with_max_bps(self, max_bps: int | None) -> MirrorSettings:
         return dataclasses.replace(self, max_bps=max_bps or None)

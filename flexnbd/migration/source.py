@@ -19,7 +19,7 @@ from typing import Protocol
 from flexnbd import log
 from flexnbd.migration.mirror import Mirror, MirrorHost
 from flexnbd.migration.outcome import Outcome, Result
-from flexnbd.migration.settings import REQUEST_LIMIT_SECS, MirrorSettings
+from flexnbd.migration.settings import PROGRESS_SECS, REQUEST_LIMIT_SECS, MirrorSettings
 from flexnbd.status import Migration
 
 _log = log.get("server")
@@ -35,11 +35,14 @@ class SourceHost(MirrorHost, Protocol):
 
 
 class MirrorControl:
-    """``request_limit``: the server's FLEXNBD_MS_REQUEST_LIMIT_SECS, for every mirror."""
+    """``request_limit``: the server's FLEXNBD_MS_REQUEST_LIMIT_SECS, for every mirror;
+    ``progress_interval``: its FLEXNBD_MIRROR_PROGRESS_SECS."""
 
-    def __init__(self, host: SourceHost, request_limit: float = REQUEST_LIMIT_SECS) -> None:
+    def __init__(self, host: SourceHost, request_limit: float = REQUEST_LIMIT_SECS,
+                 progress_interval: float = PROGRESS_SECS) -> None:
         self.host = host
         self.request_limit = request_limit
+        self.progress_interval = progress_interval
         self.lock = threading.Lock()
         self.mirror: Mirror | None = None
         self.migrated = False            # a mirror completed with action exit or unlink
@@ -59,7 +62,8 @@ class MirrorControl:
                 # A listener that has not received its migration has nothing to send.
                 return Result(Outcome.ABANDONED)
             # (the request names the destination; how long to wait is this server's setting)
-            settings = dataclasses.replace(settings, request_limit=self.request_limit)
+            settings = dataclasses.replace(settings, request_limit=self.request_limit,
+                                           progress_interval=self.progress_interval)
             mirror = Mirror(self.host, settings, self.lock, self._finished)
             self.mirror = mirror
             mirror.running = True

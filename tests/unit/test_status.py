@@ -10,7 +10,9 @@ from flexnbd.status import (
     BASE_KEYS,
     EXTRA_KEYS,
     MIGRATION_KEYS,
+    RECEIVED_KEYS,
     Migration,
+    Received,
     Status,
     format_value,
     parse_line,
@@ -51,6 +53,18 @@ def test_key_order_without_and_with_migration():
     st = Status(pid=1, size=2, migration_outcome="completed", io_error=True)
     assert [k for k, _ in st.pairs()] == [*BASE_KEYS, *EXTRA_KEYS]
     assert st.line().endswith("migration_outcome=completed io_error=true \n")
+
+
+def test_listen_mode_received_keys_come_last():
+    st = Status(pid=1, size=8192, has_control=False, received=Received())
+    assert [k for k, _ in st.pairs()] == [*BASE_KEYS, *EXTRA_KEYS[:2], *RECEIVED_KEYS]
+    assert st.line().endswith("handshake=newstyle received_bytes=0 zeroed_bytes=0 "
+                              "covered_bytes=0 \n")
+    st = Status(pid=1, size=8192, io_error=True, received=Received(4096, 2048, 6144))
+    assert [k for k, _ in st.pairs()][-4:] == ["io_error", *RECEIVED_KEYS]
+    assert json.loads(to_json(st.line()))["covered_bytes"] == 6144
+    # serve mode: none of them
+    assert "received" not in Status(pid=1, size=2).line()
 
 
 def test_migration_figures_only_while_mirroring():
