@@ -66,8 +66,8 @@ def test_reply_text_is_one_printable_line():
     assert p.bad_spec("a\nb\x00c\x1b").encode() == b"1: bad spec: a?b?c?\n"
 
 
-@pytest.mark.parametrize("bad", [b"", b"hello\n", b"x: y\n", b"0 updated\n", b"0: a\n1: b\n",
-                                 b"-1: x\n"])
+@pytest.mark.parametrize("bad", [b"", b"hello\n", b"x: y\n", b"0 updated\n", b"0: a\nb\nc\n",
+                                 b"-1: x\n", b"detail\n0: a\n"])
 def test_reply_decode_refuses_non_replies(bad):
     with pytest.raises(ValueError):
         p.Reply.decode(bad)
@@ -75,6 +75,19 @@ def test_reply_decode_refuses_non_replies(bad):
 
 def test_reply_decode_without_lf():
     assert p.Reply.decode(b"0: updated") == p.UPDATED
+
+
+def test_a_detail_is_the_second_line():
+    """New in 0.6: a reply line, then at most one DETAIL line; the reply line is unchanged."""
+    reply = p.Reply(1, "Mirror failed to connect", "ECONNREFUSED: Connection refused")
+    wire = b"1: Mirror failed to connect\nECONNREFUSED: Connection refused\n"
+    assert reply.encode() == wire
+    assert wire.split(b"\n")[0] + b"\n" == p.MIRROR_FAILED_TO_CONNECT.encode()
+    assert p.Reply.decode(wire) == reply
+    assert p.Reply.decode(wire[:-1]) == reply
+    assert p.Reply.decode(b"0: updated\n").detail is None
+    # made one printable line, as the text is
+    assert p.Reply(0, "x", "a\nb\x00").encode() == b"0: x\na?b?\n"
 
 
 # --------------------------------------------------------------------------------------------
@@ -242,9 +255,9 @@ class FakeTarget:
         self.bps.append(max_bps)
         return True
 
-    def break_mirror(self) -> Outcome:
+    def break_mirror(self) -> Result:
         self.breaks += 1
-        return Outcome.STOPPED
+        return Result(Outcome.STOPPED)
 
 
 def test_execute():
@@ -298,7 +311,7 @@ def test_listener_serves_and_removes_its_socket(control_server):
 
 def test_listener_survives_a_failing_target(control_server):
     class Broken(FakeTarget):
-        def break_mirror(self) -> Outcome:
+        def break_mirror(self) -> Result:
             raise RuntimeError("boom")
 
     srv, path = control_server(Broken())
@@ -312,13 +325,13 @@ def test_listener_requests_run_one_at_a_time(control_server):
     overlap = []
 
     class Slow(FakeTarget):
-        def break_mirror(self) -> Outcome:
+        def break_mirror(self) -> Result:
             running.append(1)
             if len(running) > 1:
                 overlap.append(1)
             time.sleep(0.05)
             running.pop()
-            return Outcome.NOT_MIRRORING
+            return Result(Outcome.NOT_MIRRORING)
 
     srv, path = control_server(Slow())
     threads = [threading.Thread(target=client_request, args=(path, ["break"]))
