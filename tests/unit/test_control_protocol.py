@@ -16,6 +16,7 @@ from hypothesis import strategies as st
 
 from flexnbd import acl
 from flexnbd.control import protocol as p
+from flexnbd.control.client import mirror_lines
 from flexnbd.control.client import request as client_request
 from flexnbd.control.server import ControlServer, execute
 from flexnbd.errors import FlexnbdError
@@ -374,3 +375,18 @@ def test_listener_close_leaves_a_replacement_alone(tmp_path):
     assert client_request(path, ["status"]).code == 0
     second.close()
     assert not os.path.exists(path)
+
+
+def test_the_cli_mirror_request_carries_the_limit():
+    """`mirror --max-speed`: MAX_BPS comes after BIND_IP, so without --bind the wildcard
+    address of the destination's family stands there (it binds to nothing in particular)."""
+    assert p.parse_request(mirror_lines("10.0.0.2", 9, max_bps=5)) == \
+        MirrorSettings("10.0.0.2", 9, "exit", "0.0.0.0", 5)
+    assert p.parse_request(mirror_lines("::1", 9, unlink=True, max_bps=5)) == \
+        MirrorSettings("::1", 9, "unlink", "::", 5)
+    assert p.parse_request(mirror_lines("::1", 9, bind="::2", max_bps=5)) == \
+        MirrorSettings("::1", 9, "exit", "::2", 5)
+    # no limit (or 0): the 0.5.0 request, BIND_IP only with --bind
+    assert mirror_lines("10.0.0.2", 9, max_bps=0) == ["mirror", "10.0.0.2", "9", "exit"]
+    assert mirror_lines("10.0.0.2", 9, bind="10.0.0.1") == \
+        ["mirror", "10.0.0.2", "9", "exit", "10.0.0.1"]
