@@ -1,9 +1,10 @@
 """The command line: parses arguments, builds config objects, starts a mode.
 
-Modes (SPEC §1): serve, listen (the servers), mirror, mirror-speed, acl, break, status (clients
-of a server's control socket), read, write (NBD clients), help. Every bad input ends in one
-clear line on stderr plus the mode's usage, and exit status 1; never a traceback. The control
-client modes print the reply's text (stdout for code 0, else stderr) and exit with its code.
+Modes (SPEC §1): serve, listen (the servers), mirror, mirror-speed, acl, break, status, wait
+(clients of a server's control socket), read, write (NBD clients), help. Every bad input ends in
+one clear line on stderr plus the mode's usage, and exit status 1; never a traceback. The
+control client modes print the reply's text (stdout for code 0, else stderr) and exit with its
+code. Byte counts and rates take K/M/G/T suffixes (``flexnbd.units``).
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import NoReturn
 
-from flexnbd import __version__, acl, activation, log, sockets, wire
+from flexnbd import __version__, acl, activation, log, sockets, units, wire
 from flexnbd.config import (
     CACHE_BYTES_DEFAULT,
     HANDSHAKE_SECS,
@@ -78,6 +79,19 @@ def _number(limit: int, what: str) -> Callable[[str], int]:
         if not (text.isascii() and text.isdigit()) or int(text) > limit:
             raise argparse.ArgumentTypeError(f"bad {what} {text!r} (0..{limit})")
         return int(text)
+    return parse
+
+
+def _bytes(limit: int, what: str) -> Callable[[str], int]:
+    """A byte count or rate as ``flexnbd.units`` reads it (64K, 1.5G), at most ``limit``."""
+    def parse(text: str) -> int:
+        try:
+            value = units.parse_bytes(text)
+        except ValueError as e:
+            raise argparse.ArgumentTypeError(f"bad {what}: {e}") from None
+        if value > limit:
+            raise argparse.ArgumentTypeError(f"bad {what} {text!r}: more than {limit}")
+        return value
     return parse
 
 
@@ -177,9 +191,10 @@ def _transfer_parser(mode: str) -> _Parser:
                 "[--tls-certificates DIR | --tls-psk FILE]")
     p.add_argument("-l", "--addr", type=_address, help="the server's address")
     p.add_argument("-p", "--port", type=_port, help="the server's port")
-    p.add_argument("-F", "--from", dest="offset", type=_number(MAX_OFFSET, "offset"),
-                   help="byte offset")
-    p.add_argument("-S", "--size", type=_number(MAX_SIZE, "size"), help="byte count")
+    p.add_argument("-F", "--from", dest="offset", type=_bytes(MAX_OFFSET, "offset"),
+                   help=f"byte offset: {units.HELP}")
+    p.add_argument("-S", "--size", type=_bytes(MAX_SIZE, "size"),
+                   help="byte count, at most 1G (the same suffixes)")
     p.add_argument("-b", "--bind", type=_address, help="local address to connect from")
     p.add_argument("--tls-certificates", metavar="DIR",
                    help="use TLS: trust DIR/ca-cert.pem (and show DIR/client-cert.pem, "
@@ -193,18 +208,28 @@ def _transfer_parser(mode: str) -> _Parser:
 def _mirror_parser() -> _Parser:
     p = _parser("mirror", "Ask the server behind SOCK to migrate its file to a `flexnbd listen` "
                 "server at ADDR PORT. With --wait, follow the migration until it ends (a "
-                "progress bar on a terminal) and exit 0 only if it completed.",
-                "--addr ADDR --port PORT --sock SOCK [--unlink] [--bind BIND_ADDR] [--wait]")
+                "progress bar on a terminal) and exit 0 only if it completed; if a mirror to the "
+                "same ADDR PORT runs already, follow that one instead (one to elsewhere: exit "
+                "1, saying where it goes).",
+                "--addr ADDR --port PORT --sock SOCK [--unlink] [--bind BIND_ADDR] "
+                "[--max-speed RATE] [--wait]")
     p.add_argument("-l", "--addr", type=_address, help="the destination's address")
     p.add_argument("-p", "--port", type=_port, help="the destination's port")
     _sock_option(p)
     p.add_argument("-u", "--unlink", action="store_true",
                    help="unlink the source file once the migration completed")
     p.add_argument("-b", "--bind", type=_address, help="local address to connect from")
+    _max_speed_option(p, "limit the migration's average sending rate from its first request "
+                         "on, in bytes per second")
     p.add_argument("-w", "--wait", action="store_true",
                    help="wait until the migration ends; exit 0 only if it completed")
     _global_options(p)
     return p
+
+
+def _max_speed_option(p: argparse.ArgumentParser, what: str) -> None:
+    p.add_argument("-m", "--max-speed", type=_bytes(MAX_BPS, "speed"), metavar="RATE",
+                   help=f"{what}: {units.HELP}; 0: no limit")
 
 
 def _control_parser(mode: str, description: str, usage: str,
@@ -221,9 +246,8 @@ def _control_parser(mode: str, description: str, usage: str,
 def _mirror_speed_parser() -> _Parser:
     return _control_parser(
         "mirror-speed", "Limit the running migration's average sending rate.",
-        "--sock SOCK --max-speed BYTES_PER_SEC",
-        lambda p: p.add_argument("-m", "--max-speed", type=_number(MAX_BPS, "speed"),
-                                 metavar="BYTES_PER_SEC", help="bytes per second (0: no limit)"))
+        "--sock SOCK --max-speed RATE",
+        lambda p: _max_speed_option(p, "bytes per second"))
 
 
 def _acl_parser() -> _Parser:
@@ -235,7 +259,15 @@ def _acl_parser() -> _Parser:
 
 
 def _break_parser() -> _Parser:
-    return _control_parser("break", "Stop the server's running migration; it goes on serving.",
+    return _control_parser("break", "Stop the server's running migration; it goes on serving. "
+                           "Prints what it stopped: where it went, the attempt, the bytes "
+                           "sent of how many.", "--sock SOCK")
+
+
+def _wait_parser() -> _Parser:
+    return _control_parser("wait", "Follow the server's running migration until it ends (a "
+                           "progress bar on a terminal); print how it ended and exit 0 only "
+                           "if it completed. No migration running: exit 1 at once.",
                            "--sock SOCK")
 
 
@@ -446,10 +478,10 @@ def _run_status(args: argparse.Namespace) -> int:
 
 
 def _run_mirror(args: argparse.Namespace) -> int:
-    lines = client.mirror_lines(args.addr, args.port, args.unlink, args.bind)
+    lines = client.mirror_lines(args.addr, args.port, args.unlink, args.bind, args.max_speed)
     if not args.wait:
         return _run_control(lambda _: lines)(args)
-    return client.run_mirror_wait(args.sock, lines)
+    return client.run_mirror_wait(args.sock, lines, client.destination(args.addr, args.port))
 
 
 MODES: dict[str, Mode] = {
@@ -462,6 +494,7 @@ MODES: dict[str, Mode] = {
                          _run_control(lambda a: client.max_bps_lines(a.max_speed))),
     "acl": Mode(_acl_parser, ("sock",), _run_control(lambda a: client.acl_lines(a.acl))),
     "break": Mode(_break_parser, ("sock",), _run_control(lambda a: ["break"])),
+    "wait": Mode(_wait_parser, ("sock",), lambda a: client.run_wait(a.sock)),
     "status": Mode(_status_parser, ("sock",), _run_status),
     "read": Mode(lambda: _transfer_parser("read"), ("addr", "port", "offset", "size"),
                  lambda a: _run_transfer(a, writing=False)),

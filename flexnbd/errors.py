@@ -42,6 +42,10 @@ class NotNbd(HandshakeError):
     """The peer's greeting is not NBD at all (an unknown magic): retrying will not help."""
 
 
+class NoGreeting(TimeoutError):
+    """The server sent no (complete) NBD greeting in time."""
+
+
 class PeerClosed(FlexnbdError):
     """The peer closed the connection."""
 

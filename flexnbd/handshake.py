@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 from flexnbd import wire
 from flexnbd._tls import TlsContext, TlsSession
-from flexnbd.errors import HandshakeError, NotNbd, PeerClosed, TlsError
+from flexnbd.errors import HandshakeError, NoGreeting, NotNbd, PeerClosed, TlsError
 
 # Option data longer than this is not read: the client is disconnected instead.
 MAX_OPTION_LENGTH = 64 * 1024
@@ -334,7 +334,7 @@ def client_handshake(sock: socket.socket, export_name: bytes = b"",
     try:
         head = recv_exact(sock, 16, deadline=greeting)
     except TimeoutError:
-        raise TimeoutError("no greeting from the server") from None
+        raise NoGreeting("no greeting from the server") from None
     magic, second = struct.unpack(">QQ", head)
     if magic != wire.NBDMAGIC or second not in (wire.OLDSTYLE_MAGIC, wire.IHAVEOPT):
         _read_rest_of_greeting(sock, len(head))

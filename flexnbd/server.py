@@ -27,7 +27,7 @@ from flexnbd.control.server import ControlServer
 from flexnbd.errors import FlexnbdError
 from flexnbd.handshake import ExportInfo
 from flexnbd.migration import listen
-from flexnbd.migration.outcome import Outcome, Result
+from flexnbd.migration.outcome import Result
 from flexnbd.migration.settings import MirrorSettings
 from flexnbd.migration.source import MirrorControl
 from flexnbd.status import Received, Status
@@ -259,7 +259,7 @@ class Server:
     def set_mirror_max_bps(self, max_bps: int | None) -> bool:
         return self.mirrors.set_max_bps(max_bps)
 
-    def break_mirror(self) -> Outcome:
+    def break_mirror(self) -> Result:
         return self.mirrors.break_()
 
     def wait_mirror(self) -> Result | Callable[[], Result]:

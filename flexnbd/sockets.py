@@ -34,6 +34,11 @@ def parse_port(text: str) -> int:
     return port
 
 
+def host_port(host: str, port: int) -> str:
+    """``10.0.0.2:10809``, ``[::1]:10809``: an address and port as one token."""
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
 def family_of(addr: str) -> socket.AddressFamily:
     return socket.AF_INET6 if ":" in addr else socket.AF_INET
 
@@ -235,6 +240,5 @@ def peer_name(sock: socket.socket) -> str:
     except OSError:
         return "?"
     if isinstance(peer, tuple):
-        host, port = peer[0], peer[1]
-        return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+        return host_port(peer[0], peer[1])
     return peer or "unix"

@@ -43,6 +43,10 @@ New keys (flexnbd 0.6), after the above; old keys keep their meaning:
     (everything counts as allocated), or ``pending`` while it is still being built.
 ``handshake``
     the handshake the server offers: ``newstyle`` (fixed newstyle) or ``oldstyle``.
+``migration_destination``
+    only while mirroring: where the mirror sends, ``ADDR:PORT`` (``[ADDR]:PORT`` for IPv6), the
+    address as the ``mirror`` request gave it, normalised (``mirror --wait`` follows a running
+    mirror only if it goes where it asked).
 ``migration_outcome``
     only once a mirror has ended: ``completed`` (the destination confirmed), ``unknown`` (DISC
     was sent and the destination did not confirm: it may own the disk, SPEC §6.7),
@@ -76,7 +80,8 @@ Value = Union[bool, int, float, str]
 BASE_KEYS = ("pid", "size", "is_mirroring", "clients_allowed", "num_clients", "has_control")
 MIGRATION_KEYS = ("migration_speed", "migration_duration", "migration_seconds_left",
                   "migration_bytes_left", "migration_speed_limit")
-EXTRA_KEYS = ("allocation_map_method", "handshake", "migration_outcome", "io_error")
+EXTRA_KEYS = ("allocation_map_method", "handshake", "migration_destination", "migration_outcome",
+              "io_error")
 RECEIVED_KEYS = ("received_bytes", "zeroed_bytes", "covered_bytes")
 
 
@@ -89,6 +94,7 @@ class Migration:
     seconds_left: int
     bytes_left: int
     speed_limit: int | None = None   # B/s, None when no limit is set
+    destination: str | None = None   # ADDR:PORT ([ADDR]:PORT for IPv6)
 
 
 @dataclass
@@ -131,6 +137,8 @@ class Status:
                 out.append(("migration_speed_limit", m.speed_limit))
         out += [("allocation_map_method", self.allocation_map_method),
                 ("handshake", self.handshake)]
+        if self.is_mirroring and m is not None and m.destination is not None:
+            out.append(("migration_destination", m.destination))
         if self.migration_outcome is not None:
             out.append(("migration_outcome", self.migration_outcome))
         if self.io_error:

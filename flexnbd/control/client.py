@@ -1,7 +1,9 @@
-"""The client modes of the control socket: acl, break, status, mirror, mirror-speed.
+"""The client modes of the control socket: acl, break, status, mirror, mirror-speed, wait.
 
-Each sends one request (see ``flexnbd.control.protocol``), reads the one-line reply, prints
-its TEXT to stdout when CODE is 0 and to stderr otherwise, and returns CODE as the exit status.
+Each sends one request (see ``flexnbd.control.protocol``), reads the reply, prints its TEXT
+(and the DETAIL line under it, when the server sent one) to stdout when CODE is 0 and to
+stderr otherwise, and returns CODE as the exit status. ``mirror --wait`` and ``wait`` then
+follow the running mirror to its outcome.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ import time
 from collections.abc import Sequence
 from typing import TextIO
 
+from flexnbd import sockets
 from flexnbd import status as status_mod
 from flexnbd.control import protocol
 from flexnbd.control.protocol import Reply
@@ -67,6 +70,8 @@ def show(reply: Reply, out: TextIO | None = None, err: TextIO | None = None) -> 
     """Print the reply's text where it belongs; the exit status (its code)."""
     stream = (out or sys.stdout) if reply.code == 0 else (err or sys.stderr)
     print(reply.text, file=stream)
+    if reply.detail is not None:
+        print(reply.detail, file=stream)
     return reply.code
 
 
@@ -89,10 +94,15 @@ def acl_lines(entries: Sequence[str]) -> list[str]:
     return ["acl", *entries]
 
 
-def mirror_lines(addr: str, port: int, unlink: bool = False, bind: str | None = None) -> list[str]:
+def mirror_lines(addr: str, port: int, unlink: bool = False, bind: str | None = None,
+                 max_bps: int | None = None) -> list[str]:
     lines = ["mirror", addr, str(port), "unlink" if unlink else "exit"]
-    if bind is not None:
-        lines.append(bind)
+    if bind is not None or max_bps:
+        # MAX_BPS comes after BIND_IP: without --bind, the wildcard address of the
+        # destination's family, which binds to nothing in particular (0.5.0 servers too).
+        lines.append(bind if bind is not None else ("::" if ":" in addr else "0.0.0.0"))
+    if max_bps:
+        lines.append(str(max_bps))
     return lines
 
 
@@ -103,16 +113,84 @@ def max_bps_lines(bps: int) -> list[str]:
 # -- mirror --wait ------------------------------------------------------------------------------
 
 PROGRESS_EVERY = 5.0      # seconds between plain progress lines (stdout not a terminal)
+# Following a mirror may take hours; the source must keep answering `status` meanwhile. One
+# that answers nothing for this long is given up on (its outcome is then not known here).
+SILENCE_LIMIT = 60.0
 
 
-def run_mirror_wait(path: str, lines: Sequence[str], out: TextIO | None = None) -> int:
-    """Start the mirror, then follow it until the source confirms how it ended: a progress bar
-    on a terminal, plain lines otherwise. Exit status 0 only for a completed migration."""
+def run_mirror_wait(path: str, lines: Sequence[str], destination: str,
+                    out: TextIO | None = None) -> int:
+    """Start the mirror to ``destination`` (ADDR:PORT as the status line writes it), then
+    follow it until the source confirms how it ended: a progress bar on a terminal, plain
+    lines otherwise. Exit status 0 only for a completed migration. When a mirror runs already,
+    follow that one if it goes to ``destination``; else exit 1 saying where it goes."""
     out = out or sys.stdout
     reply = request(path, lines)
+    if reply == protocol.MIRROR_RUNNING:
+        show(reply)
+        return _follow_running(path, destination, out)
     if reply.code != 0:
         return show(reply)
     print(reply.text, file=out, flush=True)
+    return follow(path, out)
+
+
+def run_wait(path: str, out: TextIO | None = None) -> int:
+    """``flexnbd wait``: follow the running mirror to its outcome; exit 1 at once, saying so,
+    when none runs (with how the last one ended, if one did)."""
+    out = out or sys.stdout
+    fields = _status(path)
+    if fields.get("is_mirroring") != "true":
+        print(protocol.NOT_MIRRORING.text, file=sys.stderr)
+        last = fields.get("migration_outcome")
+        if last is not None:
+            print(f"the last mirror ended: {last}", file=sys.stderr)
+        return 1
+    destination = fields.get("migration_destination")
+    if destination is not None:
+        print(f"following the mirror to {destination}", file=out, flush=True)
+    return follow(path, out)
+
+
+def _follow_running(path: str, destination: str, out: TextIO) -> int:
+    """``mirror --wait`` found a mirror running: follow it only if it goes where we asked
+    (the status line says where it goes)."""
+    fields = _status(path)
+    going_to = fields.get("migration_destination")
+    if fields.get("is_mirroring") != "true":
+        last = fields.get("migration_outcome")
+        print("no mirror runs now" + (f" (the last one ended: {last})" if last else "") +
+              "; not following it", file=sys.stderr)
+        return 1
+    if going_to is None:
+        print("the server does not say where its mirror goes (no migration_destination in its "
+              "status); not following it", file=sys.stderr)
+        return 1
+    if going_to != destination:
+        print(f"the running mirror goes to {going_to}, not {destination}; not following it",
+              file=sys.stderr)
+        return 1
+    print(f"following the running mirror to {going_to}", file=out, flush=True)
+    return follow(path, out)
+
+
+def _status(path: str) -> dict[str, str]:
+    reply = request(path, ["status"])
+    if reply.code != 0:
+        raise FlexnbdError(f"{path}: status answered {reply.code}: {reply.text}")
+    try:
+        return status_mod.parse_line(reply.text)
+    except ValueError as e:
+        raise FlexnbdError(f"{path}: bad status line: {e}") from None
+
+
+def destination(addr: str, port: int) -> str:
+    """Where a mirror goes, as the status line's migration_destination writes it."""
+    return sockets.host_port(addr, port)
+
+
+def follow(path: str, out: TextIO) -> int:
+    """Send ``mirror_wait`` and show progress until its answer: how the mirror ended."""
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
     progress = _Progress(out)
     answer = bytearray()
@@ -126,11 +204,22 @@ def run_mirror_wait(path: str, lines: Sequence[str], out: TextIO | None = None) 
             raise FlexnbdError(f"cannot follow the migration through {path}: "
                                f"{e.strerror or e}") from None
         sock.settimeout(1.0)
+        answered = time.monotonic()
         while len(answer) <= MAX_REPLY:
             try:
                 chunk = sock.recv(4096)
             except TimeoutError:
-                progress.show(_poll_status(path))
+                fields = _poll_status(path)
+                now = time.monotonic()
+                if fields is not None:
+                    answered = now
+                elif now - answered > SILENCE_LIMIT:
+                    progress.close()
+                    print(f"{path} has not answered for {SILENCE_LIMIT:g} s: the migration's "
+                          "outcome is not known here (see the source's status and log)",
+                          file=sys.stderr)
+                    return 1
+                progress.show(fields)
                 continue
             except OSError:
                 break
@@ -199,6 +288,7 @@ class _Progress:
 
     def close(self) -> None:
         if self.drawn:
+            self.drawn = False
             self.out.write("\n")
             self.out.flush()
 

@@ -19,9 +19,16 @@ ACL. Requests are executed one at a time.
 
 Reply
 -----
-Exactly one line, ``CODE: TEXT`` and LF, then the server closes the connection. Code 0 is
-success; the client modes print TEXT to stdout when CODE is 0, else to stderr, and exit with
-CODE.
+One line, ``CODE: TEXT`` and LF, then the server closes the connection. Code 0 is success;
+the client modes print TEXT to stdout when CODE is 0, else to stderr, and exit with CODE.
+
+New in flexnbd 0.6, a DETAIL line may follow the reply line (before the close), only after
+these replies: a ``mirror`` or ``mirror_wait`` that failed (why: the errno of a refused
+connection, both sizes, no NBD greeting, a TLS failure with a hint), and ``break``'s
+``0: mirror stopped`` (what it stopped: destination, attempt, bytes sent of how many). The
+reply line is 0.5.0's byte for byte: a client that reads up to the first LF, as 0.5.0's did,
+sees 0.5.0's reply. Every other reply is exactly one line. The client modes print the DETAIL
+on the line after TEXT, to the same stream.
 
 ================================  ==============================================================
 request lines                     replies
@@ -40,20 +47,27 @@ request lines                     replies
                                   ``1: bad IP address``; ``1: bad IP port number``; ``1: action
                                   must be 'exit', 'unlink' or 'nothing'``; ``1: bad bind
                                   address``; ``1: max_bps out of range``; ``1: max_bps couldn't
-                                  be parsed``; ``1: unrecognised parameters to mirror``.
+                                  be parsed``; ``1: unrecognised parameters to mirror``. A
+                                  failed first attempt's reply has a DETAIL line: the errno of
+                                  the connection (``ECONNREFUSED: Connection refused``), both
+                                  sizes, ``no NBD greeting ...``, a TLS failure and its likely
+                                  cause.
 ``mirror_max_bps``, BPS           ``0: updated``; ``1: Not currently mirroring``; ``1: Bad
                                   format`` (not exactly one argument); ``1: max_bps out of
                                   range``; ``1: max_bps couldn't be parsed``. The argument is
                                   checked before the mirror is looked for.
-``break``                         ``0: mirror stopped``; ``1: mirror completed``; ``1:
-                                  migration outcome unknown`` (DISC was sent and the
-                                  destination did not confirm, SPEC §6.7); ``1: not mirroring``
+``break``                         ``0: mirror stopped`` (and a DETAIL line: ``to ADDR port
+                                  PORT, attempt N: SENT of TOTAL bytes sent``); ``1: mirror
+                                  completed``; ``1: migration outcome unknown`` (DISC was sent
+                                  and the destination did not confirm, SPEC §6.7); ``1: not
+                                  mirroring``
 ``mirror_wait`` (flexnbd 0.6)     answered when the running mirror ends: ``0: migration
                                   completed``; ``1: migration outcome unknown``; ``1: mirror
                                   stopped`` (``break``); ``1: shutting down``; ``1: Mirroring
                                   abandoned``; ``1: Mirror was rejected`` (a later attempt met
                                   a peer that is not NBD); or the failure of its first
-                                  attempt. At once: ``1: not mirroring``, or ``1: too many
+                                  attempt (with its DETAIL line, as for
+                                  ``mirror``). At once: ``1: not mirroring``, or ``1: too many
                                   mirror_wait requests waiting`` (16 wait at most). The
                                   connection stays open meanwhile; other requests are served.
                                   ``flexnbd mirror --wait`` uses it.
@@ -88,28 +102,41 @@ MAX_BPS = (1 << 64) - 1
 OVERLONG_MARK = "\ufffd..."      # appended to a cut line; no valid argument contains it
 
 
+def _printable(text: str) -> str:
+    return "".join(c if c.isprintable() else "?" for c in text)
+
+
 @dataclass(frozen=True)
 class Reply:
+    """``code`` and ``text`` are the reply line; ``detail`` (flexnbd 0.6) is the second line
+    some replies carry: why a mirror failed, what ``break`` stopped."""
+
     code: int
     text: str
+    detail: str | None = None
 
     def encode(self) -> bytes:
-        """``CODE: TEXT`` and LF; the text is made one printable line."""
-        text = "".join(c if c.isprintable() else "?" for c in self.text)
-        return f"{self.code}: {text}\n".encode("utf-8", "replace")
+        """``CODE: TEXT`` and LF, then the detail and LF if there is one; each made one
+        printable line."""
+        out = f"{self.code}: {_printable(self.text)}\n"
+        if self.detail is not None:
+            out += f"{_printable(self.detail)}\n"
+        return out.encode("utf-8", "replace")
 
     @classmethod
     def decode(cls, data: bytes) -> Reply:
-        """Parse a reply line (the LF optional). ValueError if it is not ``CODE: TEXT``."""
-        line = data.decode("utf-8", "replace")
-        if line.endswith("\n"):
-            line = line[:-1]
-        if "\n" in line:
-            raise ValueError("more than one line")
-        code_text, sep, text = line.partition(": ")
+        """Parse a reply: the ``CODE: TEXT`` line and at most one detail line (the last LF
+        optional). ValueError if it is not that."""
+        text = data.decode("utf-8", "replace")
+        if text.endswith("\n"):
+            text = text[:-1]
+        line, _, detail = text.partition("\n")
+        if "\n" in detail:
+            raise ValueError("more than a reply line and its detail")
+        code_text, sep, rest = line.partition(": ")
         if not sep or not code_text.isascii() or not code_text.isdigit():
             raise ValueError(f"not a control reply: {line[:80]!r}")
-        return cls(int(code_text), text)
+        return cls(int(code_text), rest, detail if "\n" in text else None)
 
 
 def _r(code: int, text: str) -> Reply:
@@ -385,16 +412,17 @@ _WAIT_REPLIES = {
 
 
 def _worded(reply: Reply, detail: str | None) -> Reply:
-    """The reply, and why after a colon when the outcome says (TLS failures, new in 0.6)."""
-    return reply if detail is None else Reply(reply.code, f"{reply.text}: {detail}")
+    """The reply, and the outcome's detail on a line of its own (new in 0.6): the first line
+    stays 0.5.0's, byte for byte, for the scripts that match on it."""
+    return reply if not detail else Reply(reply.code, reply.text, detail)
 
 
 def mirror_reply(result: Result) -> Reply:
     return _worded(_MIRROR_REPLIES[result.outcome], result.detail)
 
 
-def break_reply(outcome: Outcome) -> Reply:
-    return _BREAK_REPLIES[outcome]
+def break_reply(result: Result) -> Reply:
+    return _worded(_BREAK_REPLIES[result.outcome], result.detail)
 
 
 def wait_reply(result: Result) -> Reply:

@@ -30,7 +30,7 @@ from typing import Protocol
 from flexnbd import acl, log, sockets
 from flexnbd.control import protocol
 from flexnbd.control.protocol import Reply
-from flexnbd.migration.outcome import Outcome, Result
+from flexnbd.migration.outcome import Result
 from flexnbd.migration.settings import MirrorSettings
 from flexnbd.status import Status
 
@@ -66,7 +66,7 @@ class ControlTarget(Protocol):
         """Change the running mirror's speed limit (None: no limit); False if none runs."""
         ...
 
-    def break_mirror(self) -> Outcome:
+    def break_mirror(self) -> Result:
         """Stop the running mirror."""
         ...
 

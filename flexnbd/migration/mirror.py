@@ -59,9 +59,9 @@ from typing import Protocol
 from flexnbd import _core, _mirror, log, sockets, wire
 from flexnbd._allocmap import AllocationMap, DirtyMap
 from flexnbd._tls import TlsContext, TlsSession
-from flexnbd.errors import FlexnbdError, HandshakeError, NotNbd, PeerClosed, TlsError
+from flexnbd.errors import FlexnbdError, HandshakeError, NoGreeting, NotNbd, PeerClosed, TlsError
 from flexnbd.handshake import client_handshake
-from flexnbd.migration import handoff, progress
+from flexnbd.migration import handoff, outcome, progress
 from flexnbd.migration.handoff import OutcomeUnknown
 from flexnbd.migration.outcome import Outcome, Result
 from flexnbd.migration.settings import MirrorSettings
@@ -241,7 +241,7 @@ class Mirror:
                     if e.final:
                         _log.error("mirror to %s port %d: %s; not retrying", self.settings.addr,
                                    self.settings.port, e)
-                        result = Result(Outcome.REJECTED)
+                        result = Result(Outcome.REJECTED, e.result.detail)
                         return
                     _log.warning("mirror attempt failed: %s; retrying in %.0f s (attempt %d to "
                                  "%s port %d)", e, RETRY_DELAY, self.attempts,
@@ -329,38 +329,45 @@ class Mirror:
         p = self.settings
         try:
             sock = sockets.connect(p.addr, p.port, p.bind, timeout=CONNECT_TIMEOUT)
-        except ConnectionResetError:
+        except ConnectionResetError as e:
             # Connected, then reset before we looked (the pending error surfaces in
             # connect()): the peer took the connection and threw it away.
-            raise AttemptFailed(Result(Outcome.REJECTED),
+            raise AttemptFailed(Result(Outcome.REJECTED,
+                                       outcome.connect_failed(e, CONNECT_TIMEOUT)),
                                 "the destination reset the connection") from None
         except OSError as e:
-            raise AttemptFailed(Result(Outcome.FAILED_TO_CONNECT),
+            raise AttemptFailed(Result(Outcome.FAILED_TO_CONNECT,
+                                       outcome.connect_failed(e, CONNECT_TIMEOUT)),
                                 f"cannot connect: {_describe(e)}") from None
         try:
             try:
                 info = client_handshake(sock, tls=self.host.tls_client, server_hostname=p.addr,
                                         timeout=HANDSHAKE_TIMEOUT,
                                         greeting_timeout=GREETING_TIMEOUT)
+            except NoGreeting as e:
+                raise AttemptFailed(Result(Outcome.NO_RESPONSE,
+                                           outcome.no_greeting(timeout=GREETING_TIMEOUT)),
+                                    str(e)) from None
             except TimeoutError as e:
-                raise AttemptFailed(Result(Outcome.NO_RESPONSE), str(e)) from None
+                raise AttemptFailed(Result(Outcome.NO_RESPONSE, str(e)), str(e)) from None
             except TlsError as e:
-                # A wrong key or certificate stays wrong: final, never a retry loop. (TLS is
-                # new, so its outcome may say why: the TLS handshake failed ...)
-                raise AttemptFailed(Result(Outcome.REJECTED, str(e)), str(e),
-                                    final=True) from None
+                # A wrong key or certificate stays wrong: final, never a retry loop.
+                raise AttemptFailed(Result(Outcome.REJECTED,
+                                           outcome.tls_failed(str(e), self._tls_kind(), p.addr)),
+                                    str(e), final=True) from None
             except NotNbd as e:
-                raise AttemptFailed(Result(Outcome.REJECTED),
+                raise AttemptFailed(Result(Outcome.REJECTED,
+                                           outcome.no_greeting(why=outcome.NOT_NBD)),
                                     f"the destination is not an NBD server: {e}",
                                     final=True) from None
             except (HandshakeError, PeerClosed, OSError) as e:
-                # (with TLS, which is new, the outcome says why, as for TlsError; without it
-                # the reply stays what 0.5.0 said)
-                why = str(e) if self.host.tls_client is not None else None
+                why = outcome.connect_failed(e, CONNECT_TIMEOUT) \
+                    if isinstance(e, OSError) else str(e)
                 raise AttemptFailed(Result(Outcome.REJECTED, why),
                                     f"the destination rejected us: {e}") from None
             if info.size != self.host.size:
-                raise AttemptFailed(Result(Outcome.SIZE_MISMATCH),
+                raise AttemptFailed(Result(Outcome.SIZE_MISMATCH,
+                                           outcome.size_mismatch(info.size, self.host.size)),
                                     f"the destination exports {info.size} bytes, "
                                     f"we have {self.host.size}")
             zeroes = info.style == "newstyle" and info.has(wire.FLAG_SEND_WRITE_ZEROES)
@@ -374,6 +381,14 @@ class Mirror:
         except BaseException:
             sock.close()
             raise
+
+    def _tls_kind(self) -> str | None:
+        """"psk" or "x509": which hint a TLS failure gets (None: no usable credentials)."""
+        try:
+            context = self.host.tls_client
+        except FlexnbdError:
+            return None
+        return context.kind if context is not None else None
 
     def _attempt(self, sock: socket.socket, zeroes: bool) -> bool:
         """One attempt from offset 0. True when the migration completed."""

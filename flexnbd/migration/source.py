@@ -16,7 +16,8 @@ import threading
 from collections.abc import Callable
 from typing import Protocol
 
-from flexnbd import log
+from flexnbd import log, sockets
+from flexnbd.migration import outcome
 from flexnbd.migration.mirror import Mirror, MirrorHost
 from flexnbd.migration.outcome import Outcome, Result
 from flexnbd.migration.settings import PROGRESS_SECS, REQUEST_LIMIT_SECS, MirrorSettings
@@ -79,22 +80,26 @@ class MirrorControl:
         mirror.set_max_bps(max_bps)
         return True
 
-    def break_(self) -> Outcome:
-        """Stop the running mirror: STOPPED, or why there was none to stop (COMPLETED,
-        UNKNOWN, NOT_MIRRORING)."""
+    def break_(self) -> Result:
+        """Stop the running mirror: STOPPED with what it stopped, or why there was none to
+        stop (COMPLETED, UNKNOWN, NOT_MIRRORING)."""
         with self.lock:      # never in the middle of an endgame
             mirror = self.mirror
             if mirror is None:
-                return Outcome.NOT_MIRRORING
+                return Result(Outcome.NOT_MIRRORING)
             if mirror.completed:
-                return Outcome.COMPLETED
+                return Result(Outcome.COMPLETED)
             if mirror.outcome_unknown:
-                return Outcome.UNKNOWN
+                return Result(Outcome.UNKNOWN)
             if not mirror.running:
-                return Outcome.NOT_MIRRORING
+                return Result(Outcome.NOT_MIRRORING)
             mirror.stop()
         mirror.join()
-        return Outcome.STOPPED
+        # (after the join: the figures the attempt ended with)
+        p = mirror.settings
+        return Result(Outcome.STOPPED, outcome.stopped(
+            p.addr, p.port, mirror.attempts if mirror.announced else 0, mirror.bytes_sent,
+            mirror.bytes_sent + mirror.bytes_left()))
 
     def wait(self) -> Result | Callable[[], Result]:
         """NOT_MIRRORING now, or a function that waits until the mirror ends: its result."""
@@ -121,7 +126,9 @@ class MirrorControl:
         return Migration(speed=mirror.speed(), duration=mirror.duration(),
                          seconds_left=max(mirror.seconds_left(), 0),
                          bytes_left=mirror.bytes_left(),
-                         speed_limit=mirror.settings.max_bps)
+                         speed_limit=mirror.settings.max_bps,
+                         destination=sockets.host_port(mirror.settings.addr,
+                                                       mirror.settings.port))
 
     def outcome_key(self) -> str | None:
         """The status line's migration_outcome: only once a mirror has ended."""

@@ -49,7 +49,7 @@ def test_a_listener_whose_write_failed_exits_and_a_fresh_one_completes(
     # fresh listener on the same file (its disk works again: the shim disarmed).
     switch.clear()
     assert wait_until(lambda: "retrying" in p.src.log(), 10)
-    assert cu.control(p.src.sock, "break") == "0: mirror stopped\n"
+    assert cu.stopped(cu.control(p.src.sock, "break"))
     fresh = start_server(dst_file, mode="listen")
     assert mirror_request(p.src, fresh.port) == "0: Mirror started\n"
     assert_completed(Pair(p.src, fresh, src_file, dst_file))

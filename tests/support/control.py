@@ -4,6 +4,7 @@ flexnbd processes with a control socket, on IPv4 or IPv6, that are always cleane
 from __future__ import annotations
 
 import os
+import re
 import socket
 import time
 from pathlib import Path
@@ -45,6 +46,24 @@ def control(path: str | Path, *lines: str, timeout: float = 15.0) -> str:
     """A well-formed request (lines, then the empty line); the reply as text."""
     data = b"".join(line.encode() + b"\n" for line in lines) + b"\n"
     return control_raw(path, data, timeout, shutdown=False).decode()
+
+
+STOPPED_RE = (r"0: mirror stopped\nto (\S+) port (\d+), attempt (\d+): (\d+) of (\d+) bytes sent\n|"
+              r"0: mirror stopped\nto (\S+) port (\d+): stopped before its first attempt sent "
+              r"anything\n")
+
+
+def stopped(reply: str, port: int | None = None) -> bool:
+    """``break``'s ``0: mirror stopped`` with its detail line (to ``port``, when given), sent
+    bytes at most the total."""
+    m = re.fullmatch(STOPPED_RE, reply)
+    if m is None:
+        return False
+    if m.group(1) is not None:
+        if int(m.group(4)) > int(m.group(5)) or int(m.group(3)) < 1:
+            return False
+        return port is None or int(m.group(2)) == port
+    return port is None or int(m.group(7)) == port
 
 
 def status(path: str | Path) -> dict[str, str]:

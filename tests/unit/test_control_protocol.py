@@ -16,6 +16,7 @@ from hypothesis import strategies as st
 
 from flexnbd import acl
 from flexnbd.control import protocol as p
+from flexnbd.control.client import mirror_lines
 from flexnbd.control.client import request as client_request
 from flexnbd.control.server import ControlServer, execute
 from flexnbd.errors import FlexnbdError
@@ -66,8 +67,8 @@ def test_reply_text_is_one_printable_line():
     assert p.bad_spec("a\nb\x00c\x1b").encode() == b"1: bad spec: a?b?c?\n"
 
 
-@pytest.mark.parametrize("bad", [b"", b"hello\n", b"x: y\n", b"0 updated\n", b"0: a\n1: b\n",
-                                 b"-1: x\n"])
+@pytest.mark.parametrize("bad", [b"", b"hello\n", b"x: y\n", b"0 updated\n", b"0: a\nb\nc\n",
+                                 b"-1: x\n", b"detail\n0: a\n"])
 def test_reply_decode_refuses_non_replies(bad):
     with pytest.raises(ValueError):
         p.Reply.decode(bad)
@@ -75,6 +76,19 @@ def test_reply_decode_refuses_non_replies(bad):
 
 def test_reply_decode_without_lf():
     assert p.Reply.decode(b"0: updated") == p.UPDATED
+
+
+def test_a_detail_is_the_second_line():
+    """New in 0.6: a reply line, then at most one DETAIL line; the reply line is unchanged."""
+    reply = p.Reply(1, "Mirror failed to connect", "ECONNREFUSED: Connection refused")
+    wire = b"1: Mirror failed to connect\nECONNREFUSED: Connection refused\n"
+    assert reply.encode() == wire
+    assert wire.split(b"\n")[0] + b"\n" == p.MIRROR_FAILED_TO_CONNECT.encode()
+    assert p.Reply.decode(wire) == reply
+    assert p.Reply.decode(wire[:-1]) == reply
+    assert p.Reply.decode(b"0: updated\n").detail is None
+    # made one printable line, as the text is
+    assert p.Reply(0, "x", "a\nb\x00").encode() == b"0: x\na?b?\n"
 
 
 # --------------------------------------------------------------------------------------------
@@ -242,9 +256,9 @@ class FakeTarget:
         self.bps.append(max_bps)
         return True
 
-    def break_mirror(self) -> Outcome:
+    def break_mirror(self) -> Result:
         self.breaks += 1
-        return Outcome.STOPPED
+        return Result(Outcome.STOPPED)
 
 
 def test_execute():
@@ -298,7 +312,7 @@ def test_listener_serves_and_removes_its_socket(control_server):
 
 def test_listener_survives_a_failing_target(control_server):
     class Broken(FakeTarget):
-        def break_mirror(self) -> Outcome:
+        def break_mirror(self) -> Result:
             raise RuntimeError("boom")
 
     srv, path = control_server(Broken())
@@ -312,13 +326,13 @@ def test_listener_requests_run_one_at_a_time(control_server):
     overlap = []
 
     class Slow(FakeTarget):
-        def break_mirror(self) -> Outcome:
+        def break_mirror(self) -> Result:
             running.append(1)
             if len(running) > 1:
                 overlap.append(1)
             time.sleep(0.05)
             running.pop()
-            return Outcome.NOT_MIRRORING
+            return Result(Outcome.NOT_MIRRORING)
 
     srv, path = control_server(Slow())
     threads = [threading.Thread(target=client_request, args=(path, ["break"]))
@@ -361,3 +375,18 @@ def test_listener_close_leaves_a_replacement_alone(tmp_path):
     assert client_request(path, ["status"]).code == 0
     second.close()
     assert not os.path.exists(path)
+
+
+def test_the_cli_mirror_request_carries_the_limit():
+    """`mirror --max-speed`: MAX_BPS comes after BIND_IP, so without --bind the wildcard
+    address of the destination's family stands there (it binds to nothing in particular)."""
+    assert p.parse_request(mirror_lines("10.0.0.2", 9, max_bps=5)) == \
+        MirrorSettings("10.0.0.2", 9, "exit", "0.0.0.0", 5)
+    assert p.parse_request(mirror_lines("::1", 9, unlink=True, max_bps=5)) == \
+        MirrorSettings("::1", 9, "unlink", "::", 5)
+    assert p.parse_request(mirror_lines("::1", 9, bind="::2", max_bps=5)) == \
+        MirrorSettings("::1", 9, "exit", "::2", 5)
+    # no limit (or 0): the 0.5.0 request, BIND_IP only with --bind
+    assert mirror_lines("10.0.0.2", 9, max_bps=0) == ["mirror", "10.0.0.2", "9", "exit"]
+    assert mirror_lines("10.0.0.2", 9, bind="10.0.0.1") == \
+        ["mirror", "10.0.0.2", "9", "exit", "10.0.0.1"]

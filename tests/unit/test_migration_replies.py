@@ -56,7 +56,7 @@ def test_mirror_replies(outcome):
 
 @pytest.mark.parametrize("outcome", BREAK)
 def test_break_replies(outcome):
-    assert p.break_reply(outcome).encode() == BREAK[outcome]
+    assert p.break_reply(Result(outcome)).encode() == BREAK[outcome]
 
 
 # What a finished mirror may report: everything but "started" and "busy" (they answer only
@@ -72,15 +72,44 @@ def test_max_bps_replies():
     assert p.max_bps_reply(False).encode() == b"1: Not currently mirroring\n"
 
 
-def test_a_detail_follows_the_text():
-    # A TLS failure says why, for `mirror` and `mirror_wait` alike; an empty why still gets
-    # its colon (as when the reply text was built from the exception).
+def test_a_detail_follows_on_its_own_line():
+    # The why comes on the next line, for `mirror`, `mirror_wait` and `break` alike: the first
+    # line is 0.5.0's, byte for byte. An empty why adds no line.
     tls = Result(Outcome.REJECTED, "TLS handshake failed: bad certificate")
     assert p.mirror_reply(tls).encode() == \
-        b"1: Mirror was rejected: TLS handshake failed: bad certificate\n"
+        b"1: Mirror was rejected\nTLS handshake failed: bad certificate\n"
     assert p.wait_reply(tls).encode() == \
-        b"1: Mirror was rejected: TLS handshake failed: bad certificate\n"
-    assert p.mirror_reply(Result(Outcome.REJECTED, "")).encode() == b"1: Mirror was rejected: \n"
+        b"1: Mirror was rejected\nTLS handshake failed: bad certificate\n"
+    assert p.mirror_reply(Result(Outcome.REJECTED, "")).encode() == b"1: Mirror was rejected\n"
+    stopped = Result(Outcome.STOPPED, "to ::1 port 9, attempt 1: 5 of 10 bytes sent")
+    assert p.break_reply(stopped).encode() == \
+        b"0: mirror stopped\nto ::1 port 9, attempt 1: 5 of 10 bytes sent\n"
+
+
+def test_the_details_say_why():
+    import errno
+
+    from flexnbd.migration import outcome as o
+
+    refused = ConnectionRefusedError(errno.ECONNREFUSED, "Connection refused")
+    assert o.connect_failed(refused, 15) == "ECONNREFUSED: Connection refused"
+    assert o.connect_failed(TimeoutError("timed out"), 15) == \
+        "ETIMEDOUT: no connection within 15 s"
+    assert o.size_mismatch(2048, 1024) == "the destination exports 2048 bytes, this server 1024"
+    assert o.no_greeting(timeout=5) == "no NBD greeting within 5 s"
+    assert o.no_greeting(why=o.NOT_NBD).startswith("no NBD greeting: ")
+    failed = "TLS handshake failed: the server did not use the pre-shared key"
+    assert o.tls_failed(failed, "psk", "::1") == f"{failed} (TLS: wrong key or identity?)"
+    assert "made for ::1?" in o.tls_failed("TLS handshake failed: x", "x509", "::1")
+    # a message with a hint of its own, or not about the handshake, is left as it is
+    hinted = "TLS handshake failed: the peer closed the connection (wrong key or certificate?)"
+    assert o.tls_failed(hinted, "psk", "::1") == hinted
+    assert o.tls_failed("the server does not offer TLS", "psk", "::1") == \
+        "the server does not offer TLS"
+    assert o.stopped("10.0.0.2", 10809, 2, 5, 10) == \
+        "to 10.0.0.2 port 10809, attempt 2: 5 of 10 bytes sent"
+    assert o.stopped("10.0.0.2", 10809, 0, 0, 10) == \
+        "to 10.0.0.2 port 10809: stopped before its first attempt sent anything"
 
 
 class Target:
@@ -103,8 +132,8 @@ class Target:
     def set_mirror_max_bps(self, max_bps: int | None) -> bool:
         return max_bps == 5
 
-    def break_mirror(self) -> Outcome:
-        return Outcome.UNKNOWN
+    def break_mirror(self) -> Result:
+        return Result(Outcome.UNKNOWN)
 
     def wait_mirror(self):
         if self.wait is None:

@@ -47,11 +47,15 @@ def test_key_order_without_and_with_migration():
     assert "is_mirroring=true" in st.line()
     assert "migration_speed=100 migration_duration=5 migration_seconds_left=7 " \
            "migration_bytes_left=700 migration_speed_limit=1000 " in st.line()
-    st = Status(pid=1, size=2, migration_outcome="unknown")
-    assert [k for k, _ in st.pairs()] == [*BASE_KEYS, *EXTRA_KEYS[:3]]
+    m.destination = "[::1]:10809"
+    assert [k for k, _ in st.pairs()] == [*BASE_KEYS, *MIGRATION_KEYS, *EXTRA_KEYS[:3]]
+    assert st.line().endswith("handshake=newstyle migration_destination=[::1]:10809 \n")
+    # (the destination only while mirroring, the outcome only once the mirror ended)
+    st = Status(pid=1, size=2, migration=m, migration_outcome="unknown")
+    assert [k for k, _ in st.pairs()] == [*BASE_KEYS, *EXTRA_KEYS[:2], "migration_outcome"]
     assert st.line().endswith("handshake=newstyle migration_outcome=unknown \n")
     st = Status(pid=1, size=2, migration_outcome="completed", io_error=True)
-    assert [k for k, _ in st.pairs()] == [*BASE_KEYS, *EXTRA_KEYS]
+    assert [k for k, _ in st.pairs()] == [*BASE_KEYS, *EXTRA_KEYS[:2], *EXTRA_KEYS[3:]]
     assert st.line().endswith("migration_outcome=completed io_error=true \n")
 
 
