@@ -53,7 +53,6 @@ def serve(client: Client, admission: Admission, export: _core.Export, info: Expo
     """Run the session; how the transmission phase ended, or None if it never began.
     ``coverage``: listen mode, what senders wrote, per migration. ``tls``: the server's TLS
     (STARTTLS offered or required)."""
-    sock = client.sock
     written: list[_allocmap.CoverageMap] = []
     try:
         return _serve(client, admission, export, info, oldstyle, handshake_timeout,

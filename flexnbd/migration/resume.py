@@ -16,12 +16,16 @@ of the export counts as missing (a full resend of it, never a skipped block).
 
 from __future__ import annotations
 
+import socket
 import struct
 import time
 
 from flexnbd import wire
+from flexnbd._tls import TlsSession
 from flexnbd.errors import PeerClosed, ProtocolError, RemoteError
-from flexnbd.migration.handoff import Channel
+
+# The destination's connection: the socket, or the TLS session on it.
+Channel = socket.socket | TlsSession
 
 # The longest BLOCK_STATUS request (its length field has 32 bits; block-aligned).
 MAX_REQUEST = 0xFFFFF000
