@@ -18,7 +18,8 @@ Coverage is kept by the hot path as the list of byte ranges the session wrote, m
 come (a mirror writes in order: one range, whatever the export's size, and no memory or time
 in proportion to it). A sender whose writes, aligned or not, cover every byte between them
 completes, and no byte is ever counted that was not written. At most 256 Ki disjoint ranges
-(4 MiB) per session: beyond that a write that would start one more is refused with EINVAL.
+(4 MiB) per map (one migration, or one session of none): beyond that a write that would start
+one more is refused with EINVAL.
 """
 
 from __future__ import annotations

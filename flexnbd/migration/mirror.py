@@ -469,9 +469,13 @@ class Mirror:
         if self.dirty is None or self.coverage_context is None:
             return None
         channel = sock if self.session is None else self.session
-        gaps, self.query_wire_bytes = resume.missing(channel, self.host.size,
-                                                     self.coverage_context,
-                                                     self.settings.request_limit)
+        try:
+            gaps, self.query_wire_bytes = resume.missing(channel, self.host.size,
+                                                         self.coverage_context,
+                                                         self.settings.request_limit,
+                                                         self._break.is_set)
+        except resume.Stopped:
+            raise Abandoned("break") from None
         return gaps
 
     def _first_pass(self, ranges: list[tuple[int, int]], holes_are_payload: bool) -> None:

@@ -19,6 +19,7 @@ from __future__ import annotations
 import socket
 import struct
 import time
+from collections.abc import Callable
 
 from flexnbd import wire
 from flexnbd._tls import TlsSession
@@ -31,18 +32,28 @@ Channel = socket.socket | TlsSession
 MAX_REQUEST = 0xFFFFF000
 # A reply chunk longer than this is not a flexnbd listener's (it sends 1024 extents at most).
 MAX_REPLY = 64 * 1024
-# Gaps kept at most (16 bytes each); past that, the rest of the export counts as missing.
+# A structured reply chunk's type with this bit set is an error (its 16 bits, not an option's).
+REPLY_TYPE_ERROR_BIT = 0x8000
+# Gaps kept at most (a Python tuple each, ~100 bytes); past that, the rest of the export
+# counts as missing.
 MAX_GAPS = 1_000_000
 
 
-def missing(channel: Channel, size: int, context_id: int,
-            limit: float) -> tuple[list[tuple[int, int]], int]:
+class Stopped(Exception):
+    """``stopped()`` said so between two requests (the mirror's `break`)."""
+
+
+def missing(channel: Channel, size: int, context_id: int, limit: float,
+            stopped: Callable[[], bool] = lambda: False) -> tuple[list[tuple[int, int]], int]:
     """[(offset, length)] of the export the destination does not hold, sorted and merged;
-    and the bytes the query moved on the wire."""
+    and the bytes the query moved on the wire. Looks at ``stopped()`` before each request
+    (Stopped): a destination that answers a byte at a time must not hold `break` up."""
     gaps: list[tuple[int, int]] = []
     wire_bytes = 0
     offset = 0
     while offset < size:
+        if stopped():
+            raise Stopped()
         if len(gaps) >= MAX_GAPS:
             _add(gaps, offset, size - offset)
             break
@@ -91,7 +102,7 @@ def _block_status(channel: Channel, offset: int, length: int, context_id: int,
     if chunk.length > MAX_REPLY:
         raise ProtocolError(f"the destination's BLOCK_STATUS reply has {chunk.length} bytes")
     payload = _recv(channel, chunk.length, deadline)
-    if wire.is_error_reply(chunk.type):
+    if chunk.type & REPLY_TYPE_ERROR_BIT:
         error = struct.unpack_from(">I", payload)[0] if len(payload) >= 4 else 0
         name = wire.ERROR_NAMES.get(error, f"error {error}")
         raise RemoteError(error, name, f"the destination answered BLOCK_STATUS with {name}")
