@@ -698,13 +698,21 @@ class CountingRelay:
 
     Data moves with splice() through a pipe, never through Python buffers, so the relay
     costs little CPU. Every accepted connection is relayed (a retrying mirror reconnects).
+
+    CLOSE_AFTER_UP (a fault, for the resume benchmark): the FIRST connection is cut, both of
+    its sockets shut down, once exactly that many bytes went up (client -> target); later
+    connections are relayed cleanly. up_per_connection: the bytes up of each connection, in
+    the order they were accepted; cut_at: when the cut happened (monotonic s), else None.
     """
 
-    def __init__(self, target: int):
+    def __init__(self, target: int, close_after_up: int | None = None):
         self.target = target
+        self.close_after_up = close_after_up
         self.listener = socket.create_server((HOST, 0))
         self.port = self.listener.getsockname()[1]
         self.to_target = self.from_target = self.connections = 0
+        self.up_per_connection: list[int] = []
+        self.cut_at: float | None = None
         self.lock = threading.Lock()
         self.threads: list[threading.Thread] = []
         threading.Thread(target=self._accept, daemon=True).start()
@@ -721,24 +729,51 @@ class CountingRelay:
                 conn.close()
                 continue
             self.connections += 1
+            index = len(self.up_per_connection)
+            self.up_per_connection.append(0)
+            limit = self.close_after_up if index == 0 else None
             for sock in (conn, upstream):  # forward small requests and replies at once
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             for src, dst, up in ((conn, upstream, True), (upstream, conn, False)):
-                t = threading.Thread(target=self._pump, args=(src, dst, up), daemon=True)
+                t = threading.Thread(
+                    target=self._pump, args=(src, dst, up, index, limit), daemon=True
+                )
                 t.start()
                 self.threads.append(t)
 
-    def _pump(self, src: socket.socket, dst: socket.socket, up: bool) -> None:
+    def _pump(
+        self,
+        src: socket.socket,
+        dst: socket.socket,
+        up: bool,
+        index: int = 0,
+        limit: int | None = None,
+    ) -> None:
         r, w = os.pipe()
         try:
             fcntl.fcntl(w, fcntl.F_SETPIPE_SZ, MiB)
         except OSError:
             pass
+        moved = 0
         try:
-            while n := os.splice(src.fileno(), w, MiB):
+            while True:
+                want = MiB if limit is None or not up else min(MiB, limit - moved)
+                if want <= 0:  # the fault: cut this connection, both ways
+                    self.cut_at = time.monotonic()
+                    for sock in (src, dst):
+                        try:
+                            sock.shutdown(socket.SHUT_RDWR)
+                        except OSError:
+                            pass
+                    break
+                n = os.splice(src.fileno(), w, want)
+                if not n:
+                    break
+                moved += n
                 with self.lock:
                     if up:
                         self.to_target += n
+                        self.up_per_connection[index] += n
                     else:
                         self.from_target += n
                 while n:

@@ -5,7 +5,10 @@ Cases: 'dense', 1 GiB of random data; 'sparse', 4 GiB with 256 MiB of data in sc
 1 MiB pieces; 'writes', the dense case with fio writing random 4 KiB blocks to the source
 throughout, until the endgame disconnects it (issue 5); 'latency', fio 4 KiB random reads at
 queue depth 1 through flexnbd-proxy to the source, idle and during a speed-limited migration
-(issue 10). Each case runs --repeat times; the tables show medians.
+(issue 10); 'resume', the dense file through a counting relay, uncut, cut at 50% (the retry
+resumes) and cut at 50% into `listen --oldstyle` (the retry starts over, as 0.5.0 did), bytes
+on the wire and times against the uncut migration (issue 25). Each case runs --repeat times;
+the tables show medians.
 
 Per migration: the time from the mirror request (sent on the source's control socket, as
 `flexnbd mirror --wait` sends it) to the source confirming the end (`mirror --wait` would
@@ -22,9 +25,10 @@ not measured here; they hold for the sizes they were measured at (1 GiB dense; 4
 256 MiB of data sparse). At other sizes the script shows them scaled by the file size, as an
 estimate, and gives no verdict on the targets derived from them.
 
-Exit status 1 if any migration failed or retried, left a destination that differs from the
-source, sent more than 1.1x the data on the wire in the sparse case, or either end exited
-non-zero; or if fio or dd failed.
+Exit status 1 if any migration failed or retried (but the resume case's cut ones), left a
+destination that differs from the source, sent more than 1.1x the data on the wire in the
+sparse case, or either end exited non-zero; if the migration cut at 50% and resumed sent more
+than 1.1x the uncut one's bytes on the wire; or if fio or dd failed.
 
 Standard library only; all traffic on 127.0.0.1.
 """
@@ -95,12 +99,27 @@ TARGET_SPEEDUP = {"dense": 3.0, "sparse": 10.0}
 DISK_RATIO_LIMIT = 1.3  # dense: to the source's exit / the disk's durable write of the data
 SPARSE_WIRE_LIMIT = 1.1  # bytes on the wire / data size
 LATENCY_P99_LIMIT = 2.0  # p99 during a migration / p99 idle
+RESUME_WIRE_LIMIT = 1.1  # issue 25: bytes on the wire of a migration cut at 50% / uncut
+RESUME_CUT = 0.5  # the resume case cuts the first connection after this share of the file
 
 COMPLETED_RE = re.compile(
     r"migration completed: (\d+) bytes of data sent, (\d+) bytes on the wire, in ([\d.]+) s"
 )
 ENDGAME_RE = re.compile(r"mirror endgame: (\d+) bytes dirty")
 MAP_RE = re.compile(r"allocation map: built with (\w+) in (\d+) ms")
+ATTEMPTS_RE = re.compile(r"migration completed: .* on average, (\d+) attempts?;")
+RESUMES_RE = re.compile(
+    r"attempt (\d+) resumes: the destination holds (\d+) of (\d+) bytes, skipped; (\d+) bytes "
+    r"of data to send and (\d+) dirty"
+)
+RESTARTS_RE = re.compile(r"attempt (\d+) starts over from offset 0")
+FAILED_RE = re.compile(r"mirror attempt failed: (.*?); retrying")
+# The resume case's variants: (key, label, cut the first connection?, listen --oldstyle?).
+RESUME_VARIANTS = (
+    ("uncut", "uncut", False, False),
+    ("resumed", "cut at 50%, resumed", True, False),
+    ("restart", "cut at 50%, `listen --oldstyle` (0.5.0's restart)", True, True),
+)
 
 # ---------------------------------------------------------------- helpers
 
@@ -461,6 +480,128 @@ def migrate_once(
     result["src_allocated_bytes"] = allocated_bytes(src)
     keep_logs(errors, [src_log, dst_log], case)
     result["errors"] = errors
+    return result
+
+
+# ---------------------------------------------------------------- resume (issue 25)
+
+
+def resume_once(
+    variant: str, src: Path, dst: Path, size: int, workdir: Path, args: argparse.Namespace
+) -> dict:
+    """One migration of SRC (action exit) through a counting relay into a fresh DST, for the
+    resume case. VARIANT 'uncut': no fault. 'resumed': the relay cuts the first connection
+    once RESUME_CUT of SIZE went up, and relays the retry cleanly; the retry should resume.
+    'restart': the same cut, into `flexnbd listen --oldstyle`, which offers no coverage
+    context, so the retry starts over from offset 0 (what flexnbd 0.5.0 did)."""
+    _, label, cut, oldstyle = next(v for v in RESUME_VARIANTS if v[0] == variant)
+    errors: list[str] = []
+    notes: list[str] = []
+    fresh_destination(dst, size)
+    result: dict = {"case": "resume", "variant": variant, "label": label, "oldstyle": oldstyle}
+    result["dropped_caches"] = drop_caches() if not args.no_drop_caches else False
+    settle(src)
+    src_sock, dst_sock = workdir / "resume-src.sock", workdir / "resume-dst.sock"
+    for path in (src_sock, dst_sock):
+        path.unlink(missing_ok=True)
+    src_log, dst_log = workdir / "resume-src.log", workdir / "resume-dst.log"
+    for path in (src_log, dst_log):
+        path.write_text("")
+    p_src, p_dst = free_port(), free_port()
+    listen_cmd = flexnbd_cmd("listen", p_dst, dst, dst_sock) + (["--oldstyle"] if oldstyle else [])
+    result["listen_command"] = " ".join(listen_cmd)
+    cut_after = int(size * RESUME_CUT) if cut else None
+    result["cut_after_up_bytes"] = cut_after
+    relay: CountingRelay | None = None
+    # The listener is ready when it logs ' serving ' (an NBD probe cannot greet an oldstyle
+    # one), the same test for the three variants.
+    with (
+        LoggedServer("listen", p_dst, dst, dst_log, listen_cmd) as d,
+        Server("serve", p_src, src, src_log, flexnbd_cmd("serve", p_src, src, src_sock)) as s,
+    ):
+        try:
+            if not wait_for_log(src_log, MAP_RE, 60):
+                errors.append("the source's allocation map was not built within 60 s")
+            relay = CountingRelay(p_dst, close_after_up=cut_after)
+            req = MirrorRequest(src_sock, relay.port, cli=args.cli)
+            result["mirror_command"] = " ".join(req.command())
+            cpu0_src, cpu0_dst = s.cpu_seconds(), d.cpu_seconds()
+            req.start()
+            ended = wait_exits([s, d], req, 900)
+            req.join(30)
+            t0 = req.t0 if req.t0 is not None else time.monotonic()
+            result["mirror_ok"], result["mirror_output"] = req.ok, req.detail[-2000:]
+            if req.t_done is not None:
+                result["wait_s"] = req.t_done - t0
+            if not req.ok:
+                errors.append(f"the mirror did not complete: {req.detail}")
+            rc_src, rc_dst = (ended[x.name][0] if x.name in ended else None for x in (s, d))
+            result["src_exit"], result["dst_exit"] = rc_src, rc_dst
+            if s.name in ended:
+                result["src_exit_s"] = ended[s.name][1] - t0
+            if d.name in ended:
+                result["dst_exited_s"] = ended[d.name][1] - t0
+            if rc_src != 0 or rc_dst != 0:
+                errors.append(f"exit status: source {rc_src}, destination {rc_dst} (want 0, 0)")
+            result["src_cpu_s"] = s.cpu_seconds() - cpu0_src
+            result["dst_cpu_s"] = d.cpu_seconds() - cpu0_dst
+            if relay.cut_at is not None:
+                result["cut_s"] = relay.cut_at - t0
+        finally:
+            if relay is not None:
+                relay.close()
+    if relay is not None:
+        result["relay_up_bytes"] = relay.to_target
+        result["relay_down_bytes"] = relay.from_target
+        result["relay_connections"] = relay.connections
+        result["relay_up_per_connection"] = list(relay.up_per_connection)
+        result["relay_cut"] = relay.cut_at is not None
+        if cut and relay.cut_at is None:
+            errors.append(
+                f"the relay did not cut the first connection (it carried "
+                f"{relay.up_per_connection[:1]} bytes up, the cut was due at {cut_after:,}): "
+                "no failed attempt to resume from"
+            )
+    text = src_log.read_text(errors="replace")
+    m = COMPLETED_RE.search(text)
+    if m:
+        result["data_bytes"], result["wire_bytes"] = int(m.group(1)), int(m.group(2))
+        result["src_reported_s"] = float(m.group(3))
+    else:
+        errors.append("no 'migration completed' line in the source's log")
+    m = ATTEMPTS_RE.search(text)
+    result["attempts"] = int(m.group(1)) if m else None
+    result["failed_attempts"] = FAILED_RE.findall(text)
+    result["resumed_attempts"] = [
+        {"attempt": int(a), "held_bytes": int(h), "size": int(z), "to_send_bytes": int(d),
+         "dirty_bytes": int(k)}
+        for a, h, z, d, k in RESUMES_RE.findall(text)
+    ]  # fmt: skip
+    result["restarted_attempts"] = [int(a) for a in RESTARTS_RE.findall(text)]
+    if not cut and result["failed_attempts"]:
+        errors.append(
+            f"{len(result['failed_attempts'])} failed mirror attempt(s) without a cut: "
+            f"{result['failed_attempts'][0]}"
+        )
+    if cut:
+        if result["attempts"] is not None and result["attempts"] != 2:
+            notes.append(f"{result['attempts']} attempts (expected 2: the cut one, the retry)")
+        if not oldstyle and not result["resumed_attempts"]:
+            notes.append(
+                "no attempt resumed (no 'attempt N resumes' line in the source's log); "
+                f"restarted: {result['restarted_attempts']}"
+            )
+        if oldstyle and result["resumed_attempts"]:
+            notes.append("an attempt resumed from an --oldstyle listener (expected a restart)")
+    equal, detail = files_equal(src, dst)
+    result["identical"] = equal
+    if not equal:
+        errors.append(f"destination differs from source: {detail}")
+    if notes:
+        keep_logs(notes, [src_log, dst_log], f"resume-{variant}-odd")
+    keep_logs(errors, [src_log, dst_log], f"resume-{variant}")
+    result["errors"] = errors
+    result["notes"] = notes
     return result
 
 
@@ -839,11 +980,75 @@ def latency_table(lat: dict) -> str:
     return "\n".join(lines)
 
 
+def summarize_resume(runs: list[dict], size: int) -> dict:
+    """Per variant of the resume case: medians of the bytes and times, the samples, and the
+    ratios to the uncut variant (of the medians); the verdict on issue 25's target."""
+    out: dict = {"file_size": size, "cut_after_up_bytes": int(size * RESUME_CUT)}
+    keys = (
+        "relay_up_bytes", "relay_down_bytes", "wire_bytes", "data_bytes", "wait_s",
+        "src_exit_s", "dst_exited_s", "src_reported_s", "cut_s", "attempts", "src_cpu_s",
+        "dst_cpu_s",
+    )  # fmt: skip
+    variants: dict = {}
+    for key, label, cut, oldstyle in RESUME_VARIANTS:
+        rs = [r for r in runs if r["variant"] == key]
+        if not rs:
+            continue
+        v: dict[str, Any] = {k: median(rs, k) for k in keys}
+        v.update(label=label, cut=cut, oldstyle=oldstyle, runs=len(rs))
+        v["ok"] = sum(1 for r in rs if not r["errors"])
+        for k in ("relay_up_bytes", "wire_bytes", "wait_s", "attempts"):
+            v[f"samples_{k}"] = [r.get(k) for r in rs]
+        v["exits"] = [(r.get("src_exit"), r.get("dst_exit")) for r in rs]
+        v["identical"] = all(r.get("identical") for r in rs)
+        v["resumed"] = [bool(r.get("resumed_attempts")) for r in rs]
+        held = [a["held_bytes"] for r in rs for a in r.get("resumed_attempts", [])[:1]]
+        v["held_bytes"] = statistics.median(held) if held else None
+        variants[key] = v
+    base = variants.get("uncut", {})
+    for v in variants.values():
+        for k, ref in (("relay_up_bytes", "bytes"), ("wire_bytes", "src_bytes"),
+                       ("wait_s", "time")):  # fmt: skip
+            num, den = v.get(k), base.get(k)
+            v[f"{ref}_ratio"] = num / den if num is not None and den else None
+    out["variants"] = variants
+    r = variants.get("resumed", {}).get("bytes_ratio")
+    out["target"] = RESUME_WIRE_LIMIT
+    out["target_met"] = None if r is None else r <= RESUME_WIRE_LIMIT
+    return out
+
+
+def resume_table(res: dict) -> str:
+    head = [
+        f"migration of the dense file ({size_text(res['file_size'])})", "runs ok", "attempts",
+        "bytes up on the wire, relay (MiB)", "bytes vs uncut", "on the wire, source's count "
+        "(MiB)", "to mirror --wait s (median)", "samples s", "time vs uncut",
+        "exit source / destination", "identical",
+    ]  # fmt: skip
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for key, v in res["variants"].items():
+        ratio = v["bytes_ratio"]
+        bytes_vs = f"{ratio:.3f}x" if ratio is not None else "-"
+        if key == "resumed" and ratio is not None:
+            bytes_vs += f" (≤{RESUME_WIRE_LIMIT}x: {'met' if res['target_met'] else 'MISSED'})"
+        exits = sorted({f"{a} / {b}" for a, b in v["exits"]})
+        cells = [
+            v["label"], f"{v['ok']}/{v['runs']}",
+            " / ".join(str(a) for a in v["samples_attempts"]), mib(v["relay_up_bytes"]),
+            bytes_vs, mib(v["wire_bytes"]), fmt(v["wait_s"]), samples_text(v["samples_wait_s"]),
+            f"{v['time_ratio']:.2f}x" if v["time_ratio"] is not None else "-",
+            ", ".join(exits), "yes" if v["identical"] else "NO",
+        ]  # fmt: skip
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 # ---------------------------------------------------------------- main
 
-CASES = ("dense", "sparse", "writes", "latency")
+CASES = ("dense", "sparse", "writes", "latency", "resume")
 QUICK = {
     "dense_size": "256M", "sparse_size": "1G", "sparse_data": "64M", "repeat": 1,
+    "resume_size": "512M",
     "latency_runtime": 5.0, "latency_speed": 40_000_000,
 }  # fmt: skip
 FULL = {
@@ -857,9 +1062,15 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--workdir", default=DEFAULT_WORKDIR, help="where the files live")
     p.add_argument("--cases", help="comma-separated subset of " + ", ".join(CASES))
     p.add_argument("--quick", action="store_true",
-                   help="a small run for CI: 256M dense, 1G sparse with 64M data, 1 sample, "
-                        "no relay runs, 5 s fio at 40 MB/s (about 35 s)")  # fmt: skip
+                   help="a small run for CI: 256M dense, 1G sparse with 64M data, 512M "
+                        "resume, 1 sample, no relay runs but the resume case's, 5 s fio at "
+                        "40 MB/s (about 50 s)")  # fmt: skip
     p.add_argument("--dense-size", help="dense, writes and latency cases (default 1G)")
+    p.add_argument(
+        "--resume-size",
+        help="the resume case's dense file (default: --dense-size; --quick: 512M, where the "
+        "up to ~40 MiB a cut costs, the window in flight and the torn write, stays under 10%%)",
+    )
     p.add_argument("--sparse-size", help="sparse case file size (default 4G)")
     p.add_argument("--sparse-data", help="data in it (default 256M)")
     p.add_argument("--repeat", type=int, help="runs per case (default 3)")
@@ -937,6 +1148,10 @@ def main(argv: list[str] | None = None) -> int:
     sparse = workdir / f"sparse-{sparse_size}-{sparse_data}.img"
     if {"dense", "writes", "latency"} & set(cases):
         make_data_file(dense, dense_size)
+    resume_size = parse_size(args.resume_size or args.dense_size)
+    resume_src = workdir / f"data-{resume_size}.img"
+    if "resume" in cases:
+        make_data_file(resume_src, resume_size)
     if "sparse" in cases:
         make_sparse_file(sparse, sparse_size, sparse_data)
     disk = DiskStats(workdir)
@@ -957,6 +1172,8 @@ def main(argv: list[str] | None = None) -> int:
         "raw_copy_s": [],
         "dd": [],
         "latency_runs": [],
+        "resume_runs": [],
+        "resume_notes": [],
         "errors": [],
     }
     report["code_stamp_start"] = code_stamp(report["flexnbd_module"])
@@ -970,7 +1187,7 @@ def main(argv: list[str] | None = None) -> int:
     dd_out = workdir / "dd-out.img"  # same file system as the destination
     plan = [(rep, case, False) for rep in range(args.repeat) for case in cases]
     if not args.no_relay:
-        plan += [(args.repeat, case, True) for case in cases if case != "latency"]
+        plan += [(args.repeat, case, True) for case in cases if case not in ("latency", "resume")]
     if "latency" in cases and not args.no_endgame_check:
         plan.append((args.repeat, "endgame", False))
     try:
@@ -1001,6 +1218,36 @@ def main(argv: list[str] | None = None) -> int:
                     for e in r["errors"]:
                         log(f"  ERROR: {e}")
                         report["errors"].append(f"latency {kind} ({what}): {e}")
+                continue
+            if case == "resume":
+                order = [v[0] for v in RESUME_VARIANTS]  # rotated from run to run
+                for variant in order[rep % 3 :] + order[: rep % 3]:
+                    what = f"run {rep + 1}/{args.repeat}"
+                    log(f"resume, {variant} ({what}) ...")
+                    r = resume_once(variant, resume_src, dst, resume_size, workdir, args)
+                    r["rep"], r["loadavg"] = rep, os.getloadavg()
+                    report["resume_runs"].append(r)
+                    log(
+                        f"  mirror --wait {fmt(r.get('wait_s'))} s, {r.get('attempts')} "
+                        f"attempt(s), relay: {mib(r.get('relay_up_bytes'))} MiB up over "
+                        f"{r.get('relay_connections')} connection(s) "
+                        f"({', '.join(mib(x) for x in r.get('relay_up_per_connection', []))}), "
+                        f"source: {mib(r.get('wire_bytes'))} MiB on the wire"
+                        + "".join(
+                            f", attempt {a['attempt']} resumed: the destination held "
+                            f"{mib(a['held_bytes'])} MiB"
+                            for a in r["resumed_attempts"]
+                        )
+                        + "".join(f", attempt {a} restarted" for a in r["restarted_attempts"])
+                        + f", exits {r.get('src_exit')} / {r.get('dst_exit')}, identical: "
+                        f"{r['identical']}"
+                    )
+                    for e in r["errors"]:
+                        log(f"  ERROR: {e}")
+                        report["errors"].append(f"resume {variant} ({what}): {e}")
+                    for n in r["notes"]:
+                        log(f"  NOTE: {n}")
+                        report["resume_notes"].append(f"resume {variant} ({what}): {n}")
                 continue
             src, size = (sparse, sparse_size) if case == "sparse" else (dense, dense_size)
             if case == "writes":
@@ -1071,13 +1318,21 @@ def main(argv: list[str] | None = None) -> int:
             file_sizes[case],
         )
         for case in cases
-        if case != "latency"
+        if case not in ("latency", "resume")
     }
     report["summary"] = summary
     dd = summarize_dd(report["dd"])
     report["dd_summary"] = dd
     lat = summarize_latency(report["latency_runs"])
     report["latency_summary"] = lat
+    res = summarize_resume(report["resume_runs"], resume_size) if report["resume_runs"] else {}
+    report["resume"] = res
+    if res and res["target_met"] is False:
+        r = res["variants"]["resumed"]["bytes_ratio"]
+        report["errors"].append(
+            f"resume: the migration cut at 50% put {r:.3f}x the uncut migration's bytes on "
+            f"the wire (relay's count), over the {RESUME_WIRE_LIMIT}x limit of issue 25"
+        )
     report["duration_s"] = time.monotonic() - started
 
     out: list[str] = []
@@ -1133,6 +1388,48 @@ def main(argv: list[str] | None = None) -> int:
             f"to the destination ({r.get('relay_connections')} connection(s)), the source "
             f"logged {r.get('wire_bytes') or 0:,}; {r.get('relay_from_dst_bytes'):,} bytes back"
         )
+    if res:
+        out += ["", resume_table(res), ""]
+        out.append(
+            f"The dense file, each variant {args.repeat} time(s), interleaved; medians. Every "
+            "migration goes through a counting relay (splice): 'bytes up' is all it carried "
+            "from the source to the destination over all connections (handshakes, requests, "
+            "data), the independent count; the source's count is the 'bytes on the wire' of "
+            "its completion line (both ways, all attempts). The cut: the relay shut the first "
+            f"connection down once {mib(res['cut_after_up_bytes'])} MiB ({RESUME_CUT:.0%} of "
+            "the file) had gone up, then relayed the retry cleanly; the source retries 1 s "
+            "after a failed attempt. `--oldstyle`: the listener offers no coverage context, so "
+            "the retry starts over from offset 0, as flexnbd 0.5.0 did (same code, same "
+            "machine). Times from the mirror request to the source's mirror_wait answer."
+        )
+        v = res["variants"]
+        resumed, restart = v.get("resumed", {}), v.get("restart", {})
+        if resumed.get("bytes_ratio") is not None:
+            line = (
+                f"resume (issue 25): cut at 50% and resumed, {resumed['bytes_ratio']:.3f}x "
+                f"the uncut migration's bytes on the wire (target ≤ {RESUME_WIRE_LIMIT}x: "
+                f"{'met' if res['target_met'] else 'MISSED'})"
+            )
+            if restart.get("bytes_ratio") is not None:
+                line += f"; 0.5.0's restart {restart['bytes_ratio']:.3f}x"
+            if resumed.get("time_ratio") is not None:
+                line += (
+                    f"; time {resumed['time_ratio']:.2f}x the uncut "
+                    f"{fmt(v['uncut']['wait_s'])} s"
+                    + (
+                        f" (restart: {restart['time_ratio']:.2f}x)"
+                        if restart.get("time_ratio") is not None
+                        else ""
+                    )
+                )
+            out.append(line)
+        if resumed.get("held_bytes") is not None:
+            out.append(
+                f"the resumed attempts: the destination held {mib(resumed['held_bytes'])} MiB "
+                f"of {mib(res['file_size'])} (median), which the source skipped"
+            )
+        for n in report["resume_notes"]:
+            out.append(f"NOTE (odd): {n}")
     if lat:
         out += ["", latency_table(lat), ""]
         out.append(

@@ -332,6 +332,9 @@ cdef inline void count_received(coverage_t *c, uint64_t data, uint64_t zeroes) n
 
 cdef int no_room_to_cover(const coverage_t *c, uint64_t offset, uint64_t length) noexcept nogil
 
+cdef uint64_t coverage_run(const coverage_t *c, uint64_t offset, uint64_t length,
+                           int *covered) noexcept nogil
+
 
 cdef class CoverageMap:
     cdef coverage_t c

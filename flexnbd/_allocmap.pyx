@@ -258,16 +258,19 @@ cdef class AllocationMap(BlockBitmap):
                 n -= (<uint64_t>1 << self.m.shift) - tail
         return n
 
-    def span(self, uint64_t offset, uint64_t max_payload, bint holes_are_payload=False):
+    def span(self, uint64_t offset, uint64_t max_payload, bint holes_are_payload=False,
+             end=None):
         """(length, payload): the range from ``offset`` that holds ``max_payload`` bytes of
-        data (and of holes too, when ``holes_are_payload``), or up to the end: the mirror's
-        next batch of requests. Holes in between cost nothing, however long."""
+        data (and of holes too, when ``holes_are_payload``), or up to ``end`` (the export's
+        end by default): the mirror's next batch of requests. Holes in between cost nothing,
+        however long."""
         cdef uint64_t length = 0, payload = 0, n, at
+        cdef uint64_t stop = self.m.size if end is None or end > self.m.size else end
         cdef int allocated
         with nogil:
-            while offset + length < self.m.size and payload < max_payload:
+            while offset + length < stop and payload < max_payload:
                 at = offset + length
-                n = amap_run(&self.m, at, self.m.size - at, &allocated)
+                n = amap_run(&self.m, at, stop - at, &allocated)
                 if n == 0:
                     break
                 if allocated or holes_are_payload:
@@ -321,6 +324,18 @@ cdef class CoverageMap:
         """WRITE_ZEROES bytes the session zeroed (any thread may read it)."""
         return atomic_load64(&self.c.zeroed)
 
+    def runs(self, uint64_t offset, uint64_t length):
+        """[(length, covered)] from ``offset``: what BLOCK_STATUS reports (for tests)."""
+        cdef int covered
+        cdef uint64_t n
+        out = []
+        while length:
+            n = coverage_run(&self.c, offset, length, &covered)
+            out.append((n, bool(covered)))
+            offset += n
+            length -= n
+        return out
+
     def ranges(self):
         """[(start, end)] written, sorted and disjoint."""
         return [(self.c.at[2 * i], self.c.at[2 * i + 1]) for i in range(self.c.n)]
@@ -340,6 +355,21 @@ cdef size_t first_reaching(const coverage_t *c, uint64_t start) noexcept nogil:
         else:
             hi = mid
     return lo
+
+
+cdef uint64_t coverage_run(const coverage_t *c, uint64_t offset, uint64_t length,
+                           int *covered) noexcept nogil:
+    """The run from ``offset`` (at most ``length`` bytes) that is all covered or all not
+    (``covered[0]`` says which): for the flexnbd:coverage meta context."""
+    cdef size_t i = first_reaching(c, offset + 1)     # the first range ending past offset
+    cdef uint64_t n
+    if i < c.n and c.at[2 * i] <= offset:
+        covered[0] = 1
+        n = c.at[2 * i + 1] - offset
+    else:
+        covered[0] = 0
+        n = c.at[2 * i] - offset if i < c.n else length
+    return n if n < length else length
 
 
 cdef int clip(const coverage_t *c, uint64_t offset, uint64_t *length) noexcept nogil:

@@ -17,6 +17,9 @@ class Reason(enum.IntEnum):
     REASON_STOPPED = 6
     REASON_SOCKET_ERROR = 7
 
+CONTEXT_ALLOCATION: int
+CONTEXT_COVERAGE: int
+
 class ServeResult(NamedTuple):
     reason: Reason
     errno: int
@@ -45,12 +48,14 @@ class Export:
 
 class Connection:
     def __init__(self, sock: int, export: Export, *, stop_fd: int = ..., structured: bool = ...,
-                 meta_context: bool = ..., fast_zero: bool = ...,
+                 meta_context: int = ..., fast_zero: bool = ...,
                  coverage: CoverageMap | None = ...,
                  splice_all: bool = ..., idle_spin: float = ...,
                  tls: TlsSession | None = ...) -> None: ...
     @property
     def errors(self) -> int: ...
+    @property
+    def writes(self) -> int: ...
     def serve(self) -> ServeResult: ...
     def kick(self) -> None: ...
     copy_reads: bool

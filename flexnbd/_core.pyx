@@ -173,6 +173,10 @@ cpdef enum Reason:
     REASON_STOPPED = 6       # the server is stopping, or the connection was kicked
     REASON_SOCKET_ERROR = 7  # the socket failed (errno tells)
 
+# Connection(meta_context=...): the contexts the handshake selected, OR-ed.
+CONTEXT_ALLOCATION = META_ALLOCATION
+CONTEXT_COVERAGE = META_COVERAGE
+
 ServeResult = namedtuple("ServeResult", "reason errno command offset length requests")
 
 
@@ -190,6 +194,7 @@ cdef struct conn_t:
     int pipe_w
     coverage_t *coverage     # listen mode: the ranges written in this session, or NULL
     uint64_t errors          # requests answered with an error
+    uint64_t writes          # WRITE, WRITE_ZEROES and TRIM requests, answered or not
     int kicked               # set by kick(): end at the next request boundary
     int splice_all           # splice every large WRITE, even onto holes (see Connection)
     int copy_reads           # READs up to COPY_READ_MAX: pread + send, not sendfile (atomic)
@@ -553,7 +558,18 @@ cdef enum:
 
 
 cdef int do_block_status(conn_t *c, const request_t *r) noexcept nogil:
-    """base:allocation extents from the map: 0 for data, HOLE|ZERO for holes."""
+    """One chunk per selected context: base:allocation extents from the map (0 for data,
+    HOLE|ZERO for holes), flexnbd:coverage extents from the coverage (COVERED or 0)."""
+    cdef int both = c.lim.meta_context == META_ALLOCATION | META_COVERAGE
+    if c.lim.meta_context & META_ALLOCATION and \
+            status_chunk(c, r, BASE_ALLOCATION_ID, not both) < 0:
+        return -1
+    if c.lim.meta_context & META_COVERAGE:
+        return status_chunk(c, r, COVERAGE_ID, 1)
+    return 0
+
+
+cdef int status_chunk(conn_t *c, const request_t *r, uint32_t context, int done) noexcept nogil:
     cdef char h[CHUNK_HEADER_SIZE + 4]
     cdef uint32_t ext[2]
     cdef uint64_t offset = r.offset
@@ -569,9 +585,13 @@ cdef int do_block_status(conn_t *c, const request_t *r) noexcept nogil:
         return -1
     start = c.out_len - (CHUNK_HEADER_SIZE + 4)
     while left > 0 and count < MAX_EXTENTS:
-        n = export_run(c.ex, offset, left, &allocated)
-        ext[0] = htobe32(<uint32_t>n)
-        ext[1] = htobe32(0 if allocated else (STATE_HOLE | STATE_ZERO))
+        if context == COVERAGE_ID:
+            n = coverage_run(c.coverage, offset, left, &allocated)
+            ext[1] = htobe32(STATE_COVERED if allocated else 0)
+        else:
+            n = export_run(c.ex, offset, left, &allocated)
+            ext[1] = htobe32(0 if allocated else (STATE_HOLE | STATE_ZERO))
+        ext[0] = htobe32(<uint32_t>n)      # (n <= the request's length: 32 bits)
         if c.out_len + 8 > OUTBUF_SIZE:
             break
         memcpy(c.outbuf + c.out_len, ext, 8)
@@ -581,9 +601,9 @@ cdef int do_block_status(conn_t *c, const request_t *r) noexcept nogil:
         left -= n
         if r.flags & CMD_FLAG_REQ_ONE:
             break
-    make_chunk_header(c.outbuf + start, r.cookie, REPLY_FLAG_DONE, REPLY_TYPE_BLOCK_STATUS,
-                      4 + 8 * count)
-    ext[0] = htobe32(BASE_ALLOCATION_ID)
+    make_chunk_header(c.outbuf + start, r.cookie, REPLY_FLAG_DONE if done else 0,
+                      REPLY_TYPE_BLOCK_STATUS, 4 + 8 * count)
+    ext[0] = htobe32(context)
     memcpy(c.outbuf + start + CHUNK_HEADER_SIZE, ext, 4)
     return 0
 
@@ -963,6 +983,8 @@ cdef int serve_loop(conn_t *c) noexcept nogil:
             flush_out(c, 0)
             return REASON_BAD_MAGIC
         error = validate(&r, &c.lim)
+        if r.type == CMD_WRITE or r.type == CMD_WRITE_ZEROES or r.type == CMD_TRIM:
+            c.writes += 1
         if r.type == CMD_WRITE:
             rc = do_write(c, &r, error)
             if rc:
@@ -995,7 +1017,7 @@ cdef class Connection:
     cdef TlsSession tls
 
     def __cinit__(self, int sock, Export export, *, int stop_fd=-1, bint structured=False,
-                  bint meta_context=False, bint fast_zero=False, CoverageMap coverage=None,
+                  int meta_context=0, bint fast_zero=False, CoverageMap coverage=None,
                   bint splice_all=False, double idle_spin=0, TlsSession tls=None):
         cdef int fds[2]
         # Every descriptor field is -1 before anything can fail, so __dealloc__ closes only
@@ -1023,6 +1045,8 @@ cdef class Connection:
         self.c.lim.size = export.ex.size
         self.c.lim.read_only = export.ex.read_only
         self.c.lim.structured = structured
+        if meta_context & META_COVERAGE and coverage is None:
+            raise ValueError("the coverage context needs a coverage map")
         self.c.lim.meta_context = meta_context
         self.c.lim.fast_zero = fast_zero and export.ex.can_punch
         self.c.inb.data = <char *>malloc(INBUF_SIZE)
@@ -1096,3 +1120,9 @@ cdef class Connection:
     def errors(self):
         """Requests answered with an error so far."""
         return self.c.errors
+
+    @property
+    def writes(self):
+        """WRITE, WRITE_ZEROES and TRIM requests received so far, answered or not (whether
+        the session may have changed the file)."""
+        return self.c.writes

@@ -51,6 +51,10 @@ cdef struct mstream_t:
     int zeroes               # the destination takes WRITE_ZEROES
     uint64_t cookie
     uint64_t sizes[MAX_IN_FLIGHT]    # payload bytes of the requests in flight (a ring)
+    uint64_t offs[MAX_IN_FLIGHT]     # ... and their ranges, for unanswered()
+    uint64_t lens[MAX_IN_FLIGHT]
+    uint64_t sending_off             # the request being sent (sending_len 0: none)
+    uint64_t sending_len
     uint32_t head
     uint32_t count
     uint64_t bytes_in_flight
@@ -91,6 +95,8 @@ cdef int ms_send(mstream_t *s, uint64_t offset, uint64_t length, const char *zbu
             rc = ms_collect(s)
             if rc:
                 return rc
+        s.sending_off = offset
+        s.sending_len = n
         if payload:
             make_request(h, CMD_WRITE, 0, s.cookie, offset, <uint32_t>n)
             rc = tp_send_all(&s.tp, h, REQUEST_SIZE, MSG_MORE)
@@ -106,6 +112,9 @@ cdef int ms_send(mstream_t *s, uint64_t offset, uint64_t length, const char *zbu
         if rc:
             return rc
         s.sizes[(s.head + s.count) % MAX_IN_FLIGHT] = payload
+        s.offs[(s.head + s.count) % MAX_IN_FLIGHT] = offset
+        s.lens[(s.head + s.count) % MAX_IN_FLIGHT] = n
+        s.sending_len = 0
         s.count += 1
         s.bytes_in_flight += payload
         sent[0] += payload
@@ -171,6 +180,16 @@ cdef class MirrorStream:
             while self.s.count and rc == C_OK:
                 rc = ms_collect(&self.s)
         self._check(rc)
+
+    def unanswered(self):
+        """[(offset, length)] of the requests sent (or being sent) and not answered with
+        success: after a failure, what the destination may hold torn, or not at all."""
+        cdef uint32_t i
+        out = [(self.s.offs[(self.s.head + i) % MAX_IN_FLIGHT],
+                self.s.lens[(self.s.head + i) % MAX_IN_FLIGHT]) for i in range(self.s.count)]
+        if self.s.sending_len:
+            out.append((self.s.sending_off, self.s.sending_len))
+        return out
 
     @property
     def wire_bytes(self):

@@ -74,11 +74,16 @@ cdef inline frame_t frame_request(const char *p, request_t *r) noexcept nogil:
     return FRAME_OK
 
 
+cdef enum:
+    META_ALLOCATION = 1      # base:allocation
+    META_COVERAGE = 2        # flexnbd:coverage:<migration id> (listen mode)
+
+
 cdef struct limits_t:
     uint64_t size            # export size
     int read_only
     int structured           # structured replies negotiated (DF is valid)
-    int meta_context         # base:allocation selected (BLOCK_STATUS is valid)
+    int meta_context         # contexts selected (BLOCK_STATUS is valid): META_* bits
     int fast_zero            # SEND_FAST_ZERO advertised
 
 

@@ -127,6 +127,12 @@ cpdef enum:
 
     # The id flexnbd gives the base:allocation meta context.
     BASE_ALLOCATION_ID = 1
+    # ... and a listener the flexnbd:coverage:<migration id> one (what a migration's sender
+    # wrote, across its reconnects: a resumed migration reads it with BLOCK_STATUS).
+    COVERAGE_ID = 2
+
+    # flexnbd:coverage extent flags: written by the migration (else not yet).
+    STATE_COVERED = 1 << 0
 
     # base:allocation extent flags.
     STATE_HOLE = 1 << 0

@@ -62,6 +62,7 @@ class ExportInfo:
     can_fast_zero: bool = False
     block_status: bool = True     # offer the base:allocation meta context
     structured_replies: bool = True
+    coverage: bool = False        # listen mode: offer flexnbd:coverage:<migration id>
     # Transmission flags to offer as they are (the proxy offers its upstream's); None: the
     # flags of a flexnbd export, from the fields above.
     flags: int | None = None
@@ -94,7 +95,8 @@ class Agreed:
     """The outcome of a server-side handshake that entered transmission."""
 
     structured: bool = False
-    meta_context: bool = False
+    meta_context: bool = False         # base:allocation selected
+    migration_id: str | None = None    # flexnbd:coverage:<migration id> selected
     export_name: bytes = b""
     style: str = "newstyle"
     tls: TlsSession | None = None     # the session everything after STARTTLS went through
@@ -221,7 +223,8 @@ class _Options:
             self.agreed = Agreed(tls=session)
 
     def meta_context(self, option: int, data: bytes) -> None:
-        """LIST_META_CONTEXT / SET_META_CONTEXT: base:allocation is the only context."""
+        """LIST_META_CONTEXT / SET_META_CONTEXT: base:allocation and, in listen mode,
+        flexnbd:coverage:<migration id> (the first well-formed one asked for)."""
         queries = _parse_meta_request(data)
         if queries is None:
             self.error(option, wire.REP_ERR_INVALID, "malformed meta context request")
@@ -237,8 +240,16 @@ class _Options:
             context_id = wire.BASE_ALLOCATION_ID if setting else 0
             self.reply(option, wire.REP_META_CONTEXT,
                        struct.pack(">I", context_id) + wire.BASE_ALLOCATION)
+        migration = None
+        if self.export.coverage:
+            migration = next((m for m in map(wire.migration_id_of, queries) if m), None)
+        if migration is not None:
+            self.reply(option, wire.REP_META_CONTEXT,
+                       struct.pack(">I", wire.COVERAGE_ID if setting else 0)
+                       + wire.COVERAGE_PREFIX + migration.encode())
         if setting:
             self.agreed.meta_context = bool(match)
+            self.agreed.migration_id = migration
         self.reply(option, wire.REP_ACK)
 
     def info(self, option: int, data: bytes) -> bool:
@@ -311,6 +322,9 @@ class ServerInfo:
     size: int
     flags: int
     tls: TlsSession | None = None    # the session the transmission phase must go through
+    # The id the server gave flexnbd:coverage:<migration id> (structured replies are on
+    # then, for its BLOCK_STATUS); None when not asked for or not offered.
+    coverage_context: int | None = None
 
     def has(self, flag: int) -> bool:
         return bool(self.flags & flag)
@@ -319,13 +333,17 @@ class ServerInfo:
 def client_handshake(sock: socket.socket, export_name: bytes = b"",
                      tls: TlsContext | None = None,
                      server_hostname: str | None = None, timeout: float | None = None,
-                     greeting_timeout: float | None = None) -> ServerInfo:
-    """Detect the server's handshake style and enter transmission (simple replies only).
+                     greeting_timeout: float | None = None,
+                     migration_id: str | None = None) -> ServerInfo:
+    """Detect the server's handshake style and enter transmission (simple replies only,
+    unless the coverage context was agreed).
     With ``tls``: STARTTLS first (the server's X.509 certificate must name
     ``server_hostname``; a PSK must be used); TlsError, which is final, when the server has no
     TLS or the TLS handshake fails, and also without ``tls`` when the server requires TLS.
     ``timeout``: one deadline for the whole handshake, ``greeting_timeout`` for its first
-    bytes (TimeoutError); without them the socket's timeout applies to each receive."""
+    bytes (TimeoutError); without them the socket's timeout applies to each receive.
+    ``migration_id``: ask a listener for flexnbd:coverage:<migration_id> (a migration's
+    sender, to resume); only a server that lists it gets structured replies negotiated."""
     now = time.monotonic()
     deadline = None if timeout is None else now + timeout
     greeting = deadline if greeting_timeout is None else now + greeting_timeout
@@ -359,6 +377,10 @@ def client_handshake(sock: socket.socket, export_name: bytes = b"",
     if tls is not None:
         session = _client_starttls(sock, tls, server_hostname, deadline)
         channel = session
+    coverage_context = None
+    if migration_id is not None:
+        coverage_context = _client_coverage(channel, wire.COVERAGE_PREFIX + migration_id.encode(),
+                                            deadline)
     info = _client_go(channel, export_name, deadline)
     if info is None:
         # The server does not know GO: fall back to EXPORT_NAME.
@@ -369,7 +391,45 @@ def client_handshake(sock: socket.socket, export_name: bytes = b"",
             recv_exact(channel, 124, deadline=deadline)
         info = ServerInfo("newstyle", size, flags)
     info.tls = session
+    info.coverage_context = coverage_context
     return info
+
+
+# A server that answers one option with more replies than this is not a flexnbd listener.
+MAX_OPTION_REPLIES = 16
+
+
+def _client_coverage(sock: socket.socket | TlsSession, name: bytes,
+                     deadline: float | None) -> int | None:
+    """Select the meta context ``name`` if the server lists it: LIST first (it needs no
+    structured replies, so a server that does not know it keeps simple replies), then
+    STRUCTURED_REPLY and SET. The context's id, or None (anything unexpected but well formed:
+    no resume, the migration goes on without)."""
+    meta = struct.pack(">I", 0) + struct.pack(">I", 1) + struct.pack(">I", len(name)) + name
+    if not _meta_contexts(sock, wire.OPT_LIST_META_CONTEXT, meta, name, deadline):
+        return None
+    until(sock, deadline)
+    sock.sendall(wire.pack_option(wire.OPT_STRUCTURED_REPLY))
+    reply_type, _ = _recv_option_reply(sock, wire.OPT_STRUCTURED_REPLY, deadline)
+    if reply_type != wire.REP_ACK:
+        return None
+    ids = _meta_contexts(sock, wire.OPT_SET_META_CONTEXT, meta, name, deadline)
+    return ids[0] if ids else None
+
+
+def _meta_contexts(sock: socket.socket | TlsSession, option: int, request: bytes, name: bytes,
+                   deadline: float | None) -> list[int]:
+    """Send a meta context option; the ids of the replies that name ``name``."""
+    until(sock, deadline)
+    sock.sendall(wire.pack_option(option, request))
+    ids = []
+    for _ in range(MAX_OPTION_REPLIES):
+        reply_type, data = _recv_option_reply(sock, option, deadline)
+        if reply_type == wire.REP_META_CONTEXT and len(data) >= 4 and data[4:] == name:
+            ids.append(struct.unpack_from(">I", data)[0])
+        elif reply_type == wire.REP_ACK or wire.is_error_reply(reply_type):
+            return ids if reply_type == wire.REP_ACK else []
+    raise HandshakeError(f"the server sent more than {MAX_OPTION_REPLIES} replies to one option")
 
 
 def _recv_option_reply(sock: socket.socket | TlsSession, option: int,

@@ -56,7 +56,8 @@ class Server:
         self.allocmap = _allocmap.AllocationMap(self.size)
         self.export = _core.Export(self.fd, self.size, config.read_only, config.file,
                                    self.allocmap)
-        self.export_info = ExportInfo(self.size, config.read_only, self.export.can_punch)
+        self.export_info = ExportInfo(self.size, config.read_only, self.export.can_punch,
+                                      coverage=config.mode == "listen")
         self.tls = credentials.server_policy(config.tls)
         self._tls_client: TlsContext | None = None
         self.admission = Admission(config, self._serve_client)
@@ -65,7 +66,7 @@ class Server:
         # serve mode owns its data; listen mode only once a migration into it completed
         self._has_control = config.mode != "listen"
         # listen mode: what the current (or last) sender wrote, for the status line
-        self._sender: _allocmap.CoverageMap | None = None
+        self._coverage = listen.Coverage(self.size)
         self.control = (ControlServer(config.sock, self, config.control_timeout,
                                       mode=config.sock_mode)
                         if config.sock else None)
@@ -152,7 +153,7 @@ class Server:
         ended = self.admission.stop()
         if self.config.mode == "listen":
             # (after the sender's session ended: its figures are final)
-            listen.log_exit(self._has_control, self._sender, self.size)
+            listen.log_exit(self._has_control, self._coverage.current, self.size)
         if self.control is not None:
             self.control.close()
         if ended:
@@ -184,18 +185,12 @@ class Server:
                 # sender's connection with a reset, never the FIN it reads as "taken"
                 # (SPEC §6.7): linger 0 from the start, undone only for the normal close.
                 sockets.reset_on_close(client.sock)
-            coverage = listen.new_coverage(self.size) if listening else None
-
-            def attached() -> None:
-                # (only once it holds the sender's slot: a probe in its handshake must not
-                # hide the figures of the sender at work)
-                self._sender = coverage
             served = session.serve(client, self.admission, self.export, self.export_info,
                                    self.config.oldstyle, self.config.handshake_timeout,
-                                   self.config.send_timeout, coverage, self.tls,
-                                   attached=attached if listening else None)
-            if served is not None and coverage is not None:
-                outcome = listen.take_control(client.name, served.result, coverage,
+                                   self.config.send_timeout,
+                                   self._coverage if listening else None, self.tls)
+            if served is not None and served.coverage is not None:
+                outcome = listen.take_control(client.name, served.result, served.coverage,
                                               served.connection, self.export,
                                               self.admission.forbid)
                 if outcome is not None:
@@ -245,10 +240,11 @@ class Server:
     def _received(self) -> Received | None:
         if self.config.mode != "listen":
             return None
-        sender = self._sender
+        sender = self._coverage.current
         if sender is None:
             return Received()
-        return Received(sender.received_bytes, sender.zeroed_bytes, sender.covered_bytes())
+        return Received(sender.received_bytes, sender.zeroed_bytes, sender.covered_bytes(),
+                        self._coverage.migration_id if sender is self._coverage.kept else None)
 
     def set_acl(self, entries: Sequence[acl.Network]) -> None:
         self.admission.set_acl(entries)

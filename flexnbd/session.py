@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import errno
 import socket
-from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Protocol
 
 from flexnbd import _allocmap, _core, log, sockets
 from flexnbd._tls import TlsSession
@@ -24,6 +24,18 @@ _milestones = log.milestones()
 Reason = _core.Reason
 
 
+class CoverageKeeper(Protocol):
+    """Listen mode: the coverage maps of migrations (``flexnbd.migration.listen.Coverage``)."""
+
+    def take(self, migration_id: str | None) -> _allocmap.CoverageMap:
+        """The session takes the sender's slot: the map it writes into."""
+        ...
+
+    def ended(self, coverage: _allocmap.CoverageMap, writes: int) -> None:
+        """The session that took ``coverage`` ended after ``writes`` write-type requests."""
+        ...
+
+
 @dataclass
 class Served:
     """A session that reached the transmission phase."""
@@ -31,16 +43,31 @@ class Served:
     result: _core.ServeResult
     connection: _core.Connection
     tls: TlsSession | None = None
+    coverage: _allocmap.CoverageMap | None = None   # listen mode: the map it wrote into
 
 
 def serve(client: Client, admission: Admission, export: _core.Export, info: ExportInfo,
           oldstyle: bool, handshake_timeout: float, send_timeout: float,
-          coverage: _allocmap.CoverageMap | None = None,
-          tls: TlsPolicy | None = None,
-          attached: Callable[[], None] | None = None) -> Served | None:
+          coverage: CoverageKeeper | None = None,
+          tls: TlsPolicy | None = None) -> Served | None:
     """Run the session; how the transmission phase ended, or None if it never began.
-    ``coverage``: listen mode, the map of what this sender wrote. ``tls``: the server's TLS
-    (STARTTLS offered or required). ``attached``: called once the client holds its slot."""
+    ``coverage``: listen mode, what senders wrote, per migration. ``tls``: the server's TLS
+    (STARTTLS offered or required)."""
+    written: list[_allocmap.CoverageMap] = []
+    try:
+        return _serve(client, admission, export, info, oldstyle, handshake_timeout,
+                      send_timeout, coverage, tls, written)
+    finally:
+        if coverage is not None and written:
+            connection = client.connection
+            # (no connection: it never ran, so it wrote nothing)
+            coverage.ended(written[0], connection.writes if connection is not None else 0)
+
+
+def _serve(client: Client, admission: Admission, export: _core.Export, info: ExportInfo,
+           oldstyle: bool, handshake_timeout: float, send_timeout: float,
+           coverage: CoverageKeeper | None, tls: TlsPolicy | None,
+           written: list[_allocmap.CoverageMap]) -> Served | None:
     sock = client.sock
     try:
         sockets.set_client_options(sock)
@@ -54,12 +81,17 @@ def serve(client: Client, admission: Admission, export: _core.Export, info: Expo
         # the hot path then fail with EAGAIN).
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, sockets.timeval(send_timeout))
         newstyle = agreed.style == "newstyle"
-
+        contexts = (_core.CONTEXT_ALLOCATION if agreed.meta_context else 0) | \
+            (_core.CONTEXT_COVERAGE if agreed.migration_id is not None else 0)
         def connection() -> _core.Connection:
+            # (under the admission lock, as the client takes its slot)
+            if coverage is not None:
+                written.append(coverage.take(agreed.migration_id))
             return _core.Connection(
                 sock.fileno(), export, stop_fd=admission.stop_fd,
-                structured=agreed.structured, meta_context=agreed.meta_context,
-                fast_zero=newstyle and export.can_punch, coverage=coverage,
+                structured=agreed.structured, meta_context=contexts,
+                fast_zero=newstyle and export.can_punch,
+                coverage=written[0] if written else None,
                 # a migration sender that has WRITE_ZEROES sends holes that way
                 splice_all=coverage is not None and newstyle,
                 idle_spin=admission.config.idle_spin, tls=agreed.tls)
@@ -69,12 +101,12 @@ def serve(client: Client, admission: Admission, export: _core.Export, info: Expo
                 "%s: %s; disconnected", client.name, refusal)
             return None
         assert client.connection is not None
-        if attached is not None:
-            attached()
         if coverage is not None:
             # listen mode: the migration's sender, a milestone
-            _milestones.info("sender %s connected (%s, %s)", client.name, agreed.style,
-                             agreed.tls.version if agreed.tls is not None else "no TLS")
+            _milestones.info("sender %s connected (%s, %s%s)", client.name, agreed.style,
+                             agreed.tls.version if agreed.tls is not None else "no TLS",
+                             f", migration {agreed.migration_id}"
+                             if agreed.migration_id is not None else "")
         else:
             _log.info("%s connected (%s%s%s)", client.name, agreed.style,
                       ", structured replies" if agreed.structured else "",
@@ -85,7 +117,7 @@ def serve(client: Client, admission: Admission, export: _core.Export, info: Expo
             # the migration's outcome may decide.)
             agreed.tls.close_notify()
         report(client.name, result, export.path, send_timeout)
-        return Served(result, client.connection, agreed.tls)
+        return Served(result, client.connection, agreed.tls, written[0] if written else None)
     except TlsError as e:
         _log.warning("%s: %s", client.name, e)
     except HandshakeError as e:

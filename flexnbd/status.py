@@ -99,11 +99,12 @@ class Migration:
 
 @dataclass
 class Received:
-    """Listen mode: what the current (or last) sender's session wrote."""
+    """Listen mode: what the current (or last) sender wrote (over its migration's sessions)."""
 
     data: int = 0                # WRITE payload bytes
     zeroed: int = 0              # WRITE_ZEROES bytes
     covered: int = 0             # bytes of the export written at least once
+    migration_id: str | None = None    # the migration they belong to (a flexnbd sender's)
 
 
 @dataclass
@@ -147,6 +148,8 @@ class Status:
         if r is not None:
             out += [("received_bytes", r.data), ("zeroed_bytes", r.zeroed),
                     ("covered_bytes", r.covered)]
+            if r.migration_id is not None:
+                out.append(("migration_id", r.migration_id))
         return out
 
     def line(self) -> str:

@@ -15,6 +15,26 @@ from flexnbd._wire import *  # noqa: F403
 # The name of the base:allocation meta context (its id is BASE_ALLOCATION_ID).
 BASE_ALLOCATION = b"base:allocation"
 
+# A listener's meta context "flexnbd:coverage:<migration id>" (its id is COVERAGE_ID): which
+# bytes the sender of that migration wrote, across its reconnects (STATE_COVERED). The id is
+# 1 to 64 characters of [0-9a-zA-Z_-], chosen by the source, one per `mirror`.
+COVERAGE_PREFIX = b"flexnbd:coverage:"
+MAX_MIGRATION_ID = 64
+
+
+def migration_id_of(name: bytes) -> str | None:
+    """The migration id in a coverage context name, or None if it is not one."""
+    if not name.startswith(COVERAGE_PREFIX):
+        return None
+    ident = name[len(COVERAGE_PREFIX):]
+    if not 0 < len(ident) <= MAX_MIGRATION_ID or \
+            not all(c in _ID_CHARS for c in ident):
+        return None
+    return ident.decode("ascii")
+
+
+_ID_CHARS = frozenset(b"0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ_-")
+
 # Names of the wire errors, for messages ("ENOSPC" rather than 28).
 ERROR_NAMES = {
     NBD_EPERM: "EPERM",

@@ -1,20 +1,30 @@
 """Listen mode's completion rule (SPEC §6.1): the destination side of a migration.
 
-A migration into a listening server has COMPLETED only when one sender, in one session, wrote
-every byte of the export at least once (WRITE and WRITE_ZEROES both count), had no request
-answered with an error, and then sent NBD_CMD_DISC. A probe that connects and sends DISC, a
-sender that drops half-way or sends a bad request: nothing completes, and the next sender
-starts over with an empty coverage map.
+A migration into a listening server has COMPLETED only when its sender wrote every byte of
+the export at least once (WRITE and WRITE_ZEROES both count), had no request of its last
+session answered with an error, and then sent NBD_CMD_DISC. A probe that connects and sends
+DISC, a sender that drops half-way or sends a bad request: nothing completes.
+
+What "its sender wrote" spans (``Coverage``): a flexnbd sender names its migration (the meta
+context flexnbd:coverage:<migration id>, one id per `mirror`); its sessions with that id, one
+after another in this process, share one coverage map, which a reconnecting sender reads with
+BLOCK_STATUS to resend only what is missing (issue 25). A session of another migration starts
+a new map; a session of none (0.5.0's sender, a probe) gets a map of its own, and if it sent a
+single write-type request the kept map is dropped (the file may have changed under it). The
+map lives in this process only: a restarted listener knows no migration, and its sender
+resends everything. That is the listener's incarnation: nothing survives it to be trusted.
 
 Coverage is kept by the hot path as the list of byte ranges the session wrote, merged as they
 come (a mirror writes in order: one range, whatever the export's size, and no memory or time
 in proportion to it). A sender whose writes, aligned or not, cover every byte between them
 completes, and no byte is ever counted that was not written. At most 256 Ki disjoint ranges
-(4 MiB) per session: beyond that a write that would start one more is refused with EINVAL.
+(4 MiB) per map (one migration, or one session of none): beyond that a write that would start
+one more is refused with EINVAL.
 """
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Callable
 
@@ -26,9 +36,46 @@ _log = log.get("server")
 _milestones = log.milestones()
 
 
-def new_coverage(size: int) -> CoverageMap:
-    """An empty coverage map for one sender's session."""
-    return CoverageMap(size)
+class Coverage:
+    """What the migration being received covers, kept across its sender's reconnects."""
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+        self.migration_id: str | None = None     # the migration kept (None: none)
+        self.kept: CoverageMap | None = None
+        self.current: CoverageMap | None = None   # the map of the sender in the slot, or last
+        self._lock = threading.Lock()
+
+    def take(self, migration_id: str | None) -> CoverageMap:
+        """A session takes the sender's slot (under the admission lock: one at a time, and
+        only once the previous holder's ``ended`` ran): the map it writes into. The kept
+        one for the same migration, else a new one (kept when the session names one)."""
+        with self._lock:
+            if migration_id is not None and migration_id == self.migration_id and \
+                    self.kept is not None:
+                _milestones.info("migration %s resumes: %d of %d bytes received before",
+                                 migration_id, self.kept.covered_bytes(), self.size)
+                coverage = self.kept
+            else:
+                coverage = CoverageMap(self.size)
+                if migration_id is not None:
+                    self._drop(f"migration {migration_id} began")
+                    self.migration_id, self.kept = migration_id, coverage
+            self.current = coverage
+            return coverage
+
+    def ended(self, coverage: CoverageMap, writes: int) -> None:
+        """A session that held the slot ended after ``writes`` write-type requests: one of
+        no migration that may have changed the file drops the kept map."""
+        with self._lock:
+            if coverage is not self.kept and writes:
+                self._drop("a sender of no migration wrote to the file")
+
+    def _drop(self, why: str) -> None:
+        if self.kept is not None and self.kept.covered_bytes():
+            _milestones.info("coverage of migration %s dropped (%s): its sender will resend "
+                             "everything", self.migration_id, why)
+        self.migration_id = self.kept = None
 
 
 def session_outcome(result: _core.ServeResult, coverage: CoverageMap,

@@ -23,8 +23,15 @@ it. An attempt:
    unlinked (unlink) and the host exits 0; for ``nothing`` clients are allowed again.
 
 Any failure before DISC (no reply within the request limit, a bad or error reply, FLUSH
-refused, a dropped connection) fails the attempt: clients are allowed again, and after 1 s the
-next attempt starts over from offset 0. A failure after DISC leaves the outcome UNKNOWN: the
+refused, a dropped connection) fails the attempt: clients are allowed again, the requests it
+left unanswered are marked dirty, and after 1 s the next attempt starts. It resumes
+(``flexnbd.migration.resume``) when the destination is a flexnbd listener that kept this
+migration's coverage (the meta context flexnbd:coverage:<migration id>; the id is random,
+one per `mirror`): its first pass sends only what the destination does not hold, and the
+dirty map, never reset between attempts, adds what clients wrote since. Any doubt (a
+listener that does not offer the context, one restarted since: it reports nothing covered;
+0.5.0; oldstyle) and the next attempt starts over from offset 0 with the dirty map emptied.
+A failure after DISC leaves the outcome UNKNOWN: the
 destination may own the disk now, so the mirror ends without retrying, FILE stays, clients
 stay out (except for ``nothing``) and the host exits 1. A destination whose greeting is not
 NBD at all ends the mirror too (rejected): retrying would not change it.
@@ -50,6 +57,7 @@ sends at full speed; after MAX_DIRTY_PASSES passes it comes whatever is left.
 from __future__ import annotations
 
 import os
+import secrets
 import socket
 import threading
 import time
@@ -61,7 +69,7 @@ from flexnbd._allocmap import AllocationMap, DirtyMap
 from flexnbd._tls import TlsContext, TlsSession
 from flexnbd.errors import FlexnbdError, HandshakeError, NoGreeting, NotNbd, PeerClosed, TlsError
 from flexnbd.handshake import client_handshake
-from flexnbd.migration import handoff, outcome, progress
+from flexnbd.migration import handoff, outcome, progress, resume
 from flexnbd.migration.handoff import OutcomeUnknown
 from flexnbd.migration.outcome import Outcome, Result
 from flexnbd.migration.settings import MirrorSettings
@@ -150,6 +158,11 @@ class Mirror:
         self.wire_bytes = 0          # bytes that crossed the wire in this attempt
         self.first_pass_left = host.size     # payload bytes the first pass still has to send
         self.dirty: DirtyMap | None = None
+        # The migration's name at the destination (its coverage across our reconnects), and
+        # the id the destination gave that context this attempt (None: no resume there).
+        self.migration_id = secrets.token_hex(16)
+        self.coverage_context: int | None = None
+        self.query_wire_bytes = 0    # this attempt's coverage query, on the wire
         self.session: TlsSession | None = None   # the current attempt's TLS, if any
         self.stream: _mirror.MirrorStream | None = None
         # figures for the log, over the whole mirror
@@ -269,8 +282,9 @@ class Mirror:
                     result = Result(Outcome.UNKNOWN)
                     return
                 except (FlexnbdError, OSError) as e:
-                    _log.warning("mirror attempt failed: %s; retrying from the start in %.0f s "
-                                 "(attempt %d to %s port %d, %s, %d bytes of data sent)",
+                    self._mark_unanswered()
+                    _log.warning("mirror attempt failed: %s; retrying in %.0f s (attempt %d to "
+                                 "%s port %d, %s, %d bytes of data sent)",
                                  _describe(e), RETRY_DELAY, self.attempts, self.settings.addr,
                                  self.settings.port, self.phase, self.bytes_sent)
                     self.host.allow_clients()
@@ -290,9 +304,18 @@ class Mirror:
                 self._log_end(result.outcome, completed)
             self._end(result, completed)
 
+    def _mark_unanswered(self) -> None:
+        """An attempt failed: what it sent without a successful answer may be torn or
+        missing at the destination (even where it held an older copy): dirty, so a resumed
+        attempt sends it again."""
+        if self.stream is not None and self.dirty is not None:
+            for offset, length in self.stream.unanswered():
+                self.dirty.mark(offset, length)
+
     def _tally(self) -> None:
         """An attempt ended: add its figures to the mirror's."""
         self.data_total += self.bytes_sent
+        self.wire_total += self.query_wire_bytes
         if self.completed:
             self.wire_total += self.wire_bytes
         elif self.stream is not None:
@@ -343,7 +366,8 @@ class Mirror:
             try:
                 info = client_handshake(sock, tls=self.host.tls_client, server_hostname=p.addr,
                                         timeout=HANDSHAKE_TIMEOUT,
-                                        greeting_timeout=GREETING_TIMEOUT)
+                                        greeting_timeout=GREETING_TIMEOUT,
+                                        migration_id=self.migration_id)
             except NoGreeting as e:
                 raise AttemptFailed(Result(Outcome.NO_RESPONSE,
                                            outcome.no_greeting(timeout=GREETING_TIMEOUT)),
@@ -372,6 +396,7 @@ class Mirror:
                                     f"we have {self.host.size}")
             zeroes = info.style == "newstyle" and info.has(wire.FLAG_SEND_WRITE_ZEROES)
             self.session = info.tls
+            self.coverage_context = info.coverage_context
             self._how = ", ".join([info.style, info.tls.version if info.tls else "no TLS",
                                    "holes as WRITE_ZEROES" if zeroes else "holes as zeroes"])
             _log.info("mirror connected to %s port %d (%s%s%s)", p.addr, p.port, info.style,
@@ -391,23 +416,31 @@ class Mirror:
         return context.kind if context is not None else None
 
     def _attempt(self, sock: socket.socket, zeroes: bool) -> bool:
-        """One attempt from offset 0. True when the migration completed."""
+        """One attempt: from offset 0, or resumed. True when the migration completed."""
         self.attempt_started = time.monotonic()
-        self.bytes_sent = self.wire_bytes = 0
+        self.bytes_sent = self.wire_bytes = self.query_wire_bytes = 0
         self.stream = None
         self.phase = "first pass"
         self.first_pass_left = self.host.size
         if not self._wait_for_allocmap():
             raise Abandoned("break")
-        self.dirty = self.host.export.track_dirty(True)
-        if zeroes:
-            self.first_pass_left = self.host.allocmap.count_bytes()
-        self._log_start()
+        gaps = self._missing(sock)
+        whole = [(0, self.host.size)]
+        resumed = gaps is not None and gaps != whole
+        if gaps is None or not resumed:
+            # From offset 0: tracking starts (or starts over) before the first pass reads.
+            gaps = whole
+            self.dirty = self.host.export.track_dirty(True)
+        assert self.dirty is not None
+        self.first_pass_left = sum(self.host.allocmap.span(offset, length, not zeroes,
+                                                           end=offset + length)[1]
+                                   for offset, length in gaps)
+        self._log_start(gaps, resumed)
         # (each reply within the request limit, one deadline however it trickles in)
         self.stream = _mirror.MirrorStream(sock.fileno(), self.host.export, zeroes,
                                          tls=self.session,
                                          timeout=self.settings.request_limit)
-        self._first_pass(holes_are_payload=not zeroes)
+        self._first_pass(gaps, holes_are_payload=not zeroes)
         passes = 0
         throttle = True
         previous = None
@@ -429,17 +462,38 @@ class Mirror:
             passes += 1
         return self._endgame(sock)
 
-    def _first_pass(self, holes_are_payload: bool) -> None:
-        """Send the whole export once, a batch of up to a chunk of payload at a time (the
-        holes between cost nothing when they go as WRITE_ZEROES)."""
+    def _missing(self, sock: socket.socket) -> list[tuple[int, int]] | None:
+        """A resumed attempt: the ranges the destination does not hold (what clients wrote
+        since, and what was unanswered, are in the dirty map). None: start from offset 0
+        (the first attempt, or a destination that kept no coverage of this migration)."""
+        if self.dirty is None or self.coverage_context is None:
+            return None
+        channel = sock if self.session is None else self.session
+        try:
+            gaps, self.query_wire_bytes = resume.missing(channel, self.host.size,
+                                                         self.coverage_context,
+                                                         self.settings.request_limit,
+                                                         self._break.is_set)
+        except resume.Stopped:
+            raise Abandoned("break") from None
+        return gaps
+
+    def _first_pass(self, ranges: list[tuple[int, int]], holes_are_payload: bool) -> None:
+        """Send the ranges (the whole export, or what a resumed attempt lacks) once, a batch
+        of up to a chunk of payload at a time (the holes between cost nothing when they go as
+        WRITE_ZEROES). What it sends is clean from then on: its dirty bits are cleared
+        first (like ``take_run``: a write that lands later marks them again)."""
         allocmap = self.host.allocmap
-        offset = 0
-        while offset < self.host.size:
-            self._check_break()
-            length, payload = allocmap.span(offset, self._chunk(), holes_are_payload)
-            self._send(offset, length, throttle=True, payload=payload)
-            self.first_pass_left = max(0, self.first_pass_left - payload)
-            offset += length
+        assert self.dirty is not None
+        for start, length in ranges:
+            offset, end = start, start + length
+            while offset < end:
+                self._check_break()
+                n, payload = allocmap.span(offset, self._chunk(), holes_are_payload, end=end)
+                self.dirty.clear(offset, n)
+                self._send(offset, n, throttle=True, payload=payload)
+                self.first_pass_left = max(0, self.first_pass_left - payload)
+                offset += n
 
     def _wait_for_allocmap(self) -> bool:
         """Wait until the allocation map is complete; False if `break` came first."""
@@ -550,15 +604,26 @@ class Mirror:
         if self._pacer.due():
             self._log_progress()
 
-    def _log_start(self) -> None:
+    def _log_start(self, gaps: list[tuple[int, int]], resumed: bool) -> None:
         p = self.settings
+        missing = sum(length for _, length in gaps)
         if self.attempts == 1:
             _milestones.info("migration to %s port %d started: %d bytes, %d bytes of data to "
                              "send (%s)", p.addr, p.port, self.host.size, self.first_pass_left,
                              self._how)
+        elif resumed:
+            _milestones.info("migration to %s port %d: attempt %d resumes: the destination "
+                             "holds %d of %d bytes, skipped; %d bytes of data to send and %d "
+                             "dirty (%s)", p.addr, p.port, self.attempts,
+                             self.host.size - missing, self.host.size, self.first_pass_left,
+                             self.dirty.count_bytes() if self.dirty is not None else 0,
+                             self._how)
         else:
-            _milestones.info("migration to %s port %d: attempt %d starts over from offset 0: "
+            _milestones.info("migration to %s port %d: attempt %d starts over from offset 0%s: "
                              "%d bytes of data to send (%s)", p.addr, p.port, self.attempts,
+                             " (the destination holds none of this migration: restarted?)"
+                             if self.coverage_context is not None else
+                             " (the destination keeps no coverage to resume from)",
                              self.first_pass_left, self._how)
         self.announced = True
         self._pacer.restart()

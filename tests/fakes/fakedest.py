@@ -36,6 +36,22 @@ written where the file already reads zeroes, so a fresh sparse file stays sparse
 receiver kept it), WRITE_ZEROES zero the range the same way, READ answers from the file, DISC
 ends the connection. Replies are simple and echo the request's cookie.
 
+Resume (issue 25): a newstyle script with ``coverage=True`` plays a flexnbd listener that
+keeps a migration's coverage: STRUCTURED_REPLY is ACKed, and LIST_META_CONTEXT and
+SET_META_CONTEXT list ``flexnbd:coverage:<the id the client asks for>`` (the first valid one;
+SET gives it the id ``coverage_context``, and records the id in ``ConnRecord.migration_id``).
+``block_status`` says how a BLOCK_STATUS is answered: ``""`` as any other command (a simple
+reply, as before), ``honest`` (what this FakeDest's connections of that migration wrote with
+acknowledged WRITE/WRITE_ZEROES, 1024 extents at most), or a lie: ``all`` (everything covered),
+``none`` (nothing covered), ``tiny`` (one covered extent of 1 byte, 1 ms after the request:
+a query of one round trip per byte), ``badcookie``,
+``badmagic``, ``zero_extent`` (an extent of length 0), ``beyond`` (extents adding up to more
+than asked), ``other_context`` (the reply names another context id), ``oversized`` (a valid
+chunk of more than 64 KiB), ``no_done`` (a chunk without REPLY_FLAG_DONE), ``error_chunk``,
+``simple_error``, ``simple_ok`` (simple replies), ``hang`` (never answered; the rest is read and
+discarded) or ``close``. ``ConnRecord.block_status`` counts the BLOCK_STATUS requests answered
+(or not) that way.
+
 ``FakeDest.old050(size, path)`` is a 0.5.0-like oldstyle listener: READ/WRITE/DISC/FLUSH only.
 
 Everything is recorded per connection in ``conns`` (``ConnRecord``): the requests, the payload
@@ -79,6 +95,10 @@ class Script:
     on_flush: str = "ok"             # ok | error | hang | close | ok_close
     after_last_reply: str = ""       # "" | close | reset (after the reply completing coverage)
     on_disc: str = "close"           # close | reset | hold | junk
+    # Resume (issue 25): offer flexnbd:coverage:<id> (newstyle), and how to answer BLOCK_STATUS
+    coverage: bool = False
+    coverage_context: int = wire.COVERAGE_ID     # the context id SET gives it
+    block_status: str = ""           # "" (as any command) | honest | all | none | a lie (above)
 
 
 @dataclass
@@ -112,6 +132,9 @@ class ConnRecord:
     handoff_fired: str = ""          # on_flush / after_last_reply fault that fired
     peer_reset: bool = False         # a read failed with a reset (the peer closed with unread
                                      # data, or with SO_LINGER 0)
+    options: list[int] = field(default_factory=list)    # the handshake's options, in order
+    migration_id: str | None = None  # coverage script: the id SET selected
+    block_status: int = 0            # BLOCK_STATUS requests answered by ``script.block_status``
 
     @property
     def types(self) -> list[int]:
@@ -136,6 +159,8 @@ class FakeDest:
         self.scripts = list(scripts or [])
         self.default = default or Script()
         self.conns: list[ConnRecord] = []
+        # migration id: [(start, end)] its connections wrote (acknowledged WRITE/WRITE_ZEROES)
+        self.coverage: dict[str, list[tuple[int, int]]] = {}
         self._fd = os.open(self.path, os.O_RDWR) if self.path else -1
         self._stop = threading.Event()
         self._lock = threading.Lock()
@@ -274,7 +299,14 @@ class FakeDest:
                 self._recv(sock, rec, wire.OPTION_HEADER_SIZE))
             if magic != wire.IHAVEOPT or length > 65536:
                 return False
-            self._recv(sock, rec, length)
+            data = self._recv(sock, rec, length)
+            rec.options.append(option)
+            if s.coverage and option == wire.OPT_STRUCTURED_REPLY:
+                sock.sendall(wire.pack_option_reply(option, wire.REP_ACK))
+                continue
+            if s.coverage and option in (wire.OPT_LIST_META_CONTEXT, wire.OPT_SET_META_CONTEXT):
+                self._meta_context(sock, rec, option, data)
+                continue
             if option == wire.OPT_EXPORT_NAME:
                 tail = b"" if cflags & wire.FLAG_C_NO_ZEROES else bytes(124)
                 sock.sendall(struct.pack(">QH", size, tflags) + tail)
@@ -290,6 +322,119 @@ class FakeDest:
                 sock.sendall(wire.pack_option_reply(option, wire.REP_ACK))
                 return False
             sock.sendall(wire.pack_option_reply(option, wire.REP_ERR_UNSUP))
+
+    def _meta_context(self, sock: socket.socket, rec: ConnRecord, option: int,
+                      data: bytes) -> None:
+        """LIST/SET_META_CONTEXT: the first valid flexnbd:coverage:<id> asked for."""
+        queries = []
+        try:
+            (name_len,) = struct.unpack_from(">I", data, 0)
+            pos = 4 + name_len
+            (count,) = struct.unpack_from(">I", data, pos)
+            pos += 4
+            for _ in range(count):
+                (n,) = struct.unpack_from(">I", data, pos)
+                queries.append(data[pos + 4:pos + 4 + n])
+                pos += 4 + n
+        except struct.error:
+            sock.sendall(wire.pack_option_reply(option, wire.REP_ERR_INVALID))
+            return
+        setting = option == wire.OPT_SET_META_CONTEXT
+        ident = next((m for m in map(wire.migration_id_of, queries) if m), None)
+        if ident is not None:
+            context = rec.script.coverage_context if setting else 0
+            sock.sendall(wire.pack_option_reply(
+                option, wire.REP_META_CONTEXT,
+                struct.pack(">I", context) + wire.COVERAGE_PREFIX + ident.encode()))
+        if setting:
+            rec.migration_id = ident
+        sock.sendall(wire.pack_option_reply(option, wire.REP_ACK))
+
+    def _covered_by(self, rec: ConnRecord, offset: int, length: int) -> None:
+        if rec.migration_id is not None:
+            with self._lock:
+                self.coverage.setdefault(rec.migration_id, []).append((offset, offset + length))
+
+    def _extents(self, rec: ConnRecord, offset: int, length: int) -> list[tuple[int, int]]:
+        """Honest coverage extents of [offset, offset+length): at most 1024."""
+        with self._lock:
+            ranges = sorted(self.coverage.get(rec.migration_id or "", []))
+        merged: list[list[int]] = []
+        for start, end in ranges:
+            if merged and start <= merged[-1][1]:
+                merged[-1][1] = max(merged[-1][1], end)
+            else:
+                merged.append([start, end])
+        extents: list[tuple[int, int]] = []
+        at, end = offset, offset + length
+        while at < end and len(extents) < 1024:
+            state, until = 0, end
+            for s, e in merged:
+                if s <= at < e:
+                    state, until = wire.STATE_COVERED, min(e, end)
+                    break
+                if s > at:
+                    until = min(s, end)
+                    break
+            extents.append((until - at, state))
+            at = until
+        return extents
+
+    def _block_status(self, sock: socket.socket, rec: ConnRecord, req: Req) -> bool:
+        """Answer a BLOCK_STATUS the script's way; False when the connection must end."""
+        how = rec.script.block_status
+        rec.block_status += 1
+        context = rec.script.coverage_context
+        cookie, length = req.cookie, req.length
+        extents = [(length, wire.STATE_COVERED)]
+        flags, kind = wire.REPLY_FLAG_DONE, wire.REPLY_TYPE_BLOCK_STATUS
+        if how == "honest":
+            extents = self._extents(rec, req.offset, length)
+        elif how == "none":
+            extents = [(length, 0)]
+        elif how == "tiny":
+            time.sleep(0.001)      # (at once for the sender; it spares the CPU of the test)
+            extents = [(1, wire.STATE_COVERED)]
+        elif how == "badcookie":
+            cookie ^= 1
+        elif how == "zero_extent":
+            extents = [(0, wire.STATE_COVERED)]
+        elif how == "beyond":
+            extents = [(length, 0), (4096, wire.STATE_COVERED)]
+        elif how == "other_context":
+            context += 1
+        elif how == "oversized":
+            extents = [(1, wire.STATE_COVERED)] * 8192     # 4 + 64 KiB of payload
+        elif how == "no_done":
+            flags = 0
+        elif how in ("simple_error", "simple_ok", "badmagic"):
+            error = wire.NBD_EIO if how == "simple_error" else 0
+            magic = wire.SIMPLE_REPLY_MAGIC ^ 0x0100 if how == "badmagic" \
+                else wire.SIMPLE_REPLY_MAGIC
+            req.error = error
+            sock.sendall(wire.pack_simple_reply(error, cookie, magic))
+            return True
+        elif how == "error_chunk":
+            req.error = wire.NBD_EPERM
+            sock.sendall(wire.pack_chunk_header(wire.REPLY_FLAG_DONE, wire.REPLY_TYPE_ERROR,
+                                                cookie, 6)
+                         + struct.pack(">IH", wire.NBD_EPERM, 0))
+            return True
+        elif how == "hang":
+            req.error = -1
+            rec.how_ended = "fault"
+            self._discard_until_closed(sock, rec)
+            return False
+        elif how == "close":
+            req.error = -1
+            rec.how_ended = "fault"
+            return False
+        elif how != "all":
+            raise ValueError(f"unknown block_status {how!r}")
+        payload = struct.pack(">I", context) + b"".join(struct.pack(">II", n, f)
+                                                        for n, f in extents)
+        sock.sendall(wire.pack_chunk_header(flags, kind, cookie, len(payload)) + payload)
+        return True
 
     def _discard_until_closed(self, sock: socket.socket, rec: ConnRecord) -> None:
         while not self._stop.is_set():
@@ -343,6 +488,14 @@ class FakeDest:
                 return
             fault = s.fault if s.fail_at is not None and index == s.fail_at else ""
             index += 1
+            if cmd == wire.CMD_BLOCK_STATUS and s.block_status and not fault:
+                try:
+                    answered = self._block_status(sock, rec, req)
+                except OSError:
+                    raise _Closed() from None      # the sender hung up on the answer
+                if not answered:
+                    return
+                continue
             if fault:
                 rec.fault_fired = True
                 if fault == "close":
@@ -391,6 +544,9 @@ class FakeDest:
             elif cmd == wire.CMD_READ:
                 data = os.pread(self._fd, length, offset) if self._fd >= 0 else bytes(length)
                 data += bytes(length - len(data))
+            if error == 0 and cmd in (wire.CMD_WRITE, wire.CMD_WRITE_ZEROES) and \
+                    fault != "badcookie" and fault != "badmagic":
+                self._covered_by(rec, offset, length)
             if follow and error == 0 and not rec.covered and \
                     cmd in (wire.CMD_WRITE, wire.CMD_WRITE_ZEROES) and _covers(covered, self.size):
                 rec.covered = completes = True
