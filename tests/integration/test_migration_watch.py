@@ -84,7 +84,7 @@ def test_both_hosts_log_the_milestones_at_the_default_level(start_server, tmp_pa
     assert {line.split(" ")[2].split(":")[0] for line in _info_lines(s)} == {"migration.mirror"}
 
     # the listener: the sender, what it wrote, the final sync, why it exits
-    _one(r"sender 127\.0\.0\.1:\d+ connected \(newstyle, no TLS\)$", d)
+    _one(r"sender 127\.0\.0\.1:\d+ connected \(newstyle, no TLS, migration [0-9a-f]{32}\)$", d)
     got = _one(r"sender 127\.0\.0\.1:\d+: received (\d+) bytes of data and (\d+) bytes of "
                r"zeroes in (\d+) requests, covering (\d+) of (\d+) bytes \(then DISC\)$", d)
     assert int(got[1]) == data                    # what the source had, and no more
