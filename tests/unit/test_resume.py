@@ -89,11 +89,13 @@ class Dest:
                 if out is SILENT:
                     continue
                 assert isinstance(out, bytes)
+                # (counted first: the sender may return before this thread runs again)
+                self.bytes_out += len(out)
                 try:
                     self.sock.sendall(out)
                 except OSError:
+                    self.bytes_out -= len(out)
                     return      # the sender gave up reading (a reply it refused)
-                self.bytes_out += len(out)
         except BaseException as e:  # noqa: BLE001 - handed to the test
             self.error = e
 
