@@ -360,6 +360,21 @@ def wait_exits(
     return ended
 
 
+def record_ends(result: dict, errors: list[str], ended: dict, s: LoggedServer,
+                d: LoggedServer, t0: float, cpu0_src: float, cpu0_dst: float) -> None:
+    """Both ends' exit statuses, when they exited (from ``t0``) and the CPU they used."""
+    rc_src, rc_dst = (ended[x.name][0] if x.name in ended else None for x in (s, d))
+    result["src_exit"], result["dst_exit"] = rc_src, rc_dst
+    if s.name in ended:
+        result["src_exit_s"] = ended[s.name][1] - t0
+    if d.name in ended:
+        result["dst_exited_s"] = ended[d.name][1] - t0
+    if rc_src != 0 or rc_dst != 0:
+        errors.append(f"exit status: source {rc_src}, destination {rc_dst} (want 0, 0)")
+    result["src_cpu_s"] = s.cpu_seconds() - cpu0_src
+    result["dst_cpu_s"] = d.cpu_seconds() - cpu0_dst
+
+
 def migrate_once(
     case: str,
     src: Path,
@@ -429,16 +444,7 @@ def migrate_once(
                 result["started_s"] = req.t_started - t0
             if not req.ok:
                 errors.append(f"the mirror did not complete: {req.detail}")
-            rc_src, rc_dst = (ended[x.name][0] if x.name in ended else None for x in (s, d))
-            result["src_exit"], result["dst_exit"] = rc_src, rc_dst
-            if s.name in ended:
-                result["src_exit_s"] = ended[s.name][1] - t0
-            if d.name in ended:
-                result["dst_exited_s"] = ended[d.name][1] - t0
-            if rc_src != 0 or rc_dst != 0:
-                errors.append(f"exit status: source {rc_src}, destination {rc_dst} (want 0, 0)")
-            result["src_cpu_s"] = s.cpu_seconds() - cpu0_src
-            result["dst_cpu_s"] = d.cpu_seconds() - cpu0_dst
+            record_ends(result, errors, ended, s, d, t0, cpu0_src, cpu0_dst)
             result["src_cpu_total_s"], result["dst_cpu_total_s"] = s.cpu_seconds(), d.cpu_seconds()
             result["disk"] = DiskStats.delta(disk0, disk1)
         finally:
@@ -535,16 +541,7 @@ def resume_once(
                 result["wait_s"] = req.t_done - t0
             if not req.ok:
                 errors.append(f"the mirror did not complete: {req.detail}")
-            rc_src, rc_dst = (ended[x.name][0] if x.name in ended else None for x in (s, d))
-            result["src_exit"], result["dst_exit"] = rc_src, rc_dst
-            if s.name in ended:
-                result["src_exit_s"] = ended[s.name][1] - t0
-            if d.name in ended:
-                result["dst_exited_s"] = ended[d.name][1] - t0
-            if rc_src != 0 or rc_dst != 0:
-                errors.append(f"exit status: source {rc_src}, destination {rc_dst} (want 0, 0)")
-            result["src_cpu_s"] = s.cpu_seconds() - cpu0_src
-            result["dst_cpu_s"] = d.cpu_seconds() - cpu0_dst
+            record_ends(result, errors, ended, s, d, t0, cpu0_src, cpu0_dst)
             if relay.cut_at is not None:
                 result["cut_s"] = relay.cut_at - t0
         finally:

@@ -26,9 +26,10 @@ import pytest
 from flexnbd import wire
 from flexnbd._allocmap import CoverageMap
 from flexnbd.errors import HandshakeError, PeerClosed, ProtocolError, RemoteError
-from flexnbd.handshake import Agreed, ExportInfo, client_handshake, serve_handshake
+from flexnbd.handshake import Agreed, ExportInfo, client_handshake
 from flexnbd.migration import resume
 from tests.support.rawclient import RawClient, ServerClosed, recv_exact
+from tests.support.serverside import ServerSide
 
 KiB = 1 << 10
 MiB = 1 << 20
@@ -636,47 +637,17 @@ def meta_request(*queries: bytes, name: bytes = b"") -> bytes:
             + b"".join(struct.pack(">I", len(q)) + q for q in queries))
 
 
-class Server:
-    """serve_handshake in a thread on one end of a socketpair; a raw client on the other."""
+class Server(ServerSide):
+    """The shared server side, plus a raw client past the greeting."""
 
-    def __init__(self, export: ExportInfo) -> None:
-        self.export = export
-        self.sock, client_sock = socket.socketpair()
-        self.sock.settimeout(TIMEOUT)
-        self.client_sock = client_sock
-        self.client = RawClient(client_sock, timeout=TIMEOUT)
-        self.result: Agreed | None = None
-        self.error: BaseException | None = None
-        self.thread = threading.Thread(target=self._run, daemon=True)
-        self.thread.start()
-
-    def _run(self) -> None:
-        try:
-            self.result = serve_handshake(self.sock, self.export, False)
-        except BaseException as e:  # noqa: BLE001 - handed to the test
-            self.error = e
-        finally:
-            try:
-                self.sock.shutdown(socket.SHUT_WR)
-            except OSError:
-                pass
+    @property
+    def client_sock(self) -> socket.socket:
+        return self.client.sock
 
     def options(self) -> RawClient:
         assert self.client.read_greeting().style == "newstyle"
         self.client.send_client_flags(wire.FLAG_C_FIXED_NEWSTYLE | wire.FLAG_C_NO_ZEROES)
         return self.client
-
-    def finish(self) -> Agreed | None:
-        self.thread.join(TIMEOUT)
-        assert not self.thread.is_alive(), "serve_handshake did not return"
-        if self.error is not None:
-            raise self.error
-        return self.result
-
-    def close(self) -> None:
-        self.client.close()
-        self.thread.join(TIMEOUT)
-        self.sock.close()
 
 
 @pytest.fixture
