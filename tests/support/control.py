@@ -72,6 +72,15 @@ def status(path: str | Path) -> dict[str, str]:
     return dict(pair.split("=", 1) for pair in reply[3:].split())
 
 
+def wait_map_built(proc: Proc, timeout: float = 30.0) -> None:
+    """Until the server's allocation map is built (status no longer says ``pending``)."""
+    deadline = time.monotonic() + timeout
+    while status(proc.sock)["allocation_map_method"] == "pending":
+        if time.monotonic() > deadline:
+            pytest.fail(f"the allocation map was not built in {timeout} s:\n{proc.log()}")
+        time.sleep(0.02)
+
+
 def ipv6_loopback() -> bool:
     try:
         with socket.socket(socket.AF_INET6, socket.SOCK_STREAM) as s:
