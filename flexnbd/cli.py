@@ -16,7 +16,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import NoReturn
 
-from flexnbd import __version__, acl, activation, log, sockets, units, wire
+from flexnbd import __version__, acl, activation, hosts, log, sockets, units, wire
 from flexnbd.config import (
     CACHE_BYTES_DEFAULT,
     HANDSHAKE_SECS,
@@ -43,6 +43,7 @@ PROXY_PROG = "flexnbd-proxy"
 MAX_OFFSET = 1 << 62
 MAX_SIZE = 1 << 30
 MAX_BPS = (1 << 64) - 1
+NBD_PORT = 10809     # IANA's port for NBD: what serve, listen and the proxy listen on by default
 
 
 class _Parser(argparse.ArgumentParser):
@@ -61,10 +62,12 @@ def _global_options(p: argparse.ArgumentParser) -> None:
 
 
 def _address(text: str) -> str:
+    """An address literal or a host name, as typed (``flexnbd.hosts``: resolved when used)."""
     try:
-        return sockets.parse_ip(text)
+        return hosts.parse_host(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"bad IP address {text!r}") from None
+        raise argparse.ArgumentTypeError(f"bad address {text!r} (an IPv4 or IPv6 address, or "
+                                         "a host name)") from None
 
 
 def _port(text: str) -> int:
@@ -72,14 +75,6 @@ def _port(text: str) -> int:
         return sockets.parse_port(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"bad port {text!r} (1..65535)") from None
-
-
-def _number(limit: int, what: str) -> Callable[[str], int]:
-    def parse(text: str) -> int:
-        if not (text.isascii() and text.isdigit()) or int(text) > limit:
-            raise argparse.ArgumentTypeError(f"bad {what} {text!r} (0..{limit})")
-        return int(text)
-    return parse
 
 
 def _bytes(limit: int, what: str) -> Callable[[str], int]:
@@ -136,12 +131,15 @@ def _server_parser(mode: str) -> _Parser:
         description = "Serve FILE over NBD."
         extra = " [--killswitch] [--read-only] [--max-clients N]"
     p = _parser(mode, description,
-                f"--addr ADDR --port PORT --file FILE [--sock SOCK] [--default-deny]{extra} "
+                f"--addr ADDR [--port PORT] --file FILE [--sock SOCK] [--default-deny]{extra} "
                 "[--unix PATH] [--oldstyle] [--max-clients-per-address N] [--sock-mode MODE] "
                 "[--unix-mode MODE] [--tls on|require --tls-certificates DIR | --tls-psk FILE "
                 "[--tls-verify-peer]] [ACL ...]")
-    p.add_argument("-l", "--addr", type=_address, help="address to listen on (0 for any)")
-    p.add_argument("-p", "--port", type=_port, help="TCP port to listen on")
+    p.add_argument("-l", "--addr", type=_address,
+                   help="address or host name to listen on (every address it has); 0 or :: "
+                        "for every address, IPv6 and IPv4")
+    p.add_argument("-p", "--port", type=_port,
+                   help=f"TCP port to listen on (default {NBD_PORT}, the NBD port)")
     p.add_argument("-f", "--file", help="the file to serve (must exist)")
     _sock_option(p, "create the control socket here (status, acl, mirror, break)")
     p.add_argument("-d", "--default-deny", action="store_true",
@@ -189,13 +187,16 @@ def _transfer_parser(mode: str) -> _Parser:
     p = _parser(mode, f"Connect to an NBD server and {what}.",
                 "--addr ADDR --port PORT --from OFFSET --size SIZE [--bind BIND_ADDR] "
                 "[--tls-certificates DIR | --tls-psk FILE]")
-    p.add_argument("-l", "--addr", type=_address, help="the server's address")
+    p.add_argument("-l", "--addr", type=_address,
+                   help="the server's address or host name (each address it has is tried in "
+                        "turn)")
     p.add_argument("-p", "--port", type=_port, help="the server's port")
     p.add_argument("-F", "--from", dest="offset", type=_bytes(MAX_OFFSET, "offset"),
                    help=f"byte offset: {units.HELP}")
     p.add_argument("-S", "--size", type=_bytes(MAX_SIZE, "size"),
                    help="byte count, at most 1G (the same suffixes)")
-    p.add_argument("-b", "--bind", type=_address, help="local address to connect from")
+    p.add_argument("-b", "--bind", type=_address,
+                   help="local address (or host name) to connect from")
     p.add_argument("--tls-certificates", metavar="DIR",
                    help="use TLS: trust DIR/ca-cert.pem (and show DIR/client-cert.pem, "
                         "client-key.pem if there); the server's certificate must name ADDR")
@@ -213,12 +214,16 @@ def _mirror_parser() -> _Parser:
                 "1, saying where it goes).",
                 "--addr ADDR --port PORT --sock SOCK [--unlink] [--bind BIND_ADDR] "
                 "[--max-speed RATE] [--wait]")
-    p.add_argument("-l", "--addr", type=_address, help="the destination's address")
+    p.add_argument("-l", "--addr", type=_address,
+                   help="the destination's address or host name (the server looks it up once "
+                        "and tries each address in turn; with TLS its certificate must carry "
+                        "that name)")
     p.add_argument("-p", "--port", type=_port, help="the destination's port")
     _sock_option(p)
     p.add_argument("-u", "--unlink", action="store_true",
                    help="unlink the source file once the migration completed")
-    p.add_argument("-b", "--bind", type=_address, help="local address to connect from")
+    p.add_argument("-b", "--bind", type=_address,
+                   help="local address (or host name) to connect from")
     _max_speed_option(p, "limit the migration's average sending rate from its first request "
                          "on, in bytes per second")
     p.add_argument("-w", "--wait", action="store_true",
@@ -343,10 +348,10 @@ def _server_config(args: argparse.Namespace, mode: str) -> ServeConfig:
     inherited = activation.inherited_sockets(
         [o for o, v in (("--addr", args.addr), ("--port", args.port), ("--unix", args.unix))
          if v is not None])
+    if args.addr is None and args.port is not None:
+        raise UsageError("--port goes with --addr")
     if args.addr is None and args.unix is None and not inherited:
         raise UsageError("missing --addr and --port (or --unix PATH)")
-    if (args.addr is None) != (args.port is None):
-        raise UsageError("--addr and --port go together")
     if not os.path.exists(args.file):
         raise UsageError(f"{args.file}: no such file")
     if args.sock is not None and args.unix is not None and \
@@ -367,7 +372,8 @@ def _server_config(args: argparse.Namespace, mode: str) -> ServeConfig:
     killswitch = None
     if not listen and args.killswitch:
         killswitch = _env_seconds("FLEXNBD_KILLSWITCH_SECS", KILLSWITCH_SECS)
-    return ServeConfig(file=args.file, addr=args.addr, port=args.port, unix=args.unix,
+    port = args.port if args.port is not None or args.addr is None else NBD_PORT
+    return ServeConfig(file=args.file, addr=args.addr, port=port, unix=args.unix,
                        read_only=False if listen else args.read_only, oldstyle=args.oldstyle,
                        tls=_tls_settings(args),
                        max_clients=max_clients, max_clients_per_address=per_address,
@@ -581,13 +587,13 @@ def _run_command(label: str, parser: _Parser, argv: list[str],
 # flexnbd-proxy
 
 def _listen_address(text: str) -> str:
-    """An IP literal, or a Unix socket path (starting with /)."""
+    """An address literal or host name, or a Unix socket path (starting with /)."""
     return text if text.startswith("/") else _address(text)
 
 
 def _cache_size(text: str) -> int:
     # `-c=65536` reaches us as "=65536"
-    return _number(wire.MAX_PAYLOAD // 2, "cache size")(text.removeprefix("="))
+    return _bytes(wire.MAX_PAYLOAD // 2, "cache size")(text.removeprefix("="))
 
 
 def _proxy_parser() -> _Parser:
@@ -602,16 +608,22 @@ def _proxy_parser() -> _Parser:
                       "[--conn-tls-certificates DIR | --conn-tls-psk FILE] [-v|-q]")
     p.epilog = activation.HELP.format(options="--addr and --port")
     p.add_argument("-l", "--addr", type=_listen_address,
-                   help="address to listen on (0 for any), or a Unix socket path (/...)")
-    p.add_argument("-p", "--port", type=_port, help="TCP port to listen on")
-    p.add_argument("-C", "--conn-addr", type=_address, help="the upstream server's address")
+                   help="address or host name to listen on (0 or :: for every address, IPv6 "
+                        "and IPv4), or a Unix socket path (/...)")
+    p.add_argument("-p", "--port", type=_port,
+                   help=f"TCP port to listen on (default {NBD_PORT}, the NBD port)")
+    p.add_argument("-C", "--conn-addr", type=_address,
+                   help="the upstream server's address or host name (looked up once; each "
+                        "address is tried in turn; with TLS its certificate must carry that "
+                        "name)")
     p.add_argument("-P", "--conn-port", type=_port, help="the upstream server's port")
-    p.add_argument("-b", "--bind", type=_address, help="local address to connect upstream from")
+    p.add_argument("-b", "--bind", type=_address,
+                   help="local address (or host name) to connect upstream from")
     p.add_argument("-c", "--cache", type=_cache_size, nargs="?", const=CACHE_BYTES_DEFAULT,
                    default=0, metavar="BYTES",
                    help="read-ahead for sequential reads: a READ of at most BYTES (default "
-                        f"{CACHE_BYTES_DEFAULT}) fetches twice as much and keeps the rest; "
-                        "0, or no --cache: off")
+                        f"{CACHE_BYTES_DEFAULT}; K and M suffixes as 64K) fetches twice as "
+                        "much and keeps the rest; 0, or no --cache: off")
     p.add_argument("-o", "--oldstyle", action="store_true",
                    help="offer the client the oldstyle handshake (flexnbd 0.5.0 clients)")
     _tls_options(p)
@@ -635,14 +647,14 @@ def _proxy_config(args: argparse.Namespace) -> ProxyConfig:
     if missing:
         raise UsageError(f"missing {', '.join(missing)}")
     unix = args.addr if args.addr is not None and args.addr.startswith("/") else None
-    if unix is None and args.port is None and not inherited:
-        raise UsageError("missing --port (or give --addr a Unix socket path)")
     if unix is not None and args.port is not None:
         raise UsageError("--port goes with an IP address, not a Unix socket path")
     conn_tls = _client_tls(args.conn_tls_certificates, args.conn_tls_psk, "--conn-tls")
     return ProxyConfig(conn_addr=args.conn_addr, conn_port=args.conn_port,
                        tls=_tls_settings(args), conn_tls=conn_tls,
-                       addr=None if unix else args.addr, port=args.port, unix=unix,
+                       addr=None if unix else args.addr,
+                       port=NBD_PORT if args.port is None and args.addr is not None and
+                       unix is None else args.port, unix=unix,
                        inherited=inherited,
                        bind=args.bind, cache_bytes=args.cache, oldstyle=args.oldstyle,
                        upstream_timeout=_env_seconds("FLEXNBD_UPSTREAM_TIMEOUT",

@@ -158,7 +158,7 @@ class Listener:
         self.stop_fd = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
         self._sockets: list[socket.socket] = []
         self._places: list[str] = []
-        self._unix_path: str | None = None   # the socket file this listener made
+        self._unix: sockets.OwnedPath | None = None   # the socket file this listener made
         self._handshakes = Handshakes(handshake_timeout, on_late)
         self._backoff = sockets.AcceptBackoff(_log.warning)
         self._closing = False
@@ -172,11 +172,16 @@ class Listener:
         none is left open then."""
         try:
             if addr is not None and port is not None:
-                self._sockets.append(sockets.tcp_listener(addr, port, backlog))
-                self._places.append(f"{addr} port {port}")
+                bound, failures = sockets.tcp_listeners(addr, port, backlog)
+                for sock, place in bound:
+                    self._sockets.append(sock)
+                    self._places.append(place)
+                if failures:
+                    _log.warning("%s: %s; listening on its other addresses", addr,
+                                 "; ".join(failures))
             if unix:
-                self._sockets.append(sockets.unix_listener(unix, backlog, unix_mode))
-                self._unix_path = unix
+                sock, self._unix = sockets.unix_listener(unix, backlog, unix_mode)
+                self._sockets.append(sock)
                 self._places.append(unix)
         except BaseException:
             self._close_sockets()
@@ -225,12 +230,9 @@ class Listener:
         for sock in self._sockets:
             sock.close()
         self._sockets = []
-        if self._unix_path is not None:      # (never one a live server made: see unix_listener)
-            try:
-                os.unlink(self._unix_path)
-            except FileNotFoundError:
-                pass
-            self._unix_path = None
+        if self._unix is not None:
+            self._unix.remove()
+            self._unix = None
 
     def _accept_loop(self, on_connection: Callable[[Accepted], None]) -> None:
         listening = {sock.fileno(): sock for sock in self._sockets}

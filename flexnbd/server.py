@@ -14,6 +14,7 @@ The allocation map is built in the background once the server serves.
 
 from __future__ import annotations
 
+import errno
 import os
 import threading
 import time
@@ -36,14 +37,27 @@ _log = log.get("server")
 
 
 def open_export(path: str, read_only: bool) -> tuple[int, int]:
-    """Open FILE; its size rounded down to 512 is the export size (0.5.0 behaviour)."""
+    """Open FILE; its size rounded down to 512 is the export size (0.5.0 behaviour), and a
+    warning says what that leaves out (or that there is nothing to serve)."""
     flags = (os.O_RDONLY if read_only else os.O_RDWR) | os.O_CLOEXEC
     try:
         fd = os.open(path, flags)
     except OSError as e:
-        raise FlexnbdError(f"cannot open {path}: {e.strerror}") from None
+        hint = ""
+        if e.errno in (errno.EACCES, errno.EROFS) and not read_only and \
+                os.access(path, os.R_OK):
+            hint = " (it can be read: serve it with --read-only)"
+        raise FlexnbdError(f"cannot open {path}: {e.strerror}{hint}") from None
     size = os.fstat(fd).st_size
-    return fd, size - size % 512
+    exported = size - size % 512
+    if size == 0:
+        _log.warning("%s is empty: clients will see a disk of 0 bytes (grow it first, e.g. "
+                     "truncate -s 1G %s)", path, path)
+    elif exported != size:
+        _log.warning("%s is %d bytes, not a multiple of 512: %d bytes are served and its last "
+                     "%d bytes are not (neither read nor written)", path, size, exported,
+                     size - exported)
+    return fd, exported
 
 
 class Server:

@@ -4,24 +4,14 @@ from __future__ import annotations
 
 import errno
 import fcntl
-import ipaddress
 import os
 import socket
 import stat
 import struct
 from collections.abc import Callable
 
+from flexnbd import hosts
 from flexnbd.errors import FlexnbdError
-
-ANY_ADDRESSES = {"0": "0.0.0.0", "0.0.0.0": "0.0.0.0", "::": "::"}
-
-
-def parse_ip(text: str) -> str:
-    """An IPv4 or IPv6 literal (or 0 for any), normalised. ValueError if it is neither."""
-    if text in ANY_ADDRESSES:
-        return ANY_ADDRESSES[text]
-    host = text[1:-1] if text.startswith("[") and text.endswith("]") else text
-    return str(ipaddress.ip_address(host))
 
 
 def parse_port(text: str) -> int:
@@ -43,8 +33,41 @@ def family_of(addr: str) -> socket.AddressFamily:
     return socket.AF_INET6 if ":" in addr else socket.AF_INET
 
 
+def tcp_listeners(host: str, port: int,
+                  backlog: int = 64) -> tuple[list[tuple[socket.socket, str]], list[str]]:
+    """Listen on every address of ``host`` (``flexnbd.hosts``): ([(socket, "ADDR port
+    PORT")], [why each address that could not be bound was not]). ``0`` is one socket for both
+    families, or IPv4 alone where the system has no IPv6. FlexnbdError if no address can be
+    bound (saying why for each)."""
+    if host in (hosts.ANY, "::"):
+        try:
+            return [(tcp_listener("::", port, backlog), f":: (IPv6 and IPv4) port {port}")], []
+        except FlexnbdError as e:
+            if not isinstance(e.__cause__, OSError) or e.__cause__.errno not in _NO_IPV6:
+                raise
+        return [(tcp_listener("0.0.0.0", port, backlog), f"0.0.0.0 port {port}")], []
+    bound: list[tuple[socket.socket, str]] = []
+    failures: list[str] = []
+    for addr in hosts.resolve(host):
+        try:
+            bound.append((tcp_listener(addr, port, backlog), f"{addr} port {port}"))
+        except FlexnbdError as e:
+            failures.append(str(e))
+    if not bound:
+        raise FlexnbdError("; ".join(failures))
+    return bound, failures
+
+
+# What says "this system has no IPv6" when binding ::.
+_NO_IPV6 = (errno.EAFNOSUPPORT, errno.EADDRNOTAVAIL, errno.EPROTONOSUPPORT)
+
+
 def tcp_listener(addr: str, port: int, backlog: int = 64) -> socket.socket:
-    sock = socket.socket(family_of(addr), socket.SOCK_STREAM)
+    """Listen on one address literal (``::`` takes IPv4 too)."""
+    try:
+        sock = socket.socket(family_of(addr), socket.SOCK_STREAM)
+    except OSError as e:
+        raise FlexnbdError(f"cannot listen on {addr} port {port}: {e.strerror}") from e
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         if sock.family == socket.AF_INET6 and addr == "::":
@@ -54,26 +77,83 @@ def tcp_listener(addr: str, port: int, backlog: int = 64) -> socket.socket:
         sock.listen(backlog)
     except OSError as e:
         sock.close()
-        raise FlexnbdError(f"cannot listen on {addr} port {port}: {e.strerror}") from None
+        raise FlexnbdError(f"cannot listen on {addr} port {port}: {e.strerror}") from e
     return sock
 
 
-def unix_listener(path: str, backlog: int = 64, mode: int = 0o600) -> socket.socket:
-    """Listen on a Unix socket at ``path`` with file mode ``mode`` (exactly: the umask does not
-    apply). A stale socket file (nobody answers behind it) is replaced; a live one is an error.
+class OwnedPath:
+    """A Unix socket file this process made, with the lock on ``PATH.lock`` that it holds for
+    as long as it serves there: another server finds the lock taken and stops at once; the
+    lock of a process that was killed is free again, and its files are reclaimed. ``remove()``
+    (on a clean exit) removes both files, each only if it is still the one we made."""
 
-    Under an exclusive flock on ``PATH.lock`` (left in place: removing it would let a third
-    server lock another file): two servers starting at once cannot both find the file stale
-    and remove each other's live socket."""
+    def __init__(self, path: str, lock_fd: int) -> None:
+        self.path = path
+        self._lock_fd = lock_fd
+        st = os.stat(path)
+        self._ino = (st.st_dev, st.st_ino)
+
+    def remove(self) -> None:
+        if self._lock_fd < 0:
+            return
+        _unlink_if(self.path, self._ino)
+        lock = os.fstat(self._lock_fd)
+        # (removed while still locked: a server waiting to lock it re-checks the name, below)
+        _unlink_if(f"{self.path}.lock", (lock.st_dev, lock.st_ino))
+        os.close(self._lock_fd)
+        self._lock_fd = -1
+
+
+def _unlink_if(path: str, ino: tuple[int, int]) -> None:
     try:
-        lock_fd = os.open(f"{path}.lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
-    except OSError as e:
-        raise FlexnbdError(f"cannot lock {path}.lock: {e.strerror}") from None
+        st = os.lstat(path)
+        if (st.st_dev, st.st_ino) == ino:
+            os.unlink(path)
+    except OSError:
+        pass
+
+
+def unix_listener(path: str, backlog: int = 64,
+                  mode: int = 0o600) -> tuple[socket.socket, OwnedPath]:
+    """Listen on a Unix socket at ``path`` with file mode ``mode`` (exactly: the umask does not
+    apply). A stale socket file (nobody answers behind it, and nobody holds its lock) is
+    replaced; a live one is an error."""
+    lock_fd = _lock(path)
     try:
-        fcntl.flock(lock_fd, fcntl.LOCK_EX)
-        return _unix_listener_locked(path, backlog, mode)
-    finally:
+        sock = _unix_listener_locked(path, backlog, mode)
+        return sock, OwnedPath(path, lock_fd)
+    except BaseException:
         os.close(lock_fd)
+        raise
+
+
+def _lock(path: str) -> int:
+    """An exclusive flock on ``PATH.lock``, held until the descriptor is closed."""
+    lock_path = f"{path}.lock"
+    for _ in range(100):
+        try:
+            fd = os.open(lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        except OSError as e:
+            raise FlexnbdError(f"cannot lock {lock_path}: {e.strerror}") from None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise FlexnbdError(f"{path} is already in use by a running server") from None
+        except OSError as e:
+            os.close(fd)
+            raise FlexnbdError(f"cannot lock {lock_path}: {e.strerror}") from None
+        # Its owner may have removed the file (a clean exit) between our open and our flock:
+        # then we hold the lock of a file nobody else will open; take the new name's.
+        held = os.fstat(fd)
+        try:
+            st = os.stat(lock_path)
+            if (st.st_dev, st.st_ino) == (held.st_dev, held.st_ino):
+                return fd
+        except FileNotFoundError:
+            pass
+        os.close(fd)
+    raise FlexnbdError(f"cannot lock {lock_path}: it keeps being replaced")
 
 
 def _unix_listener_locked(path: str, backlog: int, mode: int) -> socket.socket:
@@ -219,8 +299,38 @@ def close_normally(sock: socket.socket) -> None:
         pass
 
 
-def connect(addr: str, port: int, bind: str | None = None, timeout: float = 15.0) -> socket.socket:
-    """Connect to an NBD server, optionally from ``bind``; the socket is left blocking."""
+def connect(host: str | tuple[str, ...], port: int, bind: str | tuple[str, ...] | None = None,
+            timeout: float = 15.0) -> socket.socket:
+    """Connect to an NBD server, optionally from ``bind``; the socket is left blocking.
+    ``host``: a name or literal (resolved here), or the addresses a name resolved to once; each
+    is tried in order until one connects (the error of the last one tried is raised). ``bind``
+    likewise; its address of each destination's family is used. A wildcard ``bind`` (0.0.0.0,
+    ::) binds nothing in particular: it is ignored."""
+    addresses = hosts.resolve(host) if isinstance(host, str) else host
+    sources = local_addresses(bind) if isinstance(bind, str) else bind or ()
+    error: OSError | None = None
+    for addr in addresses:
+        source = next((a for a in sources if family_of(a) == family_of(addr)), None)
+        if sources and source is None:
+            error = OSError(errno.EAFNOSUPPORT, f"--bind {bind} has no address of the family "
+                                                f"of {addr}")
+            continue
+        try:
+            return _connect_one(addr, port, source, timeout)
+        except OSError as e:
+            error = e
+    assert error is not None
+    raise error
+
+
+def local_addresses(bind: str | None) -> tuple[str, ...]:
+    """The addresses of a ``--bind``: none for a wildcard (it binds nothing in particular)."""
+    if not bind or bind in ("0.0.0.0", "::", hosts.ANY):
+        return ()
+    return hosts.resolve(bind)
+
+
+def _connect_one(addr: str, port: int, bind: str | None, timeout: float) -> socket.socket:
     sock = socket.socket(family_of(addr), socket.SOCK_STREAM)
     try:
         if bind:
@@ -234,11 +344,22 @@ def connect(addr: str, port: int, bind: str | None = None, timeout: float = 15.0
     return sock
 
 
+def peer_address(sock: socket.socket) -> str:
+    """The address a connected TCP socket reached ("?" if it cannot be told)."""
+    try:
+        return str(sock.getpeername()[0])
+    except (OSError, IndexError, TypeError):
+        return "?"
+
+
 def peer_name(sock: socket.socket) -> str:
     try:
         peer = sock.getpeername()
     except OSError:
         return "?"
     if isinstance(peer, tuple):
-        return host_port(peer[0], peer[1])
+        host = str(peer[0])
+        # an IPv4 client of a dual-stack socket: named as IPv4, as a v4 socket would
+        return host_port(host.removeprefix("::ffff:") if host.startswith("::ffff:") and
+                         "." in host else host, peer[1])
     return peer or "unix"

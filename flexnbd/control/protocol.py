@@ -75,10 +75,11 @@ request lines                     replies
 anything else                     ``10: unknown command``
 ================================  ==============================================================
 
-``mirror`` arguments: IP is an IPv4 or IPv6 literal, PORT 1..65535, ACTION ``exit`` (the
-default), ``unlink`` or ``nothing``; BIND_IP a literal to connect from; MAX_BPS a decimal number
-of bytes per second below 2^64 (0: no limit). The same number rules hold for
-``mirror_max_bps``. Extra lines after ``status`` and ``break`` are ignored.
+``mirror`` arguments: IP is an IPv4 or IPv6 literal or (flexnbd 0.6) a host name, resolved
+once when the mirror starts (its TLS certificate must carry that name), PORT 1..65535, ACTION
+``exit`` (the default), ``unlink`` or ``nothing``; BIND_IP a literal (or name) to connect
+from; MAX_BPS a decimal number of bytes per second below 2^64 (0: no limit). The same number
+rules hold for ``mirror_max_bps``. Extra lines after ``status`` and ``break`` are ignored.
 
 A ``mirror`` sent to a listen server that has not received its own migration yet is answered
 ``1: Mirroring abandoned``: it has nothing to send.
@@ -89,10 +90,10 @@ tables at the end of this module word them, and are the only place that does.
 
 from __future__ import annotations
 
-import ipaddress
 from dataclasses import dataclass
 from typing import Union
 
+from flexnbd import hosts
 from flexnbd.migration.outcome import Outcome, Result
 from flexnbd.migration.settings import ACTIONS, MirrorSettings
 
@@ -294,11 +295,11 @@ Command = Union[StatusCommand, AclCommand, MirrorSettings, MaxBpsCommand, BreakC
 
 
 def _ip(text: str) -> str | None:
+    """An address literal or a host name (``flexnbd.hosts``; resolved where it is used)."""
     try:
-        addr = ipaddress.ip_address(text)
+        return hosts.parse_host(text)
     except ValueError:
         return None
-    return str(addr)
 
 
 def _port(text: str) -> int | None:

@@ -124,7 +124,7 @@ class ControlServer:
         self.read_timeout = read_timeout
         self.max_pending = max_pending
         self._listener: socket.socket | None = None
-        self._ino: tuple[int, int] | None = None
+        self._owned: sockets.OwnedPath | None = None
         self._wake_fd = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
         self._thread: threading.Thread | None = None
         self._closed = False
@@ -133,12 +133,8 @@ class ControlServer:
 
     def bind(self) -> None:
         """Create the socket (replacing a stale one). FlexnbdError if a live server has it."""
-        self._listener = sockets.unix_listener(self.path, backlog=MAX_PENDING, mode=self.mode)
-        try:
-            st = os.stat(self.path)
-            self._ino = (st.st_dev, st.st_ino)
-        except OSError:
-            self._ino = None
+        self._listener, self._owned = sockets.unix_listener(self.path, backlog=MAX_PENDING,
+                                                            mode=self.mode)
 
     def start(self) -> None:
         if self._listener is None:
@@ -160,17 +156,9 @@ class ControlServer:
         if self._listener is not None:
             self._listener.close()
             self._listener = None
-            self._unlink()
+            if self._owned is not None:
+                self._owned.remove()
         os.close(self._wake_fd)
-
-    def _unlink(self) -> None:
-        """Remove the socket file, unless it is no longer ours (another server replaced it)."""
-        try:
-            st = os.stat(self.path)
-            if self._ino is None or (st.st_dev, st.st_ino) == self._ino:
-                os.unlink(self.path)
-        except OSError:
-            pass
 
     # -- the thread ----------------------------------------------------------------------------
 

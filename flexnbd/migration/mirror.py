@@ -64,7 +64,7 @@ import time
 from collections.abc import Callable
 from typing import Protocol
 
-from flexnbd import _core, _mirror, log, sockets, wire
+from flexnbd import _core, _mirror, hosts, log, sockets, wire
 from flexnbd._allocmap import AllocationMap, DirtyMap
 from flexnbd._tls import TlsContext, TlsSession
 from flexnbd.errors import FlexnbdError, HandshakeError, NoGreeting, NotNbd, PeerClosed, TlsError
@@ -158,6 +158,8 @@ class Mirror:
         self.wire_bytes = 0          # bytes that crossed the wire in this attempt
         self.first_pass_left = host.size     # payload bytes the first pass still has to send
         self.dirty: DirtyMap | None = None
+        # the destination's addresses and the --bind's, looked up once
+        self._addresses: tuple[tuple[str, ...], tuple[str, ...]] | None = None
         # The migration's name at the destination (its coverage across our reconnects), and
         # the id the destination gave that context this attempt (None: no resume there).
         self.migration_id = secrets.token_hex(16)
@@ -350,8 +352,9 @@ class Mirror:
     def _connect(self) -> tuple[socket.socket, bool]:
         """Connect and check the greeting. (socket, destination takes WRITE_ZEROES)."""
         p = self.settings
+        addresses, sources = self._resolve()
         try:
-            sock = sockets.connect(p.addr, p.port, p.bind, timeout=CONNECT_TIMEOUT)
+            sock = sockets.connect(addresses, p.port, sources, timeout=CONNECT_TIMEOUT)
         except ConnectionResetError as e:
             # Connected, then reset before we looked (the pending error surfaces in
             # connect()): the peer took the connection and threw it away.
@@ -399,13 +402,28 @@ class Mirror:
             self.coverage_context = info.coverage_context
             self._how = ", ".join([info.style, info.tls.version if info.tls else "no TLS",
                                    "holes as WRITE_ZEROES" if zeroes else "holes as zeroes"])
-            _log.info("mirror connected to %s port %d (%s%s%s)", p.addr, p.port, info.style,
+            _log.info("mirror connected to %s port %d (%s%s%s)",
+                      hosts.described(p.addr, (sockets.peer_address(sock),)), p.port, info.style,
                       ", WRITE_ZEROES" if zeroes else "",
                       f", {info.tls.version}" if info.tls is not None else "")
             return sock, zeroes
         except BaseException:
             sock.close()
             raise
+
+    def _resolve(self) -> tuple[tuple[str, ...], tuple[str, ...]]:
+        """The destination's addresses and the bind address's, looked up once per mirror
+        (every attempt tries them in order); AttemptFailed if a name has none."""
+        if self._addresses is None:
+            p = self.settings
+            try:
+                self._addresses = (hosts.resolve(p.addr), sockets.local_addresses(p.bind))
+            except FlexnbdError as e:
+                raise AttemptFailed(Result(Outcome.FAILED_TO_CONNECT, str(e)),
+                                    str(e)) from None
+            if self._addresses[0] != (p.addr,):
+                _log.info("mirror destination %s", hosts.described(p.addr, self._addresses[0]))
+        return self._addresses
 
     def _tls_kind(self) -> str | None:
         """"psk" or "x509": which hint a TLS failure gets (None: no usable credentials)."""

@@ -209,7 +209,7 @@ BAD_INPUT = [
     pytest.param(["serve", *_port_args("abc"), "--file", "FILE"], "port", id="serve-port-abc"),
     pytest.param(["serve", "--addr", "1.2.3.4.5", "--port", "PORT", "--file", "FILE"],
                  "address", id="serve-bad-address"),
-    pytest.param(["serve", "--addr", "localhost-ish", "--port", "PORT", "--file", "FILE"],
+    pytest.param(["serve", "--addr", "localhost_ish", "--port", "PORT", "--file", "FILE"],
                  "address", id="serve-bad-address-name"),
     pytest.param(["serve", *_port_args("PORT"), "--file", "MISSING"], "MISSING",
                  id="serve-file-does-not-exist"),

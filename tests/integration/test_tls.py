@@ -31,6 +31,7 @@ from tests.support.tlscreds import (
     tls_client,
     x509_uri,
 )
+from tests.support.waiting import wait_until
 
 SIZE = 9 * MiB + 4096
 
@@ -229,7 +230,8 @@ def test_a_wrong_key_fails_and_the_server_carries_on(serve, make_file, tmp_path,
     wrong = make_psk(tmp_path / "wrong")
     res = run([nbdinfo, "--size", psk_uri(server, wrong)])
     assert res.returncode != 0
-    assert "TLS handshake failed" in server.log()
+    # (the client may give up before the server has written its line)
+    assert wait_until(lambda: "TLS handshake failed" in server.log(), 15), server.log()
     assert_serves_tls(server, psk)
 
 

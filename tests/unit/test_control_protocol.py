@@ -196,7 +196,14 @@ def test_reader_never_fails(data, chunk):
      MirrorSettings("1.2.3.4", 80, "exit", "::", None)),
     (["mirror", "1.2.3.4", "80", "exit", "1.1.1.1", str((1 << 64) - 1)],
      MirrorSettings("1.2.3.4", 80, "exit", "1.1.1.1", (1 << 64) - 1)),
-    (["mirror", "host", "80"], p.BAD_IP),
+    # (flexnbd 0.6) a host name, in lower case; what is no name is still a bad IP address
+    (["mirror", "DB1.Example.", "80"], MirrorSettings("db1.example", 80)),
+    (["mirror", "1.2.3.4", "80", "exit", "Src.example"],
+     MirrorSettings("1.2.3.4", 80, "exit", "src.example")),
+    (["mirror", "host_1", "80"], p.BAD_IP),
+    (["mirror", "-host", "80"], p.BAD_IP),
+    (["mirror", "1.2.3.400", "80"], p.BAD_IP),
+    (["mirror", "a" * 64 + ".example", "80"], p.BAD_IP),
     (["mirror", "", "80"], p.BAD_IP),
     (["mirror", "1.2.3.4", "0"], p.BAD_PORT),
     (["mirror", "1.2.3.4", "65536"], p.BAD_PORT),
@@ -204,13 +211,13 @@ def test_reader_never_fails(data, chunk):
     (["mirror", "1.2.3.4", "८०"], p.BAD_PORT),
     (["mirror", "1.2.3.4", "000080"], p.BAD_PORT),
     (["mirror", "1.2.3.4", "80", "EXIT"], p.BAD_ACTION),
-    (["mirror", "1.2.3.4", "80", "exit", "bind-me"], p.BAD_BIND),
+    (["mirror", "1.2.3.4", "80", "exit", "bind me"], p.BAD_BIND),
     (["mirror", "1.2.3.4", "80", "exit", "1.1.1.1", str(1 << 64)], p.BPS_OUT_OF_RANGE),
     (["mirror", "1.2.3.4", "80", "exit", "1.1.1.1", "9" * 300], p.BPS_OUT_OF_RANGE),
     (["mirror", "1.2.3.4", "80", "exit", "1.1.1.1", "1e6"], p.BPS_UNPARSEABLE),
     (["mirror", "1.2.3.4", "80", "exit", "1.1.1.1", ""], p.BPS_UNPARSEABLE),
     (["mirror", "1.2.3.4", "80", "exit", "1.1.1.1", "5", "x"], p.MIRROR_EXTRA),
-    (["mirror", "x", "80", "exit", "1.1.1.1", "5", "x"], p.BAD_IP),
+    (["mirror", "x!", "80", "exit", "1.1.1.1", "5", "x"], p.BAD_IP),
     (["mirror_max_bps"], p.BAD_FORMAT),
     (["mirror_max_bps", "1", "2"], p.BAD_FORMAT),
     (["mirror_max_bps", "100"], p.MaxBpsCommand(100)),
@@ -364,17 +371,28 @@ def test_listener_refuses_a_second_live_server(control_server, tmp_path):
 
 
 def test_listener_close_leaves_a_replacement_alone(tmp_path):
+    """While a server runs, its lock turns a second one away; if someone replaced its socket
+    file (and its lock file) meanwhile, its close leaves the replacements alone."""
     path = str(tmp_path / "x.sock")
     first = ControlServer(path, FakeTarget())
     first.start()
-    os.unlink(path)  # someone removed it and a new server took the path
-    second = ControlServer(path, FakeTarget())
-    second.start()
+    with pytest.raises(FlexnbdError, match="already in use by a running server"):
+        ControlServer(path, FakeTarget()).bind()
+    for name in (path, f"{path}.lock"):
+        os.unlink(name)
+        with open(name, "w") as f:
+            f.write("someone else's")
     first.close()
-    assert os.path.exists(path)
+    assert [open(name).read() for name in (path, f"{path}.lock")] == ["someone else's"] * 2
+
+
+def test_listener_close_removes_its_files(tmp_path):
+    path = str(tmp_path / "x.sock")
+    server = ControlServer(path, FakeTarget())
+    server.start()
     assert client_request(path, ["status"]).code == 0
-    second.close()
-    assert not os.path.exists(path)
+    server.close()
+    assert os.listdir(tmp_path) == []
 
 
 def test_the_cli_mirror_request_carries_the_limit():
