@@ -21,6 +21,7 @@ from typing import NoReturn
 from flexnbd import __version__, acl, activation, log, sockets, units, wire
 from flexnbd.config import (
     CACHE_BYTES_DEFAULT,
+    CONTROL_TIMEOUT_SECS,
     HANDSHAKE_SECS,
     IDLE_SPIN_SECS,
     KILLSWITCH_SECS,
@@ -383,7 +384,8 @@ def _server_config(args: argparse.Namespace, mode: str) -> ServeConfig:
                        handshake_timeout=_env_seconds("FLEXNBD_HANDSHAKE_TIMEOUT", HANDSHAKE_SECS),
                        send_timeout=_env_seconds("FLEXNBD_SEND_TIMEOUT", SEND_TIMEOUT_SECS),
                        idle_spin=_idle_spin(),
-                       control_timeout=_env_seconds("FLEXNBD_CONTROL_TIMEOUT_SECS", 10.0),
+                       control_timeout=_env_seconds("FLEXNBD_CONTROL_TIMEOUT_SECS",
+                                                    CONTROL_TIMEOUT_SECS),
                        mirror_request_limit=_request_limit(),
                        mirror_progress_interval=_env_seconds("FLEXNBD_MIRROR_PROGRESS_SECS",
                                                              PROGRESS_SECS),
