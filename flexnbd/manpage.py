@@ -16,13 +16,17 @@ titles, definition lists, bullet lists, one simple table). The defaults in ENVIR
 constants the program uses. What is written here is only what has no other home: NAME,
 DESCRIPTION, what each variable means, EXIT STATUS, SEE ALSO.
 
-Why not a PyPI tool such as argparse-manpage or click-man: it would be one more build (or
-development) dependency, pinned and audited, for ~300 lines of string formatting; it renders
-an argparse parser but none of the hand-written sections, so those would live in a second
-place anyway; and its roff changes with its releases (and argparse's formatter with Python's:
-3.13 changed how an option with a value is listed), which would make the committed pages drift
-with the tool's version. This renders the parsers' own fields, the same on CPython 3.10-3.13,
-so ``--help`` and the man page cannot drift apart.
+Why this rather than a PyPI tool such as argparse-manpage: no extra dependency (one more
+pinned build or development requirement, for a few hundred lines of string formatting); the
+tool renders the parsers, but the control socket, the status fields and the socket activation
+would be hand-kept include files beside it, copies of the docstrings that drift from them;
+and its roff output changes with its releases (and argparse's own formatter with Python's:
+3.13 lists ``-l, --addr ADDR`` where 3.12 listed ``-l ADDR, --addr ADDR``), so the committed
+pages would depend on the tool's and the interpreter's versions. This renders the parsers' own
+fields, the same on CPython 3.10-3.13, so ``--help`` and the man page cannot drift apart. It
+ships in the package (it is small) so that the pages can be rendered from an installed
+flexnbd: the wheel test checks the installed pages against it on the oldest and newest
+Python.
 
 Pure: text in, text out (``main`` writes the files).
 """
@@ -212,8 +216,8 @@ def _inline(text: str) -> str:
 
 
 def _fill(text: str) -> list[str]:
-    """A paragraph of roff text: one sentence of words, wrapped for the source's sake; no line
-    starts with a control character."""
+    """A paragraph of roff text as source lines: its words rewrapped (roff fills them again),
+    no line starting with a control character."""
     lines = textwrap.wrap(" ".join(text.split()), WIDTH, break_long_words=False,
                           break_on_hyphens=False)
     return [f"\\&{line}" if line.startswith((".", "'")) else line for line in lines]
