@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
-.PHONY: install build test lint bench bench-ci chaos wheel wheels wheel-test sdist-test annotate clean
+.PHONY: install build test lint man bench bench-ci chaos wheel wheels wheel-test sdist-test annotate clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -25,6 +25,11 @@ lint: install
 	$(PY) -m mypy
 	PATH=$(VENV)/bin:$$PATH cython-lint flexnbd
 	$(VENV)/bin/lint-imports
+
+# Rewrite man/flexnbd.1 and man/flexnbd-proxy.1 from the parsers and the modules' documentation
+# (flexnbd/manpage.py); commit them: tests/unit/test_manpages.py fails while they are stale.
+man: install
+	$(PY) -m flexnbd.manpage man
 
 # Every benchmark: throughput rows against nbdkit and qemu-nbd, map build, migration, proxy;
 # the results go to benchmarks/results/NAME.json (RESULTS.md is written from them).

@@ -1,7 +1,8 @@
 """The command line: parses arguments, builds config objects, starts a mode.
 
 Modes (SPEC §1): serve, listen (the servers), mirror, mirror-speed, acl, break, status, wait
-(clients of a server's control socket), read, write (NBD clients), help. Every bad input ends in
+(clients of a server's control socket), read, write (NBD clients), help; and ``--version``
+(``-V``), alone or after a mode, as nbdkit and qemu-nbd have it. Every bad input ends in
 one clear line on stderr plus the mode's usage, and exit status 1; never a traceback. The
 control client modes print the reply's text (stdout for code 0, else stderr) and exit with its
 code. Byte counts and rates take K/M/G/T suffixes (``flexnbd.units``).
@@ -12,6 +13,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import textwrap
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import NoReturn
@@ -19,6 +21,7 @@ from typing import NoReturn
 from flexnbd import __version__, acl, activation, hosts, log, sockets, units, wire
 from flexnbd.config import (
     CACHE_BYTES_DEFAULT,
+    CONTROL_TIMEOUT_SECS,
     HANDSHAKE_SECS,
     IDLE_SPIN_SECS,
     KILLSWITCH_SECS,
@@ -59,6 +62,8 @@ def _global_options(p: argparse.ArgumentParser) -> None:
                    default=0, help="log info messages too (debug with FLEXNBD_DEBUG=1)")
     p.add_argument("-q", "--quiet", dest="verbosity", action="store_const", const=-1,
                    help="log fatal errors only")
+    p.add_argument("-V", "--version", action="store_true",
+                   help="print the version and exit")
 
 
 def _address(text: str) -> str:
@@ -385,7 +390,8 @@ def _server_config(args: argparse.Namespace, mode: str) -> ServeConfig:
                        handshake_timeout=_env_seconds("FLEXNBD_HANDSHAKE_TIMEOUT", HANDSHAKE_SECS),
                        send_timeout=_env_seconds("FLEXNBD_SEND_TIMEOUT", SEND_TIMEOUT_SECS),
                        idle_spin=_idle_spin(),
-                       control_timeout=_env_seconds("FLEXNBD_CONTROL_TIMEOUT_SECS", 10.0),
+                       control_timeout=_env_seconds("FLEXNBD_CONTROL_TIMEOUT_SECS",
+                                                    CONTROL_TIMEOUT_SECS),
                        mirror_request_limit=_request_limit(),
                        mirror_progress_interval=_env_seconds("FLEXNBD_MIRROR_PROGRESS_SECS",
                                                              PROGRESS_SECS),
@@ -509,25 +515,47 @@ MODES: dict[str, Mode] = {
 }
 
 
+def help_parser() -> _Parser:
+    """``help`` described as a mode is (``help help``, and its section of the man page)."""
+    p = _Parser(prog=f"{PROG} help", add_help=False, usage=f"{PROG} help [MODE]",
+                description="Describe MODE: its usage, what it does, and each option with its "
+                            "default. Without MODE, list the modes. 'help proxy' points at "
+                            f"{PROXY_PROG}, a program of its own.")
+    p.add_argument("mode", nargs="?", metavar="MODE",
+                   help=f"one of {', '.join([*MODES, 'help', 'proxy'])}")
+    return p
+
+
+PROXY_HELP = (f"{PROXY_PROG} is a separate program: it serves one NBD client, relaying its "
+              "requests to an NBD server, and hides that server's restarts and migrations from "
+              f"the client. See '{PROXY_PROG} --help' and 'man {PROXY_PROG}'.")
+
+
 def _main_usage() -> str:
     lines = [f"usage: {PROG} MODE [options]", "", "modes:"]
     for mode in MODES.values():
         lines.append(f"  {mode.parser().usage}")
-    lines += [f"  {PROG} help [MODE]", "",
-              "Global options: -h/--help, -v/--verbose, -q/--quiet (the last of -v/-q wins).",
+    lines += [f"  {help_parser().usage}", f"  {PROG} --version", "",
+              "Global options: -h/--help, -v/--verbose, -q/--quiet (the last of -v/-q wins), "
+              "-V/--version.",
               f"flexnbd {__version__}. '{PROG} help MODE' describes a mode; "
-              f"'{PROXY_PROG} --help' the proxy."]
+              f"'{PROXY_PROG} --help' the proxy; 'man {PROG}' all of it."]
     return "\n".join(lines)
 
 
-def _wants_help(argv: Sequence[str]) -> bool:
+def _version(prog: str) -> str:
+    return f"{prog} {__version__}"
+
+
+def _wants(argv: Sequence[str], short: str, long: str) -> bool:
+    """Whether ``argv`` holds the option -SHORT or --LONG (before any ``--``)."""
     for arg in argv:
         if arg == "--":
             return False
-        if arg in ("-h", "--help"):
+        if arg in (f"-{short}", f"--{long}"):
             return True
         # short options bundled after a dash, e.g. -vh
-        if len(arg) > 2 and arg[0] == "-" and arg[1] != "-" and "h" in arg[1:] and \
+        if len(arg) > 2 and arg[0] == "-" and arg[1] != "-" and short in arg[1:] and \
                 arg[1:].isalpha():
             return True
     return False
@@ -538,10 +566,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not argv or argv[0] in ("-h", "--help"):
         print(_main_usage())
         return 0 if argv else 1
+    if argv[0] in ("-V", "--version"):
+        print(_version(PROG))
+        return 0
     name, rest = argv[0], argv[1:]
     if name == "help":
         if not rest:
             print(_main_usage())
+            return 0
+        if rest[0] == "help":
+            help_parser().print_help()
+            return 0
+        if rest[0] == "proxy":
+            print(textwrap.fill(PROXY_HELP, 79))
             return 0
         if rest[0] not in MODES:
             print(f"{PROG}: unknown mode {rest[0]!r}\n{_main_usage()}", file=sys.stderr)
@@ -566,11 +603,14 @@ def main(argv: Sequence[str] | None = None) -> int:
 def _run_command(label: str, parser: _Parser, argv: list[str],
                  parse: Callable[[list[str]], argparse.Namespace],
                  run: Callable[[argparse.Namespace], int]) -> int:
-    """--help, or ``run`` what ``parse`` made of ``argv``: a usage error prints the usage, any
-    other error one line (never a traceback), ^C exits 1."""
+    """--help, --version, or ``run`` what ``parse`` made of ``argv``: a usage error prints the
+    usage, any other error one line (never a traceback), ^C exits 1."""
     try:
-        if _wants_help(argv):
+        if _wants(argv, "h", "help"):
             parser.print_help()
+            return 0
+        if _wants(argv, "V", "version"):
+            print(_version(parser.prog.split()[0]))
             return 0
         return run(parse(argv))
     except UsageError as e:
@@ -678,3 +718,8 @@ def proxy_main(argv: Sequence[str] | None = None) -> int:
         signals = lifecycle.StopSignals()
         return lifecycle.run(Proxy(config), signals)
     return _run_command(PROXY_PROG, parser, argv, parser.parse_args, run)
+
+
+def proxy_parser() -> _Parser:
+    """flexnbd-proxy's parser, for its man page (``flexnbd.manpage``)."""
+    return _proxy_parser()

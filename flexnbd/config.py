@@ -29,6 +29,8 @@ IDLE_SPIN_SECS = 40e-6
 # FLEXNBD_SEND_TIMEOUT override them).
 HANDSHAKE_SECS = 30.0
 SEND_TIMEOUT_SECS = 30.0
+# Seconds a control-socket client gets to send its request (FLEXNBD_CONTROL_TIMEOUT_SECS).
+CONTROL_TIMEOUT_SECS = 10.0
 # The proxy reconnects when a request stays unanswered this long (FLEXNBD_UPSTREAM_TIMEOUT).
 UPSTREAM_TIMEOUT_SECS = 30.0
 # `--cache` without a size.
@@ -86,7 +88,7 @@ class ServeConfig:
     default_deny: bool = False       # an empty ACL refuses everyone (survives replacement)
     killswitch: float | None = None  # seconds a request may take; None: no killswitch
     # seconds a control client gets to send its request (FLEXNBD_CONTROL_TIMEOUT_SECS)
-    control_timeout: float = 10.0
+    control_timeout: float = CONTROL_TIMEOUT_SECS
     # seconds a mirror waits for a reply, and for the destination's close after DISC
     # (FLEXNBD_MS_REQUEST_LIMIT_SECS)
     mirror_request_limit: float = REQUEST_LIMIT_SECS

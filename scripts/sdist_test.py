@@ -2,9 +2,11 @@
 """Build the sdist, check what it holds, build it in a fresh venv and run the unit tests.
 
 The sdist must carry everything needed to build (the .pyx/.pxd sources, setup.py,
-pyproject.toml, README, LICENSE) and nothing generated (no .c, .so or .html). The unit tests
-then run against the flexnbd that pip built from it, from a directory that holds only the
-tests (so nothing of a source tree is importable).
+pyproject.toml, README, LICENSE), the man pages (man/*.1: generated, but committed, so that a
+build needs no generator step) and nothing a build generates (no .c, .so or .html). pip
+installs the man pages under <venv>/share/man/man1. The unit tests then run against the
+flexnbd that pip built from it, from a directory that holds only the tests (so nothing of a
+source tree is importable).
 
     scripts/sdist_test.py [--python PYTHON]
 """
@@ -24,10 +26,13 @@ NEEDED = ["setup.py", "pyproject.toml", "README.md", "LICENSE", "flexnbd/_core.p
           "flexnbd/_core.pxd", "flexnbd/_client.pyx", "flexnbd/_client.pxd",
           "flexnbd/_mirror.pyx", "flexnbd/_allocmap.pyx", "flexnbd/_proxy.pyx",
           "flexnbd/_sys.pxd", "flexnbd/_wire.pxd", "flexnbd/_wire.pyx", "flexnbd/_allocmap.pxd",
-          "flexnbd/py.typed", "tests/unit/test_decode.py"]
+          "flexnbd/py.typed", "tests/unit/test_decode.py", "man/flexnbd.1",
+          "man/flexnbd-proxy.1", "flexnbd/manpage.py"]
 GENERATED = (".c", ".so", ".html", ".pyc")
+MAN_PAGES = ("flexnbd.1", "flexnbd-proxy.1")
 # Unit tests that check the source tree itself (they find it from their own path).
-SOURCE_TREE_TESTS = ["test_lint.py", "test_layout.py", "test_helpers_one_home.py"]
+SOURCE_TREE_TESTS = ["test_lint.py", "test_layout.py", "test_helpers_one_home.py",
+                     "test_manpages.py"]
 
 
 def main() -> int:
@@ -52,6 +57,10 @@ def main() -> int:
         subprocess.run([args.python, "-m", "venv", str(venv)], check=True)
         py = str(venv / "bin" / "python")
         subprocess.run([py, "-m", "pip", "install", "-q", f"{sdist}[test]"], check=True)
+        pages = [venv / "share" / "man" / "man1" / name for name in MAN_PAGES]
+        if not all(page.is_file() for page in pages):
+            print(f"sdist {sdist.name}: pip did not install {pages}", file=sys.stderr)
+            return 1
         (src,) = (out / "src").iterdir()
         tests = out / "run"
         shutil.copytree(src / "tests", tests / "tests")

@@ -13,7 +13,12 @@ sys.path:
 3. ``flexnbd-proxy`` in front of the server, TLS on both sides: ``nbdcopy`` through it reads
    the same bytes;
 4. ``flexnbd listen --tls=require`` + ``flexnbd mirror --wait`` (over TLS): exit 0 on both
-   sides, identical files.
+   sides, identical files;
+5. the man pages: ``<venv>/share/man/man1/flexnbd.1`` and ``flexnbd-proxy.1`` are there, are
+   what the installed ``flexnbd.manpage`` renders (so the same on every Python), ``man -l``
+   and ``groff -ww`` render them without a warning, and ``man flexnbd`` finds the venv's page
+   with only the venv's bin/ on PATH (man-db looks in ../share/man beside each PATH entry;
+   MANPATH unset); ``--version`` prints the version.
 
 Exits 1 at the first difference, with what differed. All traffic on 127.0.0.1.
 
@@ -26,6 +31,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -166,6 +172,44 @@ def exercise(bin_dir: Path, work: Path) -> None:
         procs.close()
 
 
+MAN_PAGES = ("flexnbd.1", "flexnbd-proxy.1")
+
+
+def check_man_pages(prefix: Path, work: Path) -> None:
+    """The installed man pages of the flexnbd installed in ``prefix`` (see 5. above)."""
+    man, groff = shutil.which("man"), shutil.which("groff")
+    check(man is not None and groff is not None, "man and groff must be installed (man-db, "
+          "groff-base)")
+    python, flexnbd = str(prefix / "bin" / "python"), str(prefix / "bin" / "flexnbd")
+    man1 = prefix / "share" / "man" / "man1"
+    for name in MAN_PAGES:
+        check((man1 / name).is_file(), f"{man1 / name} was not installed")
+    res = subprocess.run([python, "-m", "flexnbd.manpage", "--check", str(man1)], cwd=work,
+                         capture_output=True, text=True, timeout=TIMEOUT)
+    check(res.returncode == 0, f"the installed man pages differ from what flexnbd.manpage "
+          f"renders: {res.stderr.strip()}")
+    env = {k: v for k, v in os.environ.items() if k != "MANPATH"}
+    env.update(MANWIDTH="80", LC_ALL="C.UTF-8", PATH=f"{prefix / 'bin'}{os.pathsep}"
+               f"{env.get('PATH', '')}")
+    for name in MAN_PAGES:
+        for args in ([man, "--warnings", "-l", str(man1 / name)],
+                     [groff, "-ww", "-z", "-man", str(man1 / name)]):
+            res = subprocess.run(args, cwd=work, capture_output=True, text=True, env=env,
+                                 timeout=TIMEOUT)
+            check(res.returncode == 0 and not res.stderr,
+                  f"{' '.join(args)} exited {res.returncode}: {res.stderr.strip()}")
+    version = run(flexnbd, "--version", cwd=work).stdout.decode().strip()
+    check(re.fullmatch(r"flexnbd \d+\.\d+\.\d+", version) is not None, f"--version: {version}")
+    for program in ("flexnbd", "flexnbd-proxy"):
+        found = subprocess.run([man, "-w", program], cwd=work, capture_output=True, text=True,
+                               env=env, timeout=TIMEOUT).stdout.strip()
+        check(found == str(man1 / f"{program}.1"), f"man -w {program} found {found!r}")
+        res = subprocess.run([man, program], cwd=work, capture_output=True, text=True, env=env,
+                             timeout=TIMEOUT)
+        check(res.returncode == 0 and "SYNOPSIS" in res.stdout and
+              version.split()[1] in res.stdout, f"man {program}: {res.stderr.strip()}")
+
+
 def test_one(python: str, wheel: Path) -> None:
     with tempfile.TemporaryDirectory(prefix="flexnbd-wheeltest-") as tmp:
         venv, work = Path(tmp) / "venv", Path(tmp) / "work"
@@ -178,6 +222,7 @@ def test_one(python: str, wheel: Path) -> None:
                                cwd=work, capture_output=True, text=True, check=True).stdout
         check(where.startswith(str(venv)), f"flexnbd imported from {where.strip()}, not the venv")
         exercise(venv / "bin", work)
+        check_man_pages(venv, work)
 
 
 def main() -> int:
@@ -190,6 +235,7 @@ def main() -> int:
         with tempfile.TemporaryDirectory(prefix="flexnbd-wheeltest-") as tmp:
             try:
                 exercise(Path(sys.executable).parent, Path(tmp))
+                check_man_pages(Path(sys.prefix), Path(tmp))
             except (Failed, subprocess.SubprocessError, OSError) as e:
                 print(f"wheel test: FAILED: {e}", file=sys.stderr)
                 return 1

@@ -13,7 +13,9 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import FLEXNBD, free_port
+import flexnbd
+from flexnbd.cli import MODES
+from tests.conftest import FLEXNBD, FLEXNBD_PROXY, free_port
 
 MiB = 1 << 20
 HANDSHAKES = [pytest.param((), id="newstyle"), pytest.param(("--oldstyle",), id="oldstyle")]
@@ -303,6 +305,59 @@ def test_help_exits_0_with_usage(run_flexnbd, args, must_mention):
         assert word in out, (word, out)
 
 
+@pytest.mark.parametrize("mode", [*MODES, "help"])
+def test_help_of_every_mode(run_flexnbd, mode):
+    res = run_flexnbd("help", mode, timeout=20)
+    assert res.returncode == 0, text(res)
+    assert res.stderr == b""
+    assert res.stdout.decode().startswith(f"usage: flexnbd {mode} "), text(res)
+
+
+def test_help_help_lists_every_topic(run_flexnbd):
+    out = ok(run_flexnbd("help", "help", timeout=20)).stdout.decode()
+    assert "MODE" in out
+    for word in [*MODES, "proxy"]:
+        assert re.search(rf"\b{re.escape(word)}\b", out), (word, out)
+
+
+def test_help_proxy_points_at_the_proxy(run_flexnbd):
+    res = ok(run_flexnbd("help", "proxy", timeout=20))
+    out = " ".join(res.stdout.decode().split())
+    assert "flexnbd-proxy --help" in out and "man flexnbd-proxy" in out, out
+    assert "separate program" in out, out
+
+
+def test_main_usage_mentions_version(run_flexnbd):
+    out = ok(run_flexnbd("help", timeout=20)).stdout.decode()
+    assert "--version" in out and "man flexnbd" in out, out
+
+
+VERSION = f"{flexnbd.__version__}\n".encode()
+
+
+@pytest.mark.parametrize("args", [
+    ["--version"], ["-V"],
+    # after a mode, as nbdkit and qemu-nbd have it, whatever else is on the line
+    ["serve", "--version"], ["status", "-V"], ["read", "-vV"],
+    ["serve", "--port", "1", "--file", "/nonexistent", "--version"],
+])
+def test_version(run_flexnbd, args):
+    res = run_flexnbd(*args, timeout=20)
+    assert (res.returncode, res.stdout, res.stderr) == (0, b"flexnbd " + VERSION, b""), text(res)
+
+
+@pytest.mark.parametrize("args", [["--version"], ["-V"], ["--addr", "1.2.3.4.5", "-V"]])
+def test_proxy_version(args):
+    res = subprocess.run([*FLEXNBD_PROXY, *args], capture_output=True, timeout=20)
+    assert (res.returncode, res.stdout, res.stderr) == (0, b"flexnbd-proxy " + VERSION, b"")
+
+
+def test_version_after_double_dash_is_not_an_option(run_flexnbd):
+    """`--` ends the options: `--version` after it is an ACL entry (a bad one)."""
+    res = run_flexnbd("acl", "--sock", "/nonexistent", "--", "--version", timeout=20)
+    assert res.returncode == 1 and b"flexnbd 0" not in res.stdout, text(res)
+
+
 def test_help_ignores_other_options(run_flexnbd):
     """`serve -h` with otherwise bad options still just prints help (nothing is started)."""
     res = run_flexnbd("serve", "-h", "--port", "1", "--file", "/nonexistent", timeout=20)
@@ -323,7 +378,8 @@ def _console_script() -> str:
 
 
 @pytest.mark.parametrize("args", [
-    ["help"], ["help", "serve"], ["read", "-h"], ["serve", "--bogus"], ["frob"],
+    ["help"], ["help", "serve"], ["read", "-h"], ["serve", "--bogus"], ["frob"], ["--version"],
+    ["help", "proxy"],
     ["read", "--addr", "127.0.0.1", "--port", "0", "--from", "0", "--size", "1"],
 ])
 def test_python_m_flexnbd_equals_the_console_script(args):
