@@ -80,6 +80,11 @@ DESCRIPTION = [
     "Byte counts and rates (--from, --size, --max-speed) take the suffixes K, M, G and T, "
     "powers of 1024. Logging goes to stderr: warnings and errors, or more with -v, or only "
     "fatal errors with -q.",
+    "Wherever an address is taken, a host name will do: it is looked up once; a server "
+    "listens on every address it has, a client tries them in turn until one answers, and with "
+    "TLS the other side's certificate must carry the name as typed. --addr 0 (or ::) listens "
+    "on every address, IPv6 and IPv4. The servers listen on port 10809, the NBD port, unless "
+    "--port says otherwise.",
 ]
 
 PROXY_DESCRIPTION = [
