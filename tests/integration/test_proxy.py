@@ -658,7 +658,7 @@ def test_unreachable_upstream_listens_waits_and_says_so_once(tmp_path):
         assert p.stop() == 0
     finally:
         p.kill()
-    err = p.log()
+    err = p.log_path.read_text(errors="replace")
     assert " serving " not in err, err
     assert "Traceback" not in err, err
     lines = [line for line in err.splitlines() if str(up_port) in line]
