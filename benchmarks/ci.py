@@ -232,6 +232,7 @@ def ratio_lines(results: dict) -> list[str]:
         marked += sum(1 for r in run.get("ratios", []) if r["marked"])
     if proxy:
         marked += sum(1 for r in proxy.get("rows", {}).values() if r["ratio"] < RATIO_MARK)
+        marked += 1 if copy and copy["ratio"] < RATIO_MARK else 0
     lines.append(f"{marked} ratio(s) marked '<< {RATIO_MARK:.2f}'")
     return lines
 
