@@ -22,7 +22,10 @@ request, the context upstream's), data and holes lie inside the request, each af
 before (so no byte is answered twice, and "all of it" is a count checked at DONE), and all the
 chunk bytes but READ data stay within a budget per request (CHUNK_BUDGET plus a quarter of a
 READ's length). An upstream that breaks any of these is dropped like one that sends a bad
-magic (a Problem says which rule), and the request is re-sent to the next connection.
+magic (a Problem says which rule), and the request is re-sent to the next connection. (The
+ascending order is stricter than the protocol, which allows any order of non-overlapping
+chunks: it makes the overlap check one comparison. flexnbd, qemu-nbd and nbdkit send a READ's
+chunks in order; a server that did not would be refused, and say so in the log.)
 
 A reply is held until its DONE chunk, and only then goes to the client, whole. That is the
 rule that makes a reconnect safe: nothing of a reply cut by a reconnect has reached the client,

@@ -13,8 +13,9 @@ reconnect without them is taken all the same (see Proxy._warn_lost for why that 
 
 Started before its upstream, the proxy listens at once but accepts nobody until upstream
 answers (the handshake needs upstream's size and flags): clients wait in the listen backlog,
-the attempts go on at the reconnect's pace, and the wait is logged once. Only a TLS failure
-with an upstream that is there ends the start (a key or certificate to fix).
+the attempts go on at the reconnect's pace, and the wait is logged once. An upstream that is
+there but fails the handshake (TLS, or a peer that is not an NBD server) still ends the start
+(a configuration to fix, not an outage); once waiting, every failure is retried.
 
 Threads: the main thread waits for stop signals (``flexnbd.lifecycle``). "session", the
 accept loop of the proxy's ``flexnbd.listener.Listener``, accepts one client, runs its
@@ -96,6 +97,12 @@ _LIES = {
 }
 
 
+class Unreachable(FlexnbdError):
+    """Upstream could not be connected to at all (nothing listens there yet, no route): the
+    one failure a starting proxy waits out. A server that answers but fails the handshake
+    (its TLS, an impostor, not NBD) is a configuration to fix, and ends the start."""
+
+
 def _connected_to_itself(sock: socket.socket) -> bool:
     try:
         return bool(sock.getsockname() == sock.getpeername())
@@ -147,16 +154,15 @@ class Proxy:
         """Listen, and serve once upstream answers: now, or after waiting for it on a thread
         of its own (clients wait un-accepted in the backlog meanwhile: a handshake needs
         upstream's size and flags, and the handshake deadline starts at accept). FlexnbdError
-        if the listener cannot be made; TlsError if upstream is there but its TLS fails (a key
-        or certificate to fix, not an outage: the start ends, as before)."""
+        if the listener cannot be made, or if upstream answers but its handshake fails (TLS, a
+        key or certificate to fix; a peer that is not the NBD server meant): not an outage,
+        the start ends, as before. Only an upstream that cannot be reached is waited for."""
         cfg = self.config
         first: tuple[socket.socket, ServerInfo] | None = None
         failure = ""
         try:
             first = self._connect_upstream()
-        except TlsError:
-            raise
-        except FlexnbdError as e:
+        except Unreachable as e:
             failure = str(e)
         try:
             # (TCP, a Unix socket path or systemd's sockets: the CLI lets only one through)
@@ -241,14 +247,14 @@ class Proxy:
         try:
             sock = sockets.connect(cfg.conn_addr, cfg.conn_port, cfg.bind, cfg.connect_timeout)
         except OSError as e:
-            raise FlexnbdError(f"cannot connect to upstream {self.upstream_name}: "
-                               f"{e.strerror or e}") from None
+            raise Unreachable(f"cannot connect to upstream {self.upstream_name}: "
+                              f"{e.strerror or e}") from None
         if _connected_to_itself(sock):
             # With nothing listening on a local port in the ephemeral range, a connect can
             # pick that very port as its source and succeed, connected to itself.
             _close(sock)
-            raise FlexnbdError(f"cannot connect to upstream {self.upstream_name}: "
-                               "Connection refused")
+            raise Unreachable(f"cannot connect to upstream {self.upstream_name}: "
+                              "Connection refused")
         try:
             info = client_handshake(sock, tls=self._conn_tls, server_hostname=cfg.conn_addr,
                                     timeout=cfg.handshake_timeout, structured=True,
