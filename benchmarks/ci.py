@@ -133,6 +133,8 @@ def expected_missing(name: str, report: dict) -> list[str]:
         for sig in ("SIGKILL", "SIGTERM"):
             if sig not in report.get("pause", {}).get("summary", {}):
                 missing.append(f"pause after {sig}")
+        if "sparse_copy" not in report:
+            missing.append("sparse nbdcopy")
     return missing
 
 
@@ -186,6 +188,14 @@ def ratio_lines(results: dict) -> list[str]:
                 f"  {row:<31} {ratio_text(s['ratio']):<14} (direct {fmt(s['direct'])}, proxy "
                 f"{fmt(s['proxy'])} {s['unit']}; {relay})"
             )
+    copy = (proxy or {}).get("sparse_copy")
+    if copy:
+        lines.append(
+            f"  {'sparse nbdcopy (speed)':<31} {ratio_text(copy['ratio']):<14} (direct "
+            f"{fmt(copy['direct_s'])} s, proxy {fmt(copy['proxy_s'])} s; wire proxy/direct "
+            f"{copy['wire_proxy'] / max(copy['wire_direct'], 1):.2f}, allocated "
+            f"{copy['allocated_proxy'] / max(copy['allocated_direct'], 1):.2f})"
+        )
     mig = (results.get("migration") or {}).get("report")
     if mig:
         lines.append("migration.py (against yardsticks measured in the same run):")
@@ -222,6 +232,7 @@ def ratio_lines(results: dict) -> list[str]:
         marked += sum(1 for r in run.get("ratios", []) if r["marked"])
     if proxy:
         marked += sum(1 for r in proxy.get("rows", {}).values() if r["ratio"] < RATIO_MARK)
+        marked += 1 if copy and copy["ratio"] < RATIO_MARK else 0
     lines.append(f"{marked} ratio(s) marked '<< {RATIO_MARK:.2f}'")
     return lines
 

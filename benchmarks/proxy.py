@@ -9,7 +9,10 @@ median of the per-sample ratios proxy / direct and their range, relay / direct, 
 proxy's CPU seconds per GiB. Then the pause test: a small client reads through the
 proxy while the upstream server is killed (SIGKILL, then SIGTERM) and restarted on the
 same port; measured is the time from the restarted server serving to the client's first
-completed request. See benchmarks/README.md.
+completed request. And the sparse copy: `nbdcopy` of a sparse file through the proxy and
+straight to the server (structured replies and base:allocation pass through the proxy, so
+nbdcopy skips the holes either way), timed, with the bytes that crossed the wire to nbdcopy
+and the blocks the copy allocated. See benchmarks/README.md.
 
 Exit status 1 on any error (a fio failure, a server or proxy that dies or exits non-zero on
 SIGTERM, a pause client that gets an error, a disconnect or wrong data); a row under 0.8x is
@@ -59,6 +62,7 @@ from common import (
     log_time,
     machine_info,
     make_data_file,
+    make_sparse_file,
     nbd_greet,
     nbd_option,
     parse_size,
@@ -401,6 +405,108 @@ def pause_test(data: Path, size: int, args: argparse.Namespace, workdir: Path) -
     }
 
 
+# ---------------------------------------------------------------- the sparse copy
+
+
+def served_with_map(name: str, port: int, path: Path, logpath: Path, cmd: list[str]):
+    """A LoggedServer that is ready once its allocation map is built too (before that,
+    BLOCK_STATUS calls every byte data, and the copy would not be sparse)."""
+    server = LoggedServer(name, port, path, logpath, cmd)
+    server.__enter__()
+    deadline = time.monotonic() + 120
+    while log_time(logpath, "allocation map: built") is None:
+        if time.monotonic() > deadline or not server.alive():
+            server.stop()
+            raise RuntimeError(f"{name}: no allocation map after 120 s\n{server.log_tail()}")
+        time.sleep(0.05)
+    return server
+
+
+def copy_once(port: int, dest: Path, counted: bool) -> dict:
+    """nbdcopy the export at PORT into a fresh DEST: seconds, the bytes that reached nbdcopy
+    (counted through a CountingRelay, in an untimed copy, when COUNTED), blocks allocated."""
+    dest.unlink(missing_ok=True)
+    relay = CountingRelay(port) if counted else None
+    try:
+        start = time.monotonic()
+        res = subprocess.run(["nbdcopy", f"nbd://{HOST}:{relay.port if relay else port}",
+                              str(dest)], capture_output=True, text=True, timeout=600)
+        seconds = time.monotonic() - start
+    finally:
+        if relay is not None:
+            relay.close()
+    if res.returncode != 0:
+        raise ClientError(f"nbdcopy exited {res.returncode}: {res.stderr.strip()}")
+    out = {"s": seconds, "allocated": dest.stat().st_blocks * 512}
+    if relay is not None:
+        out["wire"] = relay.from_target
+    return out
+
+
+def sparse_copy(args: argparse.Namespace, workdir: Path) -> dict:
+    """The sparse nbdcopy row: ARGS.repeat samples of direct and through the proxy, in
+    rotating order, against one server and one proxy; then one counted copy each."""
+    size, data = parse_size(args.sparse_size), parse_size(args.sparse_data)
+    path = workdir / f"sparse-{size}-{data}.img"
+    make_sparse_file(path, size, data)
+    sport, pport = free_port(), free_port()
+    slog, plog = workdir / "proxy-sparse-server.log", workdir / "proxy-sparse-proxy.log"
+    dest = workdir / "proxy-sparse-copy.img"
+    samples: list[dict] = []
+    errors: list[str] = []
+    server = served_with_map("flexnbd", sport, path, slog, flexnbd_cmd("serve", sport, path))
+    try:
+        with LoggedServer("flexnbd-proxy", pport, path, plog, proxy_cmd(pport, sport, None)) as px:
+            ports = {"direct": sport, "proxy": pport}
+            for rep in range(args.repeat):
+                order = ["direct", "proxy"] if rep % 2 == 0 else ["proxy", "direct"]
+                sample = {how: copy_once(ports[how], dest, False) for how in order}
+                sample["ratio"] = sample["direct"]["s"] / sample["proxy"]["s"]
+                samples.append(sample)
+                log(f"  sparse nbdcopy sample {rep + 1}: direct {sample['direct']['s']:.2f} s, "
+                    f"proxy {sample['proxy']['s']:.2f} s: {sample['ratio']:.2f}")
+            counted = {how: copy_once(ports[how], dest, True) for how in ("direct", "proxy")}
+            if subprocess.run(["cmp", "-s", str(path), str(dest)]).returncode != 0:
+                errors.append("the sparse copy through the proxy differs from the file")
+            if px.stop() != 0:
+                errors.append("flexnbd-proxy exited non-zero on SIGTERM (sparse copy)")
+    finally:
+        server.stop()
+        dest.unlink(missing_ok=True)
+    ratios = [s["ratio"] for s in samples]
+    return {
+        "size": size,
+        "data": data,
+        "samples": samples,
+        "direct_s": statistics.median(s["direct"]["s"] for s in samples),
+        "proxy_s": statistics.median(s["proxy"]["s"] for s in samples),
+        "ratio": statistics.median(ratios),
+        "ratio_min": min(ratios),
+        "ratio_max": max(ratios),
+        "wire_direct": counted["direct"]["wire"],
+        "wire_proxy": counted["proxy"]["wire"],
+        "allocated_direct": counted["direct"]["allocated"],
+        "allocated_proxy": counted["proxy"]["allocated"],
+        "errors": errors,
+    }
+
+
+def sparse_table(c: dict) -> str:
+    mib = 1 << 20
+    return "\n".join([
+        "| sparse nbdcopy | direct | through the proxy | proxy / direct |",
+        "|---|---|---|---|",
+        f"| {size_text(c['size'])} file, {size_text(c['data'])} of data: seconds (median) | "
+        f"{c['direct_s']:.2f} | {c['proxy_s']:.2f} | {c['ratio']:.2f}x speed "
+        f"({c['ratio_min']:.2f}-{c['ratio_max']:.2f}) |",
+        f"| MiB on the wire to nbdcopy | {c['wire_direct'] / mib:.1f} | "
+        f"{c['wire_proxy'] / mib:.1f} | {c['wire_proxy'] / max(c['wire_direct'], 1):.2f} |",
+        f"| MiB allocated by the copy | {c['allocated_direct'] / mib:.1f} | "
+        f"{c['allocated_proxy'] / mib:.1f} | "
+        f"{c['allocated_proxy'] / max(c['allocated_direct'], 1):.2f} |",
+    ])  # fmt: skip
+
+
 def pause_table(pause: dict) -> str:
     head = [
         "upstream stopped with", "events", "pause s: median (min-max)",
@@ -419,8 +525,10 @@ def pause_table(pause: dict) -> str:
 # ---------------------------------------------------------------- main
 
 
-QUICK = {"size": "256M", "runtime": 2, "repeat": 1, "pauses": 1}
-FULL = {"size": "1G", "runtime": 5, "repeat": 3, "pauses": 3}
+QUICK = {"size": "256M", "runtime": 2, "repeat": 1, "pauses": 1, "sparse_size": "1G",
+         "sparse_data": "64M"}
+FULL = {"size": "1G", "runtime": 5, "repeat": 3, "pauses": 3, "sparse_size": "8G",
+        "sparse_data": "512M"}
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -448,6 +556,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument(
         "--interval", type=float, default=0.001, help="s between the pause client's reads"
     )
+    p.add_argument("--sparse-size", help="the sparse copy's file size (default 8G)")
+    p.add_argument("--sparse-data", help="... and its data, in scattered MiB (default 512M)")
+    p.add_argument("--no-sparse", action="store_true", help="skip the sparse nbdcopy row")
     p.add_argument("--no-relay", action="store_true", help="skip the bare splice relay yardstick")
     p.add_argument("--no-fio", action="store_true", help="only the pause test")
     p.add_argument("--no-pause", action="store_true", help="only the fio rows")
@@ -545,6 +656,16 @@ def main(argv: list[str] | None = None) -> int:
         except (ClientError, RuntimeError, OSError, subprocess.TimeoutExpired) as e:
             log(f"  ERROR: {e}")
             report["errors"].append(f"pause test: {e}")
+    if not args.no_sparse and shutil.which("nbdcopy"):
+        log(f"sparse nbdcopy: {args.repeat} sample(s) direct and through the proxy")
+        try:
+            report["sparse_copy"] = sparse_copy(args, workdir)
+            report["errors"] += report["sparse_copy"]["errors"]
+        except (ClientError, RuntimeError, OSError, subprocess.TimeoutExpired) as e:
+            log(f"  ERROR: {e}")
+            report["errors"].append(f"sparse nbdcopy: {e}")
+    elif not args.no_sparse:
+        log("nbdcopy not found: skipping the sparse copy")
     report["loadavg_end"] = os.getloadavg()
 
     out = [
@@ -573,6 +694,8 @@ def main(argv: list[str] | None = None) -> int:
             f"completed through the proxy; stall: the client's gap between completed READs "
             f"around the event ({report['pause']['reads']:,} READs in all)"
         )
+    if report.get("sparse_copy"):
+        out += ["", sparse_table(report["sparse_copy"])]
     report["markdown"] = "\n".join(out)
     print(report["markdown"])
     return finish_report(report, json_path)

@@ -21,6 +21,14 @@ class Problem(enum.IntEnum):
     UP_ERRNO = 2
     UP_BAD_MAGIC = 3
     UP_BAD_COOKIE = 4
+    UP_UNEXPECTED_CHUNK = 5
+    UP_BAD_CHUNK_LENGTH = 6
+    UP_CHUNK_OUTSIDE = 7
+    UP_BAD_CONTEXT = 8
+    UP_BAD_EXTENTS = 9
+    UP_INCOMPLETE = 10
+    UP_TOO_MANY_CHUNKS = 11
+    UP_BAD_SIMPLE = 12
 
 class RelayState(NamedTuple):
     in_flight: int
@@ -34,9 +42,12 @@ class Relay:
     def __init__(self, upstream: int, size: int, upstream_flags: int, stop_fd: int,
                  cache_bytes: int, timeout: float,
                  upstream_tls: TlsSession | None = ...,
-                 send_timeout: float = ...) -> None: ...
-    def attach(self, client: int, tls: TlsSession | None = ...) -> None: ...
+                 send_timeout: float = ..., structured: bool = ...,
+                 meta_id: int | None = ...) -> None: ...
+    def attach(self, client: int, tls: TlsSession | None = ..., structured: bool = ...,
+               meta: bool = ...) -> None: ...
     def set_upstream(self, upstream: int, upstream_flags: int,
-                     tls: TlsSession | None = ...) -> int: ...
+                     tls: TlsSession | None = ..., structured: bool = ...,
+                     meta_id: int | None = ...) -> int: ...
     def run(self) -> End: ...
     def state(self) -> RelayState: ...

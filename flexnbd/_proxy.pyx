@@ -9,8 +9,38 @@ slot with its payload until its reply has gone to the client. After a reconnect,
 they came. The client never learns that upstream changed.
 
 Upstream requests carry the request's sequence number as their cookie; a reply is matched by
-it and goes to the client with the client's own cookie. Only simple replies are used, on both
-sides.
+it and goes to the client with the client's own cookie.
+
+Structured replies. Upstream may have agreed structured replies and base:allocation (the id it
+gave that context is ``up_meta_id``), and the client may have agreed them in turn (its id is
+always BASE_ALLOCATION_ID). Every chunk from upstream is checked before a byte of it is used:
+its cookie names a request waiting for a reply, its type suits that request (data and holes
+answer a READ, extents a BLOCK_STATUS, errors anything, NONE only with DONE), its length
+suits its type and request (data at most the READ's length; a hole 12 bytes; an error and its
+message at most SMALL_CHUNK; extents at most MAX_EXTENTS, none empty, none starting past the
+request, the context upstream's), data and holes lie inside the request, each after the one
+before (so no byte is answered twice, and "all of it" is a count checked at DONE), and all the
+chunk bytes but READ data stay within a budget per request (CHUNK_BUDGET plus a quarter of a
+READ's length). An upstream that breaks any of these is dropped like one that sends a bad
+magic (a Problem says which rule), and the request is re-sent to the next connection. (The
+ascending order is stricter than the protocol, which allows any order of non-overlapping
+chunks: it makes the overlap check one comparison. flexnbd, qemu-nbd and nbdkit send a READ's
+chunks in order; a server that did not would be refused, and say so in the log.)
+
+A reply is held until its DONE chunk, and only then goes to the client, whole. That is the
+rule that makes a reconnect safe: nothing of a reply cut by a reconnect has reached the client,
+so re-sending the request cannot show it a byte twice (the protocol forbids chunks that
+overlap, and a client could not tell old chunks from new). How a reply is held:
+- for a structured client's READ and BLOCK_STATUS, the chunks as they came (R_STREAM), in the
+  slot's buffer, with the client's cookie and, for BLOCK_STATUS, the client's context id;
+  READ data is received straight into its place among them. They go out in one piece.
+- otherwise assembled (R_ASSEMBLED): READ data into its place in the slot's buffer, holes as
+  zeroes, the first error kept; then answered as from a simple reply.
+A simple reply (from an upstream without structured replies, or for a command without data)
+becomes a simple reply to the client, except a structured client's READ, which gets one chunk
+(OFFSET_DATA, NONE for no data, or ERROR). BLOCK_STATUS from a client that selected
+base:allocation, behind an upstream that does not offer it (any more, after a reconnect), is
+answered here: one extent of data, no holes, which is always true.
 
 Both sockets are non-blocking and one poll(2) loop serves them: bytes read from a socket are
 parsed at once, and whatever became ready to send is sent at once (one sendmsg for a batch of
@@ -24,7 +54,10 @@ socket could not take in the transport's stage until it has left.
 Read-ahead (``cache_bytes`` > 0): a READ of at most cache_bytes goes upstream as a READ of twice
 its length (clamped to the export's end); the second half is kept, and a later READ inside it is
 answered from memory. Any WRITE, TRIM, WRITE_ZEROES or FLUSH, and any reconnect, empties it; a
-read-ahead that a write could have overtaken is not kept.
+read-ahead that a write could have overtaken is not kept. The doubled READs are always
+assembled (their chunks cover more than the client asked for), so a structured client gets a
+read-ahead's answer, or one from memory, as one OFFSET_DATA chunk: holes there are sent as
+zeroes (the map, BLOCK_STATUS, still shows them).
 """
 
 from collections import namedtuple
@@ -46,6 +79,17 @@ cdef enum:
     # Data held for requests in flight before we stop reading the client (one request always fits).
     MAX_RETAINED = 256 * 1024 * 1024
     MAX_IOV = 64
+    # Structured replies. Chunk payloads other than READ data and BLOCK_STATUS extents are
+    # small (a hole, an error and its message of at most 4096 bytes): whole in the buffer.
+    SMALL_CHUNK = 8 + 4 + 2 + 4096
+    # A BLOCK_STATUS chunk's payload: the context id and at most this many extents (as many as
+    # qemu-nbd sends at most, 1 MiB of them).
+    MAX_EXTENTS = 128 * 1024
+    # What a reply may spend on chunk headers and payloads other than READ data: this, plus
+    # a quarter of a READ's length (a chunk per 112 bytes) or one BLOCK_STATUS chunk.
+    CHUNK_BUDGET = 64 * 1024
+    # Room kept for chunk headers in front of a READ's data for a structured client.
+    CHUNK_SLACK = 64
     BURST = 16                            # reads per socket per turn, so neither side starves
     # TLS: what one gathered send takes in (copied, then encrypted in records of 16 KiB).
     STAGE_SIZE = 256 * 1024
@@ -68,10 +112,35 @@ cpdef enum Problem:
     UP_ERRNO = 2              # a socket error (err has the errno)
     UP_BAD_MAGIC = 3          # a reply with a bad magic (bad_value has it)
     UP_BAD_COOKIE = 4         # a reply to a request that is not waiting for one
+    # Structured replies (bad_value says more):
+    UP_UNEXPECTED_CHUNK = 5   # a chunk type the request cannot have (bad_value: the type)
+    UP_BAD_CHUNK_LENGTH = 6   # a chunk longer (or shorter) than its type and request allow
+    UP_CHUNK_OUTSIDE = 7      # READ data or hole outside the request, or over an earlier one
+    UP_BAD_CONTEXT = 8        # BLOCK_STATUS for another context id (bad_value: that id)
+    UP_BAD_EXTENTS = 9        # BLOCK_STATUS extents that are empty or pass the request
+    UP_INCOMPLETE = 10        # DONE before all of the request was answered
+    UP_TOO_MANY_CHUNKS = 11   # more chunk bytes than the request's bound (bad_value: bytes)
+    UP_BAD_SIMPLE = 12        # a simple reply where chunks were due (bad_value: the command)
 
 
 RelayState = namedtuple("RelayState", "in_flight requests problem err bad_value client_err")
 
+
+cdef enum:
+    MORE = -1                 # (parsing) more bytes are needed first
+
+cdef enum:
+    # How upstream answers a request (slot_t.mode), known from its first reply bytes.
+    R_NONE = 0                # nothing yet
+    R_SIMPLE = 1              # a simple reply
+    R_ASSEMBLED = 2           # chunks, assembled: READ data (holes as zeroes) and an error
+    R_STREAM = 3              # chunks kept as they came, to go to the client (its cookie)
+
+cdef enum:
+    # What the payload being received (relay_t.data_slot) is.
+    P_SIMPLE_READ = 0         # a simple reply's READ data
+    P_DATA = 1                # an OFFSET_DATA chunk's data
+    P_STATUS = 2              # a BLOCK_STATUS chunk's payload (kept in the stream)
 
 cdef enum:
     FREE = 0
@@ -99,7 +168,17 @@ cdef struct slot_t:
     uint64_t cache_gen
     int writes                # counted in relay_t.writes_in_flight
     char head[REQUEST_SIZE]   # the upstream request
-    char reply[SIMPLE_REPLY_SIZE]
+    # upstream's reply so far
+    int mode                  # R_*
+    uint64_t content_end      # READ: where the last data or hole chunk ended (ascending)
+    uint64_t content          # READ: bytes the data and hole chunks covered
+    uint32_t statuses         # BLOCK_STATUS: chunks received
+    size_t overhead           # chunk bytes other than READ data (bounded by budget())
+    size_t stream_len         # R_STREAM: bytes of chunks kept in data
+    # the reply to the client: head_len bytes of reply[], then body_len bytes of data
+    uint32_t head_len
+    size_t body_len
+    char reply[CHUNK_HEADER_SIZE + 12]
 
 
 cdef struct relay_t:
@@ -108,6 +187,12 @@ cdef struct relay_t:
     int stop_fd
     uint64_t size
     uint16_t up_flags
+    # structured replies and base:allocation (its id upstream), upstream and with the client
+    int up_structured
+    int up_meta
+    uint32_t up_meta_id
+    int down_structured
+    int down_meta
     slot_t *slots
     uint64_t next_seq         # the next request from the client gets this number
     uint64_t oldest           # every request before this one is finished
@@ -125,7 +210,11 @@ cdef struct relay_t:
     size_t payload_got
     # receiving from upstream
     inbuf_t up_in
-    int data_slot             # the slot receiving READ data, or -1
+    int data_slot             # the slot receiving a payload (READ data, extents), or -1
+    int data_kind             # P_*
+    uint16_t chunk_flags      # (P_DATA, P_STATUS: the chunk's flags)
+    size_t data_at            # where in the slot's data it goes
+    size_t data_want          # its length
     int big_reads             # the last reply brought big READ data
     size_t data_got
     # replies for the client, in the order they were answered
@@ -176,7 +265,7 @@ cdef inline size_t upstream_bytes(slot_t *s) noexcept nogil:
 
 
 cdef inline size_t reply_bytes(slot_t *s) noexcept nogil:
-    return SIMPLE_REPLY_SIZE + (s.length if s.type == CMD_READ and s.error == 0 else 0)
+    return s.head_len + s.body_len
 
 
 # --------------------------------------------------------------------------------------------
@@ -191,6 +280,25 @@ cdef int ensure_buffer(relay_t *r, slot_t *s, size_t n) noexcept nogil:
     s.cap = n if s.data != NULL else 0
     r.buffers += s.cap
     return 0 if s.data != NULL else -1
+
+
+cdef int grow_buffer(relay_t *r, slot_t *s, size_t n) noexcept nogil:
+    """Room for n bytes in the slot's data, keeping what it holds (chunks kept for the client;
+    on failure too, so the request can be re-sent); counted as held. 0, or -1 without memory."""
+    cdef char *p
+    cdef size_t cap
+    if n <= s.cap:
+        return 0
+    cap = n if n > 2 * s.cap else 2 * s.cap
+    p = <char *>realloc(s.data, cap)
+    if p == NULL:
+        return -1
+    s.data = p
+    r.buffers += cap - s.cap
+    r.retained += cap - s.cap
+    s.held += cap - s.cap
+    s.cap = cap
+    return 0
 
 
 cdef void release(relay_t *r, slot_t *s) noexcept nogil:
@@ -211,14 +319,67 @@ cdef void release(relay_t *r, slot_t *s) noexcept nogil:
         r.oldest += 1
 
 
+cdef void make_head(relay_t *r, slot_t *s) noexcept nogil:
+    """The reply to the client, from s.error and (READ) the data assembled in s.data: chunks
+    kept as upstream sent them; else for a structured client's READ one chunk (ERROR, NONE
+    for no data, or OFFSET_DATA with all of it); else a simple reply."""
+    if s.mode == R_STREAM:
+        s.head_len = 0
+        s.body_len = s.stream_len
+    elif r.down_structured and s.type == CMD_READ and s.error:
+        make_chunk_header(s.reply, s.cookie, REPLY_FLAG_DONE, REPLY_TYPE_ERROR, 6)
+        put_be32(s.reply + CHUNK_HEADER_SIZE, s.error)
+        memset(s.reply + CHUNK_HEADER_SIZE + 4, 0, 2)       # (no message)
+        s.head_len = CHUNK_HEADER_SIZE + 6
+        s.body_len = 0
+    elif r.down_structured and s.type == CMD_READ and s.length == 0:
+        make_chunk_header(s.reply, s.cookie, REPLY_FLAG_DONE, REPLY_TYPE_NONE, 0)
+        s.head_len = CHUNK_HEADER_SIZE
+        s.body_len = 0
+    elif r.down_structured and s.type == CMD_READ:
+        make_chunk_header(s.reply, s.cookie, REPLY_FLAG_DONE, REPLY_TYPE_OFFSET_DATA,
+                          s.length + 8)
+        put_be64(s.reply + CHUNK_HEADER_SIZE, s.offset)
+        s.head_len = CHUNK_HEADER_SIZE + 8
+        s.body_len = s.length
+    else:
+        make_simple_reply(s.reply, s.error, s.cookie)
+        s.head_len = SIMPLE_REPLY_SIZE
+        s.body_len = s.length if s.type == CMD_READ and s.error == 0 else 0
+
+
+cdef void all_data(relay_t *r, slot_t *s) noexcept nogil:
+    """Answer a BLOCK_STATUS here, for an upstream that does not offer base:allocation (any
+    more): one extent, all of it data. It is always true (a hole reads as zeroes too, so
+    calling it data only costs the client a copy of zeroes); an error as upstream would."""
+    s.mode = R_NONE           # (a reply begun by the upstream before is forgotten)
+    s.stream_len = 0
+    if s.length == 0 or not in_range(s.offset, s.length, r.size):
+        answer(r, s, NBD_EINVAL)
+        return
+    make_chunk_header(s.reply, s.cookie, REPLY_FLAG_DONE, REPLY_TYPE_BLOCK_STATUS, 12)
+    put_be32(s.reply + CHUNK_HEADER_SIZE, BASE_ALLOCATION_ID)
+    put_be32(s.reply + CHUNK_HEADER_SIZE + 4, s.length)
+    put_be32(s.reply + CHUNK_HEADER_SIZE + 8, 0)
+    s.head_len = CHUNK_HEADER_SIZE + 12
+    s.body_len = 0
+    s.error = 0
+    queue_reply(r, s)
+
+
 cdef void answer(relay_t *r, slot_t *s, uint32_t error) noexcept nogil:
     """Queue the reply to the client."""
+    s.error = error
+    make_head(r, s)
+    queue_reply(r, s)
+
+
+cdef void queue_reply(relay_t *r, slot_t *s) noexcept nogil:
+    """Queue the reply made in s (head and body) to go to the client."""
     if r.client_dead:
         release(r, s)
         return
-    s.error = error
     s.state = DONE
-    make_simple_reply(s.reply, error, s.cookie)
     if r.done_count == 0 and not tp_unsent(&r.down):
         r.down_progress_ns = now_ns()   # nothing was waiting to go: the clock starts now
     r.done_q[(r.done_head + r.done_count) & (NSLOTS - 1)] = <int>(s - r.slots)
@@ -226,7 +387,18 @@ cdef void answer(relay_t *r, slot_t *s, uint32_t error) noexcept nogil:
 
 
 cdef void queue_upstream(relay_t *r, slot_t *s) noexcept nogil:
-    make_request(s.head, s.type, s.flags, s.seq, s.offset, s.up_length)
+    """Queue the request to be sent upstream (again: upstream's reply so far is forgotten)."""
+    cdef uint16_t flags = s.flags
+    if s.type == CMD_READ and not r.up_structured:
+        flags &= ~CMD_FLAG_DF     # (one piece is what a simple reply is)
+    make_request(s.head, s.type, flags, s.seq, s.offset, s.up_length)
+    s.mode = R_NONE
+    s.content = 0
+    s.content_end = s.offset
+    s.statuses = 0
+    s.overhead = 0
+    s.stream_len = 0
+    s.error = 0
     s.state = QUEUED
     if s.seq < r.cursor:
         r.rescan = 1
@@ -295,6 +467,8 @@ cdef inline int forwarded(relay_t *r, uint16_t cmd) noexcept nogil:
         return f & FLAG_SEND_WRITE_ZEROES
     if cmd == CMD_CACHE:
         return f & FLAG_SEND_CACHE
+    if cmd == CMD_BLOCK_STATUS:
+        return r.down_meta and r.up_meta
     return 0
 
 
@@ -331,7 +505,9 @@ cdef void admit(relay_t *r, const char *p) noexcept nogil:
                     and r.writes_in_flight == 0 and in_range(q.offset, q.length, r.size):
                 want = <uint32_t>min(<uint64_t>q.length * 2, r.size - q.offset)
                 s.readahead = want > q.length
-        if ensure_buffer(r, s, want) < 0:
+        # (a structured client's READ data may come with chunk headers in front)
+        if ensure_buffer(r, s, want + (CHUNK_SLACK if q.type == CMD_READ and
+                                       r.down_structured else 0)) < 0:
             start_closing(r, END_NO_MEMORY, want)
             return
     s.seq = r.next_seq
@@ -345,9 +521,14 @@ cdef void admit(relay_t *r, const char *p) noexcept nogil:
     s.length = q.length
     s.up_length = want if q.type == CMD_READ else q.length
     s.error = 0
+    s.mode = R_NONE
+    s.stream_len = 0
     s.writes = 0
     s.held = want
     r.retained += want
+    if q.type == CMD_BLOCK_STATUS and r.down_meta and not r.up_meta:
+        all_data(r, s)
+        return
     if not forwarded(r, q.type):
         answer(r, s, NBD_EINVAL)
         return
@@ -398,16 +579,14 @@ cdef inline int wants_client_input(relay_t *r) noexcept nogil:
     return can_admit(r) and ib_unread(&r.down_in) < REQUEST_SIZE
 
 
-cdef ssize_t recv_some(transport_t *t, inbuf_t *b, slot_t *slot, size_t length,
+cdef ssize_t recv_some(transport_t *t, inbuf_t *b, char *direct, size_t direct_want,
                        size_t *direct_got, size_t header, size_t *asked) noexcept nogil:
-    """One non-blocking receive: straight into ``slot``'s data (``length`` bytes in all, a
-    payload or READ data, *direct_got of them so far) when the buffer holds nothing and at least
-    DIRECT_MIN bytes are wanted there, else into the buffer: as much as fits, or, when
-    ``header`` is given because big data is likely to follow, just the rest of one header (the
-    data then goes straight to its slot instead of through the buffer). *asked says how much
-    was asked for."""
-    cdef char *direct = slot.data + direct_got[0] if slot != NULL else NULL
-    cdef size_t direct_want = length - direct_got[0] if slot != NULL else 0
+    """One non-blocking receive: straight to ``direct`` (NULL: nothing is being received
+    there; else the rest of a payload or READ data, ``direct_want`` bytes, counted in
+    *direct_got) when the buffer holds nothing and at least DIRECT_MIN bytes are wanted there,
+    else into the buffer: as much as fits, or, when ``header`` is given because big data is
+    likely to follow, just the rest of one header (the data then goes straight to its slot
+    instead of through the buffer). *asked says how much was asked for."""
     cdef ssize_t k
     if direct != NULL and ib_unread(b) == 0 and direct_want >= DIRECT_MIN:
         asked[0] = direct_want
@@ -432,7 +611,8 @@ cdef void read_client(relay_t *r) noexcept nogil:
         if not wants_client_input(r):
             return
         s = &r.slots[r.payload_slot] if r.payload_slot >= 0 else NULL
-        k = recv_some(&r.down, &r.down_in, s, s.length if s != NULL else 0, &r.payload_got,
+        k = recv_some(&r.down, &r.down_in, s.data + r.payload_got if s != NULL else NULL,
+                      s.length - r.payload_got if s != NULL else 0, &r.payload_got,
                       REQUEST_SIZE if r.big_writes else 0, &asked)
         if k > 0:
             if <size_t>k < asked and r.down.ssl == NULL:
@@ -579,39 +759,287 @@ cdef void replied(relay_t *r, slot_t *s, uint32_t error) noexcept nogil:
     answer(r, s, error)
 
 
-cdef int parse_replies(relay_t *r) noexcept nogil:
-    """Take whole replies, and the READ data already read, from the upstream buffer."""
-    cdef slot_t *s
-    cdef uint32_t magic, error
+cdef inline int lied(relay_t *r, int problem, uint64_t value) noexcept nogil:
+    """Upstream broke the protocol: the connection is dropped (and the request re-sent)."""
+    r.problem = problem
+    r.bad_value = value
+    return END_UPSTREAM_LOST
+
+
+cdef inline size_t budget(slot_t *s) noexcept nogil:
+    """The chunk bytes other than READ data that a reply may take (see CHUNK_BUDGET)."""
+    if s.type == CMD_READ:
+        return CHUNK_BUDGET + s.up_length // 4
+    if s.type == CMD_BLOCK_STATUS:
+        return CHUNK_BUDGET + CHUNK_HEADER_SIZE + 4 + 8 * MAX_EXTENTS
+    return CHUNK_BUDGET
+
+
+cdef int take_simple(relay_t *r) noexcept nogil:
+    """A simple reply at the front of the upstream buffer."""
+    cdef uint32_t error
     cdef uint64_t cookie
+    cdef slot_t *s
+    if ib_unread(&r.up_in) < SIMPLE_REPLY_SIZE:
+        return MORE
+    decode_simple_reply(r.up_in.data + r.up_in.pos, &error, &cookie)
+    if state_of(r, cookie) != SENT:
+        return lied(r, UP_BAD_COOKIE, cookie)
+    s = slot_of(r, cookie)
+    # (chunks began this reply; or a BLOCK_STATUS without its chunk: only errors are simple)
+    if s.mode != R_NONE or (s.type == CMD_BLOCK_STATUS and error == 0):
+        return lied(r, UP_BAD_SIMPLE, s.type)
+    r.up_in.pos += SIMPLE_REPLY_SIZE
+    s.mode = R_SIMPLE
+    r.big_reads = s.type == CMD_READ and error == 0 and s.up_length >= DIRECT_MIN
+    if s.type == CMD_READ and error == 0 and s.up_length:
+        receive_payload(r, s, P_SIMPLE_READ, 0, 0, s.up_length)
+        return C_OK
+    replied(r, s, error)
+    return C_OK
+
+
+cdef inline void receive_payload(relay_t *r, slot_t *s, int kind, uint16_t flags, size_t at,
+                                 size_t length) noexcept nogil:
+    """The next ``length`` bytes from upstream go to s.data + at."""
+    r.data_slot = <int>(s - r.slots)
+    r.data_kind = kind
+    r.chunk_flags = flags
+    r.data_at = at
+    r.data_want = length
+    r.data_got = 0
+
+
+cdef int check_chunk(relay_t *r, slot_t *s, uint16_t flags, uint16_t type,
+                     uint32_t length) noexcept nogil:
+    """Whether a chunk of this type and payload length can answer request s (before a byte of
+    its payload is used); C_OK, or the lie."""
+    if type == REPLY_TYPE_OFFSET_DATA or type == REPLY_TYPE_OFFSET_HOLE:
+        if s.type != CMD_READ:
+            return lied(r, UP_UNEXPECTED_CHUNK, type)
+        if (type == REPLY_TYPE_OFFSET_HOLE and length != 12) or \
+                (type == REPLY_TYPE_OFFSET_DATA and (length <= 8 or length - 8 > s.up_length)):
+            return lied(r, UP_BAD_CHUNK_LENGTH, length)
+    elif type == REPLY_TYPE_BLOCK_STATUS:
+        if s.type != CMD_BLOCK_STATUS:
+            return lied(r, UP_UNEXPECTED_CHUNK, type)
+        if length < 12 or (length - 4) % 8 or (length - 4) // 8 > MAX_EXTENTS:
+            return lied(r, UP_BAD_CHUNK_LENGTH, length)
+    elif type == REPLY_TYPE_ERROR or type == REPLY_TYPE_ERROR_OFFSET:
+        if length < (6 if type == REPLY_TYPE_ERROR else 14) or length > SMALL_CHUNK:
+            return lied(r, UP_BAD_CHUNK_LENGTH, length)
+    elif type == REPLY_TYPE_NONE:
+        if length != 0 or not flags & REPLY_FLAG_DONE:
+            return lied(r, UP_BAD_CHUNK_LENGTH, length)
+    else:
+        return lied(r, UP_UNEXPECTED_CHUNK, type)
+    s.overhead += CHUNK_HEADER_SIZE + (8 if type == REPLY_TYPE_OFFSET_DATA else length)
+    if s.overhead > budget(s):
+        return lied(r, UP_TOO_MANY_CHUNKS, s.overhead)
+    return C_OK
+
+
+cdef int take_content(relay_t *r, slot_t *s, uint64_t offset, uint64_t length) noexcept nogil:
+    """READ data or a hole for [offset, offset+length): inside the request, after the chunks
+    before it (so no byte is answered twice, and covering all of it is a count)."""
+    if length == 0 or offset < s.content_end or \
+            not in_range(offset - s.offset, length, s.up_length):
+        return lied(r, UP_CHUNK_OUTSIDE, offset)
+    s.content_end = offset + length
+    s.content += length
+    return C_OK
+
+
+cdef int keep_chunk(relay_t *r, slot_t *s, const char *p, size_t head,
+                    size_t n) noexcept nogil:
+    """R_STREAM: make room for a chunk of n bytes after those kept for the client, and copy
+    its first ``head`` bytes (at p) there, with the client's cookie; its payload is copied or
+    received there by the caller. C_OK, or ENOMEM."""
+    if grow_buffer(r, s, s.stream_len + n) < 0:
+        r.err = ENOMEM
+        r.problem = UP_ERRNO
+        return END_UPSTREAM_LOST
+    memcpy(s.data + s.stream_len, p, head)
+    memcpy(s.data + s.stream_len + 8, s.cookie, 8)
+    return C_OK
+
+
+cdef int small_chunk(relay_t *r, slot_t *s, const char *p, uint16_t type,
+                     uint32_t length) noexcept nogil:
+    """A hole, an error or NONE whose payload (at p) is all in the buffer."""
+    cdef uint64_t offset
+    cdef uint32_t error
+    cdef uint16_t message
+    cdef int rc
+    if type == REPLY_TYPE_OFFSET_HOLE:
+        offset = get_be64(p)
+        rc = take_content(r, s, offset, get_be32(p + 8))
+        if rc != C_OK:
+            return rc
+        if s.mode == R_ASSEMBLED:
+            memset(s.data + (offset - s.offset), 0, get_be32(p + 8))
+    elif type == REPLY_TYPE_ERROR or type == REPLY_TYPE_ERROR_OFFSET:
+        error = get_be32(p)
+        message = get_be16(p + 4)
+        if error == 0 or 6 + <uint32_t>message + (8 if type == REPLY_TYPE_ERROR_OFFSET
+                                                  else 0) != length:
+            return lied(r, UP_BAD_CHUNK_LENGTH, length)
+        if type == REPLY_TYPE_ERROR_OFFSET and s.type == CMD_READ:
+            offset = get_be64(p + 6 + message)
+            if offset < s.offset or offset - s.offset >= s.up_length:
+                return lied(r, UP_CHUNK_OUTSIDE, offset)
+        if s.error == 0:
+            s.error = error
+    return C_OK
+
+
+cdef int take_statuses(relay_t *r, slot_t *s, char *p, uint32_t length) noexcept nogil:
+    """A BLOCK_STATUS chunk's payload (kept in the stream): for base:allocation, as upstream
+    named it, then renamed for the client; at least one extent, none empty, none starting
+    past the request (the last may end past it), exactly one with REQ_ONE."""
+    cdef uint32_t n = (length - 4) // 8
+    cdef uint32_t i
+    cdef uint64_t at = 0
+    cdef uint32_t extent
+    if get_be32(p) != r.up_meta_id:
+        return lied(r, UP_BAD_CONTEXT, get_be32(p))
+    s.statuses += 1
+    if s.statuses > 1:
+        return lied(r, UP_UNEXPECTED_CHUNK, REPLY_TYPE_BLOCK_STATUS)
+    if s.flags & CMD_FLAG_REQ_ONE and n != 1:
+        return lied(r, UP_BAD_EXTENTS, n)
+    for i in range(n):
+        extent = get_be32(p + 4 + 8 * i)
+        if extent == 0 or at >= s.length:
+            return lied(r, UP_BAD_EXTENTS, i)
+        at += extent
+    put_be32(p, BASE_ALLOCATION_ID)
+    return C_OK
+
+
+cdef int take_chunk(relay_t *r) noexcept nogil:
+    """A structured reply chunk at the front of the upstream buffer: checked, then assembled
+    into its slot's data, or kept there as it is for the client (R_STREAM)."""
+    cdef const char *p = r.up_in.data + r.up_in.pos
+    cdef uint16_t flags, type
+    cdef uint64_t cookie, offset
+    cdef uint32_t length
+    cdef slot_t *s
+    cdef int rc
+    if ib_unread(&r.up_in) < CHUNK_HEADER_SIZE:
+        return MORE
+    decode_chunk_header(p, &flags, &type, &cookie, &length)
+    if state_of(r, cookie) != SENT:
+        return lied(r, UP_BAD_COOKIE, cookie)
+    s = slot_of(r, cookie)
+    if not r.up_structured:
+        return lied(r, UP_UNEXPECTED_CHUNK, type)
+    if s.mode == R_NONE:
+        # (only a structured client's READ or BLOCK_STATUS can take chunks as they are; the
+        # read-ahead's doubled READs are always assembled)
+        s.mode = R_STREAM if r.down_structured and not s.readahead and \
+            (s.type == CMD_READ or s.type == CMD_BLOCK_STATUS) else R_ASSEMBLED
+    if s.mode == R_SIMPLE:
+        return lied(r, UP_UNEXPECTED_CHUNK, type)
+    # (once per chunk: its bytes are counted against the budget here)
+    if ib_unread(&r.up_in) < CHUNK_HEADER_SIZE + (8 if type == REPLY_TYPE_OFFSET_DATA else 0):
+        return MORE
+    if type != REPLY_TYPE_OFFSET_DATA and type != REPLY_TYPE_BLOCK_STATUS and \
+            length <= SMALL_CHUNK and ib_unread(&r.up_in) < CHUNK_HEADER_SIZE + length:
+        return MORE
+    rc = check_chunk(r, s, flags, type, length)
+    if rc != C_OK:
+        return rc
+    if type == REPLY_TYPE_OFFSET_DATA:
+        offset = get_be64(p + CHUNK_HEADER_SIZE)
+        rc = take_content(r, s, offset, length - 8)
+        if rc == C_OK and s.mode == R_STREAM:
+            rc = keep_chunk(r, s, p, CHUNK_HEADER_SIZE + 8, CHUNK_HEADER_SIZE + length)
+        if rc != C_OK:
+            return rc
+        r.up_in.pos += CHUNK_HEADER_SIZE + 8
+        r.big_reads = length - 8 >= DIRECT_MIN
+        receive_payload(r, s, P_DATA, flags,
+                        s.stream_len + CHUNK_HEADER_SIZE + 8 if s.mode == R_STREAM
+                        else offset - s.offset, length - 8)
+        return C_OK
+    if type == REPLY_TYPE_BLOCK_STATUS:
+        # (always R_STREAM: only a client that selected base:allocation sends it)
+        rc = keep_chunk(r, s, p, CHUNK_HEADER_SIZE, CHUNK_HEADER_SIZE + length)
+        if rc != C_OK:
+            return rc
+        r.up_in.pos += CHUNK_HEADER_SIZE
+        receive_payload(r, s, P_STATUS, flags, s.stream_len + CHUNK_HEADER_SIZE, length)
+        return C_OK
+    rc = small_chunk(r, s, p + CHUNK_HEADER_SIZE, type, length)
+    if rc == C_OK and s.mode == R_STREAM:
+        rc = keep_chunk(r, s, p, CHUNK_HEADER_SIZE, CHUNK_HEADER_SIZE + length)
+        if rc == C_OK:
+            memcpy(s.data + s.stream_len + CHUNK_HEADER_SIZE, p + CHUNK_HEADER_SIZE, length)
+            s.stream_len += CHUNK_HEADER_SIZE + length
+    if rc != C_OK:
+        return rc
+    r.up_in.pos += CHUNK_HEADER_SIZE + length
+    return chunk_done(r, s, flags)
+
+
+cdef int chunk_done(relay_t *r, slot_t *s, uint16_t flags) noexcept nogil:
+    """A chunk is in: with DONE, the reply is whole (and must answer all that was asked)."""
+    if not flags & REPLY_FLAG_DONE:
+        return C_OK
+    if s.error == 0 and ((s.type == CMD_READ and s.content != s.up_length)
+                         or (s.type == CMD_BLOCK_STATUS and s.statuses != 1)):
+        return lied(r, UP_INCOMPLETE, s.content)
+    replied(r, s, s.error)
+    return C_OK
+
+
+cdef int payload_done(relay_t *r, slot_t *s) noexcept nogil:
+    """The payload being received is in."""
+    cdef int rc
+    if r.data_kind == P_SIMPLE_READ:
+        replied(r, s, 0)
+        return C_OK
+    if s.mode == R_STREAM:
+        if r.data_kind == P_STATUS:
+            rc = take_statuses(r, s, s.data + r.data_at, <uint32_t>r.data_want)
+            if rc != C_OK:
+                return rc
+        s.stream_len = r.data_at + r.data_want
+    return chunk_done(r, s, r.chunk_flags)
+
+
+cdef int parse_replies(relay_t *r) noexcept nogil:
+    """Take whole replies and chunks, and the payload bytes already read, from the upstream
+    buffer."""
+    cdef slot_t *s
+    cdef uint32_t magic
+    cdef int rc
     while True:
         if r.data_slot >= 0:
             s = &r.slots[r.data_slot]
-            r.data_got += ib_take(&r.up_in, s.data + r.data_got, s.up_length - r.data_got)
-            if r.data_got < s.up_length:
+            r.data_got += ib_take(&r.up_in, s.data + r.data_at + r.data_got,
+                                  r.data_want - r.data_got)
+            if r.data_got < r.data_want:
                 return C_OK
             r.data_slot = -1
-            replied(r, s, 0)
+            rc = payload_done(r, s)
+            if rc != C_OK:
+                return rc
             continue
-        if ib_unread(&r.up_in) < SIMPLE_REPLY_SIZE:
+        if ib_unread(&r.up_in) < 4:
             return C_OK
-        magic = decode_simple_reply(r.up_in.data + r.up_in.pos, &error, &cookie)
-        if magic != SIMPLE_REPLY_MAGIC:
-            r.problem = UP_BAD_MAGIC
-            r.bad_value = magic
-            return END_UPSTREAM_LOST
-        if state_of(r, cookie) != SENT:
-            r.problem = UP_BAD_COOKIE
-            r.bad_value = cookie
-            return END_UPSTREAM_LOST
-        r.up_in.pos += SIMPLE_REPLY_SIZE
-        s = slot_of(r, cookie)
-        r.big_reads = s.type == CMD_READ and error == 0 and s.up_length >= DIRECT_MIN
-        if s.type == CMD_READ and error == 0 and s.up_length:
-            r.data_slot = <int>(s - r.slots)
-            r.data_got = 0
-            continue
-        replied(r, s, error)
+        magic = get_be32(r.up_in.data + r.up_in.pos)
+        if magic == SIMPLE_REPLY_MAGIC:
+            rc = take_simple(r)
+        elif magic == STRUCTURED_REPLY_MAGIC:
+            rc = take_chunk(r)
+        else:
+            return lied(r, UP_BAD_MAGIC, magic)
+        if rc == MORE:
+            return C_OK
+        if rc != C_OK:
+            return rc
 
 
 cdef int read_upstream(relay_t *r) noexcept nogil:
@@ -624,8 +1052,10 @@ cdef int read_upstream(relay_t *r) noexcept nogil:
         if rc != C_OK:
             return rc
         s = &r.slots[r.data_slot] if r.data_slot >= 0 else NULL
-        k = recv_some(&r.up, &r.up_in, s, s.up_length if s != NULL else 0, &r.data_got,
-                      SIMPLE_REPLY_SIZE if r.big_reads else 0, &asked)
+        k = recv_some(&r.up, &r.up_in, s.data + r.data_at + r.data_got if s != NULL else NULL,
+                      r.data_want - r.data_got if s != NULL else 0, &r.data_got,
+                      (CHUNK_HEADER_SIZE + 8 if r.up_structured else SIMPLE_REPLY_SIZE)
+                      if r.big_reads else 0, &asked)
         if k > 0:
             r.up_progress_ns = now_ns()
             if <size_t>k < asked and r.up.ssl == NULL:
@@ -674,8 +1104,7 @@ cdef void send_client(relay_t *r) noexcept nogil:
         i = 0
         while i < r.done_count and n + 2 <= MAX_IOV:
             s = &r.slots[r.done_q[(r.done_head + i) & (NSLOTS - 1)]]
-            n += gather(&iov[n], s.reply, SIMPLE_REPLY_SIZE, s.data,
-                        s.length if reply_bytes(s) > SIMPLE_REPLY_SIZE else 0, skip)
+            n += gather(&iov[n], s.reply, s.head_len, s.data, s.body_len, skip)
             skip = 0
             i += 1
         k = send_iov(&r.down, iov, n)
@@ -818,7 +1247,7 @@ cdef class Relay:
 
     def __cinit__(self, int upstream, uint64_t size, uint16_t upstream_flags, int stop_fd,
                   uint32_t cache_bytes, double timeout, TlsSession upstream_tls=None,
-                  double send_timeout=30.0):
+                  double send_timeout=30.0, bint structured=False, meta_id=None):
         cdef int i
         self.r.up.fd = upstream
         self.r.up.stage = <char *>malloc(STAGE_SIZE)
@@ -829,7 +1258,7 @@ cdef class Relay:
         self.r.down.fd = -1
         self.r.stop_fd = stop_fd
         self.r.size = size
-        self.r.up_flags = upstream_flags
+        self._use_upstream(upstream_flags, structured, meta_id)
         self.r.timeout_ns = <int64_t>(timeout * 1e9)
         self.r.send_timeout_ns = <int64_t>(send_timeout * 1e9)
         # (twice the largest cached read must still be a valid request upstream)
@@ -863,6 +1292,12 @@ cdef class Relay:
         free(self.r.up.stage)
         free(self.r.down.stage)
 
+    cdef _use_upstream(self, uint16_t flags, bint structured, meta_id):
+        self.r.up_flags = flags
+        self.r.up_structured = structured
+        self.r.up_meta = structured and meta_id is not None
+        self.r.up_meta_id = meta_id if self.r.up_meta else 0
+
     cdef _use_upstream_tls(self, TlsSession tls):
         self.up_tls = tls           # (keeps the session alive while the relay uses it)
         self.r.up.ssl = NULL if tls is None else tls.ssl
@@ -875,11 +1310,15 @@ cdef class Relay:
             SSL_set_options(tls.ssl, SSL_OP_IGNORE_UNEXPECTED_EOF)
             tls.batch_writes()      # (the records of a send leave together)
 
-    def attach(self, int client, TlsSession tls=None):
-        """Start a client's session (``tls``: the session it shook hands on). The previous one
-        must have ended (nothing in flight)."""
+    def attach(self, int client, TlsSession tls=None, bint structured=False,
+               bint meta=False):
+        """Start a client's session (``tls``: the session it shook hands on; ``structured``,
+        ``meta``: it agreed structured replies, and selected base:allocation with the id
+        BASE_ALLOCATION_ID). The previous one must have ended (nothing in flight)."""
         if self.r.busy:
             raise RuntimeError("requests of the previous client are still in flight")
+        self.r.down_structured = structured
+        self.r.down_meta = structured and meta
         self.r.down.fd = client
         self.down_tls = tls
         self.r.down.ssl = NULL if tls is None else tls.ssl
@@ -901,16 +1340,20 @@ cdef class Relay:
         self.r.err = 0
         invalidate_cache(&self.r)
 
-    def set_upstream(self, int upstream, uint16_t upstream_flags, TlsSession tls=None):
-        """A new upstream connection (``tls``: its session): every request not yet answered is
-        queued again, to be re-sent in the order it came. Returns how many."""
+    def set_upstream(self, int upstream, uint16_t upstream_flags, TlsSession tls=None,
+                     bint structured=False, meta_id=None):
+        """A new upstream connection (``tls``: its session; ``structured``: it agreed structured
+        replies; ``meta_id``: the id it gave base:allocation, None if not selected): every
+        request not yet answered is queued again, to be re-sent in the order it came (what its
+        reply had brought so far is forgotten: nothing of it went to the client). Returns how
+        many. A BLOCK_STATUS that this upstream cannot answer is answered here (all_data)."""
         cdef uint64_t seq
         cdef int state
         cdef uint64_t count = 0
         cdef slot_t *s
         self.r.up.fd = upstream
         self._use_upstream_tls(tls)
-        self.r.up_flags = upstream_flags
+        self._use_upstream(upstream_flags, structured, meta_id)
         self.r.up_in.pos = self.r.up_in.len = 0
         self.r.data_slot = -1
         self.r.data_got = 0
@@ -926,9 +1369,11 @@ cdef class Relay:
             if state == SENT or state == QUEUED:
                 if self.r.client_dead:
                     release(&self.r, s)
+                elif s.type == CMD_BLOCK_STATUS and not self.r.up_meta:
+                    all_data(&self.r, s)
                 else:
-                    s.state = QUEUED      # (the cache generation moved on: a read-ahead
-                    count += 1            # re-sent now will not be kept)
+                    queue_upstream(&self.r, s)  # (the cache generation moved on: a
+                    count += 1                  # read-ahead re-sent now will not be kept)
             seq += 1
         self.r.cursor = self.r.oldest
         self.r.cursor_sent = 0

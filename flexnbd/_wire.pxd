@@ -230,3 +230,46 @@ cdef inline void make_chunk_header(char *h, const char *cookie, uint16_t flags, 
     memcpy(h + 8, cookie, 8)
     u32 = htobe32(length)
     memcpy(h + 16, &u32, 4)
+
+
+cdef inline void decode_chunk_header(const char *p, uint16_t *flags, uint16_t *type,
+                                     uint64_t *cookie, uint32_t *length) noexcept nogil:
+    """A structured reply chunk's flags, type, cookie (its bytes as they came) and payload
+    length; the caller has checked the magic."""
+    cdef uint32_t u32
+    cdef uint16_t u16
+    memcpy(&u16, p + 4, 2)
+    flags[0] = be16toh(u16)
+    memcpy(&u16, p + 6, 2)
+    type[0] = be16toh(u16)
+    memcpy(cookie, p + 8, 8)
+    memcpy(&u32, p + 16, 4)
+    length[0] = be32toh(u32)
+
+
+cdef inline uint32_t get_be32(const char *p) noexcept nogil:
+    cdef uint32_t u32
+    memcpy(&u32, p, 4)
+    return be32toh(u32)
+
+
+cdef inline uint16_t get_be16(const char *p) noexcept nogil:
+    cdef uint16_t u16
+    memcpy(&u16, p, 2)
+    return be16toh(u16)
+
+
+cdef inline uint64_t get_be64(const char *p) noexcept nogil:
+    cdef uint64_t u64
+    memcpy(&u64, p, 8)
+    return be64toh(u64)
+
+
+cdef inline void put_be32(char *p, uint32_t v) noexcept nogil:
+    cdef uint32_t u32 = htobe32(v)
+    memcpy(p, &u32, 4)
+
+
+cdef inline void put_be64(char *p, uint64_t v) noexcept nogil:
+    cdef uint64_t u64 = htobe64(v)
+    memcpy(p, &u64, 8)

@@ -14,7 +14,8 @@ from __future__ import annotations
 import socket
 import struct
 import time
-from dataclasses import dataclass
+from collections.abc import Sequence
+from dataclasses import dataclass, field
 
 from flexnbd import wire
 from flexnbd._tls import TlsContext, TlsSession
@@ -69,7 +70,8 @@ class ExportInfo:
 
     def transmission_flags(self, structured: bool) -> int:
         if self.flags is not None:
-            return self.flags
+            # (DF means nothing without structured replies)
+            return self.flags if structured else self.flags & ~wire.FLAG_SEND_DF
         flags = (wire.FLAG_HAS_FLAGS | wire.FLAG_SEND_FLUSH | wire.FLAG_SEND_FUA
                  | wire.FLAG_SEND_TRIM | wire.FLAG_SEND_WRITE_ZEROES | wire.FLAG_SEND_CACHE
                  | wire.FLAG_CAN_MULTI_CONN)
@@ -83,7 +85,7 @@ class ExportInfo:
 
     def oldstyle_flags(self) -> int:
         if self.flags is not None:
-            return self.flags
+            return self.flags & ~wire.FLAG_SEND_DF       # (no structured replies there)
         flags = wire.OLDSTYLE_FLAGS
         if self.read_only:
             flags |= wire.FLAG_READ_ONLY
@@ -325,6 +327,9 @@ class ServerInfo:
     # The id the server gave flexnbd:coverage:<migration id> (structured replies are on
     # then, for its BLOCK_STATUS); None when not asked for or not offered.
     coverage_context: int | None = None
+    structured: bool = False         # structured replies agreed
+    # The meta contexts asked for that the server selected: name -> the id it gave it.
+    contexts: dict[bytes, int] = field(default_factory=dict)
 
     def has(self, flag: int) -> bool:
         return bool(self.flags & flag)
@@ -334,16 +339,21 @@ def client_handshake(sock: socket.socket, export_name: bytes = b"",
                      tls: TlsContext | None = None,
                      server_hostname: str | None = None, timeout: float | None = None,
                      greeting_timeout: float | None = None,
-                     migration_id: str | None = None) -> ServerInfo:
+                     migration_id: str | None = None, meta_contexts: Sequence[bytes] = (),
+                     structured: bool = False) -> ServerInfo:
     """Detect the server's handshake style and enter transmission (simple replies only,
-    unless the coverage context was agreed).
+    unless ``structured`` asks for them or a meta context was agreed).
     With ``tls``: STARTTLS first (the server's X.509 certificate must name
     ``server_hostname``; a PSK must be used); TlsError, which is final, when the server has no
     TLS or the TLS handshake fails, and also without ``tls`` when the server requires TLS.
     ``timeout``: one deadline for the whole handshake, ``greeting_timeout`` for its first
     bytes (TimeoutError); without them the socket's timeout applies to each receive.
     ``migration_id``: ask a listener for flexnbd:coverage:<migration_id> (a migration's
-    sender, to resume); only a server that lists it gets structured replies negotiated."""
+    sender, to resume); only a server that lists it gets structured replies negotiated.
+    ``meta_contexts``: more meta contexts to select (the proxy: base:allocation), and
+    ``structured``: negotiate structured replies even when none of them is listed (the proxy
+    passes structured READs through). The outcome is in ServerInfo.structured and .contexts
+    (and .coverage_context)."""
     now = time.monotonic()
     deadline = None if timeout is None else now + timeout
     greeting = deadline if greeting_timeout is None else now + greeting_timeout
@@ -377,10 +387,14 @@ def client_handshake(sock: socket.socket, export_name: bytes = b"",
     if tls is not None:
         session = _client_starttls(sock, tls, server_hostname, deadline)
         channel = session
-    coverage_context = None
+    names = list(meta_contexts)
+    coverage_name = None
     if migration_id is not None:
-        coverage_context = _client_coverage(channel, wire.COVERAGE_PREFIX + migration_id.encode(),
-                                            deadline)
+        coverage_name = wire.COVERAGE_PREFIX + migration_id.encode()
+        names.append(coverage_name)
+    agreed_structured, contexts = False, dict[bytes, int]()
+    if names or structured:
+        agreed_structured, contexts = _client_meta(channel, names, structured, deadline)
     info = _client_go(channel, export_name, deadline)
     if info is None:
         # The server does not know GO: fall back to EXPORT_NAME.
@@ -391,7 +405,9 @@ def client_handshake(sock: socket.socket, export_name: bytes = b"",
             recv_exact(channel, 124, deadline=deadline)
         info = ServerInfo("newstyle", size, flags)
     info.tls = session
-    info.coverage_context = coverage_context
+    info.structured = agreed_structured
+    info.contexts = contexts
+    info.coverage_context = contexts.get(coverage_name) if coverage_name is not None else None
     return info
 
 
@@ -399,36 +415,50 @@ def client_handshake(sock: socket.socket, export_name: bytes = b"",
 MAX_OPTION_REPLIES = 16
 
 
-def _client_coverage(sock: socket.socket | TlsSession, name: bytes,
-                     deadline: float | None) -> int | None:
-    """Select the meta context ``name`` if the server lists it: LIST first (it needs no
-    structured replies, so a server that does not know it keeps simple replies), then
-    STRUCTURED_REPLY and SET. The context's id, or None (anything unexpected but well formed:
-    no resume, the migration goes on without)."""
-    meta = struct.pack(">I", 0) + struct.pack(">I", 1) + struct.pack(">I", len(name)) + name
-    if not _meta_contexts(sock, wire.OPT_LIST_META_CONTEXT, meta, name, deadline):
-        return None
+def _client_meta(sock: socket.socket | TlsSession, names: list[bytes], structured: bool,
+                 deadline: float | None) -> tuple[bool, dict[bytes, int]]:
+    """Select the meta contexts ``names`` that the server lists: LIST first (it needs no
+    structured replies, so a server that knows none of them keeps simple replies unless
+    ``structured`` wants them anyway), then STRUCTURED_REPLY and SET. Returns whether
+    structured replies were agreed and {name: id} of the contexts selected (anything
+    unexpected but well formed: fewer of them, the caller goes on without)."""
+    listed: list[bytes] = []
+    if names:
+        ids = _meta_contexts(sock, wire.OPT_LIST_META_CONTEXT, _meta_request(names), names,
+                             deadline)
+        listed = [name for name in names if name in ids]
+    if not listed and not structured:
+        return False, {}
     until(sock, deadline)
     sock.sendall(wire.pack_option(wire.OPT_STRUCTURED_REPLY))
     reply_type, _ = _recv_option_reply(sock, wire.OPT_STRUCTURED_REPLY, deadline)
     if reply_type != wire.REP_ACK:
-        return None
-    ids = _meta_contexts(sock, wire.OPT_SET_META_CONTEXT, meta, name, deadline)
-    return ids[0] if ids else None
+        return False, {}
+    if not listed:
+        return True, {}
+    return True, _meta_contexts(sock, wire.OPT_SET_META_CONTEXT, _meta_request(listed), listed,
+                                deadline)
 
 
-def _meta_contexts(sock: socket.socket | TlsSession, option: int, request: bytes, name: bytes,
-                   deadline: float | None) -> list[int]:
-    """Send a meta context option; the ids of the replies that name ``name``."""
+def _meta_request(names: list[bytes]) -> bytes:
+    """A meta context option's data for the default export: name-length 0 · count · queries."""
+    return (struct.pack(">I", 0) + struct.pack(">I", len(names))
+            + b"".join(struct.pack(">I", len(name)) + name for name in names))
+
+
+def _meta_contexts(sock: socket.socket | TlsSession, option: int, request: bytes,
+                   names: list[bytes], deadline: float | None) -> dict[bytes, int]:
+    """Send a meta context option; {name: id} of the replies that name one of ``names``
+    (the first reply for each)."""
     until(sock, deadline)
     sock.sendall(wire.pack_option(option, request))
-    ids = []
+    ids: dict[bytes, int] = {}
     for _ in range(MAX_OPTION_REPLIES):
         reply_type, data = _recv_option_reply(sock, option, deadline)
-        if reply_type == wire.REP_META_CONTEXT and len(data) >= 4 and data[4:] == name:
-            ids.append(struct.unpack_from(">I", data)[0])
+        if reply_type == wire.REP_META_CONTEXT and len(data) >= 4 and data[4:] in names:
+            ids.setdefault(data[4:], struct.unpack_from(">I", data)[0])
         elif reply_type == wire.REP_ACK or wire.is_error_reply(reply_type):
-            return ids if reply_type == wire.REP_ACK else []
+            return ids if reply_type == wire.REP_ACK else {}
     raise HandshakeError(f"the server sent more than {MAX_OPTION_REPLIES} replies to one option")
 
 

@@ -5,6 +5,18 @@ fail, stall, or end because the server finished a migration and exited; the prox
 (every few seconds, for as long as it takes) to whatever serves the same address with the same
 size, re-sends the requests that were not answered, and the client only sees a pause.
 
+Structured replies and base:allocation: the proxy asks upstream for both, and offers the client
+what upstream agreed (and DF, if upstream offers it). The relay passes chunks through, holding
+each reply until it is whole (see ``flexnbd._proxy``); for a client without structured replies
+it assembles upstream's chunks into simple replies. An upstream that comes back after a
+reconnect without them is taken all the same (see Proxy._warn_lost for why that is safe).
+
+Started before its upstream, the proxy listens at once but accepts nobody until upstream
+answers (the handshake needs upstream's size and flags): clients wait in the listen backlog,
+the attempts go on at the reconnect's pace, and the wait is logged once. An upstream that is
+there but fails the handshake (TLS, or a peer that is not an NBD server) still ends the start
+(a configuration to fix, not an outage); once waiting, every failure is retried.
+
 Threads: the main thread waits for stop signals (``flexnbd.lifecycle``). "session", the
 accept loop of the proxy's ``flexnbd.listener.Listener``, accepts one client, runs its
 handshake in Python (under the listener's deadline for all of it), then the relay
@@ -41,15 +53,54 @@ Problem = _proxy.Problem
 RelayState = _proxy.RelayState
 
 # Upstream's transmission flags that the client is offered as they are. Never CAN_MULTI_CONN
-# (one client at a time) and never DF (no structured replies through the proxy).
+# (one client at a time); DF only when upstream agreed structured replies (and then only to a
+# client that agrees them too: see ExportInfo.transmission_flags).
 PASSED_FLAGS = (wire.FLAG_READ_ONLY | wire.FLAG_SEND_FLUSH | wire.FLAG_SEND_FUA
                 | wire.FLAG_ROTATIONAL | wire.FLAG_SEND_TRIM | wire.FLAG_SEND_WRITE_ZEROES
                 | wire.FLAG_SEND_CACHE | wire.FLAG_SEND_FAST_ZERO)
 
-def offered_flags(upstream_flags: int) -> int:
+
+def offered_flags(upstream_flags: int, structured: bool = False) -> int:
     if not upstream_flags & wire.FLAG_HAS_FLAGS:
         return wire.FLAG_HAS_FLAGS
-    return wire.FLAG_HAS_FLAGS | (upstream_flags & PASSED_FLAGS)
+    passed = PASSED_FLAGS | (wire.FLAG_SEND_DF if structured else 0)
+    return wire.FLAG_HAS_FLAGS | (upstream_flags & passed)
+
+
+def meta_id(info: ServerInfo) -> int | None:
+    """The id upstream gave base:allocation; None if it was not selected."""
+    return info.contexts.get(wire.BASE_ALLOCATION) if info.structured else None
+
+
+def _features(info: ServerInfo) -> str:
+    """", structured replies, base:allocation" for a log line (what upstream agreed)."""
+    return ((", structured replies" if info.structured else "")
+            + (", base:allocation" if meta_id(info) is not None else ""))
+
+
+# What an upstream that broke the protocol did, by Problem ({} is the relay's bad_value).
+_LIES = {
+    Problem.UP_BAD_COOKIE: "answered a request that was not waiting (cookie {:#x})",
+    Problem.UP_UNEXPECTED_CHUNK: "sent a reply chunk of type {} that the request cannot have",
+    Problem.UP_BAD_CHUNK_LENGTH: "sent a reply chunk with a payload of {} bytes, which its "
+                                 "type or request does not allow",
+    Problem.UP_CHUNK_OUTSIDE: "sent READ data or a hole at offset {}, outside the request or "
+                              "over bytes already answered",
+    Problem.UP_BAD_CONTEXT: "answered BLOCK_STATUS for meta context {}, not the one it gave "
+                            "base:allocation",
+    Problem.UP_BAD_EXTENTS: "answered BLOCK_STATUS with an invalid extent (number {})",
+    Problem.UP_INCOMPLETE: "ended a reply (DONE) without answering all of the request ({} "
+                           "bytes answered)",
+    Problem.UP_TOO_MANY_CHUNKS: "sent more reply chunks than a request may have ({} bytes "
+                                "of them)",
+    Problem.UP_BAD_SIMPLE: "sent a simple reply where chunks were due (command {})",
+}
+
+
+class Unreachable(FlexnbdError):
+    """Upstream could not be connected to at all (nothing listens there yet, no route): the
+    one failure a starting proxy waits out. A server that answers but fails the handshake
+    (its TLS, an impostor, not NBD) is a configuration to fix, and ends the start."""
 
 
 def _connected_to_itself(sock: socket.socket) -> bool:
@@ -92,35 +143,96 @@ class Proxy:
         self._tls = credentials.server_policy(config.tls)
         self._conn_tls = credentials.client_context(config.conn_tls, read_ahead=True)
         self.relay: _proxy.Relay | None = None
+        # (start() and stop() race when upstream comes while the proxy stops)
+        self._start_lock = threading.Lock()
         # How the proxy asks its process to stop (set by flexnbd.lifecycle.run).
         self.request_stop: Callable[[str], None] = lambda reason: None
 
     # -- lifecycle -------------------------------------------------------------------------
 
     def start(self) -> None:
-        """Connect upstream, then listen. FlexnbdError if either fails."""
+        """Listen, and serve once upstream answers: now, or after waiting for it on a thread
+        of its own (clients wait un-accepted in the backlog meanwhile: a handshake needs
+        upstream's size and flags, and the handshake deadline starts at accept). FlexnbdError
+        if the listener cannot be made, or if upstream answers but its handshake fails (TLS, a
+        key or certificate to fix; a peer that is not the NBD server meant): not an outage,
+        the start ends, as before. Only an upstream that cannot be reached is waited for."""
         cfg = self.config
-        self._upstream, info = self._connect_upstream()
-        self.upstream_info = info
-        self.relay = _proxy.Relay(self._upstream.fileno(), info.size, info.flags,
-                                  self.listener.stop_fd, cfg.cache_bytes, cfg.upstream_timeout,
-                                  info.tls, cfg.send_timeout)
+        first: tuple[socket.socket, ServerInfo] | None = None
+        failure = ""
+        try:
+            first = self._connect_upstream()
+        except Unreachable as e:
+            failure = str(e)
         try:
             # (TCP, a Unix socket path or systemd's sockets: the CLI lets only one through)
             self.listener.bind(cfg.addr, cfg.port, cfg.unix, cfg.inherited, backlog=8)
         except BaseException:
-            _close(self._upstream)
+            if first is not None:
+                _close(first[0])
             raise
+        if first is not None:
+            self._begin(*first)
+            return
+        _log.warning("%s; listening on %s, clients wait until upstream answers (retrying)",
+                     failure, self.listener.where)
+        threading.Thread(target=self._await_upstream, args=(failure,), name="upstream",
+                         daemon=True).start()
+
+    def _begin(self, sock: socket.socket, info: ServerInfo) -> None:
+        """Upstream answered: make the relay, then accept clients."""
+        cfg = self.config
+        self._upstream = sock
+        self.upstream_info = info
+        self.relay = _proxy.Relay(sock.fileno(), info.size, info.flags, self.listener.stop_fd,
+                                  cfg.cache_bytes, cfg.upstream_timeout, info.tls,
+                                  cfg.send_timeout, info.structured, meta_id(info))
         self.listener.start(self._session, "session")
-        _log.info("serving %s (%s handshake%s) for upstream %s: %d bytes, flags %#x, %s%s; "
+        _log.info("serving %s (%s handshake%s) for upstream %s: %d bytes, flags %#x, %s%s%s; "
                   "read-ahead %s", self.listener.where, "oldstyle" if cfg.oldstyle else "newstyle",
                   _tls_text(cfg.tls.mode if cfg.tls else None), self.upstream_name, info.size,
-                  info.flags, info.style, _version(info.tls),
+                  info.flags, info.style, _version(info.tls), _features(info),
                   f"{cfg.cache_bytes} bytes" if cfg.cache_bytes else "off")
+
+    def _await_upstream(self, failure: str) -> None:
+        """(Thread "upstream") Connect to upstream at the reconnect's pace, then serve."""
+        started = time.monotonic()
+        got = self._retry_upstream(failure)
+        with self._start_lock:
+            if got is None or self._stopping.is_set():
+                if got is not None:
+                    _close(got[0])
+                return
+            _log.info("upstream %s answered after %.2f s and %d attempt(s)", self.upstream_name,
+                      time.monotonic() - started, got[2])
+            self._begin(got[0], got[1])
+
+    def _retry_upstream(self, failure: str) -> tuple[socket.socket, ServerInfo, int] | None:
+        """Try again and again (the reconnect's backoff) until upstream answers: its socket,
+        what it agreed and the attempts it took; None if the proxy stops first. A failure is
+        logged when it differs from the one before (so a long wait logs once)."""
+        cfg = self.config
+        delay = cfg.reconnect_first
+        attempts = 1
+        last = failure
+        while not self._stopping.wait(delay):
+            attempts += 1
+            try:
+                sock, info = self._connect_upstream()
+            except FlexnbdError as e:
+                if str(e) != last:
+                    (_log.error if isinstance(e, TlsError) else _log.warning)(
+                        "%s; still waiting (attempt %d)", e, attempts)
+                    last = str(e)
+            else:
+                return sock, info, attempts
+            delay = min(delay * 2, cfg.reconnect_most)
+        return None
 
     def stop(self) -> None:
         """Stop: end the session (requests in flight get no answer), close both sides."""
-        self._stopping.set()
+        with self._start_lock:
+            self._stopping.set()
         # (the relay ends on the listener's stop_fd, a client in its handshake is cut)
         if self.listener.close(timeout=5.5):
             _close(self._upstream)  # (only then: else the relay may still use it)
@@ -135,17 +247,18 @@ class Proxy:
         try:
             sock = sockets.connect(cfg.conn_addr, cfg.conn_port, cfg.bind, cfg.connect_timeout)
         except OSError as e:
-            raise FlexnbdError(f"cannot connect to upstream {self.upstream_name}: "
-                               f"{e.strerror or e}") from None
+            raise Unreachable(f"cannot connect to upstream {self.upstream_name}: "
+                              f"{e.strerror or e}") from None
         if _connected_to_itself(sock):
             # With nothing listening on a local port in the ephemeral range, a connect can
             # pick that very port as its source and succeed, connected to itself.
             _close(sock)
-            raise FlexnbdError(f"cannot connect to upstream {self.upstream_name}: "
-                               "Connection refused")
+            raise Unreachable(f"cannot connect to upstream {self.upstream_name}: "
+                              "Connection refused")
         try:
             info = client_handshake(sock, tls=self._conn_tls, server_hostname=cfg.conn_addr,
-                                    timeout=cfg.handshake_timeout)
+                                    timeout=cfg.handshake_timeout, structured=True,
+                                    meta_contexts=[wire.BASE_ALLOCATION])
             sockets.set_client_options(sock)
             sock.setblocking(False)
         except TlsError as e:
@@ -194,8 +307,11 @@ class Proxy:
                     if info.flags != self.upstream_info.flags:
                         _log.warning("upstream %s flags changed from %#x to %#x; carrying on",
                                      self.upstream_name, self.upstream_info.flags, info.flags)
+                    self._warn_lost(self.upstream_info, info)
                     self._upstream = sock
-                    resent = self.relay.set_upstream(sock.fileno(), info.flags, info.tls)
+                    self.upstream_info = info       # (what the next client is offered)
+                    resent = self.relay.set_upstream(sock.fileno(), info.flags, info.tls,
+                                                     info.structured, meta_id(info))
                     _log.info("reconnected to upstream %s (%s%s) after %.2f s and %d "
                               "attempt(s); re-sending %d request(s)", self.upstream_name,
                               info.style, _version(info.tls),
@@ -204,6 +320,21 @@ class Proxy:
             self._stopping.wait(delay)
             delay = min(delay * 2, cfg.reconnect_most)
         return False
+
+    def _warn_lost(self, before: ServerInfo, now: ServerInfo) -> None:
+        """The new upstream lacks what the old one agreed. It is taken all the same: refusing
+        it would stall the client until a server with them came back, maybe never (a
+        migration to an older server). The relay answers safely without them: READ data goes
+        to a structured client in one chunk, and BLOCK_STATUS is answered here as "all data,
+        no holes", which is always true (a hole reads as zeroes: it is only a slower copy)."""
+        lost = [name for name, had, has in (
+            ("structured replies", before.structured, now.structured),
+            ("base:allocation", meta_id(before) is not None, meta_id(now) is not None))
+            if had and not has]
+        if lost:
+            _log.warning("upstream %s no longer offers %s: READs answered in one piece and "
+                         "BLOCK_STATUS as all data, by the proxy", self.upstream_name,
+                         " and ".join(lost))
 
     def _describe_upstream_end(self, end: End) -> str:
         assert self.relay is not None
@@ -217,7 +348,7 @@ class Proxy:
             return f"failed: {errno_text(state.err)}"
         if state.problem == Problem.UP_BAD_MAGIC:
             return f"sent a reply with bad magic {state.bad_value:#x}"
-        return f"answered a request that was not waiting (cookie {state.bad_value:#x})"
+        return _LIES.get(state.problem, "broke the protocol ({:#x})").format(state.bad_value)
 
     # -- clients ---------------------------------------------------------------------------
 
@@ -235,9 +366,12 @@ class Proxy:
                      self.config.handshake_timeout)
 
     def _export_info(self) -> ExportInfo:
-        assert self.upstream_info is not None
-        return ExportInfo(self.upstream_info.size, block_status=False, structured_replies=False,
-                          flags=offered_flags(self.upstream_info.flags))
+        """Offer the client what upstream agreed: structured replies, base:allocation, DF."""
+        info = self.upstream_info
+        assert info is not None
+        return ExportInfo(info.size, block_status=meta_id(info) is not None,
+                          structured_replies=info.structured,
+                          flags=offered_flags(info.flags, info.structured))
 
     def _serve(self, accepted: Accepted) -> None:
         assert self.relay is not None
@@ -260,8 +394,10 @@ class Proxy:
             _log.info("client %s left during the handshake", name)
             return
         sock.setblocking(False)
-        self.relay.attach(sock.fileno(), agreed.tls)
-        _log.info("client %s connected (%s%s)", name, agreed.style, _version(agreed.tls))
+        self.relay.attach(sock.fileno(), agreed.tls, agreed.structured, agreed.meta_context)
+        _log.info("client %s connected (%s%s%s%s)", name, agreed.style, _version(agreed.tls),
+                  ", structured replies" if agreed.structured else "",
+                  ", base:allocation" if agreed.meta_context else "")
         requests_before = self.relay.state().requests
         while True:
             end = self.relay.run()

@@ -52,6 +52,21 @@ chunk of more than 64 KiB), ``no_done`` (a chunk without REPLY_FLAG_DONE), ``err
 discarded) or ``close``. ``ConnRecord.block_status`` counts the BLOCK_STATUS requests answered
 (or not) that way.
 
+Structured replies (the proxy's upstream, issue 26): a newstyle script with
+``structured=True`` ACKs STRUCTURED_REPLY, lists and selects ``base:allocation`` (SET gives it
+the id ``allocation_context``, on purpose not flexnbd's 1) and answers READ in chunks (4 KiB
+blocks of zeroes as OFFSET_HOLE, the rest as OFFSET_DATA, ascending; NONE for no data) and
+BLOCK_STATUS from the file (zero 4 KiB blocks: HOLE|ZERO; all data for ``allocation="data"``).
+``chunks`` makes every READ and BLOCK_STATUS reply of the connection a lie instead (see
+``_lie``): ``long`` (an OFFSET_DATA longer than the request), ``bad_hole`` (an OFFSET_HOLE
+with a payload of 16 bytes), ``badcookie``, ``badmagic``, ``outside`` (a hole past the end of
+the request), ``overlap`` (the same data twice), ``incomplete`` (half of it, then DONE),
+``status_to_read`` (a BLOCK_STATUS chunk answering a READ), ``context`` (BLOCK_STATUS for
+another context id), ``empty_extent``, ``endless`` (ERROR chunks without DONE, as fast as the
+socket takes them), ``trickle`` (the same, one every 0.2 s), ``cut`` (half of the honest
+reply's bytes, then close: a reconnect in the middle of a reply); ``ConnRecord.lies`` counts
+them.
+
 ``FakeDest.old050(size, path)`` is a 0.5.0-like oldstyle listener: READ/WRITE/DISC/FLUSH only.
 
 Everything is recorded per connection in ``conns`` (``ConnRecord``): the requests, the payload
@@ -99,6 +114,11 @@ class Script:
     coverage: bool = False
     coverage_context: int = wire.COVERAGE_ID     # the context id SET gives it
     block_status: str = ""           # "" (as any command) | honest | all | none | a lie (above)
+    # Structured replies and base:allocation (the proxy's upstream)
+    structured: bool = False
+    allocation_context: int = 7      # the id SET gives base:allocation
+    allocation: str = "file"         # file (zero blocks are holes) | data (all data)
+    chunks: str = ""                 # "" honest | a lie (above)
 
 
 @dataclass
@@ -135,6 +155,9 @@ class ConnRecord:
     options: list[int] = field(default_factory=list)    # the handshake's options, in order
     migration_id: str | None = None  # coverage script: the id SET selected
     block_status: int = 0            # BLOCK_STATUS requests answered by ``script.block_status``
+    structured: bool = False         # structured replies agreed
+    allocation: bool = False         # base:allocation selected
+    lies: int = 0                    # replies answered with ``script.chunks``
 
     @property
     def types(self) -> list[int]:
@@ -301,8 +324,13 @@ class FakeDest:
                 return False
             data = self._recv(sock, rec, length)
             rec.options.append(option)
-            if s.coverage and option == wire.OPT_STRUCTURED_REPLY:
+            if (s.coverage or s.structured) and option == wire.OPT_STRUCTURED_REPLY:
+                rec.structured = True
                 sock.sendall(wire.pack_option_reply(option, wire.REP_ACK))
+                continue
+            if s.structured and option in (wire.OPT_LIST_META_CONTEXT,
+                                           wire.OPT_SET_META_CONTEXT):
+                self._allocation_context(sock, rec, option, data)
                 continue
             if s.coverage and option in (wire.OPT_LIST_META_CONTEXT, wire.OPT_SET_META_CONTEXT):
                 self._meta_context(sock, rec, option, data)
@@ -311,6 +339,8 @@ class FakeDest:
                 tail = b"" if cflags & wire.FLAG_C_NO_ZEROES else bytes(124)
                 sock.sendall(struct.pack(">QH", size, tflags) + tail)
                 return True
+            if s.structured and rec.structured:
+                tflags |= wire.FLAG_SEND_DF
             if option in (wire.OPT_GO, wire.OPT_INFO):
                 info = struct.pack(">HQH", wire.INFO_EXPORT, size, tflags)
                 sock.sendall(wire.pack_option_reply(option, wire.REP_INFO, info)
@@ -349,6 +379,130 @@ class FakeDest:
         if setting:
             rec.migration_id = ident
         sock.sendall(wire.pack_option_reply(option, wire.REP_ACK))
+
+    def _allocation_context(self, sock: socket.socket, rec: ConnRecord, option: int,
+                            data: bytes) -> None:
+        """LIST/SET_META_CONTEXT: base:allocation when it is asked for."""
+        if wire.BASE_ALLOCATION in data:
+            setting = option == wire.OPT_SET_META_CONTEXT
+            context = rec.script.allocation_context if setting else 0
+            sock.sendall(wire.pack_option_reply(option, wire.REP_META_CONTEXT,
+                                                struct.pack(">I", context)
+                                                + wire.BASE_ALLOCATION))
+            rec.allocation = rec.allocation or setting
+        sock.sendall(wire.pack_option_reply(option, wire.REP_ACK))
+
+    def _read_file(self, offset: int, length: int) -> bytes:
+        data = os.pread(self._fd, length, offset) if self._fd >= 0 else bytes(length)
+        return data + bytes(length - len(data))
+
+    def _runs(self, offset: int, length: int) -> list[tuple[int, int, bool]]:
+        """[(offset, length, zero)] of [offset, offset+length), cut at 4 KiB blocks, runs of
+        zero blocks and of the others merged."""
+        runs: list[list] = []
+        at, end = offset, offset + length
+        while at < end:
+            n = min(end, (at // 4096 + 1) * 4096) - at
+            zero = self._read_file(at, n).count(0) == n
+            if runs and runs[-1][2] == zero:
+                runs[-1][1] += n
+            else:
+                runs.append([at, n, zero])
+            at += n
+        return [(o, n, z) for o, n, z in runs]
+
+    def _structured_reply(self, rec: ConnRecord, req: Req) -> bytes:
+        """The honest structured reply to a READ or BLOCK_STATUS."""
+        chunk = wire.pack_chunk_header
+        in_range = req.offset <= self.size and req.length <= self.size - req.offset
+        if not in_range or (req.type == wire.CMD_BLOCK_STATUS and req.length == 0):
+            req.error = wire.NBD_EINVAL
+            return (chunk(wire.REPLY_FLAG_DONE, wire.REPLY_TYPE_ERROR, req.cookie, 6)
+                    + struct.pack(">IH", wire.NBD_EINVAL, 0))
+        runs = self._runs(req.offset, req.length)
+        if req.type == wire.CMD_BLOCK_STATUS:
+            if rec.script.allocation == "data":
+                runs = [(req.offset, req.length, False)]
+            if req.flags & wire.CMD_FLAG_REQ_ONE:
+                runs = runs[:1]
+            payload = struct.pack(">I", rec.script.allocation_context) + b"".join(
+                struct.pack(">II", n, wire.STATE_HOLE | wire.STATE_ZERO if z else 0)
+                for _, n, z in runs)
+            return (chunk(wire.REPLY_FLAG_DONE, wire.REPLY_TYPE_BLOCK_STATUS, req.cookie,
+                          len(payload)) + payload)
+        if req.length == 0:
+            return chunk(wire.REPLY_FLAG_DONE, wire.REPLY_TYPE_NONE, req.cookie, 0)
+        if req.flags & wire.CMD_FLAG_DF:
+            runs = [(req.offset, req.length, False)]
+        out = []
+        for i, (o, n, zero) in enumerate(runs):
+            done = wire.REPLY_FLAG_DONE if i == len(runs) - 1 else 0
+            if zero:
+                out.append(chunk(done, wire.REPLY_TYPE_OFFSET_HOLE, req.cookie, 12)
+                           + struct.pack(">QI", o, n))
+            else:
+                out.append(chunk(done, wire.REPLY_TYPE_OFFSET_DATA, req.cookie, 8 + n)
+                           + struct.pack(">Q", o) + self._read_file(o, n))
+        return b"".join(out)
+
+    def _lie(self, sock: socket.socket, rec: ConnRecord, req: Req) -> bool:
+        """Answer a READ or BLOCK_STATUS with ``script.chunks``; False: the connection ends."""
+        how = rec.script.chunks
+        rec.lies += 1
+        req.error = -1
+        chunk = wire.pack_chunk_header
+        done = wire.REPLY_FLAG_DONE
+        cookie, off, n = req.cookie, req.offset, max(req.length, 1)
+        data = self._read_file(off, n)
+        error = chunk(0, wire.REPLY_TYPE_ERROR, cookie, 6) + struct.pack(">IH", wire.NBD_EIO, 0)
+        if how == "long":
+            lie = chunk(done, wire.REPLY_TYPE_OFFSET_DATA, cookie, 8 + n + 4096) \
+                + struct.pack(">Q", off) + data
+        elif how == "bad_hole":
+            lie = chunk(done, wire.REPLY_TYPE_OFFSET_HOLE, cookie, 16) \
+                + struct.pack(">QIi", off, n, 0)
+        elif how in ("badcookie", "badmagic"):
+            lie = self._structured_reply(rec, req)
+            if how == "badcookie":
+                lie = lie[:8] + struct.pack(">Q", cookie ^ 0x5555) + lie[16:]
+            else:
+                lie = struct.pack(">I", wire.STRUCTURED_REPLY_MAGIC ^ 0x0100) + lie[4:]
+        elif how == "outside":
+            lie = chunk(done, wire.REPLY_TYPE_OFFSET_HOLE, cookie, 12) \
+                + struct.pack(">QI", off + n, 4096)
+        elif how == "overlap":
+            part = chunk(0, wire.REPLY_TYPE_OFFSET_DATA, cookie, 8 + n) + struct.pack(">Q", off)
+            lie = part + data + chunk(done, wire.REPLY_TYPE_OFFSET_DATA, cookie, 8 + n) \
+                + struct.pack(">Q", off) + data
+        elif how == "incomplete":
+            half = max(n // 2, 1)
+            lie = chunk(done, wire.REPLY_TYPE_OFFSET_DATA, cookie, 8 + half) \
+                + struct.pack(">Q", off) + data[:half]
+        elif how == "status_to_read":
+            lie = chunk(done, wire.REPLY_TYPE_BLOCK_STATUS, cookie, 12) \
+                + struct.pack(">III", rec.script.allocation_context, n, 0)
+        elif how == "context":
+            lie = chunk(done, wire.REPLY_TYPE_BLOCK_STATUS, cookie, 12) \
+                + struct.pack(">III", rec.script.allocation_context + 1, n, 0)
+        elif how == "empty_extent":
+            lie = chunk(done, wire.REPLY_TYPE_BLOCK_STATUS, cookie, 20) \
+                + struct.pack(">IIIII", rec.script.allocation_context, 0, 0, n, 0)
+        elif how in ("endless", "trickle"):
+            rec.how_ended = "fault"
+            while not self._stop.is_set():
+                sock.sendall(error * (1 if how == "trickle" else 64))
+                if how == "trickle":
+                    time.sleep(0.2)
+            return False
+        elif how == "cut":
+            honest = self._structured_reply(rec, req)
+            sock.sendall(honest[:len(honest) // 2])
+            rec.how_ended = "fault"
+            return False
+        else:
+            raise ValueError(f"unknown chunks {how!r}")
+        sock.sendall(lie)
+        return True
 
     def _covered_by(self, rec: ConnRecord, offset: int, length: int) -> None:
         if rec.migration_id is not None:
@@ -488,6 +642,17 @@ class FakeDest:
                 return
             fault = s.fault if s.fail_at is not None and index == s.fail_at else ""
             index += 1
+            if s.structured and rec.structured and cmd in (wire.CMD_READ,
+                                                           wire.CMD_BLOCK_STATUS) and not fault:
+                try:
+                    if s.chunks:
+                        if not self._lie(sock, rec, req):
+                            return
+                    else:
+                        sock.sendall(self._structured_reply(rec, req))
+                except OSError:
+                    raise _Closed() from None      # (the proxy dropped us: it saw the lie)
+                continue
             if cmd == wire.CMD_BLOCK_STATUS and s.block_status and not fault:
                 try:
                     answered = self._block_status(sock, rec, req)

@@ -235,9 +235,10 @@ def test_nbdinfo_flags_follow_upstream_without_multi_conn(serve, proxy, make_fil
     assert export["is_read_only"] is read_only
     for flag in PASSED_FLAGS:
         assert export[flag] is direct[flag], (flag, export, direct)
-    # No structured replies through the proxy, hence no DF and no block status.
-    assert info["structured"] is False
-    assert export["can_df"] is False
+    # Structured replies, DF and base:allocation pass on from upstream (it has them all).
+    assert info["structured"] is True
+    assert export["can_df"] is direct["can_df"] is True
+    assert "base:allocation" in export["contexts"]
     alive(server, p)
 
 
@@ -266,26 +267,31 @@ def test_nbdinfo_oldstyle_downstream(serve, proxy, make_file):
     alive(server, p)
 
 
-def test_handshake_offers_upstream_flags_and_refuses_structured_replies(serve, proxy,
-                                                                        make_file):
+@pytest.mark.parametrize("structured", [False, True], ids=["simple", "structured"])
+def test_handshake_offers_upstream_flags_and_structured_replies(serve, proxy, make_file,
+                                                                structured):
     _, server, p = start(serve, proxy, make_file, SETUPS["newstyle"], 1 * MiB)
     with RawClient.connect(server.port) as direct:
-        size, up_flags = direct.handshake()
+        size, up_flags = direct.handshake(structured=True)
         direct.disconnect()
-    assert up_flags & wire.FLAG_CAN_MULTI_CONN
+    assert up_flags & wire.FLAG_CAN_MULTI_CONN and up_flags & wire.FLAG_SEND_DF
     with RawClient.connect(p.port) as c:
         greeting = c.read_greeting()
         assert greeting.style == "newstyle"
         assert greeting.flags is not None and greeting.flags & wire.FLAG_FIXED_NEWSTYLE
         c.send_client_flags(wire.FLAG_C_FIXED_NEWSTYLE | wire.FLAG_C_NO_ZEROES)
-        replies = c.option(wire.OPT_STRUCTURED_REPLY)
-        assert [r.type for r in replies] == [wire.REP_ERR_UNSUP]
+        if structured:
+            replies = c.option(wire.OPT_STRUCTURED_REPLY)
+            assert [r.type for r in replies] == [wire.REP_ACK]
+            c.structured = True
         c.go()
         assert c.size == size
-        assert c.flags == up_flags & ~wire.FLAG_CAN_MULTI_CONN
-        assert not c.flags & wire.FLAG_SEND_DF
-        # Still in sync after the refused option: a READ gets a simple reply.
-        assert c.read(4096, 512) == server.file.read_bytes()[4096:4608]
+        # DF only with structured replies (upstream offers it then)
+        expected = up_flags & ~wire.FLAG_CAN_MULTI_CONN
+        assert c.flags == (expected if structured else expected & ~wire.FLAG_SEND_DF)
+        reply = c.request(wire.CMD_READ, 4096, 512)
+        assert reply.structured is structured and reply.error == 0
+        assert reply.data == server.file.read_bytes()[4096:4608]
         c.disconnect()
     alive(server, p)
 
@@ -349,7 +355,7 @@ def test_libnbd_every_command(serve, proxy, make_file, setup):
     path, server, p = start(serve, proxy, make_file, setup, 1 * MiB)
     model = bytearray(path.read_bytes())
     res = libnbd("ops", p.uri)
-    assert res["structured"] is False
+    assert res["structured"] is True          # (upstream has them)
     assert res["can_multi_conn"] is False
     assert res["steps"] == ["pwrite-fua", "pwrite", "trim", "zero", "fast-zero", "cache",
                             "flush"]
@@ -632,40 +638,31 @@ def test_help_prints_usage_and_exits_0():
         assert "Traceback" not in res.stderr
 
 
-def test_unreachable_upstream_exits_1_and_never_listens(tmp_path):
+def test_unreachable_upstream_listens_waits_and_says_so_once(tmp_path):
+    """Nothing listens upstream: the proxy listens all the same (clients wait un-accepted),
+    retries at the reconnect's pace, says so once, and stops cleanly on SIGTERM. (That it
+    then serves once upstream comes: test_proxy_structured.py.)"""
     up_port = free_port()       # nothing listens there
     port = free_port()
-    log_path = tmp_path / "proxy.log"
-    with open(log_path, "wb") as log:
-        proc = subprocess.Popen(FLEXNBD_PROXY + ["--addr", "127.0.0.1", "--port", str(port),
-                                                 "--conn-addr", "127.0.0.1", "--conn-port",
-                                                 str(up_port), "-v"],
-                                stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                                stderr=log)
-        try:
-            listened = False
-            deadline = time.monotonic() + 30
-            while proc.poll() is None and time.monotonic() < deadline:
-                try:
-                    socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
-                    listened = True
-                except OSError:
-                    pass
-                time.sleep(0.02)
-            status = proc.wait(10)
-        finally:
-            if proc.poll() is None:
-                proc.kill()
-                proc.wait()
-    err = log_path.read_text(errors="replace")
-    assert status == 1, err
-    assert not listened, err
+    p = FlexnbdProcess(["--addr", "127.0.0.1", "--port", str(port), "--conn-addr",
+                        "127.0.0.1", "--conn-port", str(up_port), "-v"],
+                       tmp_path / "proxy.log", command=FLEXNBD_PROXY)
+    try:
+        p.wait_for_log("clients wait until upstream answers")
+        with socket.create_connection(("127.0.0.1", port), timeout=5) as s:
+            s.settimeout(1.5)
+            with pytest.raises(TimeoutError):      # in the backlog: no greeting yet
+                s.recv(1)
+        time.sleep(2)               # (several attempts)
+        assert p.stop() == 0
+    finally:
+        p.kill()
+    err = p.log_path.read_text(errors="replace")
     assert " serving " not in err, err
     assert "Traceback" not in err, err
-    lines = [line for line in err.splitlines() if line.strip()]
-    assert lines, "no message"
-    assert any(str(up_port) in line and re.search(r"connect|refused|upstream", line, re.I)
-               for line in lines), err
+    lines = [line for line in err.splitlines() if str(up_port) in line]
+    assert len(lines) == 1, err
+    assert re.search(r"cannot connect to upstream .*Connection refused", lines[0]), err
 
 
 # --------------------------------------------------------------------------------------------

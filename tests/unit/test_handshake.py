@@ -90,6 +90,34 @@ def test_client_and_server_agree(side, oldstyle, read_only):
     assert s.client.read_until_closed() == b""
 
 
+@pytest.mark.parametrize("block_status", [False, True])
+@pytest.mark.parametrize("structured", [False, True])
+def test_client_asks_for_structured_replies_and_base_allocation(side, block_status,
+                                                                 structured):
+    """The proxy's upstream handshake: structured replies whenever the server has them, and
+    base:allocation when it lists it; the export flags then include DF."""
+    s = side(ExportInfo(SIZE, block_status=block_status, structured_replies=structured))
+    info = client_handshake(s.client.sock, structured=True,
+                            meta_contexts=[wire.BASE_ALLOCATION])
+    agreed = s.finish()
+    assert agreed is not None
+    assert info.structured is agreed.structured is structured
+    selected = structured and block_status
+    assert agreed.meta_context is selected
+    assert info.contexts == ({wire.BASE_ALLOCATION: wire.BASE_ALLOCATION_ID} if selected
+                             else {})
+    assert info.coverage_context is None
+    assert info.has(wire.FLAG_SEND_DF) is structured
+
+
+def test_exported_flags_lose_df_without_structured_replies():
+    flags = wire.FLAG_HAS_FLAGS | wire.FLAG_SEND_DF | wire.FLAG_SEND_FLUSH
+    export = ExportInfo(SIZE, flags=flags)
+    assert export.transmission_flags(True) == flags
+    assert export.transmission_flags(False) == flags & ~wire.FLAG_SEND_DF
+    assert export.oldstyle_flags() == flags & ~wire.FLAG_SEND_DF
+
+
 def test_client_handshake_with_an_export_name(side):
     s = side()
     info = client_handshake(s.client.sock, b"some-export")
