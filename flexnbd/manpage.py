@@ -88,8 +88,12 @@ DESCRIPTION = [
 ]
 
 PROXY_DESCRIPTION = [
-    "It connects to the server first, and exits 1 with a clear message if it cannot; then it "
-    "listens. One client is served at a time: further connections wait, not accepted, in the "
+    "It listens at once and connects to the server; a server that cannot be reached yet is "
+    "waited for (retried, said once in the log), with clients waiting un-accepted meanwhile; "
+    "one that answers but fails its handshake (TLS, not NBD) stops the start with exit status "
+    "1. Structured replies and the base:allocation meta context (BLOCK_STATUS) are offered "
+    "to the client when the server has them, so holes stay holes through the proxy. "
+    "One client is served at a time: further connections wait, not accepted, in the "
     "listen backlog until the current client leaves. The upstream connection is kept between "
     "clients, and the client is offered the server's export size. Error replies from the "
     "server (ENOSPC, EINVAL, ...) reach the client as they are and are not retried. A request "

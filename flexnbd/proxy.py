@@ -39,7 +39,7 @@ import threading
 import time
 from collections.abc import Callable
 
-from flexnbd import _proxy, credentials, log, sockets, wire
+from flexnbd import _proxy, credentials, hosts, log, sockets, wire
 from flexnbd._tls import TlsSession
 from flexnbd.config import ProxyConfig
 from flexnbd.errors import FlexnbdError, TlsError, errno_text
@@ -132,8 +132,13 @@ class Proxy:
 
     def __init__(self, config: ProxyConfig) -> None:
         self.config = config
-        self.upstream_name = (f"[{config.conn_addr}]:{config.conn_port}" if ":" in
-                              config.conn_addr else f"{config.conn_addr}:{config.conn_port}")
+        self.upstream_name = sockets.host_port(config.conn_addr, config.conn_port)
+        # Upstream's addresses (and --bind's), looked up once: every (re)connect tries them
+        # in order. A name without an address stops the start (FlexnbdError).
+        self._conn_addresses = hosts.resolve(config.conn_addr)
+        self._bind_addresses = sockets.local_addresses(config.bind)
+        if self._conn_addresses != (config.conn_addr,):
+            _log.info("upstream %s", hosts.described(config.conn_addr, self._conn_addresses))
         self._stopping = threading.Event()
         # Its stop_fd also ends the relay.
         self.listener = Listener(config.handshake_timeout, self._late)
@@ -245,7 +250,8 @@ class Proxy:
     def _connect_upstream(self) -> tuple[socket.socket, ServerInfo]:
         cfg = self.config
         try:
-            sock = sockets.connect(cfg.conn_addr, cfg.conn_port, cfg.bind, cfg.connect_timeout)
+            sock = sockets.connect(self._conn_addresses, cfg.conn_port, self._bind_addresses,
+                                   cfg.connect_timeout)
         except OSError as e:
             raise Unreachable(f"cannot connect to upstream {self.upstream_name}: "
                               f"{e.strerror or e}") from None

@@ -148,6 +148,14 @@ def test_a_name_without_an_address_is_one_clear_line(tmp_path, make_file, args):
     assert "cannot resolve 'nowhere.test'" in lines[0], lines
 
 
+def test_a_proxy_upstream_without_an_address_is_one_clear_line(tmp_path):
+    res = subprocess.run(resolving(tmp_path) + FLEXNBD_PROXY + [
+        "--addr", "127.0.0.1", "--port", str(free_port()), "--conn-addr", "nowhere.test",
+        "--conn-port", "10809"], capture_output=True, text=True, timeout=60)
+    assert (res.returncode, res.stderr) == \
+        (1, "flexnbd-proxy: cannot resolve 'nowhere.test': Name or service not known\n"), res
+
+
 def test_proxy_takes_host_names_on_both_sides(tmp_path, make_file, start_server, procs):
     data = os.urandom(MiB)
     src = start_server(make_file(data=data), host="127.0.0.3")
@@ -160,6 +168,7 @@ def test_proxy_takes_host_names_on_both_sides(tmp_path, make_file, start_server,
     res = run([], "read", "--addr", "127.0.0.5", "--port", str(port), "--from", "0",
               "--size", "1M")
     assert (res.returncode, res.stdout == data) == (0, True), (res.stderr, p.log())
+    assert "upstream db1.test (127.0.0.3)" in p.log(), p.log()
 
 
 def _source(procs, tmp_path: Path, disk: Path, prefix: list[str], *extra: str) -> FlexnbdProcess:
