@@ -37,6 +37,9 @@ cdef enum:
     SMALL_READ = 16 * 1024
     # With copy_reads, READs up to this size are copied so too (see Connection.copy_reads).
     COPY_READ_MAX = 256 * 1024
+    # A client counts as pipelining for this many requests after it last had more than one in
+    # flight (a client at depth 16 that we outpace sends them one by one for a while).
+    PIPELINED_WINDOW = 256
     # A WRITE longer than MAX_PAYLOAD is drained (and answered EINVAL) up to this length;
     # beyond it the client is disconnected rather than have us read gigabytes of garbage.
     DRAIN_LIMIT = 128 * 1024 * 1024
@@ -198,6 +201,8 @@ cdef struct conn_t:
     int kicked               # set by kick(): end at the next request boundary
     int splice_all           # splice every large WRITE, even onto holes (see Connection)
     int copy_reads           # READs up to COPY_READ_MAX: pread + send, not sendfile (atomic)
+    int local                # the client is on this host (set before serve())
+    uint64_t last_pipelined  # c.requests when it last had more than one request in flight
     # how it ended
     int reason
     int err
@@ -342,6 +347,8 @@ cdef int wait_readable(conn_t *c, int idle) noexcept nogil:
         if c.streak >= SPIN_AFTER and c.requests - c.last_sync > NO_SPIN_AFTER_SYNC:
             rc = spin_poll(c, fds, nfds)
         follow_client(c, c.streak >= SPIN_AFTER and c.requests - c.last_sync <= NO_SPIN_AFTER_SYNC)
+        if c.requests - c.requests_at_idle > 1:
+            c.last_pipelined = c.requests
         c.requests_at_idle = c.requests
     while rc == 0:
         rc = poll(fds, nfds, -1)
@@ -497,7 +504,51 @@ cdef int do_read(conn_t *c, const request_t *r) noexcept nogil:
         return 0
     if r.length <= SMALL_READ or (r.length <= COPY_READ_MAX and load_acquire(&c.copy_reads)):
         return read_small(c, r)
+    if c.local and c.last_pipelined and c.requests - c.last_pipelined <= PIPELINED_WINDOW:
+        return send_copied_range(c, r.offset, r.length)
     return send_file_range(c, r.offset, r.length)
+
+
+cdef int pread_exact(int fd, char *dst, size_t n, uint64_t offset) noexcept nogil:
+    """pread n bytes at offset: 0, or an errno (EIO when the file ended first)."""
+    cdef size_t got = 0
+    cdef ssize_t k
+    while got < n:
+        k = pread(fd, dst + got, n - got, <off_t>(offset + got))
+        if k < 0 and errno == EINTR:
+            continue
+        if k <= 0:
+            return errno if k < 0 else EIO
+        got += k
+    return 0
+
+
+cdef int send_copied_range(conn_t *c, uint64_t offset, size_t left) noexcept nogil:
+    """Like send_file_range, but pread through c.buf and send, for a client on this host
+    that keeps several requests in flight (qemu, nbdcopy, a backup tool, fio at depth).
+
+    With sendfile the socket buffers point at the page-cache pages, and the client's own
+    thread, already the bottleneck, pays for reading them cold: measured, fio 1 MiB reads at
+    depth 16 spent 0.8 s of its CPU per GiB against 0.23 with a copy here, and moved 1.2
+    GiB/s against 3 (nbdkit, which copies, 3.3). Our thread's extra copy runs in parallel on
+    another CPU. A remote client's data goes out through a NIC, where sendfile's zero copy is
+    all gain; a client that waits for each reply before the next request gets sendfile too
+    (the copy would only add to its wait). 0, or a Reason ending the connection."""
+    cdef size_t n
+    if flush_out(c, 1) < 0:
+        c.err = errno
+        return REASON_VANISHED
+    while left > 0:
+        n = BUF_SIZE if left > BUF_SIZE else left
+        c.err = pread_exact(c.ex.fd, c.buf, n, offset)
+        if c.err:
+            return REASON_IO_FATAL
+        if tp_send_all(&c.tp, c.buf, n, MSG_MORE if left > n else 0) < 0:
+            c.err = errno
+            return REASON_VANISHED
+        offset += n
+        left -= n
+    return 0
 
 
 cdef int read_chunked(conn_t *c, const request_t *r) noexcept nogil:
@@ -509,8 +560,6 @@ cdef int read_chunked(conn_t *c, const request_t *r) noexcept nogil:
     cdef uint64_t n, u64
     cdef uint32_t u32
     cdef int allocated, rc
-    cdef ssize_t k
-    cdef size_t got
     while left > 0:
         n = export_run(c.ex, offset, left, &allocated)
         u64 = htobe64(offset)
@@ -532,17 +581,10 @@ cdef int read_chunked(conn_t *c, const request_t *r) noexcept nogil:
                 return REASON_VANISHED
             if c.out_len + n <= OUTBUF_SIZE and \
                     (n <= SMALL_READ or (n <= COPY_READ_MAX and load_acquire(&c.copy_reads))):
-                got = 0
-                while got < n:
-                    k = pread(c.ex.fd, c.outbuf + c.out_len + got, n - got,
-                              <off_t>(offset + got))
-                    if k < 0 and errno == EINTR:
-                        continue
-                    if k <= 0:
-                        c.err = errno if k < 0 else EIO
-                        return REASON_IO_FATAL
-                    got += k
-                c.out_len += got
+                c.err = pread_exact(c.ex.fd, c.outbuf + c.out_len, n, offset)
+                if c.err:
+                    return REASON_IO_FATAL
+                c.out_len += n
             else:
                 rc = send_file_range(c, offset, n)
                 if rc:
@@ -1105,6 +1147,17 @@ cdef class Connection:
     @copy_reads.setter
     def copy_reads(self, bint on):
         store_release(&self.c.copy_reads, on)
+
+    @property
+    def local(self):
+        """Whether the client is on this host: then, while it keeps several requests in flight,
+        READs longer than 256 KiB are copied out of the page cache here too (see
+        send_copied_range). Set before serve()."""
+        return bool(self.c.local)
+
+    @local.setter
+    def local(self, bint on):
+        self.c.local = on
 
     @property
     def request_age_ns(self):

@@ -144,6 +144,7 @@ class Admission:
                 holders = self._slot_holders()
                 if len(holders) < self.config.max_clients:
                     client.connection = connection()
+                    client.connection.local = client.local
                     client.accepted.handshake_done()
                     client.attached_ns = client.active_ns = now
                     self._choose_read_path(client)

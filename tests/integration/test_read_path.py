@@ -1,6 +1,7 @@
 """How READ data leaves the server: sendfile, or (for a client on this host with more than
-one connection) a copy through the reply batch for reads up to 256 KiB. Either way the client
-gets the file's bytes, simple or structured, holes or not.
+one connection) a copy through the reply batch for reads up to 256 KiB, and (for a client on
+this host that keeps several READs in flight) a copy through the connection's buffer for
+longer ones. Either way the client gets the file's bytes, simple or structured, holes or not.
 
 Which path a READ took is seen in /proc/PID/io: sendfile counts a write system call
 (syscw), pread followed by send counts none. (A log line counts one too: the server logs a
@@ -93,3 +94,39 @@ def test_both_paths_return_the_files_bytes(serve, make_file, structured):
             read_everything(c, path)             # copies
             read_everything(other, path)
         assert c.request(3).error == 0           # (FLUSH: still in step after it all)
+
+
+def pipelined_reads(server, c, want: bytes, batches: int, depth: int = 8,
+                    length: int = MiB) -> int:
+    """BATCHES times: DEPTH READs of LENGTH sent at once, then their replies, checked against
+    ``want``. Write system calls the server made meanwhile."""
+    from flexnbd import wire
+
+    before = write_calls(server.pid)
+    for b in range(batches):
+        sent = []
+        for i in range(depth):
+            offset = ((b * depth + i) * length) % (len(want) - length + 1)
+            sent.append((c.send_request(wire.CMD_READ, offset, length), offset))
+        for cookie, offset in sent:              # (this server answers in order)
+            reply = c.recv_reply(read_length=length, read_offset=offset)
+            assert (reply.cookie, reply.error, reply.data == want[offset:offset + length]) == \
+                (cookie, 0, True)
+    return write_calls(server.pid) - before
+
+
+@pytest.mark.parametrize("structured", [False, True], ids=["simple", "structured"])
+def test_a_local_client_that_pipelines_big_reads_gets_copies(serve, make_file, structured):
+    """Beyond 256 KiB a local client gets copies while it keeps several READs in flight (its
+    own thread would otherwise read the cold page-cache pages), sendfile when it waits for
+    each reply; the bytes are the file's either way."""
+    path = make_file(8 * MiB)
+    want = content(path)
+    server = serve(path)
+    with client(server, structured=structured) as c:
+        assert sendfiles_for(server, c, reads=4, length=MiB) >= 4            # one at a time
+        pipelined_reads(server, c, want, batches=1)      # (seen pipelining from here on)
+        assert pipelined_reads(server, c, want, batches=4) <= FEW
+        for i in range(300):                             # one at a time for a while
+            c.read((i % 8) * 4 * KiB, 4 * KiB)
+        assert sendfiles_for(server, c, reads=4, length=MiB) >= 4
