@@ -5,7 +5,7 @@ from __future__ import annotations
 import socket
 import sys
 
-from flexnbd import _client, credentials, sockets, wire
+from flexnbd import _client, credentials, hosts, log, sockets, wire
 from flexnbd._tls import TlsSession
 from flexnbd.config import TransferConfig
 from flexnbd.errors import FlexnbdError
@@ -16,12 +16,16 @@ from flexnbd.handshake import client_handshake
 HANDSHAKE_TIMEOUT = 15.0
 REQUEST_TIMEOUT = 60.0
 
+_log = log.get("client")
+
 
 def transfer(cfg: TransferConfig, writing: bool) -> None:
     """READ [offset, offset+size) to stdout, or WRITE it from stdin. Raises flexnbd errors
     (RemoteError carries the server's errno name), TimeoutError or OSError."""
     tls = credentials.client_context(cfg.tls)
     sock = sockets.connect(cfg.addr, cfg.port, cfg.bind)
+    _log.info("connected to %s port %d", hosts.described(cfg.addr, (sockets.peer_address(sock),)),
+              cfg.port)
     try:
         info = client_handshake(sock, tls=tls, server_hostname=cfg.addr,
                                 timeout=HANDSHAKE_TIMEOUT)

@@ -126,8 +126,9 @@ def test_read_tries_each_address_of_a_name_in_turn(tmp_path, make_file, start_se
     src = start_server(make_file(data=data), host="127.0.0.3")
     prefix = resolving(tmp_path, "::1 db1.test", "127.0.0.3 db1.test")
     res = run(prefix, "read", "--addr", "db1.test", "--port", str(src.port), "--from", "4K",
-              "--size", "64K")
+              "--size", "64K", "-v")
     assert (res.returncode, res.stdout == data[4096:4096 + 65536]) == (0, True), res.stderr
+    assert f"connected to db1.test (127.0.0.3) port {src.port}" in res.stderr.decode()
     res = run(prefix, "read", "--addr", "db1.test", "--port", str(free_port()), "--from", "0",
               "--size", "512")
     assert (res.returncode, res.stderr) == (1, b"flexnbd: ECONNREFUSED: Connection refused\n")
