@@ -21,8 +21,10 @@ the server.
 
 from __future__ import annotations
 
+import os
+import select
 import signal
-import threading
+import time
 from collections.abc import Callable
 from typing import Protocol
 
@@ -37,12 +39,17 @@ class StopSignals:
     """Installs the stop-signal handlers; ``wait()`` returns the signal that arrived.
 
     ``request_stop()`` ends the wait from any thread without a signal (for example when a
-    finished migration ends the program)."""
+    finished migration ends the program).
+
+    The handler takes no lock: it records the signal and writes a byte to a pipe that
+    ``wait()`` polls. (It once set a threading.Event, whose lock the main thread holds for a
+    moment in every Event.wait(); a signal handled in that moment, handlers run on the main
+    thread, waited for that lock for ever: a server that never stopped on SIGTERM.)"""
 
     def __init__(self) -> None:
-        self.event = threading.Event()
         self.signum: int | None = None
         self.reason: str | None = None
+        self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         signal.signal(signal.SIGPIPE, signal.SIG_IGN)
         for sig in STOP_SIGNALS:
             signal.signal(sig, self._handle)
@@ -50,19 +57,30 @@ class StopSignals:
     def _handle(self, signum: int, frame: object) -> None:
         if self.signum is None and self.reason is None:
             self.signum = signum
-        self.event.set()
+        self._wake()
+
+    def _wake(self) -> None:
+        try:
+            os.write(self._wake_w, b"!")
+        except BlockingIOError:
+            pass             # (the pipe is full of wake-ups already)
 
     def request_stop(self, reason: str) -> None:
         if self.signum is None and self.reason is None:
             self.reason = reason
-        self.event.set()
+        self._wake()
 
     def wait(self, timeout: float | None = None) -> int | None:
-        # Event.wait in short slices so the main thread runs the handlers promptly.
-        while not self.event.wait(0.5 if timeout is None else timeout):
-            if timeout is not None:
+        """Until a stop signal or request (its signal, None for a request), or ``timeout``
+        seconds (None). Polled in short slices so the main thread runs the handlers
+        promptly."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            left = 0.5 if deadline is None else min(0.5, deadline - time.monotonic())
+            if select.select([self._wake_r], [], [], max(left, 0))[0]:
+                return self.signum
+            if deadline is not None and time.monotonic() >= deadline:
                 return None
-        return self.signum
 
     def name(self) -> str:
         if self.signum:
