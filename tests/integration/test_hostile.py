@@ -767,19 +767,6 @@ def _structured_with_meta_context(port: int) -> RawClient:
     return c
 
 
-def _block_status_chunks(c: RawClient, cookie: int) -> list[tuple[int, int, bytes]]:
-    """The chunks of one structured BLOCK_STATUS reply: (flags, type, payload)."""
-    chunks = []
-    for _ in range(100):
-        magic, flags, ctype, got_cookie, length = struct.unpack(">IHHQI", c.recv_exact(20))
-        assert magic == wire.STRUCTURED_REPLY_MAGIC, hex(magic)
-        assert got_cookie == cookie, (got_cookie, cookie)
-        chunks.append((flags, ctype, c.recv_exact(length)))
-        if flags & wire.REPLY_FLAG_DONE:
-            return chunks
-    raise AssertionError("no DONE chunk in 100")
-
-
 OUTBUF = 256 * KiB
 READ_REPLY_OVERHEAD = wire.CHUNK_HEADER_SIZE + 8     # an OFFSET_DATA chunk's header + offset
 BLOCK_STATUS_HEADER = wire.CHUNK_HEADER_SIZE + 4     # the chunk header + the context id
@@ -810,7 +797,7 @@ def test_block_status_never_sends_a_chunk_without_extents(serve, make_file, room
             reply = c.recv_reply(n, off)
             assert (reply.error, reply.cookie) == (0, i + 1)
             assert reply.data == content(path, off, n)
-        chunks = _block_status_chunks(c, bs_cookie)
+        chunks = c.recv_chunks(bs_cookie)
         covered = 0
         for _flags, ctype, payload in chunks:
             assert ctype == wire.REPLY_TYPE_BLOCK_STATUS, (ctype, payload)

@@ -89,20 +89,6 @@ def simple_client(port: int) -> RawClient:
     return c
 
 
-def recv_chunks(c: RawClient, cookie: int) -> list[tuple[int, int, bytes]]:
-    """The chunks of one structured reply: (flags, type, payload), the last one DONE."""
-    chunks = []
-    while True:
-        magic, flags, ctype, got, length = struct.unpack(">IHHQI", c.recv_exact(20))
-        assert magic == wire.STRUCTURED_REPLY_MAGIC, hex(magic)
-        assert got == cookie, (got, cookie)
-        assert length <= 33 * MiB
-        chunks.append((flags, ctype, c.recv_exact(length)))
-        if flags & wire.REPLY_FLAG_DONE:
-            return chunks
-        assert len(chunks) < 100000
-
-
 def read_data(chunks: list[tuple[int, int, bytes]], offset: int, length: int) -> bytes:
     """The data of a structured READ reply, checked: no error, no byte twice, every byte."""
     buf = bytearray(length)
@@ -280,16 +266,16 @@ def test_block_status_context_is_renamed_and_reads_keep_their_holes(fake, proxy,
     with structured_client(p.port) as c:
         for offset, length in ((0, 12 * MiB), (3 * MiB - 4096, 64 * KiB), (9 * MiB, 1 * MiB)):
             cookie = c.send_request(BLOCK_STATUS, offset, length)
-            assert extents(recv_chunks(c, cookie)) == file_extents(source, offset, length)
+            assert extents(c.recv_chunks(cookie)) == file_extents(source, offset, length)
         for offset, length in ((3 * MiB - 8192, 16 * KiB), (9 * MiB, 128 * KiB), (0, 8 * MiB)):
             cookie = c.send_request(READ, offset, length)
-            chunks = recv_chunks(c, cookie)
+            chunks = c.recv_chunks(cookie)
             assert read_data(chunks, offset, length) == \
                 source.read_bytes()[offset:offset + length]
             # the holes came through as holes
             assert any(t == wire.REPLY_TYPE_OFFSET_HOLE for _, t, _ in chunks)
         cookie = c.send_request(READ, 4096, 0)
-        assert recv_chunks(c, cookie) == [(wire.REPLY_FLAG_DONE, wire.REPLY_TYPE_NONE, b"")]
+        assert c.recv_chunks(cookie) == [(wire.REPLY_FLAG_DONE, wire.REPLY_TYPE_NONE, b"")]
         c.disconnect()
     assert len(dest.conns) == 1
     alive(p)
@@ -317,15 +303,15 @@ def test_reconnect_in_the_middle_of_a_structured_reply(fake, proxy, tmp_path, cl
                 assert reply.cookie == cookie and reply.error == 0 and not reply.structured
                 assert reply.data == data[off:off + n]
             elif cmd == READ:
-                assert read_data(recv_chunks(c, cookie), off, n) == data[off:off + n]
+                assert read_data(c.recv_chunks(cookie), off, n) == data[off:off + n]
             else:
-                assert extents(recv_chunks(c, cookie)) == file_extents(source, off, n)
+                assert extents(c.recv_chunks(cookie)) == file_extents(source, off, n)
         # nothing more came: the next request's reply is the next thing on the wire
         cookie = c.send_request(READ, 4096, 512)
         if client == "simple":
             assert c.recv_reply(512, 4096).data == data[4096:4608]
         else:
-            assert read_data(recv_chunks(c, cookie), 4096, 512) == data[4096:4608]
+            assert read_data(c.recv_chunks(cookie), 4096, 512) == data[4096:4608]
         c.disconnect()
     assert dest.conns[0].lies == 1 and len(dest.conns) == 2
     assert "reconnected to upstream" in p.log()
@@ -369,10 +355,10 @@ def test_a_lying_upstream_is_dropped(fake, proxy, tmp_path, how, cmd, said, clie
             assert reply.cookie == cookie and reply.error == 0
             assert reply.data == data[offset:offset + length]
         elif cmd == READ:
-            assert read_data(recv_chunks(c, cookie), offset, length) == \
+            assert read_data(c.recv_chunks(cookie), offset, length) == \
                 data[offset:offset + length]
         else:
-            assert extents(recv_chunks(c, cookie)) == file_extents(source, offset, length)
+            assert extents(c.recv_chunks(cookie)) == file_extents(source, offset, length)
         c.disconnect()
     assert dest.conns[0].lies >= 1 and len(dest.conns) >= 2
     log = p.log()
@@ -391,9 +377,9 @@ def test_an_upstream_without_the_features_after_a_reconnect(fake, proxy, tmp_pat
     data = source.read_bytes()
     with structured_client(p.port) as c:
         cookie = c.send_request(BLOCK_STATUS, 0, 4 * MiB)
-        assert extents(recv_chunks(c, cookie)) == [(4 * MiB, 0)]
+        assert extents(c.recv_chunks(cookie)) == [(4 * MiB, 0)]
         cookie = c.send_request(READ, 3 * MiB - 2048, 8192)
-        chunks = recv_chunks(c, cookie)
+        chunks = c.recv_chunks(cookie)
         assert [t for _, t, _ in chunks] == [wire.REPLY_TYPE_OFFSET_DATA]
         assert read_data(chunks, 3 * MiB - 2048, 8192) == data[3 * MiB - 2048:3 * MiB + 6144]
         # beyond the end: an error, as upstream would have said

@@ -352,6 +352,20 @@ class RawClient:
             raise AssertionError(f"reply cookie {reply.cookie:#x}, sent {cookie:#x}")
         return reply
 
+    def recv_chunks(self, cookie: int, most: int = 100_000) -> list[tuple[int, int, bytes]]:
+        """The chunks of one structured reply to ``cookie``, as they came: (flags, type,
+        payload), the last one DONE. At most ``most`` chunks, each at most 33 MiB."""
+        chunks = []
+        while len(chunks) < most:
+            magic, flags, ctype, got, length = struct.unpack(">IHHQI", self.recv_exact(20))
+            assert magic == wire.STRUCTURED_REPLY_MAGIC, hex(magic)
+            assert got == cookie, (got, cookie)
+            assert length <= 33 * 1024 * 1024, length
+            chunks.append((flags, ctype, self.recv_exact(length)))
+            if flags & wire.REPLY_FLAG_DONE:
+                return chunks
+        raise AssertionError(f"no DONE chunk in {most}")
+
     def read(self, offset: int, length: int, flags: int = 0) -> bytes:
         reply = self.request(wire.CMD_READ, offset, length, flags)
         if reply.error:
