@@ -37,9 +37,9 @@ cdef enum:
     SMALL_READ = 16 * 1024
     # With copy_reads, READs up to this size are copied so too (see Connection.copy_reads).
     COPY_READ_MAX = 256 * 1024
-    # A client counts as pipelining for this many requests after it last had more than one in
-    # flight (a client at depth 16 that we outpace sends them one by one for a while).
-    PIPELINED_WINDOW = 256
+    # send_copied_range maps the file this much at a time (aligned): per connection, at most
+    # this much address space and 1/512 of it in page tables.
+    FILE_WINDOW = 64 * 1024 * 1024
     # A WRITE longer than MAX_PAYLOAD is drained (and answered EINVAL) up to this length;
     # beyond it the client is disconnected rather than have us read gigabytes of garbage.
     DRAIN_LIMIT = 128 * 1024 * 1024
@@ -202,8 +202,12 @@ cdef struct conn_t:
     int splice_all           # splice every large WRITE, even onto holes (see Connection)
     int copy_reads           # READs up to COPY_READ_MAX: pread + send, not sendfile (atomic)
     int local                # the client is on this host (set before serve())
-    uint64_t last_pipelined  # c.requests when it last had more than one request in flight
-    # how a pipelining local client's long READs go (see big_read_copies)
+    # send_copied_range's window on the file: FILE_WINDOW bytes from win_start (NULL: none)
+    char *win
+    uint64_t win_start
+    size_t win_len
+    int win_refused          # mmap failed once: pread from then on
+    # how a local client's long READs go (see big_read_copies)
     int read_phase           # PHASE_*
     int phase_reads          # long READs so far in this phase
     int64_t phase_start_ns
@@ -354,8 +358,6 @@ cdef int wait_readable(conn_t *c, int idle) noexcept nogil:
         if c.streak >= SPIN_AFTER and c.requests - c.last_sync > NO_SPIN_AFTER_SYNC:
             rc = spin_poll(c, fds, nfds)
         follow_client(c, c.streak >= SPIN_AFTER and c.requests - c.last_sync <= NO_SPIN_AFTER_SYNC)
-        if c.requests - c.requests_at_idle > 1:
-            c.last_pipelined = c.requests
         c.requests_at_idle = c.requests
     while rc == 0:
         rc = poll(fds, nfds, -1)
@@ -529,18 +531,17 @@ cdef enum:
 
 cdef int big_read_copies(conn_t *c, uint32_t length) noexcept nogil:
     """Whether this long READ (over COPY_READ_MAX) is copied (send_copied_range) or sent with
-    sendfile. Only a client on this host that keeps several requests in flight is ever given
-    copies, and only if they serve it faster: which is faster depends on the machine (how
-    dear a cold page-cache read is next to a copy; measured on the same machine on two days:
-    sendfile 7.1 GiB/s one day, 1.2 the next, where copies reached 2.6-3), so it is measured:
-    TRY_READS READs each way, then the faster for USE_READS (the tries cost ~3 % of the
-    READs, at the slower way), and again. A client that stops pipelining starts over."""
+    sendfile. Only a client on this host is ever given copies (qemu or the kernel's nbd client
+    with a local disk, nbdcopy or a backup tool reading one), and only if they serve it faster:
+    which is faster depends on the machine (how dear a cold page-cache read is to the client
+    next to our copy; measured on the same machine on two days: sendfile 7.1 GiB/s one day,
+    1.2 the next, where copies reached 2.6-3), so it is measured: TRY_READS READs each way,
+    then the faster for USE_READS (the tries cost ~3 % of the READs, at the slower way), and
+    again. A remote client always gets sendfile (its data leaves through a NIC, where zero
+    copy is all gain)."""
     cdef int64_t now
     cdef double rate
-    if not (c.local and c.last_pipelined and
-            c.requests - c.last_pipelined <= PIPELINED_WINDOW):
-        c.read_phase = PHASE_TRY_SENDFILE
-        c.phase_reads = 0
+    if not c.local:
         return 0
     now = now_ns()
     if c.phase_reads == 0 or (c.read_phase != PHASE_USE and c.phase_reads == TRY_SKIP):
@@ -584,30 +585,68 @@ cdef int pread_exact(int fd, char *dst, size_t n, uint64_t offset) noexcept nogi
     return 0
 
 
+cdef void unmap_window(conn_t *c) noexcept nogil:
+    if c.win != NULL:
+        munmap(c.win, c.win_len)
+        c.win = NULL
+
+
+cdef char *file_window(conn_t *c, uint64_t offset) noexcept nogil:
+    """The file's bytes from offset on, mapped (c.win moves to the FILE_WINDOW that holds
+    offset), or NULL if the file cannot be mapped (then never again on this connection)."""
+    cdef void *m
+    if c.win == NULL or offset < c.win_start or offset >= c.win_start + c.win_len:
+        unmap_window(c)
+        if c.win_refused:
+            return NULL
+        c.win_start = offset - offset % FILE_WINDOW
+        c.win_len = FILE_WINDOW
+        if c.win_start + c.win_len > c.ex.size:
+            c.win_len = c.ex.size - c.win_start
+        m = mmap(NULL, c.win_len, PROT_READ, MAP_SHARED, c.ex.fd, <off_t>c.win_start)
+        if m == MAP_FAILED:
+            c.win_refused = 1
+            return NULL
+        c.win = <char *>m
+    return c.win + (offset - c.win_start)
+
+
 cdef int send_copied_range(conn_t *c, uint64_t offset, size_t left) noexcept nogil:
-    """Like send_file_range, but pread through c.buf and send, for a client on this host
-    that keeps several requests in flight (qemu, nbdcopy, a backup tool, fio at depth), when
-    that is the faster way (big_read_copies).
+    """Like send_file_range, but the data is copied here into the socket buffers, for a
+    client on this host when that is the faster way (big_read_copies).
 
     With sendfile the socket buffers point at the page-cache pages, and the client's own
-    thread, already the bottleneck, pays for reading them cold: measured, fio 1 MiB reads at
-    depth 16 spent 0.8 s of its CPU per GiB against 0.3 with a copy here, and moved 1.2
-    GiB/s against 2.6-3 (nbdkit, which copies, 2.6-3.3). Our thread's extra copy runs in
-    parallel on another CPU. A remote client's data goes out through a NIC, where sendfile's
-    zero copy is all gain; a client that waits for each reply before the next request gets
-    sendfile too (the copy would only add to its wait). 0, or a Reason ending the
-    connection."""
+    thread pays for reading them cold: measured, fio 1 MiB reads at depth 16 spent 0.8 s of
+    its CPU per GiB against 0.3 with a copy here, and moved 1.2 GiB/s against 2.6-3. Our
+    thread's copy runs in parallel on another CPU.
+
+    The copy is send() straight from a mapping of the file: one copy, where pread into a
+    buffer and send costs two (measured: 13 % less CPU here per GiB, 13-16 % more GiB/s at
+    depth 16). Only the kernel reads the mapping (inside send), so a page that cannot be read
+    (an I/O error, or a file shrunk under us) fails that send with EFAULT, reported as EIO,
+    instead of a SIGBUS. TLS must read the data here, so it, and a file that cannot be
+    mapped, go through pread and c.buf. 0, or a Reason ending the connection."""
     cdef size_t n
+    cdef char *p
     if flush_out(c, 1) < 0:
         c.err = errno
         return REASON_VANISHED
     while left > 0:
-        n = BUF_SIZE if left > BUF_SIZE else left
-        c.err = pread_exact(c.ex.fd, c.buf, n, offset)
-        if c.err:
-            return REASON_IO_FATAL
-        if tp_send_all(&c.tp, c.buf, n, MSG_MORE if left > n else 0) < 0:
+        p = file_window(c, offset) if c.tp.ssl == NULL else NULL
+        if p != NULL:
+            n = c.win_start + c.win_len - offset
+            n = left if n > left else n
+        else:
+            n = BUF_SIZE if left > BUF_SIZE else left
+            c.err = pread_exact(c.ex.fd, c.buf, n, offset)
+            if c.err:
+                return REASON_IO_FATAL
+            p = c.buf
+        if tp_send_all(&c.tp, p, n, MSG_MORE if left > n else 0) < 0:
             c.err = errno
+            if c.err == EFAULT:
+                c.err = EIO
+                return REASON_IO_FATAL
             return REASON_VANISHED
         offset += n
         left -= n
@@ -1169,6 +1208,7 @@ cdef class Connection:
             self.c.tp.bounce_size = BUF_SIZE
 
     def __dealloc__(self):
+        unmap_window(&self.c)
         free(self.c.inb.data)
         free(self.c.buf)
         free(self.c.outbuf)
@@ -1184,6 +1224,7 @@ cdef class Connection:
         with nogil:
             reason = serve_loop(&self.c)
             follow_client(&self.c, 0)
+            unmap_window(&self.c)
         self.c.request_started_ns = 0
         return ServeResult(Reason(reason), self.c.err,
                            _COMMAND_NAMES.get(self.c.cmd, self.c.cmd),
@@ -1213,9 +1254,9 @@ cdef class Connection:
 
     @property
     def local(self):
-        """Whether the client is on this host: then, while it keeps several requests in flight,
-        READs longer than 256 KiB are copied out of the page cache here too (see
-        send_copied_range). Set before serve()."""
+        """Whether the client is on this host: then READs longer than 256 KiB are copied out
+        of the page cache here too, when that serves it faster (see big_read_copies). Set
+        before serve()."""
         return bool(self.c.local)
 
     @local.setter

@@ -26,6 +26,7 @@ cdef extern from "<errno.h>" nogil:
         EROFS
         ENOMEM
         EPROTO
+        EFAULT
 
 cdef extern from "<string.h>" nogil:
     void *memcpy(void *dst, const void *src, size_t n)
@@ -98,6 +99,14 @@ cdef extern from "<linux/falloc.h>" nogil:
         FALLOC_FL_KEEP_SIZE
         FALLOC_FL_PUNCH_HOLE
         FALLOC_FL_ZERO_RANGE
+
+cdef extern from "<sys/mman.h>" nogil:
+    void *mmap(void *addr, size_t n, int prot, int flags, int fd, off_t offset)
+    int munmap(void *addr, size_t n)
+    enum:
+        PROT_READ
+        MAP_SHARED
+    void *MAP_FAILED
 
 cdef extern from "<sys/sendfile.h>" nogil:
     ssize_t sendfile(int out_fd, int in_fd, off_t *offset, size_t count)

@@ -11,12 +11,15 @@ client's arrival just after it is attached, so a few are allowed for.)
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
 from tests.support.layout import punch_fd
-from tests.support.serving import MiB, client, content
+from tests.support.rawclient import ServerClosed
+from tests.support.serving import MiB, alive, client, content
 from tests.support.waiting import wait_until
 
 KiB = 1024
@@ -116,24 +119,108 @@ def pipelined_reads(server, c, want: bytes, batches: int, depth: int = 8,
 
 
 TRY = 32 + 64        # READs each way while the server measures which is faster (_core)
+LONG = 256 * KiB + 4 * KiB       # a long READ: past the copies of copy_reads
 
 
+@pytest.mark.parametrize("depth", [1, 8], ids=["one-at-a-time", "pipelined"])
 @pytest.mark.parametrize("structured", [False, True], ids=["simple", "structured"])
-def test_a_local_client_that_pipelines_big_reads_is_tried_with_copies(serve, make_file,
-                                                                      structured):
-    """Beyond 256 KiB, a local client that keeps several READs in flight is served TRY READs
-    with sendfile, then TRY with copies (its own thread would otherwise read the cold
-    page-cache pages), then the faster of the two; one that waits for each reply gets
-    sendfile. The bytes are the file's either way."""
+def test_a_local_clients_long_reads_are_tried_both_ways(serve, make_file, structured, depth):
+    """Beyond 256 KiB, a client on this host is served TRY READs with sendfile, then TRY
+    with copies from a mapping of the file (with sendfile its own thread would read the cold
+    page-cache pages), then the faster of the two. The bytes are the file's either way, one
+    READ at a time or several in flight."""
     path = make_file(8 * MiB)
     want = content(path)
     server = serve(path)
+
+    def reads(n: int) -> int:
+        return pipelined_reads(server, c, want, n // depth, depth=depth, length=LONG)
+
     with client(server, structured=structured) as c:
-        assert sendfiles_for(server, c, reads=4, length=MiB) >= 4            # one at a time
-        pipelined_reads(server, c, want, batches=1)      # (seen pipelining from here on)
-        assert pipelined_reads(server, c, want, batches=TRY // 8) >= TRY - 8  # sendfile
-        assert pipelined_reads(server, c, want, batches=TRY // 8) <= 8 + FEW  # copies
-        pipelined_reads(server, c, want, batches=8)      # the faster of the two
-        for i in range(300):                             # one at a time for a while
-            c.read((i % 8) * 4 * KiB, 4 * KiB)
-        assert sendfiles_for(server, c, reads=4, length=MiB) >= 4
+        assert reads(TRY) >= TRY - FEW                   # sendfile
+        assert reads(TRY) <= FEW                         # copies
+        used = reads(256)
+        assert used <= FEW or used >= 256, used          # the faster: one way, every time
+        assert c.request(3).error == 0                   # (FLUSH: still in step after it all)
+
+
+def test_a_file_shrunk_under_the_mapped_copies_ends_that_connection_only(serve, make_file):
+    """The copies read a mapping of the file; a page past the end of a file shrunk under us
+    fails the server's send (EFAULT inside the kernel, no SIGBUS): that client is cut, the
+    server goes on."""
+    path = make_file(8 * MiB)
+    want = content(path)
+    server = serve(path)
+    with client(server) as c:
+        for _ in range(TRY):                             # (sendfile)
+            c.read(0, LONG)
+        assert pipelined_reads(server, c, want, 1, depth=1, length=LONG) <= FEW  # copies
+        os.truncate(path, MiB)
+        c.send_request(0, 4 * MiB, LONG)                 # (CMD_READ) now past the end
+        with pytest.raises(ServerClosed):
+            c.recv_reply(read_length=LONG, read_offset=4 * MiB)
+    assert wait_until(lambda: "EIO" in server.log() or "Input/output" in server.log())
+    alive(server)
+    with client(server) as other:
+        assert other.read(0, 4096) == want[:4096]
+
+
+REMOTE_READER = r'''
+import sys
+from tests.support.rawclient import RawClient
+host, port, length, reads, path = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), \
+    int(sys.argv[4]), sys.argv[5]
+want = open(path, "rb").read()
+c = RawClient.connect(port, host=host)
+c.handshake()
+for i in range(reads):
+    offset = (i * length) % (len(want) - length + 1)
+    assert c.read(offset, length) == want[offset:offset + length], offset
+c.close()
+print("read", reads)
+'''
+
+
+@pytest.fixture
+def remote_link():
+    """A veth pair to a network namespace of the test's own: (our address, its name). A
+    client in it is on another host as the server sees it."""
+    from tests.conftest import require_tool
+
+    require_tool("ip")
+    tag = f"fxr{os.getpid() % 100000}"
+    ns, here, there = f"{tag}-ns", "10.79.0.1", "10.79.0.2"
+
+    def ip(*args: str) -> None:
+        subprocess.run(["ip", *args], check=True, capture_output=True, timeout=30)
+
+    subprocess.run(["ip", "netns", "del", ns], capture_output=True, timeout=30)
+    subprocess.run(["ip", "link", "del", tag], capture_output=True, timeout=30)
+    ip("netns", "add", ns)
+    try:
+        ip("link", "add", tag, "type", "veth", "peer", "name", "eth0", "netns", ns)
+        ip("addr", "add", f"{here}/30", "dev", tag)
+        ip("link", "set", tag, "up")
+        ip("-n", ns, "addr", "add", f"{there}/30", "dev", "eth0")
+        ip("-n", ns, "link", "set", "eth0", "up")
+        ip("-n", ns, "link", "set", "lo", "up")
+        yield here, ns
+    finally:
+        subprocess.run(["ip", "link", "del", tag], capture_output=True, timeout=30)
+        subprocess.run(["ip", "netns", "del", ns], capture_output=True, timeout=30)
+
+
+def test_a_remote_clients_long_reads_always_go_with_sendfile(serve, make_file, remote_link):
+    """A client on another host is never given copies: its data leaves through a NIC, where
+    sendfile's zero copy is all gain."""
+    here, ns = remote_link
+    path = make_file(8 * MiB)
+    server = serve(path, "--addr", here)
+    reads = 2 * TRY + 32
+    before = write_calls(server.pid)
+    done = subprocess.run(["ip", "netns", "exec", ns, sys.executable, "-c", REMOTE_READER,
+                           here, str(server.port), str(LONG), str(reads), str(path)],
+                          capture_output=True, text=True, timeout=120,
+                          cwd=Path(__file__).resolve().parents[2])
+    assert done.returncode == 0, done.stderr
+    assert write_calls(server.pid) - before >= reads
