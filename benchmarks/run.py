@@ -368,8 +368,15 @@ def run_row(
     return cell
 
 
-def run_config(size: int, runtime: int, rows: list[str], servers: list[str], repeat: int,
-               workdir: Path, errors: list[str]) -> dict:
+def run_config(
+    size: int,
+    runtime: int,
+    rows: list[str],
+    servers: list[str],
+    repeat: int,
+    workdir: Path,
+    errors: list[str],
+) -> dict:
     """ROWS on a file of SIZE, RUNTIME seconds per sample, REPEAT samples per cell (servers
     interleaved, each fresh): {row: {server: combined cell}}."""
     data = workdir / f"data-{size}.img"
