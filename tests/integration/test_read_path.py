@@ -1,10 +1,11 @@
 """How READ data leaves the server: sendfile, or (for a client on this host with more than
 one connection) a copy through the reply batch for reads up to 256 KiB, and (for a client on
-this host that keeps several READs in flight) a copy through the connection's buffer for
-longer ones. Either way the client gets the file's bytes, simple or structured, holes or not.
+this host, while that is the faster way) a send from a mapping of the file for longer ones;
+remote clients always get sendfile. Either way the client gets the file's bytes, simple or
+structured, holes or not.
 
 Which path a READ took is seen in /proc/PID/io: sendfile counts a write system call
-(syscw), pread followed by send counts none. (A log line counts one too: the server logs a
+(syscw), a copy followed by send counts none. (A log line counts one too: the server logs a
 client's arrival just after it is attached, so a few are allowed for.)
 """
 
