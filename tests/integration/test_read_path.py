@@ -225,3 +225,27 @@ def test_a_remote_clients_long_reads_always_go_with_sendfile(serve, make_file, r
                           cwd=Path(__file__).resolve().parents[2])
     assert done.returncode == 0, done.stderr
     assert write_calls(server.pid) - before >= reads
+
+
+def test_a_choice_the_tries_confirm_holds_twice_as_long(serve, make_file):
+    """After its first 4096 READs the faster way, the server tries both ways again; if the
+    tries pick the same way, it holds for 8192 READs, else for 4096 again."""
+    path = make_file(8 * MiB)
+    want = content(path)
+    server = serve(path)
+
+    def ways(n: int, block: int = 32) -> list[bool]:
+        """For each BLOCK of N READs: whether it went with sendfile."""
+        return [pipelined_reads(server, c, want, block, depth=1, length=LONG) >= block - FEW
+                for _ in range(n // block)]
+
+    with client(server) as c:
+        assert ways(TRY) == [True] * 3 and ways(TRY) == [False] * 3
+        first = ways(4096)
+        assert len(set(first)) == 1, first               # the first choice, all along
+        assert ways(TRY) == [True] * 3 and ways(TRY) == [False] * 3
+        held = ways(4096) + ways(4096)
+        if held[0] == first[0]:                          # confirmed: 8192 READs
+            assert len(set(held)) == 1, held
+        else:                                            # changed: 4096, then tries again
+            assert held[:128] == [held[0]] * 128 and held[128:131] == [True] * 3, held
