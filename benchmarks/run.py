@@ -368,25 +368,29 @@ def run_row(
     return cell
 
 
-def run_config(
-    size: int,
-    runtime: int,
+def run_cells(
     rows: list[str],
     servers: list[str],
+    files: dict[str, Path],
+    size: int,
+    runtime: int,
     repeat: int,
     workdir: Path,
     errors: list[str],
+    label: str = "",
 ) -> dict:
-    """ROWS on a file of SIZE, RUNTIME seconds per sample, REPEAT samples per cell (servers
-    interleaved, each fresh): {row: {server: combined cell}}."""
-    data = workdir / f"data-{size}.img"
-    make_data_file(data, size)
+    """REPEAT samples of every (row, server) cell, each on a fresh server, on the row's file
+    in FILES ("dense" or "sparse"): {row: {server: combined cell}} (a failed cell left out)."""
     samples: dict[tuple[str, str], list[dict]] = {}
+    # Row-major, servers interleaved: the servers compared in one row run close together
+    # in time, so background load on a shared machine hits them alike.
     for rep in range(repeat):
         for row in rows:
             for name in servers:
-                log(f"{name}: {row}, {size_text(size)} / {runtime} s (run {rep + 1}/{repeat})")
-                cell = run_row(name, row, data, size, runtime, workdir, errors)
+                run = f" (run {rep + 1}/{repeat})" if repeat > 1 else ""
+                log(f"{name}: {row}{label}{run}")
+                path = files[ROWS[row].get("file", "dense")]
+                cell = run_row(name, row, path, size, runtime, workdir, errors)
                 if cell:
                     samples.setdefault((row, name), []).append(cell)
     results: dict = {r: {} for r in rows}
@@ -574,7 +578,7 @@ def main(argv: list[str] | None = None) -> int:
         "quick": args.quick,
         "git_head": git_head(),
         "servers": {},
-        "rows": {r: {} for r in rows},
+        "rows": {},
         "errors": [],
         # Other work on the machine skews everything; keep the evidence with the numbers.
         "loadavg_start": os.getloadavg(),
@@ -597,28 +601,17 @@ def main(argv: list[str] | None = None) -> int:
         report["sparse_check"] = {
             name: check_sparse(name, files["sparse"], workdir, report["errors"]) for name in servers
         }
-    samples: dict[tuple[str, str], list[dict]] = {}
-    # Row-major, servers interleaved: the servers compared in one row run close together
-    # in time, so background load on a shared machine hits them alike.
-    for rep in range(args.repeat):
-        for row in rows:
-            for name in servers:
-                log(
-                    f"{name}: {row}"
-                    + (f" (run {rep + 1}/{args.repeat})" if args.repeat > 1 else "")
-                )
-                path = files[ROWS[row].get("file", "dense")]
-                cell = run_row(name, row, path, size, args.runtime, workdir, report["errors"])
-                if cell:
-                    samples.setdefault((row, name), []).append(cell)
-    for (row, name), cells in samples.items():
-        report["rows"][row][name] = combine(cells)
+    report["rows"] = run_cells(
+        rows, servers, files, size, args.runtime, args.repeat, workdir, report["errors"]
+    )
     report["configs"] = {}
     for config_size, config_runtime in parse_configs(args.configs):
+        config_data = workdir / f"data-{config_size}.img"
+        make_data_file(config_data, config_size)
         label = f"{size_text(config_size)} file, {config_runtime} s per sample"
-        report["configs"][label] = run_config(
-            config_size, config_runtime, [r for r in rows if r in CONFIG_ROWS], servers,
-            args.repeat, workdir, report["errors"],
+        report["configs"][label] = run_cells(
+            [r for r in rows if r in CONFIG_ROWS], servers, {"dense": config_data},
+            config_size, config_runtime, args.repeat, workdir, report["errors"], f", {label}",
         )  # fmt: skip
     report["loadavg_end"] = os.getloadavg()  # includes our own load (about 2)
 
