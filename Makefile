@@ -17,8 +17,11 @@ install: $(PY)
 build: $(PY)
 	$(PY) -m pip install -q --no-deps -e .
 
+# The tests spend most of their time waiting on sockets and deadlines, so TEST_JOBS of them run
+# at once (pytest-xdist), each file's tests on one worker, in order.
+TEST_JOBS ?= 4
 test: install
-	$(PY) -m pytest tests
+	$(PY) -m pytest tests -n $(TEST_JOBS) --dist loadfile
 
 lint: install
 	$(PY) -m ruff check flexnbd tests benchmarks scripts

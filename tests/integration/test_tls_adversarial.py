@@ -287,6 +287,9 @@ def trickle_source(start_server, tmp_path: Path, keys: Path) -> tuple[cu.Proc, P
     src_file.write_bytes(data)
     src = start_server(src_file, "--tls=require", "--tls-psk", str(keys),
                        env={"FLEXNBD_MS_REQUEST_LIMIT_SECS": str(LIMIT)})
+    # A mirror that finds the map unbuilt lets its first connection go and connects again
+    # (SPEC §6.2): wait, so that the impostor's first connection is the one that migrates.
+    src.wait_for_log("allocation map: built", timeout=30)
     return src, src_file, data
 
 
