@@ -41,6 +41,12 @@ cdef enum:
     # this much of the file mapped (page-cache pages, counted in the server's RSS) and 16 KiB
     # of page tables. A 1 MiB READ at a time remaps every 8 READs: a cost too small to see.
     FILE_WINDOW = 8 * 1024 * 1024
+    # A new window is made only once the last one has served this much: a client that reads
+    # far apart each time (random long READs, or a hostile one alternating two places) gets
+    # at most one mmap and munmap per 4 MiB it reads, and pread for the rest, instead of one
+    # per READ (each takes the process's mapping lock for writing and, unmapping, flushes
+    # the TLB of every CPU where another connection's thread runs).
+    WINDOW_COST = FILE_WINDOW // 2
     # A WRITE longer than MAX_PAYLOAD is drained (and answered EINVAL) up to this length;
     # beyond it the client is disconnected rather than have us read gigabytes of garbage.
     DRAIN_LIMIT = 128 * 1024 * 1024
@@ -208,6 +214,7 @@ cdef struct conn_t:
     uint64_t win_start
     size_t win_len
     int win_refused          # mmap failed once: pread from then on
+    uint64_t win_owed        # bytes to serve before the next new window (WINDOW_COST)
     # how a local client's long READs go (see big_read_copies)
     int read_phase           # PHASE_*
     int phase_reads          # long READs so far in this phase
@@ -603,12 +610,13 @@ cdef void unmap_window(conn_t *c) noexcept nogil:
 
 cdef char *file_window(conn_t *c, uint64_t offset) noexcept nogil:
     """The file's bytes from offset on, mapped (c.win moves to the FILE_WINDOW that holds
-    offset), or NULL if the file cannot be mapped (then never again on this connection)."""
+    offset), or NULL: the last window has not yet served WINDOW_COST (pread this time), or
+    the file cannot be mapped (then never again on this connection)."""
     cdef void *m
     if c.win == NULL or offset < c.win_start or offset >= c.win_start + c.win_len:
-        unmap_window(c)
-        if c.win_refused:
+        if c.win_owed or c.win_refused:
             return NULL
+        unmap_window(c)
         c.win_start = offset - offset % FILE_WINDOW
         c.win_len = FILE_WINDOW
         if c.win_start + c.win_len > c.ex.size:
@@ -618,6 +626,7 @@ cdef char *file_window(conn_t *c, uint64_t offset) noexcept nogil:
             c.win_refused = 1
             return NULL
         c.win = <char *>m
+        c.win_owed = WINDOW_COST
     return c.win + (offset - c.win_start)
 
 
@@ -658,6 +667,7 @@ cdef int send_copied_range(conn_t *c, uint64_t offset, size_t left) noexcept nog
                 c.err = EIO
                 return REASON_IO_FATAL
             return REASON_VANISHED
+        c.win_owed = c.win_owed - n if c.win_owed > n else 0
         offset += n
         left -= n
     return 0

@@ -38,6 +38,14 @@ def write_calls(pid: int) -> int:
 FEW = 3       # write calls that are not READs (log lines) in one sendfiles_for()
 
 
+def read_calls(pid: int) -> int:
+    """Read system calls so far (pread counts one; a copy from the mapping none)."""
+    for line in Path(f"/proc/{pid}/io").read_text().splitlines():
+        if line.startswith("syscr:"):
+            return int(line.split()[1])
+    raise AssertionError("no syscr in /proc/PID/io")
+
+
 def sendfiles_for(server, c, reads: int = 20, length: int = 64 * KiB) -> int:
     """Write system calls the server made while answering READS reads of LENGTH bytes."""
     before = write_calls(server.pid)
@@ -164,6 +172,39 @@ def test_a_file_shrunk_under_the_mapped_copies_ends_that_connection_only(serve, 
     alive(server)
     with client(server) as other:
         assert other.read(0, 4096) == want[:4096]
+
+
+def test_far_apart_long_reads_map_the_file_at_most_once_per_4_mib(serve, make_file):
+    """In the copies' turn, sequential long READs are sent from a mapping of the file (no
+    pread). READs that alternate between two places 16 MiB apart (random long READs, or a
+    hostile client) get a new window only once the last one has served 4 MiB: the READs
+    outside the current window go through pread meanwhile, not an mmap and a munmap each.
+    The bytes are the file's either way."""
+    path = make_file(32 * MiB)
+    want = content(path)
+    server = serve(path)
+    half = TRY // 2
+
+    def preaded(offsets) -> list[bool]:
+        """For each READ: whether the server read it with pread (else from a mapping)."""
+        ways = []
+        for offset in offsets:
+            before = read_calls(server.pid)
+            assert c.read(offset, LONG) == want[offset:offset + LONG], offset
+            ways.append(read_calls(server.pid) > before)
+        return ways
+
+    with client(server) as c:
+        assert pipelined_reads(server, c, want, TRY, depth=1, length=LONG) >= TRY - FEW
+        assert sum(preaded([i * LONG for i in range(half)])) <= FEW
+        offsets = [(i % 2) * 16 * MiB + (i // 2) * LONG for i in range(half)]
+        ways = preaded(offsets)
+    # A mapped READ in the other place than the last mapped one needed a new window.
+    places = [offset // (16 * MiB)
+              for offset, pread in zip(offsets, ways, strict=True) if not pread]
+    windows = sum(1 for i, place in enumerate(places) if i == 0 or place != places[i - 1])
+    # 48 READs of 260 KiB are 12 MiB: 3 or 4 windows (one for each place without the bound).
+    assert 2 <= windows <= 4, (windows, ways)
 
 
 REMOTE_READER = r'''
