@@ -9,13 +9,19 @@ $(PY):
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 
-# Install flexnbd (editable, compiled in place) with the test, lint and release tools.
-install: $(PY)
+# Install flexnbd (editable, compiled in place) with the test, lint and release tools. pip
+# compiles every extension again each time (a minute), so it runs only when the build's
+# inputs are newer than the last install (the stamp file); Python edits need no install.
+INSTALLED := $(VENV)/.installed
+install: $(INSTALLED)
+$(INSTALLED): $(PY) pyproject.toml setup.py $(wildcard flexnbd/*.pyx flexnbd/*.pxd)
 	$(PY) -m pip install -q -e '.[test,lint,release]'
+	touch $@
 
 # Recompile the extensions in place after editing a .pyx.
 build: $(PY)
 	$(PY) -m pip install -q --no-deps -e .
+	if [ -f $(INSTALLED) ]; then touch $(INSTALLED); fi
 
 # The tests spend most of their time waiting on sockets and deadlines, so TEST_JOBS of them run
 # at once (pytest-xdist), each file's tests on one worker, in order.
@@ -76,4 +82,4 @@ annotate: $(PY)
 	FLEXNBD_DEBUG_BUILD=1 $(PY) -m pip install -q --no-deps -e .
 
 clean:
-	rm -rf build dist wheelhouse *.egg-info flexnbd/*.so flexnbd/*.c flexnbd/*.html
+	rm -rf build dist wheelhouse *.egg-info flexnbd/*.so flexnbd/*.c flexnbd/*.html $(INSTALLED)
