@@ -28,22 +28,20 @@ KiB = 1024
 SIZES = (4 * KiB, 16 * KiB + 1, 64 * KiB, 256 * KiB, 256 * KiB + 4 * KiB, MiB)
 
 
-def write_calls(pid: int) -> int:
+def io_count(pid: int, field: str) -> int:
+    """A counter of /proc/PID/io (syscw: write system calls, sendfile among them; syscr:
+    read system calls, pread among them, where a copy from the mapping counts none)."""
     for line in Path(f"/proc/{pid}/io").read_text().splitlines():
-        if line.startswith("syscw:"):
+        if line.startswith(field + ":"):
             return int(line.split()[1])
-    raise AssertionError("no syscw in /proc/PID/io")
+    raise AssertionError(f"no {field} in /proc/PID/io")
+
+
+def write_calls(pid: int) -> int:
+    return io_count(pid, "syscw")
 
 
 FEW = 3       # write calls that are not READs (log lines) in one sendfiles_for()
-
-
-def read_calls(pid: int) -> int:
-    """Read system calls so far (pread counts one; a copy from the mapping none)."""
-    for line in Path(f"/proc/{pid}/io").read_text().splitlines():
-        if line.startswith("syscr:"):
-            return int(line.split()[1])
-    raise AssertionError("no syscr in /proc/PID/io")
 
 
 def sendfiles_for(server, c, reads: int = 20, length: int = 64 * KiB) -> int:
@@ -189,9 +187,9 @@ def test_far_apart_long_reads_map_the_file_at_most_once_per_4_mib(serve, make_fi
         """For each READ: whether the server read it with pread (else from a mapping)."""
         ways = []
         for offset in offsets:
-            before = read_calls(server.pid)
+            before = io_count(server.pid, "syscr")
             assert c.read(offset, LONG) == want[offset:offset + LONG], offset
-            ways.append(read_calls(server.pid) > before)
+            ways.append(io_count(server.pid, "syscr") > before)
         return ways
 
     with client(server) as c:
