@@ -47,6 +47,8 @@ _log = log.get("server")
 # At the client limit, how long a new client may wait for the threads of clients that have
 # hung up to end (so that a client reconnecting at once is not refused).
 HANDOVER_WAIT = 2.0
+# ... and how many times it looks (cutting, between looks, the holders that hung up or idled).
+HANDOVER_ROUNDS = 3
 # attach's answer while the server stops.
 STOPPING = "the server is stopping"
 
@@ -133,10 +135,10 @@ class Admission:
         """The client finished its handshake: give it its connection (made under the lock,
         so that stopping and cutting see it). "" when it has it, else why not: the server is
         stopping (STOPPING), or in listen mode the slot is another sender's."""
-        idle: list[Client] = []
-        for _ in range(2):
-            if idle:     # they were told to give the slot up: wait for their threads
-                self._wait_clients(HANDOVER_WAIT, idle)
+        # Each round cuts the holders that cannot use the slot and waits for their threads.
+        # More than one round: while this client waited, another that had hung up (a probe
+        # whose handshake ended just before) may have taken the slot freed for it.
+        for attempt in range(HANDOVER_ROUNDS):
             with self._lock:
                 if self.stopping:
                     return STOPPING
@@ -149,15 +151,13 @@ class Admission:
                     client.attached_ns = client.active_ns = now
                     self._choose_read_path(client)
                     return ""
-                if idle:
-                    break
                 # A holder whose peer hung up (say a readiness probe) cannot be served any
                 # more; one that sent nothing for FLEXNBD_LISTEN_IDLE gives the slot up.
                 limit = self.config.listen_idle
                 hung = _hung_up(holders)
                 idle = [c for c in holders if c in hung
                         or (limit is not None and self._idle_ns(c, now) >= limit * 1e9)]
-                if not idle:
+                if not idle or attempt == HANDOVER_ROUNDS - 1:
                     break
                 for holder in idle:
                     holder.cut()
@@ -165,6 +165,7 @@ class Admission:
                 if holder not in hung:
                     _log.warning("%s sent no request for %g s: it gives the migration's slot "
                                  "up to %s", holder.name, self.config.listen_idle, client.name)
+            self._wait_clients(HANDOVER_WAIT, idle)
         return "a sender already holds the migration's slot"
 
     def _slot_holders(self) -> list[Client]:

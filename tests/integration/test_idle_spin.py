@@ -3,10 +3,15 @@ is waited for with a spin instead of a sleep (FLEXNBD_IDLE_SPIN_US, 40 µs by de
 a FLUSH or FUA request the server sleeps again for a while, and 0 turns the spin off.
 
 Seen from outside as the serving thread's voluntary context switches (one per sleep). The
-spin is set to a whole second here, so that a Python client always counts as quick.
+spin is set to a whole second here, so that a Python client always counts as quick. The
+client pauses GAP after each reply: a server that does not spin is then surely asleep when
+the next request comes, even on a loaded machine where it could be preempted between its
+reply and its next wait (then it finds the request there and need not sleep).
 """
 
 from __future__ import annotations
+
+import time
 
 import pytest
 
@@ -15,6 +20,7 @@ from tests.support.procstat import thread_status
 from tests.support.serving import MiB, client
 
 REQUESTS = 200
+GAP = 0.002
 
 
 def sleeps(pid: int) -> int:
@@ -28,6 +34,7 @@ def sleeps_during_reads(server, c, flags: int = 0) -> int:
     before = sleeps(server.pid)
     for i in range(REQUESTS):
         c.read(i * 4096, 4096, flags=flags)
+        time.sleep(GAP)
     return sleeps(server.pid) - before
 
 
