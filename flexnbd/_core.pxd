@@ -14,6 +14,7 @@ cdef struct export_t:
     amap_t *amap             # the allocation map, or NULL
     void *dirty              # amap_t* of the mirror's dirty map while mirroring, else NULL
     int io_error             # sticky: a write or sync failed with EIO (data may be lost)
+    char *map                # the whole file mapped read-only (Export's map_max), or NULL
 
 
 cdef inline uint64_t export_run(const export_t *ex, uint64_t offset, uint64_t length,

@@ -106,6 +106,7 @@ cdef extern from "<sys/mman.h>" nogil:
     enum:
         PROT_READ
         MAP_SHARED
+        MAP_NORESERVE
     void *MAP_FAILED
 
 cdef extern from "<sys/sendfile.h>" nogil:

@@ -23,6 +23,7 @@ from flexnbd.config import (
     CACHE_BYTES_DEFAULT,
     CONTROL_TIMEOUT_SECS,
     HANDSHAKE_SECS,
+    EXPORT_MAP_MAX,
     IDLE_SPIN_SECS,
     KILLSWITCH_SECS,
     LISTEN_IDLE_SECS,
@@ -323,6 +324,17 @@ def _idle_spin() -> float:
     return int(text) / 1e6
 
 
+def _export_map_max() -> int:
+    """FLEXNBD_EXPORT_MAP_MIB in bytes (MiB in the variable; 0: never map the export whole)."""
+    text = os.environ.get("FLEXNBD_EXPORT_MAP_MIB")
+    if not text:
+        return EXPORT_MAP_MAX
+    if not text.isdigit() or int(text) > 1 << 20:
+        raise UsageError(f"FLEXNBD_EXPORT_MAP_MIB={text!r} is not a number of MiB "
+                         "from 0 to 1048576")
+    return int(text) << 20
+
+
 def _request_limit() -> float:
     """FLEXNBD_MS_REQUEST_LIMIT_SECS. Unlike the knobs above, a bad value (not a number, not
     more than 0) has always meant the default, not an error."""
@@ -390,6 +402,7 @@ def _server_config(args: argparse.Namespace, mode: str) -> ServeConfig:
                        handshake_timeout=_env_seconds("FLEXNBD_HANDSHAKE_TIMEOUT", HANDSHAKE_SECS),
                        send_timeout=_env_seconds("FLEXNBD_SEND_TIMEOUT", SEND_TIMEOUT_SECS),
                        idle_spin=_idle_spin(),
+                       export_map_max=_export_map_max(),
                        control_timeout=_env_seconds("FLEXNBD_CONTROL_TIMEOUT_SECS",
                                                     CONTROL_TIMEOUT_SECS),
                        mirror_request_limit=_request_limit(),

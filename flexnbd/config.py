@@ -25,6 +25,10 @@ KILLSWITCH_SECS = 120.0
 # How long a client that works one request at a time may take to send its next one and still
 # be waited for with a spin (FLEXNBD_IDLE_SPIN_US overrides it; 0 turns the spin off).
 IDLE_SPIN_SECS = 40e-6
+# An export up to this size is mapped whole, once, for the long READs copied to local clients
+# (FLEXNBD_EXPORT_MAP_MIB overrides it; 0: never): its page tables cost at most 2 MiB per GiB
+# that such clients read, so at most 16 MiB here. A larger export is mapped 8 MiB at a time.
+EXPORT_MAP_MAX = 8 << 30
 # The whole handshake, and a reply that makes no progress (FLEXNBD_HANDSHAKE_TIMEOUT and
 # FLEXNBD_SEND_TIMEOUT override them).
 HANDSHAKE_SECS = 30.0
@@ -80,6 +84,8 @@ class ServeConfig:
     # A client that sends its next request within this many seconds of a reply, one request
     # at a time, is waited for with a spin, not a sleep (FLEXNBD_IDLE_SPIN_US; 0: never).
     idle_spin: float = IDLE_SPIN_SECS
+    # An export of up to this many bytes is mapped whole for copied READs (FLEXNBD_EXPORT_MAP_MIB).
+    export_map_max: int = EXPORT_MAP_MAX
     # On stop, how long connected clients get to finish their current request.
     stop_grace: float = 10.0
     mode: str = "serve"              # serve | listen

@@ -46,6 +46,7 @@ from flexnbd import __version__, activation, cli, notify, status
 from flexnbd.config import (
     CONTROL_TIMEOUT_SECS,
     HANDSHAKE_SECS,
+    EXPORT_MAP_MAX,
     IDLE_SPIN_SECS,
     KILLSWITCH_SECS,
     LISTEN_IDLE_SECS,
@@ -173,6 +174,12 @@ ENVIRONMENT = [
              "serve and listen: microseconds (0 to 1000000) within which a client that sends "
              "one request at a time is expected to send its next one, waited for with a spin "
              "rather than a sleep; 0 turns the spin off."),
+    Variable("FLEXNBD_EXPORT_MAP_MIB", f"{EXPORT_MAP_MAX >> 20} MiB",
+             "serve and listen: the largest export (in MiB, 0 to 1048576) that is mapped whole "
+             "for the long READs copied to clients on this host, so that a page read once "
+             "stays mapped for every later READ of it; its page tables cost up to 2 MiB per "
+             "GiB read that way. A larger export is mapped 8 MiB at a time per connection; "
+             "0 turns the whole mapping off."),
     Variable("FLEXNBD_KILLSWITCH_SECS", _secs(KILLSWITCH_SECS),
              "serve --killswitch: seconds a request may take before its client is "
              "disconnected. A test knob."),

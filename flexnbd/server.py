@@ -69,7 +69,7 @@ class Server:
         self.fd, self.size = open_export(config.file, config.read_only)
         self.allocmap = _allocmap.AllocationMap(self.size)
         self.export = _core.Export(self.fd, self.size, config.read_only, config.file,
-                                   self.allocmap)
+                                   self.allocmap, map_max=config.export_map_max)
         self.export_info = ExportInfo(self.size, config.read_only, self.export.can_punch,
                                       coverage=config.mode == "listen")
         self.tls = credentials.server_policy(config.tls)

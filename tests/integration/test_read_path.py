@@ -151,13 +151,20 @@ def test_a_local_clients_long_reads_are_tried_both_ways(serve, make_file, struct
         assert c.request(3).error == 0                   # (FLUSH: still in step after it all)
 
 
-def test_a_file_shrunk_under_the_mapped_copies_ends_that_connection_only(serve, make_file):
+# The copies' mapping: the export's own (the file is at most FLEXNBD_EXPORT_MAP_MIB), or a
+# window of the connection's (a larger file; here, the bound set to 0).
+WHOLE, WINDOWS = None, {"FLEXNBD_EXPORT_MAP_MIB": "0"}
+
+
+@pytest.mark.parametrize("env", [WHOLE, WINDOWS], ids=["export-map", "windows"])
+def test_a_file_shrunk_under_the_mapped_copies_ends_that_connection_only(serve, make_file,
+                                                                         env):
     """The copies read a mapping of the file; a page past the end of a file shrunk under us
     fails the server's send (EFAULT inside the kernel, no SIGBUS): that client is cut, the
     server goes on."""
     path = make_file(8 * MiB)
     want = content(path)
-    server = serve(path)
+    server = serve(path, env=env)
     with client(server) as c:
         for _ in range(TRY):                             # (sendfile)
             c.read(0, LONG)
@@ -173,14 +180,14 @@ def test_a_file_shrunk_under_the_mapped_copies_ends_that_connection_only(serve, 
 
 
 def test_far_apart_long_reads_map_the_file_at_most_once_per_4_mib(serve, make_file):
-    """In the copies' turn, sequential long READs are sent from a mapping of the file (no
-    pread). READs that alternate between two places 16 MiB apart (random long READs, or a
-    hostile client) get a new window only once the last one has served 4 MiB: the READs
-    outside the current window go through pread meanwhile, not an mmap and a munmap each.
-    The bytes are the file's either way."""
+    """An export larger than FLEXNBD_EXPORT_MAP_MIB: in the copies' turn, sequential long
+    READs are sent from a window mapped on the file (no pread). READs that alternate between
+    two places 16 MiB apart (random long READs, or a hostile client) get a new window only
+    once the last one has served 4 MiB: the READs outside the current window go through
+    pread meanwhile, not an mmap and a munmap each. The bytes are the file's either way."""
     path = make_file(32 * MiB)
     want = content(path)
-    server = serve(path)
+    server = serve(path, env=WINDOWS)
     half = TRY // 2
 
     def preaded(offsets) -> list[bool]:
@@ -203,6 +210,63 @@ def test_far_apart_long_reads_map_the_file_at_most_once_per_4_mib(serve, make_fi
     windows = sum(1 for i, place in enumerate(places) if i == 0 or place != places[i - 1])
     # 48 READs of 260 KiB are 12 MiB: 3 or 4 windows (one for each place without the bound).
     assert 2 <= windows <= 4, (windows, ways)
+
+
+def mappings_of(pid: int, path: Path) -> int:
+    """How many mappings of the file the process holds (/proc/PID/maps)."""
+    return sum(1 for line in Path(f"/proc/{pid}/maps").read_text().splitlines()
+               if line.endswith(" " + str(path)))
+
+
+def test_an_export_up_to_the_bound_is_mapped_once_for_every_client(serve, make_file):
+    """An export of at most FLEXNBD_EXPORT_MAP_MIB is mapped whole, once, and every local
+    client's copied READs are sent from that one mapping: READs that jump about take no pread
+    and make no mapping of their own, from two clients at once, and each gets the file's
+    bytes. With the bound below the file's size there is no such mapping."""
+    path = make_file(32 * MiB)
+    want = content(path)
+    server = serve(path)
+    assert mappings_of(server.pid, path) == 1
+    half = TRY // 2
+    with client(server) as c, client(server) as other:
+        for each in (c, other):
+            assert pipelined_reads(server, each, want, TRY, depth=1, length=LONG) >= TRY - FEW
+        before = io_count(server.pid, "syscr")
+        for i in range(half):
+            offset = (i % 2) * 16 * MiB + (i // 2) * LONG
+            for each in (c, other):
+                assert each.read(offset, LONG) == want[offset:offset + LONG], offset
+            assert mappings_of(server.pid, path) == 1
+        assert io_count(server.pid, "syscr") - before <= FEW
+    smaller = serve(path, env={"FLEXNBD_EXPORT_MAP_MIB": "31"})
+    assert mappings_of(smaller.pid, path) == 0
+
+
+@pytest.mark.parametrize("env", [WHOLE, WINDOWS], ids=["export-map", "windows"])
+def test_the_mapped_copies_see_every_write_and_trim(serve, make_file, env):
+    """A client that reads through the copies' mapping (the export's, or its own window) gets
+    what another client wrote, trimmed or zeroed a moment before, never the bytes it read
+    there earlier: the mapping is the page cache that the writes go to."""
+    from flexnbd import wire
+
+    path = make_file(16 * MiB)
+    want = bytearray(content(path))
+    server = serve(path, env=env)
+    with client(server) as reader, client(server) as writer:
+        assert pipelined_reads(server, reader, bytes(want), TRY, depth=1, length=LONG) \
+            >= TRY - FEW
+        assert pipelined_reads(server, reader, bytes(want), 4, depth=1, length=LONG) <= FEW
+        new = os.urandom(LONG)
+        assert writer.write(MiB, new) == 0
+        want[MiB:MiB + LONG] = new
+        assert writer.request(wire.CMD_TRIM, 4 * MiB, LONG).error == 0
+        assert writer.request(wire.CMD_WRITE_ZEROES, 8 * MiB, LONG).error == 0
+        for offset in (4 * MiB, 8 * MiB):
+            want[offset:offset + LONG] = bytes(LONG)
+        before = write_calls(server.pid)
+        for offset in (MiB, 4 * MiB, 8 * MiB, 0):
+            assert reader.read(offset, LONG) == bytes(want[offset:offset + LONG]), offset
+        assert write_calls(server.pid) - before <= FEW           # (copies, not sendfile)
 
 
 REMOTE_READER = r'''
