@@ -663,9 +663,10 @@ cdef int send_copied_range(conn_t *c, uint64_t offset, size_t left) noexcept nog
 
     The copy is send() straight from a mapping of the file (the export's own, Export.mapped,
     else a window of this connection's): one copy, where pread into a buffer and send costs
-    two (measured: 13 % less CPU here per GiB, 13-16 % more GiB/s at depth 16). Only the kernel reads the mapping (inside send), so a page that cannot be read
-    (an I/O error, or a file shrunk under us) fails that send with EFAULT, reported as EIO,
-    instead of a SIGBUS. TLS must read the data here, so it, and a file that cannot be
+    two (measured: 13 % less CPU here per GiB, 13-16 % more GiB/s at depth 16). Only the
+    kernel reads the mapping (inside send), so a page that cannot be read (an I/O error, or
+    a file shrunk under us) fails that send with EFAULT, reported as EIO, instead of a
+    SIGBUS. TLS must read the data here, so it, and a file that cannot be
     mapped, go through pread and c.buf. 0, or a Reason ending the connection."""
     cdef size_t n
     cdef char *p

@@ -22,8 +22,8 @@ from flexnbd import __version__, acl, activation, hosts, log, sockets, units, wi
 from flexnbd.config import (
     CACHE_BYTES_DEFAULT,
     CONTROL_TIMEOUT_SECS,
-    HANDSHAKE_SECS,
     EXPORT_MAP_MAX,
+    HANDSHAKE_SECS,
     IDLE_SPIN_SECS,
     KILLSWITCH_SECS,
     LISTEN_IDLE_SECS,

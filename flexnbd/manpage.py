@@ -45,8 +45,8 @@ from pathlib import Path
 from flexnbd import __version__, activation, cli, notify, status
 from flexnbd.config import (
     CONTROL_TIMEOUT_SECS,
-    HANDSHAKE_SECS,
     EXPORT_MAP_MAX,
+    HANDSHAKE_SECS,
     IDLE_SPIN_SECS,
     KILLSWITCH_SECS,
     LISTEN_IDLE_SECS,
