@@ -108,7 +108,7 @@ cdef class Export:
         # tables' sake (8 bytes per 4 KiB page read through it); a larger export, or one
         # that cannot be mapped, gets a window per connection (file_window).
         if 0 < size <= map_max:
-            m = mmap(NULL, size, PROT_READ, MAP_SHARED | MAP_NORESERVE, fd, 0)
+            m = mmap(NULL, size, PROT_READ, MAP_SHARED, fd, 0)
             if m != MAP_FAILED:
                 self.ex.map = <char *>m
 

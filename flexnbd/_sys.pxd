@@ -106,7 +106,6 @@ cdef extern from "<sys/mman.h>" nogil:
     enum:
         PROT_READ
         MAP_SHARED
-        MAP_NORESERVE
     void *MAP_FAILED
 
 cdef extern from "<sys/sendfile.h>" nogil:

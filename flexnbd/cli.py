@@ -313,26 +313,27 @@ def _env_seconds(name: str, default: float) -> float:
     return value
 
 
+def _env_whole(name: str, unit: str, most: int) -> int | None:
+    """A whole number from 0 to ``most`` in the variable ``name`` (None when unset or empty).
+    Only ASCII digits: "²" passes str.isdigit() but not int()."""
+    text = os.environ.get(name)
+    if not text:
+        return None
+    if not (text.isascii() and text.isdigit()) or int(text) > most:
+        raise UsageError(f"{name}={text!r} is not a number of {unit} from 0 to {most}")
+    return int(text)
+
+
 def _idle_spin() -> float:
     """FLEXNBD_IDLE_SPIN_US in seconds (microseconds in the variable; 0 turns spinning off)."""
-    text = os.environ.get("FLEXNBD_IDLE_SPIN_US")
-    if not text:
-        return IDLE_SPIN_SECS
-    if not text.isdigit() or int(text) > 1_000_000:
-        raise UsageError(f"FLEXNBD_IDLE_SPIN_US={text!r} is not a number of microseconds "
-                         "from 0 to 1000000")
-    return int(text) / 1e6
+    us = _env_whole("FLEXNBD_IDLE_SPIN_US", "microseconds", 1_000_000)
+    return IDLE_SPIN_SECS if us is None else us / 1e6
 
 
 def _export_map_max() -> int:
     """FLEXNBD_EXPORT_MAP_MIB in bytes (MiB in the variable; 0: never map the export whole)."""
-    text = os.environ.get("FLEXNBD_EXPORT_MAP_MIB")
-    if not text:
-        return EXPORT_MAP_MAX
-    if not text.isdigit() or int(text) > 1 << 20:
-        raise UsageError(f"FLEXNBD_EXPORT_MAP_MIB={text!r} is not a number of MiB "
-                         "from 0 to 1048576")
-    return int(text) << 20
+    mib = _env_whole("FLEXNBD_EXPORT_MAP_MIB", "MiB", 1 << 20)
+    return EXPORT_MAP_MAX if mib is None else mib << 20
 
 
 def _request_limit() -> float:

@@ -1,5 +1,6 @@
 """The export's own mapping for copied READs: made when the file is at most the bound
-(FLEXNBD_EXPORT_MAP_MIB, read once by the CLI), never for a larger or empty one."""
+(FLEXNBD_EXPORT_MAP_MIB, read once by the CLI), never for a larger or empty one. The CLI's
+whole-number variables refuse anything but ASCII digits in range."""
 
 from __future__ import annotations
 
@@ -26,11 +27,15 @@ def test_the_bound_from_the_environment(monkeypatch, text, expected):
     assert cli._export_map_max() == expected
 
 
-@pytest.mark.parametrize("text", ["x", "-1", "1.5", "1048577", " 8"])
-def test_a_bad_bound_is_a_usage_error(monkeypatch, text):
-    monkeypatch.setenv("FLEXNBD_EXPORT_MAP_MIB", text)
-    with pytest.raises(UsageError, match="FLEXNBD_EXPORT_MAP_MIB"):
-        cli._export_map_max()
+@pytest.mark.parametrize("text", ["x", "-1", "1.5", "1048577", " 8", "\u00b2", "\u0661"])
+@pytest.mark.parametrize("name,read", [("FLEXNBD_EXPORT_MAP_MIB", cli._export_map_max),
+                                       ("FLEXNBD_IDLE_SPIN_US", cli._idle_spin)])
+def test_a_bad_number_is_a_usage_error(monkeypatch, text, name, read):
+    """Anything but ASCII digits within the range, "²" (a digit to str.isdigit, not to int)
+    and "١" (an Arabic-Indic one) among them, is a usage error naming the variable."""
+    monkeypatch.setenv(name, text)
+    with pytest.raises(UsageError, match=name):
+        read()
 
 
 @pytest.mark.parametrize("size,bound,mapped", [
