@@ -26,6 +26,7 @@ from tests.conftest import require_tool
 from tests.fakes.fakedest import FakeDest, Script
 from tests.fakes.relay import Fault, Relay
 from tests.support import control as cu
+from tests.support.hostile import map_built
 from tests.support.migration import (
     COOKIE,
     KiB,
@@ -493,6 +494,9 @@ def test_second_sender_during_a_migration_is_refused(pair, make_file):
     """A second sender may shake hands (that holds no slot) but is refused once it is done,
     while the running migration's sender holds the slot; the migration completes."""
     p = pair(make_file(16 * MiB))
+    # A mirror that finds the map unbuilt lets its first connection go and connects again
+    # (SPEC §6.2): a second sender in between would rightly get the free slot.
+    map_built(p.src)
     assert mirror_request(p.src, p.dst.port, max_bps=8 * MiB) == "0: Mirror started\n"
     assert wait_until(lambda: cu.status(p.dst.sock)["num_clients"] == "1", 10)
     for _ in range(3):
